@@ -1,0 +1,2997 @@
+#!/usr/bin/env python3
+"""tokenomics — a self-hosted guardrail proxy for LLM traffic.
+
+Put it in front of any agent or script that speaks the OpenAI or Anthropic HTTP API and hand
+out scoped wrapper tokens (``tkn_...``) instead of real provider keys. Each token's policy
+decides which models, how many tokens and dollars, how fast, what content may pass, which
+system prompts are injected, where traffic is routed and what is recorded.
+
+The module reads top to bottom in data-flow order: constants and errors, configuration,
+crypto, the token store, policy, guardrails, limits, providers and dialects, HTTP, the
+pipeline, records, and the command line with ``main()`` last.
+"""
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import datetime as _dt
+import fcntl
+import gzip
+import hashlib
+import hmac
+import http
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import signal
+import socket
+import ssl
+import sys
+import tempfile
+import time
+import typing
+import urllib.parse
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
+
+import h11
+import yaml
+
+try:  # optional: fast, audited AES-GCM
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM as _CryptoAESGCM
+    HAVE_CRYPTOGRAPHY = True
+except ImportError:  # pragma: no cover - exercised by the zipapp
+    _CryptoAESGCM = None
+    HAVE_CRYPTOGRAPHY = False
+
+try:  # optional: faster event loop
+    import uvloop as _uvloop
+    HAVE_UVLOOP = True
+except ImportError:
+    _uvloop = None
+    HAVE_UVLOOP = False
+
+__version__ = "0.1.0"
+
+###############################################################################
+# Constants and errors — numbers with their units and reasons, one exception family
+###############################################################################
+
+MiB = 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = 10 * MiB       # agents send 75-115 KB; 10 MiB leaves room for images
+MAX_HEADER_BYTES = 64 * 1024            # h11's 16 KiB default is too tight for long anthropic-beta lists
+HEADER_TIMEOUT = 10.0                   # seconds from the first byte of a request to its last header
+IDLE_TIMEOUT = 75.0                     # keep-alive connections idle longer than this are closed
+BODY_TIMEOUT = 60.0                     # seconds to receive a whole request body
+GRACE_PERIOD = 10.0                     # seconds in-flight requests get on SIGTERM
+DEFAULT_UPSTREAM_TIMEOUT = 30.0         # seconds to the first byte, and between stream events
+STORE_RELOAD_INTERVAL = 0.25            # stat tokens.json at most this often; changes show within 1 s
+POOL_MAX_IDLE_PER_ORIGIN = 32           # idle keep-alive connections kept per upstream origin
+POOL_IDLE_SECONDS = 50.0                # providers close idle connections after ~60 s; stay below
+TOKEN_PREFIX = "tkn_"
+REQUEST_ID_PREFIX = "tkn_"
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "proxy-connection",
+})
+# Client credentials: never forwarded, the real key is injected instead.
+AUTH_HEADERS = frozenset({"authorization", "x-api-key", "x-goog-api-key", "api-key"})
+
+log = logging.getLogger("tokenomics")
+
+
+class TokenomicsError(Exception):
+    """Base of every error tokenomics raises on purpose."""
+
+
+class UsageError(TokenomicsError):
+    """Bad flag, config or policy: the CLI exits 2 with this message."""
+
+
+class RuntimeFailure(TokenomicsError):
+    """Something went wrong at run time: the CLI exits 1 with this message."""
+
+
+class ProxyError(TokenomicsError):
+    """An error answered to a proxy client: HTTP status, stable `code`, and a message that says
+    what happened and what to do (never a secret, never the text that matched a rule)."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
+_DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h|d|w|y)$")
+
+
+def parse_duration(text: str) -> float:
+    """`1s`, `1m`, `1h`, `24h`, `7d`, `1y` -> seconds. ValueError on anything else."""
+    m = _DURATION_RE.match(str(text).strip())
+    if not m:
+        raise ValueError("not a duration: expected a number and a unit (ms, s, m, h, d, w, y), "
+                         "e.g. 30s, 1h, 7d")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def utc_iso(ts: float) -> str:
+    """Unix seconds -> RFC 3339 UTC with a Z, second precision."""
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(text: str) -> float:
+    """RFC 3339 / ISO 8601 timestamp -> Unix seconds (naive times are taken as UTC)."""
+    value = _dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=_dt.timezone.utc)
+    return value.timestamp()
+
+
+def new_id(prefix: str = "") -> str:
+    return prefix + secrets.token_hex(16)
+
+
+###############################################################################
+# Configuration — config.yaml discovery, .env loading, TOKENOMICS_* overrides, validation
+###############################################################################
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    enabled: bool = True
+    auto_gen: bool = True
+    cert_dir: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    http_port: int = 8080
+    https_port: int = 8443
+    host: str = "127.0.0.1"
+    upstream_url: str = ""
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    header_timeout: float = HEADER_TIMEOUT
+    grace_period: float = GRACE_PERIOD
+    tls: TLSConfig = TLSConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class AdminAuth:
+    username: str = ""
+    password: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    enabled: bool = True
+    auth: AdminAuth = AdminAuth()
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    addr: str = "127.0.0.1:6379"
+    password: str = ""
+    db: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    backend: str = "memory"
+    redis: RedisConfig = RedisConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    hash_key_env: str = "TOKENOMICS_HASH_KEY"
+    encryption_key_env: str = "TOKENOMICS_ENCRYPTION_KEY"
+
+
+@dataclass(frozen=True, slots=True)
+class LogFileConfig:
+    enabled: bool = False
+    path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "json"
+    disable_request: bool = True
+    hide_token_hash: bool = False
+    request_body: bool = False
+    response_body: bool = False
+    file: LogFileConfig = LogFileConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class EventsConfig:
+    webhooks: list = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteWebhookConfig:
+    path: str = "/remote/webhook"
+    secret: str = ""
+    signing_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteConfig:
+    url: str = ""
+    api_key: str = ""
+    sync: int = 60
+    webhook: RemoteWebhookConfig = RemoteWebhookConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerConfig:
+    enabled: bool = True
+    memory: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class GuardrailsConfig:
+    stream_holdback: int = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The validated configuration: defaults < config.yaml < TOKENOMICS_* env < CLI flags."""
+    dir: str = ""
+    server: ServerConfig = ServerConfig()
+    admin: AdminConfig = AdminConfig()
+    session: SessionConfig = SessionConfig()
+    security: SecurityConfig = SecurityConfig()
+    logging: LoggingConfig = LoggingConfig()
+    events: EventsConfig = EventsConfig()
+    remote: RemoteConfig = RemoteConfig()
+    cli_maps: dict = field(default_factory=dict)
+    default_provider: str = ""
+    ledger: LedgerConfig = LedgerConfig()
+    providers: dict = field(default_factory=dict)
+    pricing: dict = field(default_factory=dict)
+    guardrails: GuardrailsConfig = GuardrailsConfig()
+    source: str = ""          # the config file that was read, "" when none
+
+
+_CONFIG_CHOICES = {
+    "session.backend": ("memory", "redis"),
+    "logging.format": ("json", "text"),
+    "logging.level": ("debug", "info", "warning", "error"),
+}
+
+
+def _type_name(tp) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            dict: "a mapping", list: "a list"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value, tp, path: str):
+    """Check one scalar or container against the dataclass field type; ints pass as floats."""
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (bool, str, dict, list) and isinstance(value, tp):
+        return value
+    if tp is str and value is None:
+        return ""
+    raise UsageError(f"config: {path}: expected {_type_name(tp)}, got {type(value).__name__}")
+
+
+def _build_section(cls, data, path: str):
+    """Build a config dataclass from a mapping, naming the first unknown key or wrong type."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise UsageError(f"config: {path or 'top level'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    values = {}
+    for key, value in data.items():
+        sub = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise UsageError(f"config: unknown key '{sub}'; known keys here: {', '.join(sorted(names))}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            values[key] = _build_section(tp, value, sub)
+        else:
+            values[key] = _coerce(value, tp, sub)
+            if sub in _CONFIG_CHOICES and values[key] not in _CONFIG_CHOICES[sub]:
+                raise UsageError(f"config: {sub}: must be one of {', '.join(_CONFIG_CHOICES[sub])}")
+    return cls(**values)
+
+
+def _config_leaves(cls, prefix: tuple = ()) -> Iterator[tuple[tuple, type]]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "source":
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _config_leaves(tp, prefix + (f.name,))
+        else:
+            yield prefix + (f.name,), tp
+
+
+def _env_overrides(environ) -> dict:
+    """TOKENOMICS_<SECTION>_<FIELD> for every scalar leaf, e.g. TOKENOMICS_SERVER_HTTP_PORT."""
+    tree: dict = {}
+    for path, tp in _config_leaves(Config):
+        name = "TOKENOMICS_" + "_".join(path).upper()
+        if name not in environ or tp in (dict, list):
+            continue
+        raw = environ[name]
+        try:
+            if tp is bool:
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError
+                value = raw.lower() in ("1", "true", "yes", "on")
+            else:
+                value = tp(raw)
+        except ValueError:
+            raise UsageError(f"environment: {name}: expected {_type_name(tp)}") from None
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_dotenv(path: str, environ) -> None:
+    """KEY=VALUE lines into the environment without overriding what is already set."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.removeprefix("export ").partition("=")
+        key, value = key.strip(), value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if key and key not in environ:
+            environ[key] = value
+
+
+def default_data_dir(environ) -> str:
+    return environ.get("TOKENOMICS_DIR") or os.path.join(os.path.expanduser("~"), ".tokenomics")
+
+
+def load_config(config_path: str | None = None, data_dir: str | None = None,
+                environ=None, overrides: dict | None = None) -> Config:
+    """Find and validate the configuration. `overrides` are CLI flags as a nested mapping."""
+    environ = os.environ if environ is None else environ
+    early_dir = data_dir or default_data_dir(environ)
+    load_dotenv(os.path.join(os.getcwd(), ".env"), environ)
+    load_dotenv(os.path.join(early_dir, ".env"), environ)
+    candidates = [config_path] if config_path else ["config.yaml", os.path.join(early_dir, "config.yaml")]
+    raw, source = {}, ""
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate):
+            try:
+                with open(candidate, encoding="utf-8") as fh:
+                    raw = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise UsageError(f"config: {candidate} is not valid YAML: {exc}") from None
+            source = candidate
+            break
+        if config_path:
+            raise UsageError(f"--config: {config_path} does not exist")
+    if not isinstance(raw, dict):
+        raise UsageError(f"config: {source}: expected a mapping at the top level")
+    merged = _deep_merge(_deep_merge(raw, _env_overrides(environ)), overrides or {})
+    config = _build_section(Config, merged, "")
+    resolved_dir = data_dir or config.dir or early_dir
+    config = dataclasses.replace(config, dir=os.path.abspath(os.path.expanduser(resolved_dir)),
+                                 source=source)
+    for name, entry in config.providers.items():
+        _validate_provider_entry(name, entry, f"providers.{name}")
+    _validate_pricing(config.pricing)
+    return config
+
+
+def _validate_pricing(pricing: dict) -> None:
+    for model, entry in pricing.items():
+        if not isinstance(entry, dict):
+            raise UsageError(f"config: pricing.{model}: expected a mapping of input, cached_input, output")
+        for key, value in entry.items():
+            if key not in ("input", "cached_input", "output"):
+                raise UsageError(f"config: unknown key 'pricing.{model}.{key}'; "
+                                 "known keys: input, cached_input, output")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise UsageError(f"config: pricing.{model}.{key}: expected a non-negative number "
+                                 "(USD per million tokens)")
+
+
+###############################################################################
+# Crypto — AES-256-GCM for policies at rest (cryptography or pure Python), key derivation, sealing
+###############################################################################
+
+# A 64-hex-char secret is a raw 256-bit key; anything else is a passphrase for scrypt.
+# scrypt cost: N=2**15, r=8, p=1 needs 128*N*r = 32 MiB and 70-100 ms per derivation (measured),
+# paid once when the store is opened, while every guess of an offline attacker pays it too. This
+# is the commonly cited 2017 recommendation for interactive use (e.g. Go's x/crypto/scrypt docs).
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
+_SCRYPT_MAXMEM = 64 * 1024 * 1024  # bytes; 32 MiB of work area plus OpenSSL's own overhead
+_SCRYPT_MIN_SALT = 16  # bytes; NIST SP 800-132 asks for at least 128 bits of salt
+_HEX_KEY_RE = re.compile(r"[0-9a-fA-F]{64}")
+
+_GCM_NONCE_BYTES = 12  # 96 bits: what seal() uses and what GCM is designed around
+_GCM_TAG_BYTES = 16
+_GCM_NONCE_RANGE = (8, 128)  # bytes; the lengths cryptography's AESGCM accepts, so both agree
+# Counter blocks are encrypted this many at a time (16 KiB of state): large enough that per-round
+# Python overhead is amortised, small enough that the big-int state stays in cache (measured:
+# 256 -> 10.4, 1024 -> 11.2, 4096 -> 10.9 MB/s on 64 KiB messages).
+_AES_BATCH_BLOCKS = 1024
+
+
+class DecryptionError(TokenomicsError):
+    """Ciphertext failed authentication: the key is wrong or the data was altered."""
+
+
+def _aes_sbox() -> bytes:
+    """The AES S-box, computed (inverse in GF(2^8), then the affine map) rather than typed in."""
+    exp, log, x = [0] * 255, [0] * 256, 1
+    for i in range(255):
+        exp[i], log[x] = x, i
+        x ^= ((x << 1) ^ (0x11B if x & 0x80 else 0)) & 0xFF  # x *= 3, a generator of GF(2^8)*
+    box = bytearray(256)
+    for b in range(256):
+        inv = exp[(255 - log[b]) % 255] if b else 0
+        box[b] = inv ^ 0x63
+        for k in range(1, 5):
+            box[b] ^= ((inv << k) | (inv >> (8 - k))) & 0xFF
+    return bytes(box)
+
+
+_AES_SBOX = _aes_sbox()
+# Lane q of the batched AES state holds byte _AES_LANE_SOURCE[q] of every block: lanes are laid
+# out row-major (q = 4*row + column) while a block is column-major (byte = row + 4*column).
+_AES_LANE_SOURCE = tuple(row + 4 * col for row in range(4) for col in range(4))
+
+
+def _aes_round_key_tables(key: bytes) -> list[bytes]:
+    """FIPS-197 key expansion. Round key r is returned as a 256-byte bytes.translate() table that
+    maps lane number q (0..15) to the round-key byte for that lane, so a batch can spread a round
+    key over its lanes with one translate call."""
+    nk = len(key) // 4
+    rounds = nk + 6
+    words = [key[4 * i:4 * i + 4] for i in range(nk)]
+    rcon = 1
+    for i in range(nk, 4 * (rounds + 1)):
+        t = words[i - 1]
+        if i % nk == 0:
+            t = (t[1:] + t[:1]).translate(_AES_SBOX)
+            t = bytes((t[0] ^ rcon, t[1], t[2], t[3]))
+            rcon = ((rcon << 1) ^ (0x11B if rcon & 0x80 else 0)) & 0xFF
+        elif nk > 6 and i % nk == 4:
+            t = t.translate(_AES_SBOX)
+        words.append(bytes(a ^ b for a, b in zip(words[i - nk], t)))
+    tables = []
+    for r in range(rounds + 1):
+        round_key = b"".join(words[4 * r:4 * r + 4])
+        tables.append(bytes(round_key[i] for i in _AES_LANE_SOURCE) + bytes(240))
+    return tables
+
+
+def _aes_encrypt_batch(key_tables: list[bytes], blocks: bytes) -> bytes:
+    """AES-encrypt n concatenated 16-byte blocks (ECB), all n at once.
+
+    Instead of T-tables (one Python-level lookup per byte per round, ~1.3 MB/s), the state is
+    transposed into 16 lanes of n bytes, one per state byte, so every step runs in C over all
+    blocks together: SubBytes is one bytes.translate, ShiftRows is re-slicing the row regions,
+    MixColumns and AddRoundKey are big-int XORs, shifts and masks (xtime on packed bytes).
+    """
+    n = len(blocks) // 16
+    size, row_bits = 16 * n, 32 * n  # state bytes; bits in one row (4 lanes)
+    full = (1 << (8 * size)) - 1
+    low7 = int.from_bytes(b"\x7f" * size, "big")
+    low1 = int.from_bytes(b"\x01" * size, "big")
+    lane_ids = b"".join(bytes((q,)) * n for q in range(16))
+    frombytes, sbox = int.from_bytes, _AES_SBOX
+    n4, n5, n8, n10, n12, n15 = 4 * n, 5 * n, 8 * n, 10 * n, 12 * n, 15 * n
+    state = b"".join([blocks[i::16] for i in _AES_LANE_SOURCE])
+    state = (frombytes(state, "big") ^ frombytes(lane_ids.translate(key_tables[0]), "big")).to_bytes(size, "big")
+    last = len(key_tables) - 1
+    for r in range(1, last + 1):
+        s = state.translate(sbox)
+        # ShiftRows: row k rotates left by k lanes (row 0 is s[:4n], row 1 is s[4n:8n], ...).
+        a = frombytes(b"".join((s[:n4], s[n5:n8], s[n4:n5], s[n10:n12], s[n8:n10], s[n15:], s[n12:n15])), "big")
+        if r != last:
+            # MixColumns per column: out_k = a_k ^ t ^ xtime(a_k ^ a_k+1), t = a_0^a_1^a_2^a_3.
+            # Rotating the whole state by one row lines a_k+1 up under a_k for every column.
+            d = a ^ (((a << row_bits) & full) | (a >> (3 * row_bits)))
+            a ^= d ^ (((d << (2 * row_bits)) & full) | (d >> (2 * row_bits)))
+            a ^= ((d & low7) << 1) ^ (((d >> 7) & low1) * 0x1B)
+        a ^= frombytes(lane_ids.translate(key_tables[r]), "big")
+        state = a.to_bytes(size, "big")
+    out = bytearray(size)
+    for q, i in enumerate(_AES_LANE_SOURCE):
+        out[i::16] = state[q * n:(q + 1) * n]
+    return bytes(out)
+
+
+def _ghash_tables(h: int) -> list[list[int]]:
+    """Multiplication by H in GF(2^128) as 16 tables of 256 entries, one per byte position:
+    X*H is the XOR of table[p][byte p of X] (multiplication is linear, and each entry is already
+    reduced), so one GHASH block costs 16 lookups and no shifting."""
+    v, powers = h, []
+    for _ in range(128):  # powers[j] = H * x^j, in GCM's reflected bit order
+        powers.append(v)
+        v = (v >> 1) ^ (0xE1 << 120) if v & 1 else v >> 1
+    tables = []
+    for p in range(16):
+        t = [0] * 256
+        for k in range(8):
+            t[0x80 >> k] = powers[8 * p + k]
+        for b in range(1, 256):
+            low = b & -b
+            if b != low:
+                t[b] = t[b ^ low] ^ t[low]
+        tables.append(t)
+    return tables
+
+
+def _ghash(tables: list[list[int]], blocks: bytes) -> int:
+    """GHASH_H over data already padded to whole 16-byte blocks; returns the 128-bit value."""
+    t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15 = tables
+    frombytes, y = int.from_bytes, 0
+    for i in range(0, len(blocks), 16):
+        b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15 = (
+            y ^ frombytes(blocks[i:i + 16], "big")).to_bytes(16, "big")
+        y = (t0[b0] ^ t1[b1] ^ t2[b2] ^ t3[b3] ^ t4[b4] ^ t5[b5] ^ t6[b6] ^ t7[b7]
+             ^ t8[b8] ^ t9[b9] ^ t10[b10] ^ t11[b11] ^ t12[b12] ^ t13[b13] ^ t14[b14] ^ t15[b15])
+    return y
+
+
+def _pad16(data: bytes) -> bytes:
+    return data + bytes(-len(data) % 16)
+
+
+def _xor_bytes(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
+
+
+class PureAESGCM:
+    """AES-GCM (NIST SP 800-38D) in pure Python, used when `cryptography` is not installed.
+
+    Same API and same bytes as cryptography's AESGCM: encrypt() returns ciphertext || 16-byte tag,
+    decrypt() raises DecryptionError on a bad tag. Nonces of 8..128 bytes (12 is the fast path).
+    Not constant-time apart from the tag comparison: fine for encrypting a local file at rest,
+    not for serving as an oracle to a network attacker.
+    """
+
+    __slots__ = ("_key_tables", "_ghash_tables")
+
+    def __init__(self, key: bytes):
+        key = bytes(key)
+        if len(key) not in (16, 24, 32):
+            raise ValueError("AES-GCM key must be 128, 192 or 256 bits (16, 24 or 32 bytes)")
+        self._key_tables = _aes_round_key_tables(key)
+        h = _aes_encrypt_batch(self._key_tables, bytes(16))
+        self._ghash_tables = _ghash_tables(int.from_bytes(h, "big"))
+
+    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+        nonce, data, aad = bytes(nonce), bytes(data), bytes(associated_data or b"")
+        self._check_nonce(nonce)
+        keystream = self._keystream(nonce, len(data))
+        ciphertext = _xor_bytes(data, keystream[16:16 + len(data)])
+        return ciphertext + self._tag(keystream[:16], aad, ciphertext)
+
+    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+        nonce, data, aad = bytes(nonce), bytes(data), bytes(associated_data or b"")
+        self._check_nonce(nonce)
+        if len(data) < _GCM_TAG_BYTES:
+            raise DecryptionError("decryption failed: the data is too short to hold a tag")
+        ciphertext, tag = data[:-_GCM_TAG_BYTES], data[-_GCM_TAG_BYTES:]
+        keystream = self._keystream(nonce, len(ciphertext))
+        if not hmac.compare_digest(tag, self._tag(keystream[:16], aad, ciphertext)):
+            raise DecryptionError("decryption failed: the key is wrong or the data was altered")
+        return _xor_bytes(ciphertext, keystream[16:16 + len(ciphertext)])
+
+    @staticmethod
+    def _check_nonce(nonce: bytes) -> None:
+        if not _GCM_NONCE_RANGE[0] <= len(nonce) <= _GCM_NONCE_RANGE[1]:
+            raise ValueError("AES-GCM nonce must be between 8 and 128 bytes")
+
+    def _keystream(self, nonce: bytes, length: int) -> bytes:
+        """E(J0) followed by E(inc32(J0)), E(inc32^2(J0)), ... covering `length` bytes."""
+        if len(nonce) == _GCM_NONCE_BYTES:
+            j0 = nonce + b"\x00\x00\x00\x01"
+        else:  # SP 800-38D: J0 = GHASH(IV padded || 0^64 || [len(IV) in bits]_64)
+            j0 = _ghash(self._ghash_tables, _pad16(nonce) + (8 * len(nonce)).to_bytes(16, "big")).to_bytes(16, "big")
+        prefix, counter = j0[:12], int.from_bytes(j0[12:], "big")
+        total = 1 + (length + 15) // 16
+        parts = []
+        for start in range(0, total, _AES_BATCH_BLOCKS):
+            counters = b"".join(prefix + ((counter + i) & 0xFFFFFFFF).to_bytes(4, "big")
+                                for i in range(start, min(total, start + _AES_BATCH_BLOCKS)))
+            parts.append(_aes_encrypt_batch(self._key_tables, counters))
+        return b"".join(parts)
+
+    def _tag(self, encrypted_j0: bytes, aad: bytes, ciphertext: bytes) -> bytes:
+        lengths = ((8 * len(aad)) << 64 | (8 * len(ciphertext))).to_bytes(16, "big")
+        s = _ghash(self._ghash_tables, _pad16(aad) + _pad16(ciphertext) + lengths)
+        return (s ^ int.from_bytes(encrypted_j0, "big")).to_bytes(16, "big")
+
+
+class _CryptographyAESGCM:
+    """cryptography's AESGCM with its InvalidTag mapped to DecryptionError, so callers catch one
+    exception whichever backend is in use."""
+
+    __slots__ = ("_aead", "_invalid_tag")
+
+    def __init__(self, key: bytes):
+        # Only reached when cryptography imported; its exception lives in another module.
+        from cryptography.exceptions import InvalidTag
+        self._aead, self._invalid_tag = _CryptoAESGCM(bytes(key)), InvalidTag
+
+    def encrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+        return self._aead.encrypt(nonce, data, associated_data)
+
+    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+        try:
+            return self._aead.decrypt(nonce, data, associated_data)
+        except self._invalid_tag:
+            raise DecryptionError("decryption failed: the key is wrong or the data was altered") from None
+
+
+def new_aead(key: bytes, *, pure: bool = False) -> PureAESGCM | _CryptographyAESGCM:
+    """An AES-GCM object with encrypt(nonce, data, aad) / decrypt(nonce, data, aad): cryptography's
+    when it is installed (and `pure` is false), else the bundled pure-Python one. Both produce the
+    same bytes and raise DecryptionError on a bad tag."""
+    if HAVE_CRYPTOGRAPHY and not pure:
+        return _CryptographyAESGCM(key)
+    return PureAESGCM(key)
+
+
+def derive_key(secret: str, salt: bytes) -> bytes:
+    """The 32-byte key for `secret`: 64 hex chars are the key itself; anything else is a passphrase
+    stretched with scrypt over the store's salt (same secret and salt -> same key)."""
+    if not secret:
+        raise UsageError("the encryption key is empty: set it to 64 hex characters (a raw 256-bit key) or a passphrase")
+    if _HEX_KEY_RE.fullmatch(secret):
+        return bytes.fromhex(secret)
+    if len(salt) < _SCRYPT_MIN_SALT:
+        raise ValueError(f"scrypt salt must be at least {_SCRYPT_MIN_SALT} bytes")
+    # surrogateescape: an environment value that is not valid UTF-8 reaches us with its raw bytes
+    # escaped; this gives those bytes back instead of raising.
+    return hashlib.scrypt(secret.encode("utf-8", "surrogateescape"), salt=bytes(salt),
+                          n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P, maxmem=_SCRYPT_MAXMEM, dklen=32)
+
+
+def seal(aead, plaintext: bytes, aad: bytes) -> str:
+    """Encrypt under a fresh random 96-bit nonce; returns base64 of nonce || ciphertext || tag."""
+    nonce = secrets.token_bytes(_GCM_NONCE_BYTES)
+    return base64.b64encode(nonce + aead.encrypt(nonce, plaintext, aad)).decode("ascii")
+
+
+def unseal(aead, blob: str, aad: bytes) -> bytes:
+    """Inverse of seal(). Anything that is not an authentic sealed blob for this key and `aad`
+    (bad base64, too short, wrong key, altered bytes) raises DecryptionError."""
+    try:
+        raw = base64.b64decode(blob, validate=True)
+    except (ValueError, TypeError):  # binascii.Error is a ValueError
+        raise DecryptionError("decryption failed: the stored ciphertext is not valid base64") from None
+    if len(raw) < _GCM_NONCE_BYTES + _GCM_TAG_BYTES:
+        raise DecryptionError("decryption failed: the stored ciphertext is truncated")
+    return aead.decrypt(raw[:_GCM_NONCE_BYTES], raw[_GCM_NONCE_BYTES:], aad)
+
+
+###############################################################################
+# Token store — HMAC-hashed tokens in one JSON file: atomic writes under flock, 0600,
+# stat-based reload, optional AES-256-GCM encryption of each policy
+###############################################################################
+
+def hash_token(hash_key: bytes, token: str) -> str:
+    return hmac.new(hash_key, token.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_hex(16)
+
+
+def write_private(path: str, data: bytes) -> None:
+    """Atomically replace `path` with `data`, mode 0600: temp file in the same dir, fsync, rename."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def ensure_data_dir(path: str) -> str:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def load_hash_key(config: Config, environ=None) -> bytes:
+    """The HMAC key: from the env var named by security.hash_key_env, else {dir}/hash.key,
+    generated once (0600) so a fresh install works and stays unique per machine."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(config.security.hash_key_env, "")
+    if value:
+        return value.encode("utf-8")
+    path = os.path.join(ensure_data_dir(config.dir), "hash.key")
+    try:
+        with open(path, "rb") as fh:
+            key = fh.read().strip()
+        if key:
+            return key
+    except FileNotFoundError:
+        pass
+    key = secrets.token_hex(32).encode("ascii")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process won the race: use its key
+        with open(path, "rb") as fh:
+            return fh.read().strip()
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    log.warning("%s is not set: generated a hash key in %s (keep it; tokens hashed with it stop "
+                "working without it)", config.security.hash_key_env, path)
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """One wrapper token as stored: only its hash, never the token itself."""
+    hash: str
+    policy: "Policy"
+    created_at: float
+    expires_at: float | None = None
+    label: str = ""
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def to_json(self, now: float) -> dict:
+        return {"hash": self.hash, "label": self.label, "created_at": utc_iso(self.created_at),
+                "expires_at": utc_iso(self.expires_at) if self.expires_at is not None else None,
+                "expired": self.expired(now), "policy": self.policy.raw}
+
+
+_KEY_CHECK = b"tokenomics key check"
+
+
+class _Cipher:
+    """Seals and opens policies with the store's key; knows nothing about files."""
+
+    def __init__(self, secret: str, env_name: str, header: dict | None):
+        self.env_name = env_name
+        if header:
+            self.kdf = header.get("kdf", "scrypt")
+            self.salt = base64.b64decode(header.get("salt", ""))
+        else:
+            self.kdf = "raw" if re.fullmatch(r"[0-9a-fA-F]{64}", secret) else "scrypt"
+            self.salt = secrets.token_bytes(16)
+        if self.kdf == "raw" and not re.fullmatch(r"[0-9a-fA-F]{64}", secret):
+            raise RuntimeFailure(f"the token store was encrypted with a raw 64-hex-char key but "
+                                 f"{env_name} holds a passphrase; set {env_name} to the key it was written with")
+        self.aead = new_aead(_derive_cached(secret, self.salt))
+        self.check = header.get("check") if header else seal(self.aead, _KEY_CHECK, b"check")
+        if header:
+            try:
+                unseal(self.aead, self.check or "", b"check")
+            except DecryptionError:
+                raise RuntimeFailure(f"{env_name} does not match the key the token store was encrypted "
+                                     f"with; set it to the original key or passphrase") from None
+
+    def header(self) -> dict:
+        return {"alg": "aes-256-gcm", "kdf": self.kdf,
+                "salt": base64.b64encode(self.salt).decode("ascii"), "check": self.check}
+
+    def seal_policy(self, token_hash: str, policy: dict) -> str:
+        return seal(self.aead, json.dumps(policy, separators=(",", ":")).encode("utf-8"),
+                    token_hash.encode("ascii"))
+
+    def open_policy(self, token_hash: str, blob: str) -> dict:
+        try:
+            return json.loads(unseal(self.aead, blob, token_hash.encode("ascii")))
+        except DecryptionError:
+            raise RuntimeFailure(f"token {token_hash[:12]}: policy does not decrypt with {self.env_name}; "
+                                 "the store was tampered with or written with another key") from None
+
+
+_DERIVED: dict = {}
+
+
+def _derive_cached(secret: str, salt: bytes) -> bytes:
+    """scrypt costs ~0.1 s by design; do it once per (secret, salt) in a process."""
+    digest = hashlib.sha256(secret.encode("utf-8") + b"\0" + salt).hexdigest()
+    if digest not in _DERIVED:
+        _DERIVED[digest] = derive_key(secret, salt)
+    return _DERIVED[digest]
+
+
+class TokenStore:
+    """tokens.json in the data dir. Reads are cached and refreshed when the file changes on disk
+    (any process may write it); every write is read-modify-write under an exclusive flock."""
+
+    def __init__(self, config: Config, catalog: "Catalog", environ=None, hash_key: bytes | None = None):
+        self.environ = os.environ if environ is None else environ
+        self.config = config
+        self.catalog = catalog
+        self.dir = ensure_data_dir(config.dir)
+        self.path = os.path.join(self.dir, "tokens.json")
+        self.lock_path = os.path.join(self.dir, "tokens.lock")
+        self.hash_key = hash_key if hash_key is not None else load_hash_key(config, self.environ)
+        self.env_name = config.security.encryption_key_env
+        self._records: dict[str, TokenRecord] = {}
+        self._stamp = None
+        self._checked = 0.0
+        self.generation = 0
+        self.reload()
+
+    # -- reading -----------------------------------------------------------------------------
+    def _file_stamp(self):
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _read_document(self) -> dict:
+        try:
+            with open(self.path, "rb") as fh:
+                doc = json.loads(fh.read() or b"{}")
+        except FileNotFoundError:
+            return {"version": 1, "tokens": []}
+        except ValueError:
+            raise RuntimeFailure(f"{self.path} is not valid JSON; restore it from a backup") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("tokens", []), list):
+            raise RuntimeFailure(f"{self.path} does not look like a tokenomics token store")
+        doc.setdefault("tokens", [])
+        return doc
+
+    def _cipher(self, doc: dict) -> "_Cipher | None":
+        secret = self.environ.get(self.env_name, "")
+        header = doc.get("encryption")
+        if not secret:
+            if header:
+                raise RuntimeFailure(f"the token store is encrypted: set {self.env_name} to its key "
+                                     "or passphrase")
+            return None
+        return _Cipher(secret, self.env_name, header)
+
+    def _decode(self, doc: dict, cipher) -> dict[str, TokenRecord]:
+        records = {}
+        for entry in doc["tokens"]:
+            token_hash = entry.get("hash", "")
+            if "policy_enc" in entry:
+                if cipher is None:
+                    raise RuntimeFailure(f"the token store is encrypted: set {self.env_name}")
+                raw_policy = cipher.open_policy(token_hash, entry["policy_enc"])
+            else:
+                raw_policy = entry.get("policy", {})
+            try:
+                policy = parse_policy(raw_policy, catalog=self.catalog)
+            except UsageError as exc:
+                log.error("token %s skipped: its stored policy is invalid: %s", token_hash[:12], exc)
+                continue
+            records[token_hash] = TokenRecord(
+                hash=token_hash, policy=policy,
+                created_at=parse_rfc3339(entry["created_at"]) if entry.get("created_at") else 0.0,
+                expires_at=parse_rfc3339(entry["expires_at"]) if entry.get("expires_at") else None,
+                label=entry.get("label", "") or "")
+        return records
+
+    def reload(self) -> None:
+        stamp = self._file_stamp()
+        doc = self._read_document()
+        self._records = self._decode(doc, self._cipher(doc))
+        self._stamp = stamp
+        self.generation += 1
+
+    def refresh(self, now: float) -> None:
+        """Pick up changes other processes made; cheap enough to call on every request."""
+        if now - self._checked < STORE_RELOAD_INTERVAL:
+            return
+        self._checked = now
+        if self._file_stamp() != self._stamp:
+            try:
+                self.reload()
+            except TokenomicsError as exc:
+                log.error("token store reload failed, keeping the previous tokens: %s", exc)
+
+    def lookup(self, token: str) -> TokenRecord | None:
+        token_hash = hash_token(self.hash_key, token)
+        record = self._records.get(token_hash)
+        if record is not None and hmac.compare_digest(record.hash, token_hash):
+            return record
+        return None
+
+    def records(self) -> list[TokenRecord]:
+        return sorted(self._records.values(), key=lambda r: (r.created_at, r.hash))
+
+    def find(self, prefix: str) -> TokenRecord:
+        prefix = prefix.strip().lower()
+        if len(prefix) < 8:
+            raise UsageError("--hash: give at least 8 characters of the token hash")
+        found = [r for h, r in self._records.items() if h.startswith(prefix)]
+        if not found:
+            raise RuntimeFailure(f"no token matches hash prefix {prefix}")
+        if len(found) > 1:
+            raise RuntimeFailure(f"hash prefix {prefix} is ambiguous ({len(found)} tokens); give more characters")
+        return found[0]
+
+    # -- writing -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self):
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _mutate(self, change: Callable[[list, "_Cipher | None"], Any]):
+        """Read the current file under the lock, apply `change` to its entries, write it back."""
+        with self._locked():
+            doc = self._read_document()
+            cipher = self._cipher(doc)
+            entries = doc["tokens"]
+            if cipher is not None:  # (re-)encrypt everything with the current key
+                for entry in entries:
+                    if "policy" in entry:
+                        entry["policy_enc"] = cipher.seal_policy(entry["hash"], entry.pop("policy"))
+            result = change(entries, cipher)
+            doc = {"version": 1, "tokens": entries}
+            if cipher is not None:
+                doc["encryption"] = cipher.header()
+            write_private(self.path, json.dumps(doc, indent=1).encode("utf-8") + b"\n")
+            self.reload()
+        return result
+
+    def create(self, raw_policy: dict, expires_at: float | None = None, label: str = "") -> tuple[str, TokenRecord]:
+        parse_policy(raw_policy, catalog=self.catalog)
+        token = new_token()
+        token_hash = hash_token(self.hash_key, token)
+
+        def change(entries, cipher):
+            entry = {"hash": token_hash, "created_at": utc_iso(time.time()),
+                     "expires_at": utc_iso(expires_at) if expires_at is not None else None,
+                     "label": label}
+            if cipher is not None:
+                entry["policy_enc"] = cipher.seal_policy(token_hash, raw_policy)
+            else:
+                entry["policy"] = raw_policy
+            entries.append(entry)
+
+        self._mutate(change)
+        return token, self._records[token_hash]
+
+    def update(self, prefix: str, raw_policy: dict | None = None, expires_at: Any = ...,
+               label: str | None = None) -> TokenRecord:
+        """`expires_at=None` clears the expiry; leaving it `...` keeps it."""
+        token_hash = self.find(prefix).hash
+        if raw_policy is not None:
+            parse_policy(raw_policy, catalog=self.catalog)
+
+        def change(entries, cipher):
+            for entry in entries:
+                if entry.get("hash") != token_hash:
+                    continue
+                if raw_policy is not None:
+                    entry.pop("policy", None)
+                    entry.pop("policy_enc", None)
+                    if cipher is not None:
+                        entry["policy_enc"] = cipher.seal_policy(token_hash, raw_policy)
+                    else:
+                        entry["policy"] = raw_policy
+                if expires_at is not ...:
+                    entry["expires_at"] = utc_iso(expires_at) if expires_at is not None else None
+                if label is not None:
+                    entry["label"] = label
+                return
+            raise RuntimeFailure(f"token {token_hash[:12]} was deleted meanwhile")
+
+        self._mutate(change)
+        return self._records[token_hash]
+
+    def delete(self, prefix: str) -> TokenRecord:
+        record = self.find(prefix)
+
+        def change(entries, cipher):
+            entries[:] = [e for e in entries if e.get("hash") != record.hash]
+
+        self._mutate(change)
+        return record
+
+
+###############################################################################
+# Policy — the per-token schema (validated with JSON paths) and resolution per model
+###############################################################################
+
+PROMPT_ROLES = ("system", "developer", "user", "assistant")
+RULE_TYPES = ("regex", "keyword", "pii", "jailbreak")
+RULE_ACTIONS = ("fail", "warn", "log", "mask", "anonymize")
+RULE_SCOPES = ("input", "output", "both")
+_MEMORY_FIELDS = {"enabled": bool, "file_path": str, "file_name": str, "redis": bool,
+                  "max_size_mb": (int, float), "compress_old": bool}
+_RETRY_FIELDS = ("max_retries", "fallbacks", "retry_on", "backoff")
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderPolicy:
+    """One entry of a policy's `providers` map: overrides for the models it matches."""
+    name: str
+    base_key_env: str = ""
+    upstream_url: str = ""
+    max_tokens: int | None = None
+    max_output_tokens: int | None = None
+    model: str = ""
+    model_regex: "re.Pattern | None" = None
+    timeout: float | None = None
+    prompts: tuple = ()
+    rules: tuple = ()
+    index: int = 0
+
+    def matches(self, model: str) -> bool:
+        if self.model:
+            return self.model == model
+        if self.model_regex is not None:
+            return self.model_regex.search(model) is not None
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_retries: int = 0
+    fallbacks: tuple = ()
+    retry_on: tuple = (429, 500, 502, 503, 504)
+    backoff: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Policy(ProviderPolicy):
+    """A token's whole policy: the global fields plus provider policies and global-only parts."""
+    raw: dict = field(default_factory=dict)
+    providers: tuple = ()            # ProviderPolicy, in declaration order across provider names
+    provider: str = ""
+    rate_limit: dict = field(default_factory=dict)
+    retry: RetryPolicy = RetryPolicy()
+    metadata: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)
+    budget: dict = field(default_factory=dict)
+
+
+def _fail(path: str, message: str):
+    raise UsageError(f"policy: {path}: {message}")
+
+
+def _check_type(value, tp, path: str, what: str):
+    ok = isinstance(value, tp) and not (isinstance(value, bool) and tp in (int, (int, float)))
+    if not ok:
+        _fail(path, f"expected {what}, got {type(value).__name__}")
+    return value
+
+
+def _compile_go_regex(pattern: str, path: str) -> "re.Pattern":
+    """Python `re` with Go's habits accepted: leading `(?i)`-style flag groups."""
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        _fail(path, f"invalid regular expression ({exc})")
+
+
+def _parse_timeout(value, path: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            _fail(path, str(exc))
+    _fail(path, "expected seconds (a positive number) or a duration such as 30s or 2m")
+
+
+def _parse_prompts(value, path: str) -> tuple:
+    _check_type(value, list, path, "a list of {role, content} messages")
+    prompts = []
+    for i, item in enumerate(value):
+        p = f"{path}[{i}]"
+        _check_type(item, dict, p, "an object with role and content")
+        for key in item:
+            if key not in ("role", "content"):
+                _fail(f"{p}.{key}", "unknown field; a prompt has role and content")
+        role = item.get("role", "system")
+        if role not in PROMPT_ROLES:
+            _fail(f"{p}.role", f"must be one of {', '.join(PROMPT_ROLES)}")
+        content = _check_type(item.get("content"), str, f"{p}.content", "a string")
+        prompts.append(Prompt(role, content))
+    return tuple(prompts)
+
+
+def _parse_rules(value, path: str) -> tuple:
+    return compile_rules(_check_type(value, list, path, "a list of rules"), path)
+
+
+_PROVIDER_POLICY_FIELDS = ("base_key_env", "upstream_url", "max_tokens", "max_output_tokens", "model",
+                           "model_regex", "timeout", "prompts", "rules")
+
+
+def _parse_common(raw: dict, path: str) -> dict:
+    """The fields a provider policy shares with the global policy."""
+    out: dict = {}
+    for key in ("base_key_env", "upstream_url", "model"):
+        if key in raw:
+            out[key] = _check_type(raw[key], str, f"{path}{key}", "a string")
+    if out.get("upstream_url") and not re.match(r"^(https?|mock)://", out["upstream_url"]):
+        _fail(f"{path}upstream_url", "must start with http://, https:// or mock://")
+    for key in ("max_tokens", "max_output_tokens"):
+        if raw.get(key) is not None:
+            n = _check_type(raw[key], int, f"{path}{key}", "an integer")
+            if n < (0 if key == "max_tokens" else 1):
+                _fail(f"{path}{key}", "must be positive")
+            out[key] = n
+    if raw.get("model_regex"):
+        out["model_regex"] = _compile_go_regex(
+            _check_type(raw["model_regex"], str, f"{path}model_regex", "a string"), f"{path}model_regex")
+    if raw.get("timeout") is not None:
+        out["timeout"] = _parse_timeout(raw["timeout"], f"{path}timeout")
+    if raw.get("prompts") is not None:
+        out["prompts"] = _parse_prompts(raw["prompts"], f"{path}prompts")
+    if raw.get("rules") is not None:
+        out["rules"] = _parse_rules(raw["rules"], f"{path}rules")
+    return out
+
+
+def _parse_retry(raw, path: str) -> RetryPolicy:
+    _check_type(raw, dict, path, "an object")
+    for key in raw:
+        if key not in _RETRY_FIELDS:
+            _fail(f"{path}.{key}", f"unknown field; retry has {', '.join(_RETRY_FIELDS)}")
+    out = {}
+    if raw.get("max_retries") is not None:
+        out["max_retries"] = _check_type(raw["max_retries"], int, f"{path}.max_retries", "an integer")
+        if not 0 <= out["max_retries"] <= 10:
+            _fail(f"{path}.max_retries", "must be between 0 and 10")
+    if raw.get("fallbacks") is not None:
+        _check_type(raw["fallbacks"], list, f"{path}.fallbacks", "a list of model names")
+        for i, m in enumerate(raw["fallbacks"]):
+            _check_type(m, str, f"{path}.fallbacks[{i}]", "a model name")
+        out["fallbacks"] = tuple(raw["fallbacks"])
+    if raw.get("retry_on") is not None:
+        _check_type(raw["retry_on"], list, f"{path}.retry_on", "a list of HTTP status codes")
+        for i, s in enumerate(raw["retry_on"]):
+            if not isinstance(s, int) or isinstance(s, bool) or not 100 <= s <= 599:
+                _fail(f"{path}.retry_on[{i}]", "expected an HTTP status code")
+        out["retry_on"] = tuple(raw["retry_on"])
+    if raw.get("backoff") is not None:
+        out["backoff"] = _parse_timeout(raw["backoff"], f"{path}.backoff")
+    return RetryPolicy(**out)
+
+
+def _parse_memory(raw, path: str) -> dict:
+    _check_type(raw, dict, path, "an object")
+    for key, value in raw.items():
+        if key not in _MEMORY_FIELDS:
+            _fail(f"{path}.{key}", f"unknown field; memory has {', '.join(_MEMORY_FIELDS)}")
+        tp = _MEMORY_FIELDS[key]
+        _check_type(value, tp, f"{path}.{key}", "a number" if tp == (int, float) else _type_name(tp))
+    return dict(raw)
+
+
+def _parse_metadata(raw, path: str) -> dict:
+    _check_type(raw, dict, path, "an object of tags")
+    for key, value in raw.items():
+        if not isinstance(value, (str, int, float, bool)) and value is not None:
+            _fail(f"{path}.{key}", "tag values must be strings, numbers or booleans")
+    return dict(raw)
+
+
+_POLICY_FIELDS = _PROVIDER_POLICY_FIELDS + ("providers", "provider", "rate_limit", "retry", "metadata",
+                                            "memory", "budget")
+
+
+def parse_policy(raw, path: str = "", catalog: "Catalog | None" = None) -> Policy:
+    """Validate a policy document and compile it. Errors name the JSON path of the bad field."""
+    if not isinstance(raw, dict):
+        raise UsageError("policy: expected a JSON object")
+    for key in raw:
+        if key not in _POLICY_FIELDS:
+            _fail(key, f"unknown field; known fields: {', '.join(_POLICY_FIELDS)}")
+    fields_ = _parse_common(raw, path)
+    known = catalog.names() if catalog is not None else None
+    if raw.get("provider"):
+        fields_["provider"] = _check_type(raw["provider"], str, "provider", "a provider name")
+        if known is not None and raw["provider"] not in known:
+            _fail("provider", f"unknown provider '{raw['provider']}'; known: {', '.join(sorted(known))}")
+    providers = []
+    if raw.get("providers") is not None:
+        _check_type(raw["providers"], dict, "providers", "an object of provider name -> list of policies")
+        for name, entries in raw["providers"].items():
+            if known is not None and name not in known:
+                _fail(f"providers.{name}", f"unknown provider; known: {', '.join(sorted(known))}")
+            if isinstance(entries, dict):  # one policy written without the list
+                entries = [entries]
+            _check_type(entries, list, f"providers.{name}", "a list of provider policies")
+            for i, entry in enumerate(entries):
+                p = f"providers.{name}[{i}]"
+                _check_type(entry, dict, p, "an object")
+                for key in entry:
+                    if key not in _PROVIDER_POLICY_FIELDS:
+                        _fail(f"{p}.{key}", f"unknown field; a provider policy has "
+                                            f"{', '.join(_PROVIDER_POLICY_FIELDS)}")
+                providers.append(ProviderPolicy(name=name, index=len(providers),
+                                                **_parse_common(entry, p + ".")))
+    if raw.get("rate_limit") is not None:
+        fields_["rate_limit"] = _parse_rate_limit_field(raw["rate_limit"], "rate_limit")
+    if raw.get("budget") is not None:
+        fields_["budget"] = _parse_budget_field(raw["budget"], "budget")
+    if raw.get("retry") is not None:
+        fields_["retry"] = _parse_retry(raw["retry"], "retry")
+    if raw.get("metadata") is not None:
+        fields_["metadata"] = _parse_metadata(raw["metadata"], "metadata")
+    if raw.get("memory") is not None:
+        fields_["memory"] = _parse_memory(raw["memory"], "memory")
+    return Policy(name="", raw=raw, providers=tuple(providers), **fields_)
+
+
+def select_upstream(policy: Policy, matched: ProviderPolicy | None, catalog: "Catalog", config: Config,
+                    native_provider: str) -> tuple["Provider", str]:
+    """§8 precedence for the provider (auth scheme, headers, dialect) and the upstream URL."""
+    explicit = matched.name if matched is not None else (policy.provider or config.default_provider)
+    provider = catalog.get(explicit or native_provider)
+    if matched is not None:
+        upstream = matched.upstream_url or provider.url() or policy.upstream_url or config.server.upstream_url
+    elif policy.upstream_url:
+        upstream = policy.upstream_url
+    elif policy.provider:
+        upstream = provider.url() or config.server.upstream_url
+    else:
+        upstream = config.server.upstream_url or provider.url() or "https://api.openai.com"
+    return provider, upstream
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedPolicy:
+    """What governs one request for one model: the merged fields and the provider to use."""
+    model: str
+    provider: "Provider"
+    base_key_env: str
+    upstream_url: str
+    max_tokens: int | None
+    max_output_tokens: int | None
+    timeout: float
+    prompts: tuple
+    rules: tuple
+    matched: ProviderPolicy | None
+    policy: Policy
+
+
+def resolve_policy(policy: Policy, model: str, catalog: "Catalog", config: Config,
+                   native_provider: str = "openai") -> ResolvedPolicy:
+    """§4 resolution: the first matching provider policy is merged on top of the global fields.
+    `native_provider` is the provider the endpoint's own dialect suggests when nothing else picks one."""
+    matched = next((pp for pp in policy.providers if pp.matches(model)), None)
+    base = matched if matched is not None else policy
+    allowed_model, allowed_regex = base.model, base.model_regex
+    if matched is not None and not matched.model and matched.model_regex is None:
+        allowed_model, allowed_regex = policy.model, policy.model_regex
+    if allowed_model and allowed_model != model or (
+            not allowed_model and allowed_regex is not None and not allowed_regex.search(model)):
+        raise ProxyError(403, "model_not_allowed",
+                         f"model '{model}' is not allowed for this token; ask its owner to allow it "
+                         "or use /v1/models to list the models you may use")
+    provider, upstream = select_upstream(policy, matched, catalog, config, native_provider)
+    pick = (lambda name: getattr(matched, name) or getattr(policy, name)) if matched else \
+        (lambda name: getattr(policy, name))
+    return ResolvedPolicy(
+        model=model, provider=provider,
+        base_key_env=pick("base_key_env") or provider.api_key_env,
+        upstream_url=upstream,
+        max_tokens=matched.max_tokens if matched is not None and matched.max_tokens is not None else policy.max_tokens,
+        max_output_tokens=pick("max_output_tokens"),
+        timeout=pick("timeout") or DEFAULT_UPSTREAM_TIMEOUT,
+        prompts=(matched.prompts if matched else ()) + policy.prompts,
+        rules=policy.rules + (matched.rules if matched else ()),
+        matched=matched, policy=policy)
+
+# GUARDRAILS-SECTION
+def compile_rules(raw, path="rules"):
+    return tuple(raw)
+
+# LIMITS-SECTION
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_creation_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+def _parse_rate_limit_field(raw, path):
+    return raw
+
+
+def _parse_budget_field(raw, path):
+    return raw
+
+###############################################################################
+# Providers — the catalog of upstreams: where they live, how they authenticate, which dialect
+###############################################################################
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """One catalog entry. `dialect` is the wire format the upstream speaks."""
+    name: str
+    upstream_url: str = ""
+    api_key_env: str = ""
+    base_url_env: str = ""
+    auth_scheme: str = "bearer"        # bearer | header | query
+    auth_header: str = ""              # header name (header scheme) or query parameter (query scheme)
+    headers: dict = field(default_factory=dict)
+    chat_path: str = ""
+    dialect: str = "openai"            # openai | anthropic
+    models: tuple = ()
+    insecure: bool = False
+    environ: Any = field(default=None, compare=False, repr=False)
+
+    def url(self) -> str:
+        """The upstream URL, overridden by the provider's base-URL env var when that is set."""
+        env = self.environ if self.environ is not None else os.environ
+        return (env.get(self.base_url_env) if self.base_url_env else "") or self.upstream_url
+
+
+_OPENAI_MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o3", "o3-mini",
+                  "o4-mini", "gpt-5", "gpt-5-mini", "gpt-5-nano", "text-embedding-3-small",
+                  "text-embedding-3-large")
+_ANTHROPIC_MODELS = ("claude-opus-5", "claude-sonnet-5", "claude-opus-4-7", "claude-opus-4-6", "claude-sonnet-4-6",
+                     "claude-opus-4-5", "claude-sonnet-4-5", "claude-haiku-4-5")
+
+BUILTIN_PROVIDERS: dict[str, dict] = {
+    "openai": dict(upstream_url="https://api.openai.com", api_key_env="OPENAI_API_KEY", models=_OPENAI_MODELS),
+    "anthropic": dict(upstream_url="https://api.anthropic.com", api_key_env="ANTHROPIC_API_KEY",
+                      auth_scheme="header", auth_header="x-api-key", dialect="anthropic",
+                      headers={"anthropic-version": "2023-06-01"}, chat_path="/v1/messages",
+                      models=_ANTHROPIC_MODELS),
+    "azure_openai": dict(api_key_env="AZURE_OPENAI_API_KEY", base_url_env="AZURE_OPENAI_ENDPOINT",
+                         auth_scheme="header", auth_header="api-key"),
+    "google_gemini": dict(upstream_url="https://generativelanguage.googleapis.com/v1beta/openai",
+                          api_key_env="GEMINI_API_KEY",
+                          models=("gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.0-flash")),
+    "mistral": dict(upstream_url="https://api.mistral.ai/v1", api_key_env="MISTRAL_API_KEY",
+                    models=("mistral-large-latest", "mistral-small-latest", "codestral-latest")),
+    "cohere": dict(upstream_url="https://api.cohere.ai/compatibility/v1", api_key_env="COHERE_API_KEY",
+                   models=("command-r-plus", "command-r", "command-a-03-2025")),
+    "groq": dict(upstream_url="https://api.groq.com/openai/v1", api_key_env="GROQ_API_KEY",
+                 models=("llama-3.3-70b-versatile", "llama-3.1-8b-instant")),
+    "together": dict(upstream_url="https://api.together.xyz/v1", api_key_env="TOGETHER_API_KEY"),
+    "fireworks": dict(upstream_url="https://api.fireworks.ai/inference/v1", api_key_env="FIREWORKS_API_KEY"),
+    "perplexity": dict(upstream_url="https://api.perplexity.ai", api_key_env="PERPLEXITY_API_KEY",
+                       chat_path="/chat/completions", models=("sonar", "sonar-pro")),
+    "deepseek": dict(upstream_url="https://api.deepseek.com/v1", api_key_env="DEEPSEEK_API_KEY",
+                     models=("deepseek-chat", "deepseek-reasoner")),
+    "xai": dict(upstream_url="https://api.x.ai/v1", api_key_env="XAI_API_KEY", models=("grok-4", "grok-3")),
+    "openrouter": dict(upstream_url="https://openrouter.ai/api/v1", api_key_env="OPENROUTER_API_KEY"),
+    "ollama": dict(upstream_url="http://127.0.0.1:11434/v1", base_url_env="OLLAMA_BASE_URL"),
+    "vllm": dict(upstream_url="http://127.0.0.1:8000/v1", base_url_env="VLLM_BASE_URL"),
+    "generic": dict(api_key_env="GENERIC_API_KEY", base_url_env="GENERIC_BASE_URL"),
+    "mock": dict(upstream_url="mock://", models=("mock-1", "mock-mini")),
+}
+
+_PROVIDER_FIELDS = {"upstream_url": str, "api_key_env": str, "base_url_env": str, "auth_scheme": str,
+                    "auth_header": str, "headers": dict, "chat_path": str, "dialect": str,
+                    "models": list, "insecure": bool}
+
+
+def _validate_provider_entry(name: str, entry, path: str) -> None:
+    if not isinstance(entry, dict):
+        raise UsageError(f"config: {path}: expected a mapping of provider fields")
+    for key, value in entry.items():
+        if key not in _PROVIDER_FIELDS:
+            raise UsageError(f"config: unknown key '{path}.{key}'; known keys: {', '.join(_PROVIDER_FIELDS)}")
+        tp = _PROVIDER_FIELDS[key]
+        if value is not None and not isinstance(value, tp):
+            raise UsageError(f"config: {path}.{key}: expected {_type_name(tp)}")
+    if entry.get("auth_scheme", "bearer") not in ("bearer", "header", "query"):
+        raise UsageError(f"config: {path}.auth_scheme: must be bearer, header or query")
+    if entry.get("dialect", "openai") not in ("openai", "anthropic"):
+        raise UsageError(f"config: {path}.dialect: must be openai or anthropic")
+
+
+class Catalog:
+    """Built-in providers, overridden and extended by providers.yaml and config `providers:`."""
+
+    def __init__(self, config: Config | None = None, environ=None):
+        self.environ = os.environ if environ is None else environ
+        entries = {name: dict(spec) for name, spec in BUILTIN_PROVIDERS.items()}
+        overlays = []
+        if config is not None:
+            side = os.path.join(os.path.dirname(config.source) if config.source else config.dir,
+                                "providers.yaml")
+            if os.path.isfile(side):
+                try:
+                    with open(side, encoding="utf-8") as fh:
+                        doc = yaml.safe_load(fh) or {}
+                except yaml.YAMLError as exc:
+                    raise UsageError(f"config: {side} is not valid YAML: {exc}") from None
+                doc = doc.get("providers", doc) if isinstance(doc, dict) else doc
+                if not isinstance(doc, dict):
+                    raise UsageError(f"config: {side}: expected a mapping of provider name -> fields")
+                for name, entry in doc.items():
+                    _validate_provider_entry(name, entry, f"{side}: {name}")
+                overlays.append(doc)
+            overlays.append(config.providers)
+        for overlay in overlays:
+            for name, entry in overlay.items():
+                entries[name] = {**entries.get(name, {}), **{k: v for k, v in entry.items() if v is not None}}
+        self._providers = {
+            name: Provider(name=name, **{**spec, "models": tuple(spec.get("models", ())),
+                                         "headers": dict(spec.get("headers", {}))}, environ=self.environ)
+            for name, spec in entries.items()}
+
+    def names(self) -> set:
+        return set(self._providers)
+
+    def get(self, name: str) -> Provider:
+        try:
+            return self._providers[name]
+        except KeyError:
+            raise ProxyError(500, "invalid_request", f"provider '{name}' is not in the catalog") from None
+
+    def all(self) -> list[Provider]:
+        return list(self._providers.values())
+
+###############################################################################
+# Dialects — one adapter per wire format: where the text is, model, stream flag, usage, mock answers
+###############################################################################
+
+def _parts_slots(content) -> Iterator[tuple[Any, Any]]:
+    """Text slots of a content value that may be a string or a list of typed parts/blocks."""
+    if isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict):
+                if isinstance(part, str):
+                    yield from ()
+                continue
+            kind = part.get("type")
+            if kind in ("text", "input_text", "output_text") and isinstance(part.get("text"), str):
+                yield part, "text"
+            elif kind == "tool_result":
+                inner = part.get("content")
+                if isinstance(inner, str):
+                    yield part, "content"
+                else:
+                    yield from _parts_slots(inner)
+
+
+def _content_slots(holder: dict, key: str = "content") -> Iterator[tuple[Any, Any]]:
+    value = holder.get(key)
+    if isinstance(value, str):
+        yield holder, key
+    else:
+        yield from _parts_slots(value)
+
+
+def _list_slots(holder: dict, key: str) -> Iterator[tuple[Any, Any]]:
+    value = holder.get(key)
+    if isinstance(value, str):
+        yield holder, key
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if isinstance(item, str):
+                yield value, i
+
+
+class Dialect:
+    """Adapter for one endpoint's wire format. The pipeline talks to this, never to raw JSON."""
+    name = ""
+    family = "openai"          # error shape, and the provider that speaks it natively
+    governed = True
+
+    def model(self, body: dict) -> str:
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ProxyError(400, "invalid_request", "the request body needs a 'model' string")
+        return model
+
+    def is_stream(self, body: dict) -> bool:
+        value = body.get("stream", False)
+        if not isinstance(value, bool):
+            raise ProxyError(400, "invalid_request", "'stream' must be true or false")
+        return value
+
+    def input_slots(self, body: dict) -> Iterator[tuple[Any, Any]]:
+        return iter(())
+
+    def output_slots(self, body: dict) -> Iterator[tuple[Any, Any]]:
+        return iter(())
+
+    def usage(self, body: dict) -> "Usage":
+        return Usage()
+
+    def last_user_text(self, body: dict) -> str:
+        texts = [holder[key] for holder, key in self.input_slots(body)]
+        return texts[-1] if texts else ""
+
+
+class ChatDialect(Dialect):
+    name = "chat"
+
+    def input_slots(self, body):
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            raise ProxyError(400, "invalid_request", "'messages' must be a list of messages")
+        for msg in messages:
+            if not isinstance(msg, dict):
+                raise ProxyError(400, "invalid_request", "each message must be an object")
+            yield from _content_slots(msg)
+            for call in msg.get("tool_calls") or ():
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    yield fn, "arguments"
+
+    def output_slots(self, body):
+        for choice in body.get("choices") or ():
+            message = choice.get("message") if isinstance(choice, dict) else None
+            if isinstance(message, dict):
+                yield from _content_slots(message)
+
+    def usage(self, body):
+        u = body.get("usage") or {}
+        details = u.get("prompt_tokens_details") or {}
+        out_details = u.get("completion_tokens_details") or {}
+        return Usage(input_tokens=u.get("prompt_tokens") or 0, output_tokens=u.get("completion_tokens") or 0,
+                     cached_input_tokens=details.get("cached_tokens") or 0,
+                     reasoning_tokens=out_details.get("reasoning_tokens") or 0)
+
+
+class CompletionsDialect(ChatDialect):
+    name = "completions"
+
+    def input_slots(self, body):
+        return _list_slots(body, "prompt")
+
+    def output_slots(self, body):
+        for choice in body.get("choices") or ():
+            if isinstance(choice, dict) and isinstance(choice.get("text"), str):
+                yield choice, "text"
+
+
+class EmbeddingsDialect(ChatDialect):
+    name = "embeddings"
+
+    def input_slots(self, body):
+        return _list_slots(body, "input")
+
+    def output_slots(self, body):
+        return iter(())
+
+
+class ResponsesDialect(Dialect):
+    name = "responses"
+
+    def input_slots(self, body):
+        if isinstance(body.get("instructions"), str):
+            yield body, "instructions"
+        items = body.get("input")
+        if isinstance(items, str):
+            yield body, "input"
+            return
+        if items is not None and not isinstance(items, list):
+            raise ProxyError(400, "invalid_request", "'input' must be a string or a list of items")
+        for item in items or ():
+            if not isinstance(item, dict):
+                continue
+            if "content" in item:
+                yield from _content_slots(item)
+            if item.get("type") == "function_call_output" and isinstance(item.get("output"), str):
+                yield item, "output"
+            if item.get("type") == "function_call" and isinstance(item.get("arguments"), str):
+                yield item, "arguments"
+
+    def output_slots(self, body):
+        for item in body.get("output") or ():
+            if isinstance(item, dict) and item.get("type") == "message":
+                yield from _parts_slots(item.get("content"))
+
+    def usage(self, body):
+        u = body.get("usage") or {}
+        return Usage(input_tokens=u.get("input_tokens") or 0, output_tokens=u.get("output_tokens") or 0,
+                     cached_input_tokens=(u.get("input_tokens_details") or {}).get("cached_tokens") or 0,
+                     reasoning_tokens=(u.get("output_tokens_details") or {}).get("reasoning_tokens") or 0)
+
+
+class MessagesDialect(Dialect):
+    name = "messages"
+    family = "anthropic"
+
+    def input_slots(self, body):
+        system = body.get("system")
+        if isinstance(system, str):
+            yield body, "system"
+        else:
+            yield from _parts_slots(system)
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            raise ProxyError(400, "invalid_request", "'messages' must be a list of messages")
+        for msg in messages:
+            if not isinstance(msg, dict):
+                raise ProxyError(400, "invalid_request", "each message must be an object")
+            yield from _content_slots(msg)
+
+    def output_slots(self, body):
+        return _parts_slots(body.get("content"))
+
+    def usage(self, body):
+        u = body.get("usage") or {}
+        cached = u.get("cache_read_input_tokens") or 0
+        created = u.get("cache_creation_input_tokens") or 0
+        return Usage(input_tokens=(u.get("input_tokens") or 0) + cached + created,
+                     output_tokens=u.get("output_tokens") or 0,
+                     cached_input_tokens=cached, cache_creation_tokens=created)
+
+
+CHAT, COMPLETIONS, EMBEDDINGS = ChatDialect(), CompletionsDialect(), EmbeddingsDialect()
+RESPONSES, MESSAGES = ResponsesDialect(), MessagesDialect()
+# Governed endpoints: path -> dialect adapter. Everything else under /v1 is passthrough.
+GOVERNED = {"/v1/chat/completions": CHAT, "/v1/responses": RESPONSES, "/v1/messages": MESSAGES,
+            "/v1/completions": COMPLETIONS, "/v1/embeddings": EMBEDDINGS}
+
+
+def dialect_family(path: str) -> str:
+    return "anthropic" if path.startswith("/v1/messages") else "openai"
+
+
+###############################################################################
+# Mock provider — deterministic in-process answers in every dialect, no network
+###############################################################################
+
+def _sse(data: dict | str, event: str | None = None) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return (f"event: {event}\n" if event else "").encode() + b"data: " + payload.encode("utf-8") + b"\n\n"
+
+
+def _mock_words(text: str) -> list[str]:
+    """Stream pieces: words with their following space, so joined pieces equal the text."""
+    return re.findall(r"\S+\s*|\s+", text) or [""]
+
+
+class MockProvider:
+    """The `mock` provider: answers governed endpoints in both dialects, stream or not,
+    deterministically, with usage numbers computed the way providers do (about 4 chars/token)."""
+
+    def reply(self, dialect: Dialect, body: dict) -> tuple[str, int, int, str]:
+        asked = dialect.last_user_text(body).strip()
+        text = f"Mock reply: {asked}" if asked else "Hello from the tokenomics mock provider."
+        limit = body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
+        finish = "stop"
+        if isinstance(limit, int) and limit > 0 and math.ceil(len(text) / 4) > limit:
+            text, finish = text[: limit * 4], "length"
+        input_tokens = max(1, math.ceil(len(json.dumps(body.get("messages") or body.get("input")
+                                                        or body.get("prompt") or "")) / 4))
+        return text, input_tokens, max(1, math.ceil(len(text) / 4)), finish
+
+    def answer(self, dialect: Dialect, body: dict) -> tuple[int, bytes | list[bytes]]:
+        """(status, JSON body) or (status, list of SSE event bytes) for a streamed request."""
+        model = body.get("model", "mock-1")
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:24]
+        created = int(time.time())
+        if dialect is EMBEDDINGS:
+            inputs = body.get("input") if isinstance(body.get("input"), list) else [body.get("input", "")]
+            data = [{"object": "embedding", "index": i,
+                     "embedding": [b / 255 for b in hashlib.sha256(str(x).encode()).digest()[:8]]}
+                    for i, x in enumerate(inputs)]
+            n = sum(max(1, math.ceil(len(str(x)) / 4)) for x in inputs)
+            return 200, json.dumps({"object": "list", "data": data, "model": model,
+                                    "usage": {"prompt_tokens": n, "total_tokens": n}}).encode()
+        text, n_in, n_out, finish = self.reply(dialect, body)
+        stream = body.get("stream") is True
+        if dialect is MESSAGES:
+            return 200, self._messages(model, digest, text, n_in, n_out, finish, stream)
+        if dialect is RESPONSES:
+            return 200, self._responses(model, digest, created, text, n_in, n_out, stream)
+        if dialect is COMPLETIONS:
+            return 200, json.dumps({
+                "id": f"cmpl-{digest}", "object": "text_completion", "created": created, "model": model,
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+                "usage": {"prompt_tokens": n_in, "completion_tokens": n_out,
+                          "total_tokens": n_in + n_out}}).encode()
+        return 200, self._chat(model, digest, created, text, n_in, n_out, finish, stream, body)
+
+    def _chat(self, model, digest, created, text, n_in, n_out, finish, stream, body):
+        usage = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+        head = {"id": f"chatcmpl-{digest}", "created": created, "model": model, "system_fingerprint": None}
+        if not stream:
+            return json.dumps({**head, "object": "chat.completion", "choices": [{
+                "index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None, "finish_reason": finish}], "usage": usage}).encode()
+        chunk = {**head, "object": "chat.completion.chunk"}
+        events = [_sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                              "logprobs": None, "finish_reason": None}]})]
+        events += [_sse({**chunk, "choices": [{"index": 0, "delta": {"content": piece}, "logprobs": None,
+                                               "finish_reason": None}]}) for piece in _mock_words(text)]
+        events.append(_sse({**chunk, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                                  "finish_reason": finish}]}))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append(_sse({**chunk, "choices": [], "usage": usage}))
+        events.append(_sse("[DONE]"))
+        return events
+
+    def _messages(self, model, digest, text, n_in, n_out, finish, stream):
+        stop = "max_tokens" if finish == "length" else "end_turn"
+        message = {"id": f"msg_{digest}", "type": "message", "role": "assistant", "model": model,
+                   "content": [{"type": "text", "text": text}], "stop_reason": stop, "stop_sequence": None,
+                   "usage": {"input_tokens": n_in, "output_tokens": n_out,
+                             "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
+        if not stream:
+            return json.dumps(message).encode()
+        start = {**message, "content": [], "stop_reason": None,
+                 "usage": {**message["usage"], "output_tokens": 1}}
+        events = [_sse({"type": "message_start", "message": start}, "message_start"),
+                  _sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                       "content_block_start"),
+                  _sse({"type": "ping"}, "ping")]
+        events += [_sse({"type": "content_block_delta", "index": 0,
+                         "delta": {"type": "text_delta", "text": piece}}, "content_block_delta")
+                   for piece in _mock_words(text)]
+        events += [_sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+                   _sse({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+                         "usage": {"output_tokens": n_out}}, "message_delta"),
+                   _sse({"type": "message_stop"}, "message_stop")]
+        return events
+
+    def _responses(self, model, digest, created, text, n_in, n_out, stream):
+        part = {"type": "output_text", "text": text, "annotations": []}
+        item = {"id": f"msg_{digest}", "type": "message", "status": "completed", "role": "assistant",
+                "content": [part]}
+        usage = {"input_tokens": n_in, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": n_out,
+                 "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": n_in + n_out}
+        response = {"id": f"resp_{digest}", "object": "response", "created_at": created, "status": "completed",
+                    "model": model, "output": [item], "usage": usage, "error": None,
+                    "incomplete_details": None, "instructions": None, "parallel_tool_calls": True,
+                    "tool_choice": "auto", "tools": [], "text": {"format": {"type": "text"}}}
+        if not stream:
+            return json.dumps(response).encode()
+        seq = iter(range(1 << 30))
+        pending = {**response, "status": "in_progress", "output": [], "usage": None}
+
+        def ev(kind, **data):
+            return _sse({"type": kind, "sequence_number": next(seq), **data}, kind)
+
+        ids = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+        events = [ev("response.created", response=pending), ev("response.in_progress", response=pending),
+                  ev("response.output_item.added", output_index=0,
+                     item={**item, "status": "in_progress", "content": []}),
+                  ev("response.content_part.added", **ids, part={**part, "text": ""})]
+        events += [ev("response.output_text.delta", **ids, delta=piece) for piece in _mock_words(text)]
+        events += [ev("response.output_text.done", **ids, text=text),
+                   ev("response.content_part.done", **ids, part=part),
+                   ev("response.output_item.done", output_index=0, item=item),
+                   ev("response.completed", response=response)]
+        return events
+
+###############################################################################
+# HTTP — SSE parsing, the pooled h11 upstream client, the asyncio + h11 server
+###############################################################################
+
+if sys.version_info >= (3, 11):
+    _deadline = asyncio.timeout
+else:  # pragma: no cover - Python 3.10
+    @contextlib.asynccontextmanager
+    async def _deadline(seconds):
+        task = asyncio.current_task()
+        fired = False
+
+        def fire():
+            nonlocal fired
+            fired = True
+            task.cancel()
+        handle = asyncio.get_running_loop().call_later(seconds, fire) if seconds is not None else None
+        try:
+            yield
+        except asyncio.CancelledError:
+            if fired:
+                raise TimeoutError from None
+            raise
+        finally:
+            if handle is not None:
+                handle.cancel()
+
+
+@dataclass(slots=True)
+class SSEEvent:
+    """One server-sent event: its exact bytes (relayed untouched when nothing changes it),
+    its `event:` name and its joined `data:` lines."""
+    raw: bytes
+    event: str | None = None
+    data: str = ""
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+
+_SSE_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+class SSEParser:
+    """Incremental SSE framing: feed bytes in any chunking, get whole events out."""
+
+    def __init__(self):
+        self._buf = b""
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        buf = self._buf + chunk if self._buf else chunk
+        events, start = [], 0
+        while True:
+            m = _SSE_BOUNDARY.search(buf, start)
+            if m is None:
+                break
+            events.append(self._parse(buf[start:m.end()]))
+            start = m.end()
+        self._buf = buf[start:]
+        return events
+
+    def flush(self) -> list[SSEEvent]:
+        rest, self._buf = self._buf, b""
+        return [self._parse(rest)] if rest.strip() else []
+
+    @staticmethod
+    def _parse(raw: bytes) -> SSEEvent:
+        name, data = None, []
+        for line in raw.decode("utf-8", "replace").splitlines():
+            if line.startswith("data:"):
+                data.append(line[6:] if line.startswith("data: ") else line[5:])
+            elif line.startswith("event:"):
+                name = line[6:].strip()
+        return SSEEvent(raw, name, "\n".join(data))
+
+
+def _raise_upstream_timeout(seconds: float):
+    raise ProxyError(504, "upstream_timeout", f"the upstream did not answer within {seconds:g} s; "
+                                              "retry later or raise the policy's timeout")
+
+
+class _UpstreamConnection:
+    """One keep-alive connection to an upstream origin, driven by an h11 client state machine."""
+    __slots__ = ("origin", "reader", "writer", "h11", "idle_since")
+
+    def __init__(self, origin, reader, writer):
+        self.origin, self.reader, self.writer = origin, reader, writer
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self.idle_since = 0.0
+
+    async def next_event(self, timeout: float):
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            async with _deadline(timeout):
+                data = await self.reader.read(65536)
+            self.h11.receive_data(data)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+class UpstreamResponse:
+    """Status and headers of an upstream answer; the body is pulled with `read` or `chunks`.
+    The connection goes back to the pool only after the body was read to the end."""
+
+    def __init__(self, status: int, headers: list, conn: "_UpstreamConnection | None", pool: "UpstreamClient | None",
+                 timeout: float, body: bytes | list | None = None):
+        self.status, self.headers, self._conn, self._pool, self._timeout = status, headers, conn, pool, timeout
+        self._static = body
+        self.decode = True
+        self.header_map = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in headers} \
+            if headers and isinstance(headers[0][0], bytes) else {k.lower(): v for k, v in headers}
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        if self._static is not None:
+            for piece in (self._static if isinstance(self._static, list) else [self._static]):
+                yield piece
+            return
+        conn, done = self._conn, False
+        decoder = _decoder_for(self.header_map.get("content-encoding", "")) if self.decode else None
+        try:
+            while True:
+                try:
+                    event = await conn.next_event(self._timeout)
+                except TimeoutError:
+                    _raise_upstream_timeout(self._timeout)
+                except (OSError, h11.RemoteProtocolError) as exc:
+                    raise ProxyError(502, "upstream_unreachable",
+                                     f"the upstream connection broke mid-response ({type(exc).__name__})") from None
+                if type(event) is h11.Data:
+                    data = bytes(event.data)
+                    if decoder is not None:
+                        data = decoder.decompress(data)
+                    if data:
+                        yield data
+                elif type(event) is h11.EndOfMessage:
+                    done = True
+                    if decoder is not None and (tail := decoder.flush()):
+                        yield tail
+                    return
+                else:
+                    raise ProxyError(502, "upstream_unreachable", "the upstream closed the connection mid-response")
+        finally:
+            self._conn = None
+            if done and self._pool is not None:
+                self._pool.release(conn)
+            else:
+                conn.close()
+
+    async def read(self) -> bytes:
+        return b"".join([piece async for piece in self.chunks()])
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @property
+    def decoded(self) -> bool:
+        return self.decode and bool(self.header_map.get("content-encoding")) and self._static is None
+
+
+def _decoder_for(encoding: str):
+    encoding = encoding.strip().lower()
+    if encoding == "gzip":
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    if encoding == "deflate":
+        return zlib.decompressobj()
+    return None
+
+
+class UpstreamClient:
+    """Outbound HTTP/1.1 with h11 over asyncio streams, keep-alive pooling per origin and
+    verified TLS by default (`insecure` per provider for self-hosted endpoints)."""
+
+    def __init__(self):
+        self._idle: dict[tuple, list[_UpstreamConnection]] = {}
+        self._ssl_verified: ssl.SSLContext | None = None
+        self._ssl_insecure: ssl.SSLContext | None = None
+
+    def _ssl(self, insecure: bool) -> ssl.SSLContext:
+        if insecure:
+            if self._ssl_insecure is None:
+                ctx = ssl.create_default_context()
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+                self._ssl_insecure = ctx
+            return self._ssl_insecure
+        if self._ssl_verified is None:
+            self._ssl_verified = ssl.create_default_context()
+        return self._ssl_verified
+
+    async def _connect(self, origin, timeout: float) -> _UpstreamConnection:
+        scheme, host, port, insecure = origin
+        try:
+            async with _deadline(timeout):
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=self._ssl(insecure) if scheme == "https" else None,
+                    server_hostname=host if scheme == "https" else None, limit=1 << 20)
+        except TimeoutError:
+            _raise_upstream_timeout(timeout)
+        except (OSError, ssl.SSLError) as exc:
+            raise ProxyError(502, "upstream_unreachable",
+                             f"cannot connect to the upstream {host}:{port} ({type(exc).__name__}: "
+                             f"{exc.strerror or exc})" if isinstance(exc, OSError) and exc.strerror else
+                             f"cannot connect to the upstream {host}:{port} ({type(exc).__name__})") from None
+        return _UpstreamConnection(origin, reader, writer)
+
+    def _take_idle(self, origin) -> _UpstreamConnection | None:
+        idle = self._idle.get(origin)
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if now - conn.idle_since < POOL_IDLE_SECONDS and not conn.reader.at_eof() \
+                    and not conn.writer.is_closing():
+                return conn
+            conn.close()
+        return None
+
+    def release(self, conn: _UpstreamConnection) -> None:
+        if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
+            try:
+                conn.h11.start_next_cycle()
+            except h11.LocalProtocolError:
+                conn.close()
+                return
+            idle = self._idle.setdefault(conn.origin, [])
+            if len(idle) < POOL_MAX_IDLE_PER_ORIGIN:
+                conn.idle_since = time.monotonic()
+                idle.append(conn)
+                return
+        conn.close()
+
+    async def request(self, method: str, url: str, headers: list, body: bytes, timeout: float,
+                      insecure: bool = False) -> UpstreamResponse:
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme
+        port = parts.port or (443 if scheme == "https" else 80)
+        origin = (scheme, parts.hostname, port, insecure)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        for attempt in range(2):
+            conn = self._take_idle(origin)
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(origin, timeout)
+            try:
+                out = conn.h11.send(h11.Request(method=method, target=target, headers=headers))
+                if body:
+                    out += conn.h11.send(h11.Data(data=body))
+                out += conn.h11.send(h11.EndOfMessage())
+                conn.writer.write(out)
+                while True:
+                    event = await conn.next_event(timeout)
+                    if type(event) is h11.InformationalResponse:
+                        continue
+                    break
+                if type(event) is not h11.Response:
+                    raise ConnectionResetError("connection closed before a response")
+            except TimeoutError:
+                conn.close()
+                _raise_upstream_timeout(timeout)
+            except (OSError, h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
+                conn.close()
+                if reused and attempt == 0:
+                    continue  # a stale keep-alive connection: the request never reached the upstream
+                raise ProxyError(502, "upstream_unreachable", f"the upstream closed the connection "
+                                                              f"without answering ({type(exc).__name__}: {exc})") from None
+            except BaseException:
+                conn.close()
+                raise
+            return UpstreamResponse(event.status_code, list(event.headers), conn, self, timeout)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
+
+
+@dataclass(slots=True)
+class Request:
+    """A parsed client request, body included (bodies are bounded by server.max_body_bytes)."""
+    method: str
+    path: str
+    query: str
+    raw_headers: list           # [(name bytes as sent, value bytes)]
+    headers: dict               # lower-case name -> value (repeated names joined with ", ")
+    body: bytes = b""
+    client: str = ""
+    disconnected: "asyncio.Future | None" = None
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    headers: list = field(default_factory=list)     # [(str, str)]
+    body: bytes = b""
+    stream: "AsyncIterator[bytes] | None" = None
+
+
+def json_response(status: int, payload: Any, headers: list | None = None) -> Response:
+    return Response(status, [("content-type", "application/json")] + (headers or []),
+                    json.dumps(payload, separators=(",", ":")).encode("utf-8"))
+
+
+_OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                       404: "not_found_error", 408: "invalid_request_error", 413: "invalid_request_error",
+                       429: "rate_limit_error"}
+_ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                          404: "not_found_error", 408: "invalid_request_error", 413: "request_too_large",
+                          429: "rate_limit_error"}
+
+
+def error_body(family: str, status: int, code: str, message: str) -> dict:
+    if family == "anthropic":
+        return {"type": "error", "error": {"type": _ANTHROPIC_ERROR_TYPES.get(status, "api_error"),
+                                           "message": message, "code": code}}
+    return {"error": {"message": message, "type": _OPENAI_ERROR_TYPES.get(status, "server_error"),
+                      "code": code, "param": None}}
+
+
+def error_response(family: str, err: ProxyError) -> Response:
+    headers = [("x-tokenomics-error-code", err.code)] + [(k, str(v)) for k, v in err.headers.items()]
+    return json_response(err.status, error_body(family, err.status, err.code, err.message), headers)
+
+
+_REASONS = {s.value: s.phrase.encode("ascii") for s in http.HTTPStatus}
+
+
+class _ClientGone(Exception):
+    """The client closed its connection; nothing more can be sent."""
+
+
+class HTTPServer:
+    """asyncio + h11 server: keep-alive, bounded header and body reads, one handler call per
+    request, graceful shutdown that lets in-flight requests finish."""
+
+    def __init__(self, handler: Callable[[Request], Any], max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 header_timeout: float = HEADER_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT):
+        self.handler = handler
+        self.max_body_bytes = max_body_bytes
+        self.header_timeout = header_timeout
+        self.idle_timeout = idle_timeout
+        self._servers: list[asyncio.base_events.Server] = []
+        self._busy: set[asyncio.Task] = set()
+        self._idle: dict[asyncio.Task, asyncio.StreamWriter] = {}
+        self._closing = False
+
+    async def listen(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None):
+        server = await asyncio.start_server(self._connection, host, port, ssl=ssl_context,
+                                            limit=1 << 20, backlog=1024, reuse_address=True)
+        self._servers.append(server)
+        return server
+
+    async def _read_request(self, conn: h11.Connection, reader, writer, first: bool) -> Request | None:
+        """Next request on the connection, or None when the client closed it cleanly."""
+        loop = asyncio.get_running_loop()
+        deadline = None
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                if deadline is None and conn.their_state is h11.IDLE and not conn.trailing_data[0]:
+                    wait = self.idle_timeout
+                else:
+                    if deadline is None:
+                        deadline = loop.time() + self.header_timeout
+                    wait = deadline - loop.time()
+                    if wait <= 0:
+                        raise ProxyError(408, "request_timeout", "the request headers took too long to arrive")
+                try:
+                    async with _deadline(wait):
+                        data = await reader.read(65536)
+                except TimeoutError:
+                    if deadline is None:
+                        return None  # idle keep-alive connection
+                    raise ProxyError(408, "request_timeout", "the request headers took too long to arrive") \
+                        from None
+                conn.receive_data(data)
+                if data and deadline is None:
+                    deadline = loop.time() + self.header_timeout
+                continue
+            if type(event) is h11.Request:
+                break
+            if type(event) is h11.ConnectionClosed or event is h11.PAUSED:
+                return None
+            raise h11.RemoteProtocolError("unexpected event before the request", 400)
+        raw_headers = event.headers.raw_items()
+        headers: dict[str, str] = {}
+        for name, value in event.headers:
+            key = name.decode("latin-1")
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        target = event.target.decode("latin-1")
+        path, _, query = target.partition("?")
+        request = Request(event.method.decode("ascii"), path, query, raw_headers, headers)
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            err = ProxyError(413, "request_too_large", f"the request body is over the {self.max_body_bytes} "
+                                                       "byte limit; send less (server.max_body_bytes)")
+            err.path = path
+            raise err
+        if conn.client_is_waiting_for_100_continue:
+            writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+        body, size = [], 0
+        body_deadline = loop.time() + BODY_TIMEOUT
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    async with _deadline(max(0.0, body_deadline - loop.time())):
+                        data = await reader.read(65536)
+                except TimeoutError:
+                    raise ProxyError(408, "request_timeout", "the request body took too long to arrive") from None
+                conn.receive_data(data)
+                continue
+            if type(event) is h11.Data:
+                size += len(event.data)
+                if size > self.max_body_bytes:
+                    err = ProxyError(413, "request_too_large", f"the request body is over the "
+                                                               f"{self.max_body_bytes} byte limit; send less")
+                    err.path = path
+                    raise err
+                body.append(event.data)
+            elif type(event) is h11.EndOfMessage:
+                break
+            else:
+                raise h11.RemoteProtocolError("connection closed mid-body", 400)
+        request.body = b"".join(body)
+        return request
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        task = asyncio.current_task()
+        peer = writer.get_extra_info("peername")
+        client = peer[0] if isinstance(peer, tuple) else "local"
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        first = True
+        try:
+            while not self._closing:
+                self._idle[task] = writer
+                try:
+                    request = await self._read_request(conn, reader, writer, first)
+                except h11.RemoteProtocolError as exc:
+                    self._idle.pop(task, None)
+                    status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
+                    await self._send_error(conn, writer, ProxyError(
+                        status, "invalid_request", "malformed HTTP request; check the request line and headers"))
+                    await self._linger(reader)
+                    break
+                except ProxyError as exc:
+                    self._idle.pop(task, None)
+                    await self._send_error(conn, writer, exc, family=dialect_family(
+                        getattr(exc, "path", "") or ""))
+                    await self._linger(reader)
+                    break
+                self._idle.pop(task, None)
+                if request is None:
+                    break
+                first = False
+                request.client = client
+                self._busy.add(task)
+                try:
+                    keep = await self._respond(conn, reader, writer, request)
+                finally:
+                    self._busy.discard(task)
+                if not keep or conn.our_state is h11.MUST_CLOSE or self._closing:
+                    break
+                try:
+                    conn.start_next_cycle()
+                except h11.LocalProtocolError:
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError, _ClientGone):
+            pass
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # the connection dies, the server lives
+            log.exception("connection handler failed")
+        finally:
+            self._idle.pop(task, None)
+            self._busy.discard(task)
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    @staticmethod
+    async def _linger(reader) -> None:
+        """Read and drop what the client is still sending (bounded), so closing the socket does
+        not reset the connection before the client has read our error response."""
+        with contextlib.suppress(Exception):
+            async with _deadline(1.0):
+                for _ in range(256):
+                    if not await reader.read(65536):
+                        break
+
+    async def _send_error(self, conn, writer, err: ProxyError, family: str = "openai") -> None:
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        resp = error_response(family, err)
+        with contextlib.suppress(Exception):
+            await self._write(conn, writer, resp, head_only=False)
+
+    async def _respond(self, conn, reader, writer, request: Request) -> bool:
+        """Run the handler while watching for the client going away; write the response."""
+        loop = asyncio.get_running_loop()
+        gone = loop.create_future()
+        request.disconnected = gone
+        watcher = loop.create_task(self._watch(reader, gone, conn))
+        try:
+            handler = loop.create_task(self.handler(request))
+            await asyncio.wait((handler, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not handler.done():
+                handler.cancel()
+                with contextlib.suppress(BaseException):
+                    await handler
+                return False
+            response = handler.result()
+            await self._write(conn, writer, response, head_only=request.method == "HEAD", gone=gone)
+            return not gone.done()
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(BaseException):
+                await watcher  # the reader must be free before the next request is read
+            if not gone.done():
+                gone.cancel()
+
+    @staticmethod
+    async def _watch(reader, gone: asyncio.Future, conn) -> None:
+        """Resolve `gone` when the client closes; bytes of a pipelined next request are kept."""
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            data = await reader.read(65536)
+            if data:
+                conn.receive_data(data)
+                return
+        if not gone.done():
+            gone.set_result(True)
+
+    async def _write(self, conn, writer, response: Response, head_only: bool, gone=None) -> None:
+        headers = [(k, v) for k, v in response.headers if k.lower() not in ("content-length", "transfer-encoding",
+                                                                            "connection")]
+        if self._closing:
+            headers.append(("connection", "close"))
+        if response.stream is None:
+            headers.append(("content-length", str(len(response.body))))
+            out = conn.send(h11.Response(status_code=response.status, headers=headers,
+                                         reason=_REASONS.get(response.status, b"")))
+            if not head_only and response.body:
+                out += conn.send(h11.Data(data=response.body))
+            out += conn.send(h11.EndOfMessage())
+            writer.write(out)
+            await writer.drain()
+            return
+        stream = response.stream
+        try:
+            writer.write(conn.send(h11.Response(status_code=response.status, headers=headers,
+                                                reason=_REASONS.get(response.status, b""))))
+            await writer.drain()
+            async for chunk in stream:
+                if gone is not None and gone.done():
+                    raise _ClientGone()
+                if chunk:
+                    writer.write(conn.send(h11.Data(data=chunk)))
+                    await writer.drain()
+            writer.write(conn.send(h11.EndOfMessage()))
+            await writer.drain()
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting, close idle connections, give in-flight requests `grace` seconds."""
+        self._closing = True
+        for server in self._servers:
+            server.close()
+        for writer in list(self._idle.values()):
+            with contextlib.suppress(Exception):
+                writer.close()
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace
+        while self._busy and loop.time() < end:
+            await asyncio.wait(set(self._busy), timeout=min(0.05, max(0.0, end - loop.time())))
+        for task in list(self._busy) + list(self._idle):
+            task.cancel()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+
+###############################################################################
+# Pipeline — authenticate → parse → resolve → forward → relay, one story per request
+###############################################################################
+
+@dataclass(slots=True)
+class Exchange:
+    """What is known about one proxied request as it moves through the pipeline; the records
+    (ledger, logs, events) are written from this."""
+    request_id: str
+    endpoint: str
+    started: float
+    token_hash: str = ""
+    metadata: dict = field(default_factory=dict)
+    model: str = ""
+    provider: str = ""
+    stream: bool = False
+    status: int = 0
+    error: str = ""
+    usage: "Usage | None" = None
+    upstream_request_id: str = ""
+    upstream_id: str = ""
+    rule_matches: list = field(default_factory=list)
+
+
+def credential(req: Request) -> str:
+    """The client's token, from the places SDKs put it (§5 order)."""
+    h = req.headers
+    if h.get("x-api-key"):
+        return h["x-api-key"].strip()
+    auth = h.get("authorization", "").strip()
+    if auth:
+        return auth[7:].strip() if auth[:7].lower() == "bearer " else auth
+    if h.get("x-goog-api-key"):
+        return h["x-goog-api-key"].strip()
+    if "key=" in req.query:
+        for name, value in urllib.parse.parse_qsl(req.query, keep_blank_values=True):
+            if name == "key":
+                return value.strip()
+    return ""
+
+
+def _strip_query_key(query: str) -> str:
+    if "key=" not in query:
+        return query
+    return urllib.parse.urlencode([(k, v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True)
+                                   if k != "key"])
+
+
+def upstream_url_for(base: str, provider: Provider, path: str, query: str) -> str:
+    """Join the upstream base URL and the client's path. A base with a path (…/v1,
+    …/v1beta/openai) replaces the client's leading /v1; `chat_path` replaces the chat endpoint."""
+    parts = urllib.parse.urlsplit(base)
+    prefix = parts.path.rstrip("/")
+    native_chat = "/v1/messages" if provider.dialect == "anthropic" else "/v1/chat/completions"
+    if provider.chat_path and path == native_chat:
+        target = prefix + provider.chat_path
+    elif prefix and path.startswith("/v1/"):
+        target = prefix + path[3:]
+    else:
+        target = prefix + path
+    query = "&".join(q for q in (parts.query, query) if q)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, target, query, ""))
+
+
+_NOT_FORWARDED = frozenset(n.encode() for n in HOP_BY_HOP | AUTH_HEADERS | {"host", "content-length"})
+_NOT_RELAYED = HOP_BY_HOP | {"content-length"}
+
+
+class Pipeline:
+    """The proxy's request handler. It receives its collaborators (store, catalog, upstream
+    client, mock provider) and owns no I/O of its own beyond calling them."""
+
+    def __init__(self, config: Config, store: TokenStore, catalog: Catalog, client: UpstreamClient,
+                 environ=None, clock: Callable[[], float] = time.time):
+        self.config, self.store, self.catalog, self.client = config, store, catalog, client
+        self.environ = os.environ if environ is None else environ
+        self.clock = clock
+        self.mock = MockProvider()
+
+    async def __call__(self, req: Request) -> Response:
+        path = req.path
+        if path in ("/health", "/ping"):
+            return json_response(200, {"status": "ok"})
+        if not path.startswith("/v1/"):
+            if req.method in ("HEAD", "GET") and path in ("/", ""):
+                return json_response(200, {"name": "tokenomics", "version": __version__})
+            return error_response("openai", ProxyError(404, "not_found", f"no route for {req.method} {path}; "
+                                                       "the proxy serves /v1/... and /health"))
+        family = dialect_family(path)
+        ex = Exchange(request_id=new_id(REQUEST_ID_PREFIX), endpoint=path, started=self.clock())
+        try:
+            dialect = GOVERNED.get(path)
+            if dialect is not None and req.method == "POST":
+                response = await self.governed(req, dialect, ex)
+            elif path == "/v1/models" and req.method == "GET":
+                response = self.models(req)
+            else:
+                response = await self.passthrough(req, ex)
+        except ProxyError as err:
+            ex.status, ex.error = err.status, err.code
+            response = error_response(family, err)
+        response.headers.append(("x-tokenomics-request-id", ex.request_id))
+        return response
+
+    # -- steps ------------------------------------------------------------------------------------
+    def authenticate(self, req: Request, ex: Exchange | None = None) -> TokenRecord:
+        token = credential(req)
+        if not token:
+            raise ProxyError(401, "missing_token", "no API key was sent; pass your tkn_ token as the API key "
+                                                   "(Authorization: Bearer or x-api-key)")
+        now = self.clock()
+        self.store.refresh(now)
+        record = self.store.lookup(token)
+        if record is None:
+            raise ProxyError(401, "invalid_token", "the API key is not a valid tokenomics token; it may have "
+                                                   "been deleted; ask for a new one")
+        if record.expired(now):
+            raise ProxyError(401, "token_expired", f"this token expired at {utc_iso(record.expires_at)}; "
+                                                   "ask its owner to renew it")
+        if ex is not None:
+            ex.token_hash, ex.metadata = record.hash, record.policy.metadata
+        return record
+
+    @staticmethod
+    def parse_body(raw: bytes) -> dict:
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ProxyError(400, "invalid_request", "the request body is not valid JSON (UTF-8)") from None
+        if not isinstance(body, dict):
+            raise ProxyError(400, "invalid_request", "the request body must be a JSON object")
+        return body
+
+    def upstream_key(self, key_env: str) -> str:
+        if not key_env:
+            return ""
+        key = self.environ.get(key_env, "")
+        if not key:
+            raise ProxyError(500, "upstream_key_missing", f"the provider key variable {key_env} is not set "
+                                                          "on the proxy; set it and restart the proxy")
+        return key
+
+    def upstream_headers(self, req: Request, provider: Provider, key: str, ex: Exchange,
+                         body_len: int, host: str, governed: bool) -> list:
+        headers = [("host", host)]
+        sent = set()
+        for name, value in req.raw_headers:
+            lower = name.lower()
+            if lower in _NOT_FORWARDED or (governed and lower == b"accept-encoding"):
+                continue
+            sent.add(lower)
+            headers.append((name, value))
+        for name, value in provider.headers.items():
+            if name.lower().encode("latin-1") not in sent:
+                headers.append((name, str(value)))
+        if key and provider.auth_scheme == "bearer":
+            headers.append(("authorization", f"Bearer {key}"))
+        elif key and provider.auth_scheme == "header":
+            headers.append((provider.auth_header or "x-api-key", key))
+        if governed:
+            headers.append(("accept-encoding", "identity"))
+        headers.append(("x-client-request-id", ex.request_id))
+        headers.append(("content-length", str(body_len)))
+        return headers
+
+    async def send(self, req: Request, provider: Provider, base_url: str, key_env: str, body: bytes,
+                   timeout: float, ex: Exchange, dialect: Dialect | None = None,
+                   parsed: dict | None = None) -> UpstreamResponse:
+        """Forward to the upstream (or the in-process mock) with the real key swapped in."""
+        if base_url.startswith("mock://"):
+            if dialect is None:
+                raise ProxyError(404, "not_found", f"the mock provider does not serve {req.path}")
+            status, payload = self.mock.answer(dialect, parsed)
+            content_type = "text/event-stream" if isinstance(payload, list) else "application/json"
+            return UpstreamResponse(status, [("content-type", content_type),
+                                             ("x-request-id", "req_mock_" + ex.request_id[4:20])],
+                                    None, None, timeout, body=payload)
+        key = self.upstream_key(key_env)
+        query = _strip_query_key(req.query)
+        if key and provider.auth_scheme == "query":
+            query = "&".join(q for q in (query, urllib.parse.urlencode({provider.auth_header or "key": key})) if q)
+        url = upstream_url_for(base_url, provider, req.path, query)
+        host = urllib.parse.urlsplit(url).netloc
+        headers = self.upstream_headers(req, provider, key, ex, len(body), host, governed=dialect is not None)
+        return await self.client.request(req.method, url, headers, body, timeout, insecure=provider.insecure)
+
+    def client_headers(self, upstream: UpstreamResponse, ex: Exchange, decoded: bool) -> list:
+        out = []
+        for name, value in upstream.headers:
+            key = name.decode("latin-1") if isinstance(name, bytes) else name
+            lower = key.lower()
+            if lower in _NOT_RELAYED or (decoded and lower == "content-encoding"):
+                continue
+            out.append((key, value.decode("latin-1") if isinstance(value, bytes) else value))
+        ex.upstream_request_id = upstream.header_map.get("x-request-id") or upstream.header_map.get("request-id", "")
+        if ex.model:
+            out.append(("x-tokenomics-model", ex.model))
+        return out
+
+    async def governed(self, req: Request, dialect: Dialect, ex: Exchange) -> Response:
+        record = self.authenticate(req, ex)
+        body = self.parse_body(req.body)
+        model = dialect.model(body)
+        ex.stream = stream = dialect.is_stream(body)
+        list(dialect.input_slots(body))  # shape check: malformed messages are a 400 here, not upstream
+        route = resolve_policy(record.policy, model, self.catalog, self.config,
+                               native_provider="anthropic" if dialect.family == "anthropic" else "openai")
+        ex.model, ex.provider = model, route.provider.name
+        if route.provider.dialect != dialect.family and not route.upstream_url.startswith("mock://"):
+            raise ProxyError(400, "invalid_request",
+                             f"model '{model}' is served by provider '{route.provider.name}', which speaks the "
+                             f"{route.provider.dialect} dialect; send this request to its own endpoint")
+        upstream = await self.send(req, route.provider, route.upstream_url, route.base_key_env, req.body,
+                                   route.timeout, ex, dialect, body)
+        headers = self.client_headers(upstream, ex, upstream.decoded)
+        ex.status = upstream.status
+        if stream and upstream.status == 200:
+            return Response(upstream.status, headers, stream=upstream.chunks())
+        return Response(upstream.status, headers, await upstream.read())
+
+    async def passthrough(self, req: Request, ex: Exchange) -> Response:
+        record = self.authenticate(req, ex)
+        family = dialect_family(req.path)
+        provider, base_url = select_upstream(record.policy, None, self.catalog, self.config,
+                                             "anthropic" if family == "anthropic" else "openai")
+        if base_url.startswith("mock://"):
+            raise ProxyError(404, "not_found", f"the mock provider does not serve {req.path}")
+        key_env = record.policy.base_key_env or provider.api_key_env
+        upstream = await self.send(req, provider, base_url, key_env, req.body,
+                                   record.policy.timeout or DEFAULT_UPSTREAM_TIMEOUT, ex)
+        upstream.decode = False
+        headers = self.client_headers(upstream, ex, decoded=False)
+        ex.status = upstream.status
+        return Response(upstream.status, headers, stream=upstream.chunks())
+
+    def models(self, req: Request) -> Response:
+        record = self.authenticate(req)
+        policy = record.policy
+        names = {pp.name for pp in policy.providers} | {policy.provider or self.config.default_provider or "openai"}
+        if not policy.providers and not policy.provider:
+            names.add("anthropic")
+        candidates: dict[str, str] = {}
+        for name in sorted(names):
+            provider = self.catalog.get(name)
+            for m in provider.models:
+                candidates.setdefault(m, name)
+        for pp in (policy,) + policy.providers:
+            if pp.model:
+                candidates.setdefault(pp.model, pp.name or policy.provider or "openai")
+        data = []
+        for model_id, owner in candidates.items():
+            try:
+                resolve_policy(policy, model_id, self.catalog, self.config)
+            except ProxyError:
+                continue
+            data.append({"id": model_id, "object": "model", "type": "model", "created": 0,
+                         "created_at": "1970-01-01T00:00:00Z", "owned_by": owner, "display_name": model_id})
+        return json_response(200, {"object": "list", "data": data, "has_more": False,
+                                   "first_id": data[0]["id"] if data else None,
+                                   "last_id": data[-1]["id"] if data else None})
+
+# RECORDS-SECTION
+
+###############################################################################
+# Proxy — assembles store, catalog, client, pipeline and listeners; runs until a signal
+###############################################################################
+
+class Proxy:
+    """A running proxy: the collaborators built from config and the listeners serving them."""
+
+    def __init__(self, config: Config, environ=None):
+        self.config = config
+        self.environ = os.environ if environ is None else environ
+        self.catalog = Catalog(config, self.environ)
+        self.store = TokenStore(config, self.catalog, self.environ)
+        self.client = UpstreamClient()
+        self.pipeline = Pipeline(config, self.store, self.catalog, self.client, self.environ)
+        self.server = HTTPServer(self.pipeline, max_body_bytes=config.server.max_body_bytes,
+                                 header_timeout=config.server.header_timeout)
+        self.urls: list[str] = []
+
+    async def start(self) -> list[str]:
+        cfg = self.config.server
+        if cfg.http_port == 0 and (cfg.https_port == 0 or not cfg.tls.enabled):
+            raise UsageError("--port: both listeners are disabled; give --port or --https-port a port number")
+        if cfg.http_port:
+            self.urls.append(await self._listen(cfg.host, cfg.http_port, None))
+        if cfg.https_port and cfg.tls.enabled:
+            log.warning("HTTPS listener is not available yet; serving plain HTTP only (use --no-tls to "
+                        "silence this)")
+        return self.urls
+
+    async def _listen(self, host: str, port: int, context) -> str:
+        try:
+            server = await self.server.listen(host, port, context)
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        bound = server.sockets[0].getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        return f"{'https' if context else 'http'}://{shown}:{bound}"
+
+    async def stop(self) -> None:
+        await self.server.shutdown(self.config.server.grace_period)
+        self.client.close()
+
+
+async def _serve_until_signal(proxy: Proxy, ready: Callable[[list[str]], None] | None = None) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    urls = await proxy.start()
+    if ready is not None:
+        ready(urls)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await proxy.stop()
+
+
+def run_async(coro):
+    if HAVE_UVLOOP:
+        return _uvloop.run(coro)
+    return asyncio.run(coro)
+
+###############################################################################
+# CLI — one function per command; main() last
+###############################################################################
+
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text + "\n")
+
+
+def _print_json(payload: Any) -> None:
+    _out(json.dumps(payload, indent=2))
+
+
+def _setup_logging(config: Config | None = None) -> None:
+    level = getattr(logging, (config.logging.level if config else "info").upper(), logging.INFO)
+    root = logging.getLogger("tokenomics")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("tokenomics %(levelname)s: %(message)s"))
+        root.addHandler(handler)
+        root.propagate = False
+    root.setLevel(level)
+
+
+def _load(args, overrides: dict | None = None) -> Config:
+    config = load_config(getattr(args, "config", None), getattr(args, "dir", None), overrides=overrides)
+    _setup_logging(config)
+    return config
+
+
+def _read_policy_arg(value: str) -> dict:
+    if value.startswith("@"):
+        try:
+            with open(value[1:], encoding="utf-8") as fh:
+                value = fh.read()
+        except OSError as exc:
+            raise UsageError(f"--policy: cannot read {value[1:]}: {exc.strerror}") from None
+    try:
+        policy = json.loads(value)
+    except ValueError as exc:
+        raise UsageError(f"--policy: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(policy, dict):
+        raise UsageError("--policy: expected a JSON object")
+    return policy
+
+
+def parse_expiry(value: str, now: float) -> float:
+    """`24h`, `7d`, `30d`, `1y` (from now) or an RFC 3339 timestamp; must lie in the future."""
+    try:
+        when = now + parse_duration(value)
+    except ValueError:
+        try:
+            when = parse_rfc3339(value)
+        except ValueError:
+            raise UsageError(f"--expires: '{value}' is neither a duration (24h, 7d, 30d, 1y) nor an "
+                             "RFC 3339 time (2026-12-31T23:59:59Z)") from None
+    if when <= now:
+        raise UsageError(f"--expires: {utc_iso(when)} is in the past")
+    return when
+
+
+def _store(args) -> TokenStore:
+    config = _load(args)
+    return TokenStore(config, Catalog(config))
+
+
+def _policy_summary(policy: Policy) -> tuple[str, str, str, str]:
+    key_env = policy.base_key_env or "-"
+    models = policy.model or (policy.model_regex.pattern if policy.model_regex is not None else "")
+    if policy.providers:
+        models = (models + " " if models else "") + "+" + ",".join(sorted({p.name for p in policy.providers}))
+    budget = []
+    if policy.max_tokens:
+        budget.append(f"{policy.max_tokens} tok")
+    for unit, spans in (policy.raw.get("budget") or {}).items():
+        for span, cap in (spans or {}).items():
+            budget.append(f"{'$' if unit == 'usd' else ''}{cap}{' tok' if unit == 'tokens' else ''}/{span}")
+    rules = len(policy.rules) + sum(len(p.rules) for p in policy.providers)
+    return key_env, models or "any", ", ".join(budget) or "-", str(rules)
+
+
+def cmd_token(args) -> int:
+    store = _store(args)
+    now = time.time()
+    action = args.token_cmd
+    if action == "create":
+        policy = _read_policy_arg(args.policy)
+        expires = parse_expiry(args.expires, now) if args.expires else None
+        token, record = store.create(policy, expires, args.label or "")
+        if args.json:
+            _print_json({"token": token, "hash": record.hash, "expires_at": record.to_json(now)["expires_at"]})
+        else:
+            _out(f"Token: {token}")
+            _out(f"Hash: {record.hash}")
+            if expires:
+                _out(f"Expires: {utc_iso(expires)}")
+            _err("Store the token now: it is shown only once.")
+        return 0
+    if action == "list":
+        records = store.records()
+        if args.json:
+            _print_json([r.to_json(now) for r in records])
+            return 0
+        rows = [("HASH", "LABEL", "CREATED", "EXPIRES", "STATUS", "KEY ENV", "MODELS", "BUDGET", "RULES")]
+        for r in records:
+            rows.append((r.hash[:12], r.label or "-", utc_iso(r.created_at)[:16].replace("T", " "),
+                         utc_iso(r.expires_at)[:16].replace("T", " ") if r.expires_at else "never",
+                         "EXPIRED" if r.expired(now) else "active") + _policy_summary(r.policy))
+        _print_table(rows)
+        if not records:
+            _err("no tokens yet: create one with `tokenomics token create --policy '{}'`")
+        return 0
+    if action == "get":
+        record = store.find(args.hash)
+        if args.json:
+            _print_json(record.to_json(now))
+        else:
+            data = record.to_json(now)
+            for key in ("hash", "label", "created_at", "expires_at"):
+                _out(f"{key.replace('_', ' ').capitalize() + ':':12} {data[key] or '-'}")
+            _out(f"{'Status:':12} {'EXPIRED' if data['expired'] else 'active'}")
+            _out("Policy:")
+            _out(json.dumps(record.policy.raw, indent=2))
+        return 0
+    if action == "update":
+        policy = _read_policy_arg(args.policy) if args.policy is not None else None
+        expires: Any = ...
+        if args.expires is not None:
+            expires = None if args.expires.lower() in ("clear", "never", "none") else parse_expiry(args.expires, now)
+        if policy is None and expires is ... and args.label is None:
+            raise UsageError("token update: nothing to change; give --policy, --expires or --label")
+        record = store.update(args.hash, policy, expires, args.label)
+        if args.json:
+            _print_json(record.to_json(now))
+        else:
+            _out(f"Updated {record.hash}")
+        return 0
+    if action == "delete":
+        record = store.delete(args.hash)
+        if args.json:
+            _print_json({"deleted": record.hash})
+        else:
+            _out(f"Deleted {record.hash}")
+        return 0
+    raise UsageError(f"token: unknown action {action}")
+
+
+def _print_table(rows: list[tuple]) -> None:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        _out("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _serve_overrides(args) -> dict:
+    server: dict = {}
+    if getattr(args, "host", None):
+        server["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        server["http_port"] = args.port
+    if getattr(args, "https_port", None) is not None:
+        server["https_port"] = args.https_port
+    if getattr(args, "no_tls", False):
+        server["tls"] = {"enabled": False}
+    if getattr(args, "upstream_url", None):
+        server["upstream_url"] = args.upstream_url
+    return {"server": server} if server else {}
+
+
+def cmd_serve(args) -> int:
+    config = _load(args, _serve_overrides(args))
+    if getattr(args, "workers", 1) and args.workers > 1 and config.session.backend == "memory":
+        raise UsageError("--workers: more than one worker needs session.backend: redis, because budgets and "
+                         "rate limits must be shared by all workers")
+    proxy = Proxy(config)
+
+    def ready(urls):
+        for url in urls:
+            _err(f"tokenomics listening on {url}")
+
+    run_async(_serve_until_signal(proxy, ready))
+    return 0
+
+
+def cmd_version(args) -> int:
+    if getattr(args, "json", False):
+        _print_json({"version": __version__, "python": sys.version.split()[0]})
+    else:
+        _out(f"tokenomics {__version__}")
+    return 0
+
+
+def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--config", metavar="PATH", default=default, help="config file (default ./config.yaml, "
+                        "then {dir}/config.yaml)")
+    parser.add_argument("--dir", metavar="PATH", default=default, help="data directory (default "
+                        "$TOKENOMICS_DIR, else ~/.tokenomics)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    _common_options(common, suppress=True)
+    parser = argparse.ArgumentParser(
+        prog="tokenomics", description="A guardrail proxy for LLM traffic: scoped wrapper tokens, budgets, "
+        "rate limits, content rules and a cost ledger in front of OpenAI- and Anthropic-compatible APIs.")
+    _common_options(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    serve = commands.add_parser("serve", parents=[common], help="run the proxy in the foreground")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP port (default 8080, 0 disables)")
+    serve.add_argument("--https-port", type=int, help="HTTPS port (default 8443, 0 disables)")
+    serve.add_argument("--no-tls", action="store_true", help="serve no HTTPS listener")
+    serve.add_argument("--upstream-url", help="default upstream (server.upstream_url)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (needs the redis backend)")
+    serve.set_defaults(func=cmd_serve)
+
+    token = commands.add_parser("token", parents=[common], help="manage wrapper tokens")
+    token_cmds = token.add_subparsers(dest="token_cmd", metavar="ACTION")
+    token_cmds.required = True
+    create = token_cmds.add_parser("create", parents=[common], help="create a token (shown once)")
+    create.add_argument("--policy", required=True, help="policy JSON, or @FILE")
+    create.add_argument("--expires", help="24h, 7d, 30d, 1y or an RFC 3339 time")
+    create.add_argument("--label", help="a name to recognise the token by")
+    create.add_argument("--json", action="store_true")
+    for name, text in (("get", "show one token"), ("delete", "revoke a token")):
+        sub = token_cmds.add_parser(name, parents=[common], help=text)
+        sub.add_argument("--hash", required=True, help="the token hash or a unique prefix (8+ chars)")
+        sub.add_argument("--json", action="store_true")
+    update = token_cmds.add_parser("update", parents=[common], help="change a token's policy, expiry or label")
+    update.add_argument("--hash", required=True, help="the token hash or a unique prefix (8+ chars)")
+    update.add_argument("--policy", help="policy JSON, or @FILE")
+    update.add_argument("--expires", help="24h, 7d, 30d, 1y, an RFC 3339 time, or clear")
+    update.add_argument("--label")
+    update.add_argument("--json", action="store_true")
+    listing = token_cmds.add_parser("list", parents=[common], help="list tokens")
+    listing.add_argument("--json", action="store_true")
+    token.set_defaults(func=cmd_token)
+
+    version = commands.add_parser("version", parents=[common], help="print the version")
+    version.add_argument("--json", action="store_true")
+    version.set_defaults(func=cmd_version)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        _err(f"tokenomics: {exc}")
+        return 2
+    except RuntimeFailure as exc:
+        _err(f"tokenomics: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
