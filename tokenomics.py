@@ -14,11 +14,13 @@ pipeline, records, and the command line with ``main()`` last.
 import argparse
 import asyncio
 import base64
+import calendar
+import collections
 import contextlib
 import dataclasses
 import datetime as _dt
 import fcntl
-import gzip
+import functools
 import hashlib
 import hmac
 import http
@@ -29,16 +31,16 @@ import os
 import re
 import secrets
 import signal
-import socket
 import ssl
 import sys
 import tempfile
+import threading
 import time
 import typing
 import urllib.parse
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import h11
 import yaml
@@ -74,6 +76,7 @@ DEFAULT_UPSTREAM_TIMEOUT = 30.0         # seconds to the first byte, and between
 STORE_RELOAD_INTERVAL = 0.25            # stat tokens.json at most this often; changes show within 1 s
 POOL_MAX_IDLE_PER_ORIGIN = 32           # idle keep-alive connections kept per upstream origin
 POOL_IDLE_SECONDS = 50.0                # providers close idle connections after ~60 s; stay below
+DEFAULT_OUTPUT_ALLOWANCE = 8192         # output tokens reserved when the client names no limit
 TOKEN_PREFIX = "tkn_"
 REQUEST_ID_PREFIX = "tkn_"
 
@@ -409,21 +412,11 @@ def load_config(config_path: str | None = None, data_dir: str | None = None,
                                  source=source)
     for name, entry in config.providers.items():
         _validate_provider_entry(name, entry, f"providers.{name}")
-    _validate_pricing(config.pricing)
+    try:
+        parse_pricing(config.pricing)
+    except UsageError as exc:
+        raise UsageError(f"config: {exc}") from None
     return config
-
-
-def _validate_pricing(pricing: dict) -> None:
-    for model, entry in pricing.items():
-        if not isinstance(entry, dict):
-            raise UsageError(f"config: pricing.{model}: expected a mapping of input, cached_input, output")
-        for key, value in entry.items():
-            if key not in ("input", "cached_input", "output"):
-                raise UsageError(f"config: unknown key 'pricing.{model}.{key}'; "
-                                 "known keys: input, cached_input, output")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise UsageError(f"config: pricing.{model}.{key}: expected a non-negative number "
-                                 "(USD per million tokens)")
 
 
 ###############################################################################
@@ -1095,11 +1088,12 @@ class Policy(ProviderPolicy):
     raw: dict = field(default_factory=dict)
     providers: tuple = ()            # ProviderPolicy, in declaration order across provider names
     provider: str = ""
-    rate_limit: dict = field(default_factory=dict)
+    rate_rules: tuple = ()           # RateRule
+    max_parallel: int | None = None
     retry: RetryPolicy = RetryPolicy()
     metadata: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
-    budget: dict = field(default_factory=dict)
+    budget: tuple = ()               # (unit, period, cap)
 
 
 def _fail(path: str, message: str):
@@ -1263,9 +1257,9 @@ def parse_policy(raw, path: str = "", catalog: "Catalog | None" = None) -> Polic
                 providers.append(ProviderPolicy(name=name, index=len(providers),
                                                 **_parse_common(entry, p + ".")))
     if raw.get("rate_limit") is not None:
-        fields_["rate_limit"] = _parse_rate_limit_field(raw["rate_limit"], "rate_limit")
+        fields_["rate_rules"], fields_["max_parallel"] = parse_rate_limit(raw["rate_limit"], "rate_limit")
     if raw.get("budget") is not None:
-        fields_["budget"] = _parse_budget_field(raw["budget"], "budget")
+        fields_["budget"] = parse_budget(raw["budget"], "budget")
     if raw.get("retry") is not None:
         fields_["retry"] = _parse_retry(raw["retry"], "retry")
     if raw.get("metadata") is not None:
@@ -1339,22 +1333,1054 @@ def resolve_policy(policy: Policy, model: str, catalog: "Catalog", config: Confi
 def compile_rules(raw, path="rules"):
     return tuple(raw)
 
-# LIMITS-SECTION
+###############################################################################
+# Limits and state — prices, budgets, rate limits, reservations, usage journal
+###############################################################################
+# The arithmetic here is pure (data in, data out, `now` passed in as Unix seconds); the only
+# effects are the in-process counters of MemoryState and the usage journal's files.
+
+_NANO = 1_000_000_000  # USD counters are integers of nano-dollars: exact add/subtract (no float drift
+                       # that could let used+reserved creep over a cap), and Redis HINCRBY-friendly.
+_PERIODS = ("hourly", "daily", "monthly", "total")
+_PERIOD_SECONDS = {"hourly": 3600, "daily": 86400}
+_PERIOD_WORD = {"hourly": "hourly", "daily": "daily", "monthly": "monthly", "total": "lifetime"}
+_RATE_KINDS = ("requests", "tokens")
+_RATE_STRATEGIES = ("sliding", "fixed", "bucket")
+_SWEEP_EVERY = 60.0  # seconds between eviction sweeps: bounds memory, amortised to nothing per call
+_JOURNAL_COMPACT_BYTES = 1 << 20  # ~7k requests of deltas; replaying 1 MiB stays far below the
+                                  # 300 ms startup budget, and the snapshot is only as big as the counters
+_CHARS_PER_TOKEN = 4  # the usual rule of thumb for English prose and code; settlement corrects it
+
+# USD per million tokens: (input, cached input, output). Vendor list prices, standard tier,
+# shortest context tier, as of 2026-11. Models released before 2025-12 from the vendors' pricing
+# pages; later ones as listed by the models.dev registry (anomalyco/models.dev). Prices change:
+# config `pricing:` overrides and extends this table. Where a vendor has no cached-input price,
+# the input price is repeated. DeepSeek V4 bills peak hours at the rate shown (off-peak is half).
+PRICES: dict[str, tuple[float, float, float]] = {
+    # OpenAI
+    "gpt-3.5-turbo": (0.50, 0.50, 1.50),
+    "gpt-4": (30.00, 30.00, 60.00),
+    "gpt-4-turbo": (10.00, 10.00, 30.00),
+    "gpt-4o": (2.50, 1.25, 10.00),
+    "gpt-4o-2024-05-13": (5.00, 5.00, 15.00),
+    "gpt-4o-mini": (0.15, 0.075, 0.60),
+    "gpt-4.1": (2.00, 0.50, 8.00),
+    "gpt-4.1-mini": (0.40, 0.10, 1.60),
+    "gpt-4.1-nano": (0.10, 0.025, 0.40),
+    "gpt-5": (1.25, 0.125, 10.00),
+    "gpt-5-mini": (0.25, 0.025, 2.00),
+    "gpt-5-nano": (0.05, 0.005, 0.40),
+    "gpt-5-pro": (15.00, 15.00, 120.00),
+    "gpt-5.1": (1.25, 0.125, 10.00),
+    "gpt-5.1-codex-mini": (0.25, 0.025, 2.00),
+    "gpt-5.2": (1.75, 0.175, 14.00),
+    "gpt-5.2-pro": (21.00, 21.00, 168.00),
+    "gpt-5.3-codex": (1.75, 0.175, 14.00),
+    "gpt-5.4": (2.50, 0.25, 15.00),
+    "gpt-5.4-pro": (30.00, 30.00, 180.00),
+    "gpt-5.5": (5.00, 0.50, 30.00),
+    "gpt-5.5-pro": (30.00, 30.00, 180.00),
+    "o1": (15.00, 7.50, 60.00),
+    "o1-mini": (1.10, 0.55, 4.40),
+    "o1-pro": (150.00, 150.00, 600.00),
+    "o3": (2.00, 0.50, 8.00),
+    "o3-mini": (1.10, 0.55, 4.40),
+    "o3-pro": (20.00, 20.00, 80.00),
+    "o4-mini": (1.10, 0.275, 4.40),
+    "text-embedding-3-small": (0.02, 0.02, 0.0),
+    "text-embedding-3-large": (0.13, 0.13, 0.0),
+    "text-embedding-ada-002": (0.10, 0.10, 0.0),
+    # Anthropic (cache writes are billed at 1.25x input, see _CACHE_WRITE_FACTOR)
+    "claude-3-haiku": (0.25, 0.03, 1.25),
+    "claude-3-sonnet": (3.00, 0.30, 15.00),
+    "claude-3-opus": (15.00, 1.50, 75.00),
+    "claude-3-5-haiku": (0.80, 0.08, 4.00),
+    "claude-3-5-sonnet": (3.00, 0.30, 15.00),
+    "claude-3-7-sonnet": (3.00, 0.30, 15.00),
+    "claude-haiku-4-5": (1.00, 0.10, 5.00),
+    "claude-sonnet-4": (3.00, 0.30, 15.00),
+    "claude-sonnet-4-5": (3.00, 0.30, 15.00),
+    "claude-sonnet-4-6": (3.00, 0.30, 15.00),
+    "claude-sonnet-5": (2.00, 0.20, 10.00),
+    "claude-sonnet-5-5": (2.00, 0.10, 10.00),
+    "claude-opus-4": (15.00, 1.50, 75.00),
+    "claude-opus-4-1": (15.00, 1.50, 75.00),
+    "claude-opus-4-5": (5.00, 0.50, 25.00),
+    "claude-opus-4-6": (5.00, 0.50, 25.00),
+    "claude-opus-4-7": (5.00, 0.50, 25.00),
+    "claude-opus-4-8": (5.00, 0.50, 25.00),
+    "claude-opus-5": (5.00, 0.50, 25.00),
+    "claude-opus-5-5": (4.00, 0.20, 20.00),
+    # Google
+    "gemini-1.5-flash-8b": (0.0375, 0.01, 0.15),
+    "gemini-1.5-flash": (0.075, 0.01875, 0.30),
+    "gemini-1.5-pro": (1.25, 0.3125, 5.00),
+    "gemini-2.0-flash-lite": (0.075, 0.075, 0.30),
+    "gemini-2.0-flash": (0.10, 0.025, 0.40),
+    "gemini-2.5-flash-lite": (0.10, 0.01, 0.40),
+    "gemini-2.5-flash": (0.30, 0.03, 2.50),
+    "gemini-2.5-pro": (1.25, 0.125, 10.00),
+    "gemini-3-flash": (0.50, 0.05, 3.00),
+    "gemini-3-pro": (2.00, 0.20, 12.00),
+    "gemini-3.1-flash-lite": (0.25, 0.025, 1.50),
+    "gemini-3.1-pro": (2.00, 0.20, 12.00),
+    "gemini-3.5-flash": (1.50, 0.15, 9.00),
+    # Mistral ("-latest" aliases follow the newest release)
+    "mistral-large-2411": (2.00, 2.00, 6.00),
+    "mistral-large-2512": (0.50, 0.50, 1.50),
+    "mistral-large-latest": (0.50, 0.50, 1.50),
+    "mistral-medium-2505": (0.40, 0.40, 2.00),
+    "mistral-medium-2508": (0.40, 0.40, 2.00),
+    "mistral-medium-latest": (1.50, 1.50, 7.50),
+    "mistral-small": (0.10, 0.10, 0.30),
+    "codestral": (0.30, 0.30, 0.90),
+    "ministral-8b": (0.10, 0.10, 0.10),
+    "ministral-3b": (0.04, 0.04, 0.04),
+    "open-mistral-nemo": (0.15, 0.15, 0.15),
+    "pixtral-large": (2.00, 2.00, 6.00),
+    # DeepSeek
+    "deepseek-chat": (0.28, 0.028, 0.42),
+    "deepseek-reasoner": (0.28, 0.028, 0.42),
+    "deepseek-v4-pro": (1.32, 0.044, 3.96),
+    "deepseek-v4-flash": (0.44, 0.014, 1.32),
+    # Groq-hosted open models
+    "llama-3.1-8b-instant": (0.05, 0.05, 0.08),
+    "llama-3.3-70b-versatile": (0.59, 0.59, 0.79),
+    "llama-4-scout-17b-16e-instruct": (0.11, 0.11, 0.34),
+    "llama-4-maverick-17b-128e-instruct": (0.20, 0.20, 0.60),
+    "gpt-oss-120b": (0.15, 0.075, 0.60),
+    "gpt-oss-20b": (0.075, 0.0375, 0.30),
+}
+# Cache writes cost more than plain input on some vendors (Anthropic: 1.25x for the 5-minute
+# cache); elsewhere cache creation is billed as input.
+_CACHE_WRITE_FACTOR = (("claude", 1.25),)
+# Suffixes that name a snapshot of a model rather than another model: dates, versions, aliases.
+_MODEL_SUFFIX_RE = re.compile(
+    r"-(?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|\d{3}|v\d+(?:\.\d+)*|latest"
+    r"|preview(?:-\d{2}-\d{2,4})?|exp(?:-\d{2}-\d{2})?)$")
+# Cloud catalogs prefix the vendor (Bedrock: `us.anthropic.claude-...`).
+_VENDOR_PREFIX_RE = re.compile(
+    r"^(?:[a-z]{2,6}\.)?(?:anthropic|meta|mistral|openai|deepseek|google|cohere|amazon)\.")
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
+    """Tokens of one request as the provider reported them, normalised across dialects:
+    `input_tokens` counts every input token, *including* cached and cache-creation ones
+    (OpenAI's convention; an Anthropic adapter adds cache_read + cache_creation to its
+    input_tokens), and `output_tokens` includes reasoning tokens."""
     input_tokens: int = 0
     output_tokens: int = 0
     cached_input_tokens: int = 0
     cache_creation_tokens: int = 0
     reasoning_tokens: int = 0
 
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
 
-def _parse_rate_limit_field(raw, path):
-    return raw
+
+def _model_candidates(model: str) -> Iterator[str]:
+    """Names to try for a price, most specific first: as given, without provider prefix, then
+    with date/version suffixes stripped one at a time, then shorter `-` prefixes."""
+    name = model.strip().lower()
+    yield name
+    name = name.rsplit("/", 1)[-1].split("@", 1)[0].split(":", 1)[0]
+    name = _VENDOR_PREFIX_RE.sub("", name)
+    yield name
+    while (m := _MODEL_SUFFIX_RE.search(name)) is not None:
+        name = name[:m.start()]
+        yield name
+    cut = name.rfind("-")
+    while cut > 0:
+        yield name[:cut]
+        cut = name.rfind("-", 0, cut)
 
 
-def _parse_budget_field(raw, path):
-    return raw
+def _price_tuple(value: Any) -> tuple[float, float, float]:
+    if isinstance(value, dict):
+        inp = float(value.get("input", 0.0))
+        return (inp, float(value.get("cached_input", inp)), float(value.get("output", 0.0)))
+    inp, cached, out = value
+    return (float(inp), float(cached), float(out))
+
+
+def price_for(model: str, overrides: dict | None = None) -> tuple[float, float, float] | None:
+    """USD per million tokens (input, cached input, output) for `model`, or None if unknown.
+    Names are tried most specific first: exact, then without provider prefix and version
+    suffixes, then the longest known prefix (`gpt-4o-mini-search-preview` -> `gpt-4o-mini`).
+    At each step `overrides` (ideally parse_pricing output) win over the built-in table, so
+    an override of `gpt-4o` reprices `gpt-4o-2024-08-06` but not `gpt-4o-mini`."""
+    if not model:
+        return None
+    for name in _model_candidates(model):
+        hit = overrides.get(name) if overrides else None
+        if hit is None:
+            hit = PRICES.get(name)
+        if hit is not None:
+            return _price_tuple(hit)
+    return None
+
+
+def cost_usd(model: str, usage: Usage, overrides: dict | None = None) -> float:
+    """Dollar cost of `usage` on `model`: uncached input at the input rate, cached input at
+    the cached rate, cache creation at the input rate (x1.25 on Anthropic), output at the
+    output rate. A model with no known price costs 0.0 (the caller flags it once)."""
+    price = price_for(model, overrides)
+    if price is None:
+        return 0.0
+    inp, cached, out = price
+    write = inp
+    low = model.lower()
+    for needle, factor in _CACHE_WRITE_FACTOR:
+        if needle in low:
+            write = inp * factor
+            break
+    cached_n = max(0, usage.cached_input_tokens)
+    created_n = max(0, usage.cache_creation_tokens)
+    plain = max(0, usage.input_tokens - cached_n - created_n)
+    return (plain * inp + cached_n * cached + created_n * write + max(0, usage.output_tokens) * out) / 1e6
+
+
+def parse_pricing(raw: dict | None, path: str = "pricing") -> dict[str, tuple[float, float, float]]:
+    """Validate config `pricing:` (model -> {input, cached_input, output}, USD per million
+    tokens) into the overrides price_for() expects; keys are lower-cased and lose any
+    provider prefix so `openai/gpt-4o` and `gpt-4o` are one entry."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path}: expected a mapping of model name to {{input, cached_input, output}}")
+    out: dict[str, tuple[float, float, float]] = {}
+    for model, spec in raw.items():
+        where = f"{path}.{model}"
+        if not isinstance(spec, dict):
+            raise UsageError(f"{where}: expected {{input, cached_input, output}} in USD per million tokens")
+        for k in spec:
+            if k not in ("input", "cached_input", "output"):
+                raise UsageError(f"{where}.{k}: unknown field (expected input, cached_input, output)")
+        for k in ("input", "output"):
+            if k not in spec:
+                raise UsageError(f"{where}.{k}: missing (USD per million tokens)")
+        vals = {k: _nonneg_number(v, f"{where}.{k}") for k, v in spec.items()}
+        key = str(model).strip().lower().rsplit("/", 1)[-1]
+        out[key] = (vals["input"], vals.get("cached_input", vals["input"]), vals["output"])
+    return out
+
+
+def _nonneg_number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise UsageError(f"{where}: expected a number >= 0, got {json.dumps(value, default=str)[:40]}")
+    return float(value)
+
+
+def window_bounds(period: str, now: float) -> tuple[float, float]:
+    """[start, end) of the UTC calendar window of `period` that contains `now`."""
+    if period in _PERIOD_SECONDS:
+        size = _PERIOD_SECONDS[period]
+        start = now - now % size  # Unix time has no leap seconds, so UTC hours and days align
+        return start, start + size
+    if period == "monthly":
+        tm = time.gmtime(now)
+        y, m = tm.tm_year, tm.tm_mon
+        ny, nm = (y + 1, 1) if m == 12 else (y, m + 1)
+        return float(calendar.timegm((y, m, 1, 0, 0, 0))), float(calendar.timegm((ny, nm, 1, 0, 0, 0)))
+    if period == "total":
+        return 0.0, math.inf
+    raise ValueError(f"unknown budget period {period!r} (expected hourly, daily, monthly or total)")
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetLine:
+    """One cap on one counter. `key` names who is counted (token hash prefix + scope, built by
+    the caller); lines with equal (key, unit, period) share one counter; `cap` is tokens or USD."""
+    key: str
+    unit: str    # "tokens" | "usd"
+    period: str  # "hourly" | "daily" | "monthly" | "total"
+    cap: float
+
+
+@dataclass(frozen=True, slots=True)
+class RateRule:
+    """At most `limit` requests (or estimated tokens) per `window` seconds."""
+    kind: str      # "requests" | "tokens"
+    limit: int
+    window: float  # seconds
+    strategy: str  # "sliding" | "fixed" | "bucket"
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_rate_rule(raw: Any, path: str) -> RateRule:
+    if not isinstance(raw, dict):
+        raise UsageError(f'{path}: expected an object like {{"requests": 60, "window": "1m"}}')
+    for k in raw:
+        if k not in ("requests", "tokens", "window", "strategy"):
+            raise UsageError(f"{path}.{k}: unknown field (expected requests or tokens, window, strategy)")
+    kinds = [k for k in _RATE_KINDS if k in raw]
+    if len(kinds) != 1:
+        raise UsageError(f"{path}: give exactly one of requests or tokens")
+    kind = kinds[0]
+    limit = raw[kind]
+    if not _is_count(limit) or limit < 1:
+        raise UsageError(f"{path}.{kind}: expected a whole number of at least 1")
+    if "window" not in raw:
+        raise UsageError(f"{path}.window: missing (a duration such as 1s, 1m, 1h, 24h, 7d)")
+    window = raw["window"]
+    if isinstance(window, bool):
+        raise UsageError(f"{path}.window: expected a duration such as 1s, 1m, 1h, 24h, 7d")
+    if isinstance(window, (int, float)):
+        seconds = float(window)
+    else:
+        try:
+            seconds = parse_duration(window)
+        except ValueError as exc:
+            raise UsageError(f"{path}.window: {exc}") from None
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise UsageError(f"{path}.window: must be longer than 0")
+    strategy = raw.get("strategy", "sliding")
+    if strategy not in _RATE_STRATEGIES:
+        raise UsageError(f"{path}.strategy: expected sliding, fixed or bucket")
+    return RateRule(kind, limit, seconds, strategy)
+
+
+def parse_rate_limit(raw: dict | None, path: str = "rate_limit") -> tuple[tuple[RateRule, ...], int | None]:
+    """Validate a policy's `rate_limit` into (rules, max_parallel); errors name the JSON path."""
+    if raw is None:
+        return (), None
+    if not isinstance(raw, dict):
+        raise UsageError(f'{path}: expected an object like {{"rules": [...], "max_parallel": 4}}')
+    for k in raw:
+        if k not in ("rules", "max_parallel"):
+            raise UsageError(f"{path}.{k}: unknown field (expected rules, max_parallel)")
+    rules_raw = raw.get("rules")
+    if rules_raw is None:
+        rules_raw = []
+    if not isinstance(rules_raw, list):
+        raise UsageError(f"{path}.rules: expected a list of rules")
+    rules = tuple(_parse_rate_rule(r, f"{path}.rules[{i}]") for i, r in enumerate(rules_raw))
+    max_parallel = raw.get("max_parallel")
+    if max_parallel is not None and (not _is_count(max_parallel) or max_parallel < 1):
+        raise UsageError(f"{path}.max_parallel: expected a whole number of at least 1")
+    return rules, max_parallel
+
+
+def parse_budget(raw: dict | None, path: str = "budget") -> tuple[tuple[str, str, float], ...]:
+    """Validate a policy's `budget` into (unit, period, cap) triples, e.g.
+    ("tokens", "daily", 100000.0); the caller turns each into a BudgetLine with its key."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise UsageError(f'{path}: expected an object like {{"tokens": {{"daily": 100000}}, "usd": {{"monthly": 20}}}}')
+    out = []
+    for unit, caps in raw.items():
+        if unit not in ("tokens", "usd"):
+            raise UsageError(f"{path}.{unit}: unknown field (expected tokens, usd)")
+        if caps is None:
+            continue
+        if not isinstance(caps, dict):
+            raise UsageError(f"{path}.{unit}: expected an object with hourly, daily, monthly, total")
+        for period, cap in caps.items():
+            if period not in _PERIODS:
+                raise UsageError(f"{path}.{unit}.{period}: unknown field (expected hourly, daily, monthly, total)")
+            if cap is not None:
+                out.append((unit, period, _nonneg_number(cap, f"{path}.{unit}.{period}")))
+    return tuple(out)
+
+
+@dataclass(slots=True)
+class Reservation:
+    """What one in-flight request holds: `tokens` and `usd_nano` on each counter of `lines`
+    (one line per counter). Settled or released exactly once; later calls are no-ops.
+    A reservation is not pinned to a window: when a window rolls over while the request is
+    in flight, its hold moves into the new window, so settle() charges the window the usage
+    happened in and release() frees the window that holds it."""
+    id: int
+    lines: tuple[BudgetLine, ...]
+    tokens: int
+    usd_nano: int
+    created: float
+    done: bool = False
+
+    @property
+    def usd(self) -> float:
+        return self.usd_nano / _NANO
+
+
+def budget_event(line: BudgetLine, used: float, cap: float, now: float) -> dict:
+    """`data` of budget.exceeded / budget.update: which counter, how full, when it resets."""
+    start, end = window_bounds(line.period, now)
+    return {"key": line.key, "unit": line.unit, "period": line.period,
+            "used": used, "cap": cap, "remaining": max(0, cap - used),
+            "percent": round(100.0 * used / cap, 1) if cap else 100.0,
+            "window_start": _iso(start), "resets_at": None if end == math.inf else _iso(end)}
+
+
+def rate_event(key: str, rule: RateRule | None, retry_after: int, limit: int | None = None) -> dict:
+    """`data` of rate.exceeded; `rule` None means the max_parallel limit (given as `limit`)."""
+    if rule is None:
+        return {"key": key, "kind": "parallel", "limit": limit, "retry_after": retry_after}
+    return {"key": key, "kind": rule.kind, "limit": rule.limit, "window": rule.window,
+            "strategy": rule.strategy, "retry_after": retry_after}
+
+
+def _fmt_window(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _fmt_usd(x: float) -> str:
+    return f"${x:,.2f}" if x >= 1 or x == 0 else f"${x:.4f}"
+
+
+def _retry_seconds(now: float, ready_at: float, ready: Callable[[float], bool]) -> int:
+    """Whole seconds from `now` until `ready(now + n)` holds, at least 1. Starts from the exact
+    instant and steps past any float rounding, so a client that waits exactly Retry-After
+    seconds is admitted (if nobody else took the room meanwhile)."""
+    n = max(1, math.ceil(ready_at - now))
+    for _ in range(4):
+        if ready(now + n):
+            break
+        n += 1
+    return n
+
+
+class _Sliding:
+    """Exact sliding log: times (and weights, for token rules) of the admissions still inside
+    the window. A request is admitted while the trailing window holds room for it; entries
+    leave when `t + window <= now`. Entries in the log sum to at most `limit`, so memory is
+    bounded by the limit."""
+    __slots__ = ("times", "weights", "total", "touched")
+
+    def __init__(self, weighted: bool):
+        self.times: collections.deque = collections.deque()
+        self.weights: collections.deque | None = collections.deque() if weighted else None
+        self.total = 0
+        self.touched = -math.inf
+
+    def retry_after(self, rule: RateRule, w: int, now: float) -> int:
+        times, weights, window = self.times, self.weights, rule.window
+        while times and times[0] + window <= now:
+            times.popleft()
+            self.total -= weights.popleft() if weights is not None else 1
+        excess = self.total + w - rule.limit
+        if excess <= 0:
+            return 0
+        if weights is None:
+            ready_at = times[excess - 1] + window
+        else:
+            ready_at = times[-1] + window  # unreachable: admit() caps w at the limit
+            freed = 0
+            for t, wt in zip(times, weights):
+                freed += wt
+                if freed >= excess:
+                    ready_at = t + window
+                    break
+        return _retry_seconds(now, ready_at, lambda t: ready_at <= t)
+
+    def take(self, w: int, now: float) -> None:
+        if w <= 0:
+            return
+        t = now if now > self.touched else self.touched  # keep the log sorted if the clock steps back
+        self.times.append(t)
+        if self.weights is not None:
+            self.weights.append(w)
+        self.total += w
+        self.touched = t
+
+
+class _Fixed:
+    """Fixed windows aligned on multiples of the window length since the epoch."""
+    __slots__ = ("index", "count", "touched")
+
+    def __init__(self):
+        self.index = -math.inf
+        self.count = 0
+        self.touched = -math.inf
+
+    def retry_after(self, rule: RateRule, w: int, now: float) -> int:
+        index = math.floor(now / rule.window)
+        if index > self.index:
+            self.index, self.count = index, 0
+        if self.count + w <= rule.limit:
+            return 0
+        current, window = self.index, rule.window
+        return _retry_seconds(now, (current + 1) * window, lambda t: math.floor(t / window) > current)
+
+    def take(self, w: int, now: float) -> None:
+        self.count += w
+        if now > self.touched:
+            self.touched = now
+
+
+class _Bucket:
+    """Token bucket: capacity `limit`, refilled continuously at limit/window per second."""
+    __slots__ = ("level", "last", "touched")
+
+    def __init__(self, rule: RateRule, now: float):
+        self.level = float(rule.limit)
+        self.last = now
+        self.touched = -math.inf
+
+    def retry_after(self, rule: RateRule, w: int, now: float) -> int:
+        rate = rule.limit / rule.window
+        if now > self.last:
+            self.level = min(float(rule.limit), self.level + (now - self.last) * rate)
+            self.last = now
+        if self.level >= w:
+            return 0
+        level, last, cap = self.level, self.last, float(rule.limit)
+        return _retry_seconds(now, now + (w - level) / rate,
+                              lambda t: min(cap, level + (t - last) * rate) >= w)
+
+    def take(self, w: int, now: float) -> None:
+        self.level -= w
+        if now > self.touched:
+            self.touched = now
+
+
+class State:
+    """Counters behind one narrow interface: rate-limit windows, parallel slots, budget
+    reservations. Every verb is atomic on its own; callers never read-then-write.
+    MemoryState implements it in-process; a Redis implementation maps each verb to one Lua
+    script over these keys (window starts are computed by the caller and passed in, because
+    calendar months are awkward in Lua):
+      admit   — per (key, rule): a ZSET of timestamps (sliding), INCR with EXPIREAT (fixed), or a
+                hash {level, last} (bucket); check every rule, then write all or none.
+      enter/leave — INCR/DECR of a per-key counter, refused at max_parallel.
+      reserve — per counter a hash {ws, used, reserved}: reset `used` when ws changed, compute the
+                grant across all lines, HINCRBY `reserved` on all; in-flight holds should also sit in
+                a ZSET scored by deadline so a crashed worker's holds expire.
+      settle/release — HINCRBY reserved by -hold (floored at 0) and used by +actual."""
+
+    def admit(self, key: str, rules: tuple[RateRule, ...], now: float, tokens: int = 0) -> None:
+        raise NotImplementedError
+
+    def enter(self, key: str, max_parallel: int | None) -> None:
+        raise NotImplementedError
+
+    def leave(self, key: str) -> None:
+        raise NotImplementedError
+
+    def reserve(self, lines: list[BudgetLine], tokens: int, usd: float, now: float,
+                min_tokens: int = 1, usd_per_token: float = 0.0) -> tuple[Reservation, int]:
+        raise NotImplementedError
+
+    def settle(self, reservation: Reservation, actual_tokens: int, actual_usd: float, now: float) -> None:
+        raise NotImplementedError
+
+    def release(self, reservation: Reservation) -> None:
+        raise NotImplementedError
+
+    def usage(self, line: BudgetLine, now: float) -> tuple[float, float]:
+        raise NotImplementedError
+
+
+class MemoryState(State):
+    """In-process State. Verbs are synchronous and never await, so under asyncio each is
+    atomic by construction; a threading.Lock (uncontended: well under a microsecond) also makes
+    them safe when a journal commit runs in a worker thread.
+
+    Budget counters are [window_start, used, reserved] per (key, unit, period), in tokens or
+    nano-dollars. When a window rolls over, `used` restarts at 0 and `reserved` carries over
+    (the requests holding it are still running). Settled deltas queue in a pending list that
+    UsageJournal.commit() drains; reservations are never persisted.
+
+    Memory stays bounded: rate states idle for a whole window (hence indistinguishable from
+    fresh ones) and counters of windows that have passed with nothing reserved are swept
+    every _SWEEP_EVERY seconds; lifetime ('total') counters are kept."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counters: dict[tuple[str, str, str], list] = {}
+        self._rates: dict[tuple[str, RateRule], Any] = {}
+        self._parallel: dict[str, int] = {}
+        self._pending: list[list] = []
+        self._next_id = 0
+        self._next_sweep = -math.inf
+        self._month = (0.0, 0.0)
+
+    # -- windows and counters ------------------------------------------------------------------
+
+    def _window_start(self, period: str, now: float) -> float:
+        size = _PERIOD_SECONDS.get(period)
+        if size is not None:
+            return now - now % size
+        if period == "total":
+            return 0.0
+        start, end = self._month  # monthly: cached, the calendar arithmetic is the slow part
+        if not start <= now < end:
+            self._month = start, end = window_bounds("monthly", now)
+        return start
+
+    def _counter(self, cid: tuple[str, str, str], now: float) -> list:
+        ws = self._window_start(cid[2], now)
+        c = self._counters.get(cid)
+        if c is None:
+            c = self._counters[cid] = [ws, 0, 0]
+        elif ws > c[0]:
+            c[0], c[1] = ws, 0
+        return c
+
+    def _maybe_sweep(self, now: float) -> None:
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + _SWEEP_EVERY
+        for sk in [sk for sk, st in self._rates.items() if now - st.touched >= sk[1].window]:
+            del self._rates[sk]
+        for cid in [cid for cid, c in self._counters.items()
+                    if c[2] == 0 and cid[2] != "total" and c[0] < self._window_start(cid[2], now)]:
+            del self._counters[cid]
+
+    # -- rate limits ---------------------------------------------------------------------------
+
+    def admit(self, key: str, rules: tuple[RateRule, ...], now: float, tokens: int = 0) -> None:
+        """Admit one request under every rule or raise 429 rate_limited; all or nothing.
+        Request rules count 1, token rules count `tokens` (an estimate), capped at the rule's
+        limit so an oversized request still passes through an empty window."""
+        if not rules:
+            return
+        with self._lock:
+            self._maybe_sweep(now)
+            plan = []
+            wait, refusing = 0, None
+            for rule in rules:
+                sk = (key, rule)
+                st = self._rates.get(sk)
+                if st is None:
+                    if rule.strategy == "sliding":
+                        st = _Sliding(rule.kind == "tokens")
+                    elif rule.strategy == "fixed":
+                        st = _Fixed()
+                    else:
+                        st = _Bucket(rule, now)
+                    self._rates[sk] = st
+                w = 1 if rule.kind == "requests" else max(0, min(tokens, rule.limit))
+                r = st.retry_after(rule, w, now)
+                if r > wait:
+                    wait, refusing = r, rule
+                plan.append((st, w))
+            if refusing is not None:
+                what = "requests" if refusing.kind == "requests" else "tokens"
+                err = ProxyError(429, "rate_limited",
+                                 f"rate limit reached: {refusing.limit} {what} per "
+                                 f"{_fmt_window(refusing.window)} ({refusing.strategy}); retry in {wait}s",
+                                 headers={"Retry-After": str(wait)})
+                err.event = ("rate.exceeded", rate_event(key, refusing, wait))
+                raise err
+            for st, w in plan:
+                st.take(w, now)
+
+    def enter(self, key: str, max_parallel: int | None) -> None:
+        """Take a parallel slot (always counted; refused only at max_parallel). Pair with leave()."""
+        with self._lock:
+            n = self._parallel.get(key, 0)
+            if max_parallel is not None and n >= max_parallel:
+                err = ProxyError(429, "rate_limited",
+                                 f"too many requests in flight for this token (max_parallel {max_parallel}); "
+                                 "retry when one finishes", headers={"Retry-After": "1"})
+                err.event = ("rate.exceeded", rate_event(key, None, 1, limit=max_parallel))
+                raise err
+            self._parallel[key] = n + 1
+
+    def leave(self, key: str) -> None:
+        with self._lock:
+            n = self._parallel.get(key, 0)
+            if n <= 1:
+                self._parallel.pop(key, None)
+            else:
+                self._parallel[key] = n - 1
+
+    def in_flight(self, key: str) -> int:
+        return self._parallel.get(key, 0)
+
+    # -- budgets -------------------------------------------------------------------------------
+
+    def reserve(self, lines: list[BudgetLine], tokens: int, usd: float, now: float,
+                min_tokens: int = 1, usd_per_token: float = 0.0) -> tuple[Reservation, int]:
+        """Hold `tokens` (and `usd`) on every line, or fewer when a line has less left.
+
+        `tokens` is the input estimate plus the output allowance; `usd` its estimated cost;
+        `usd_per_token` the price of each token that may be cut (the output rate), so a USD
+        line can clamp too: granting g tokens holds usd - (tokens - g) * usd_per_token.
+        Returns (reservation, granted tokens); the caller lowers the upstream output limit to
+        granted - input estimate. Raises 429 budget_exceeded when a line cannot grant
+        `min_tokens` (input estimate + 1 is the natural choice), or a USD line has nothing left.
+        """
+        tokens = max(0, int(tokens))
+        floor_ = min(max(1, int(min_tokens)), tokens)
+        usd_n = max(0, math.ceil(usd * _NANO - 1e-6))  # ceil, but 0.1 * 1e9 stays 100000000
+        rate_n = max(0.0, usd_per_token) * _NANO
+
+        def need(g: int) -> int:  # nano-dollars to hold when granting g tokens
+            return max(0, usd_n - math.floor((tokens - g) * rate_n))
+
+        with self._lock:
+            self._maybe_sweep(now)
+            plan: dict[tuple[str, str, str], list] = {}
+            for line in lines:
+                cid = (line.key, line.unit, line.period)
+                cap = int(line.cap) if line.unit == "tokens" else round(line.cap * _NANO)
+                p = plan.get(cid)
+                if p is None:
+                    plan[cid] = [self._counter(cid, now), cap, line]
+                elif cap < p[1]:
+                    p[1], p[2] = cap, line
+            granted = tokens
+            blocked = None
+            for c, cap, line in plan.values():
+                left = cap - c[1] - c[2]
+                if line.unit == "tokens":
+                    if left < max(1, floor_):
+                        blocked = self._worse(blocked, line, c, cap, left, floor_, now)
+                    elif left < granted:
+                        granted = left
+                elif left <= 0 or need(floor_) > left:
+                    blocked = self._worse(blocked, line, c, cap, left, floor_, now)
+                elif need(granted) > left:
+                    g = tokens - math.ceil((usd_n - left) / rate_n)  # rate_n > 0 here, else need(floor_) > left
+                    while g > floor_ and need(g) > left:
+                        g -= 1
+                    while g < granted and need(g + 1) <= left:
+                        g += 1
+                    granted = min(granted, g)
+            if blocked is not None:
+                raise blocked[1]
+            hold_usd = need(granted)
+            for c, cap, line in plan.values():
+                c[2] += granted if line.unit == "tokens" else hold_usd
+            self._next_id += 1
+            res = Reservation(self._next_id, tuple(p[2] for p in plan.values()), granted, hold_usd, now)
+            return res, granted
+
+    def _worse(self, blocked, line: BudgetLine, c: list, cap: int, left: int, floor_: int, now: float):
+        """Keep the refusal whose window resets last: naming the daily budget when the monthly
+        one is also spent would send the user back too early."""
+        end = window_bounds(line.period, now)[1]
+        if blocked is not None and blocked[0] >= end:
+            return blocked
+        tokens = line.unit == "tokens"
+        show = (lambda v: f"{v:,}") if tokens else (lambda v: _fmt_usd(v / _NANO))
+        what = f"{_PERIOD_WORD[line.period]} {'token' if tokens else 'USD'} budget"
+        held = f", {show(c[2])} held by requests in flight" if c[2] else ""
+        status = f"used {show(c[1])} of {show(cap)}{held}"
+        if left > 0:
+            wanted = f"{floor_:,} tokens" if tokens else "its minimum cost"
+            head = f"{what} has {show(left)} left, this request needs at least {wanted} ({status})"
+        else:
+            head = f"{what} exhausted ({status})"
+        tail = "it does not reset; ask for a higher cap" if end == math.inf else f"it resets at {_iso(end)}"
+        scale = 1 if tokens else _NANO
+        err = ProxyError(429, "budget_exceeded", f"{head}; {tail}")
+        err.event = ("budget.exceeded", budget_event(line, (c[1] + c[2]) / scale, cap / scale, now))
+        return end, err
+
+    def settle(self, reservation: Reservation, actual_tokens: int, actual_usd: float, now: float) -> None:
+        """Replace the hold by what the provider reported (may exceed the hold when the input
+        estimate was low). Queues the settled deltas for the journal. Idempotent."""
+        spent_t = max(0, int(actual_tokens))
+        spent_u = max(0, round(actual_usd * _NANO))
+        with self._lock:
+            if reservation.done:
+                return
+            reservation.done = True
+            for line in reservation.lines:
+                cid = (line.key, line.unit, line.period)
+                c = self._counter(cid, now)
+                hold, spent = (reservation.tokens, spent_t) if line.unit == "tokens" else (reservation.usd_nano, spent_u)
+                c[2] = c[2] - hold if c[2] > hold else 0
+                if spent:
+                    c[1] += spent
+                    self._pending.append([line.key, line.unit, line.period, c[0], spent])
+
+    def release(self, reservation: Reservation) -> None:
+        """Drop the hold (error, cancel, disconnect): nothing is charged. Idempotent."""
+        with self._lock:
+            if reservation.done:
+                return
+            reservation.done = True
+            for line in reservation.lines:
+                c = self._counters.get((line.key, line.unit, line.period))
+                if c is not None:
+                    hold = reservation.tokens if line.unit == "tokens" else reservation.usd_nano
+                    c[2] = c[2] - hold if c[2] > hold else 0
+
+    def usage(self, line: BudgetLine, now: float) -> tuple[float, float]:
+        """(used, reserved) of the line's current window, in tokens or USD."""
+        with self._lock:
+            c = self._counters.get((line.key, line.unit, line.period))
+            if c is None:
+                return 0, 0
+            used = c[1] if self._window_start(line.period, now) <= c[0] else 0
+            if line.unit == "tokens":
+                return used, c[2]
+            return used / _NANO, c[2] / _NANO
+
+    # -- persistence (UsageJournal) ------------------------------------------------------------
+
+    def drain(self) -> list[list]:
+        """Settled deltas not yet journaled: [key, unit, period, window_start, amount] with
+        amount in tokens or nano-dollars. The caller owns them from here on."""
+        with self._lock:
+            out, self._pending = self._pending, []
+            return out
+
+    def export(self, drain: bool = False) -> dict:
+        """Settled counters as JSON-ready data (reservations are never exported). With
+        drain=True, the pending deltas are dropped in the same atomic step, because the
+        export already contains them (that is what a journal snapshot needs)."""
+        with self._lock:
+            rows = [[k, u, p, c[0], c[1]] for (k, u, p), c in self._counters.items() if c[1]]
+            if drain:
+                self._pending = []
+            return {"version": 1, "counters": rows}
+
+    def load(self, data: dict) -> None:
+        """Restore counters from export() output (a journal snapshot). ValueError if malformed."""
+        rows = data.get("counters") if isinstance(data, dict) else None
+        self._merge(_check_rows(rows), add=False)
+
+    def apply(self, deltas: list) -> None:
+        """Add settled deltas (journal lines) to the counters. ValueError if malformed; then
+        nothing is applied."""
+        self._merge(_check_rows(deltas), add=True)
+
+    def _merge(self, rows: list, add: bool) -> None:
+        with self._lock:
+            for key, unit, period, ws, amount in rows:
+                cid = (key, unit, period)
+                c = self._counters.get(cid)
+                if c is None:
+                    self._counters[cid] = [ws, amount, 0]
+                elif ws > c[0]:
+                    c[0], c[1] = ws, amount
+                elif ws == c[0]:
+                    c[1] = c[1] + amount if add else amount
+                # rows of an older window than the counter's are history: ignored
+
+
+def _check_rows(rows: Any) -> list:
+    if not isinstance(rows, list):
+        raise ValueError("expected a list of counters")
+    for row in rows:
+        if not (isinstance(row, list) and len(row) == 5 and isinstance(row[0], str)
+                and row[1] in ("tokens", "usd") and row[2] in _PERIODS
+                and isinstance(row[3], (int, float)) and not isinstance(row[3], bool)
+                and _is_count(row[4]) and row[4] >= 0):
+            raise ValueError(f"bad counter row {json.dumps(row, default=str)[:80]}")
+    return rows
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _read_optional(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems cannot fsync a directory; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+class UsageJournal:
+    """Crash-safe persistence of settled usage in the data dir.
+
+    `path` is an append-only log: one JSON line {"s": seq, "d": [deltas]} per commit, written
+    with one write() and fsync'ed before the response completes. `path + ".snapshot"` holds
+    the counters as of sequence number `seq`, replaced atomically (temp file, fsync, rename)
+    when the log grows past `compact_bytes`; the log is then truncated. Replay loads the
+    snapshot and applies only log lines with s > seq, so a crash between the rename and the
+    truncation counts nothing twice. A torn last line (kill -9 mid-write) is cut off at replay.
+    Both files are created 0600. In-flight reservations are never journaled: after a crash,
+    requests that had not finished simply count nothing."""
+
+    def __init__(self, path: str, compact_bytes: int = _JOURNAL_COMPACT_BYTES):
+        self.path = os.fspath(path)
+        self.snapshot_path = self.path + ".snapshot"
+        self.compact_bytes = compact_bytes
+        self.skipped = 0  # complete lines that could not be read at replay (disk damage); log it
+        self._fd: int | None = None
+        self._seq = 0
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def replay(self, state: MemoryState) -> None:
+        """Load the snapshot and the log into `state`; call once at start, before commits."""
+        with self._lock:
+            snap_seq = 0
+            raw = _read_optional(self.snapshot_path)
+            if raw is not None:
+                try:
+                    snap = json.loads(raw)
+                    snap_seq = snap["seq"]
+                    if not _is_count(snap_seq):
+                        raise ValueError("bad seq")
+                    state.load(snap)
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise RuntimeFailure(f"usage snapshot {self.snapshot_path} is unreadable ({exc}); "
+                                         "move it aside to start with empty usage counters") from None
+            log = _read_optional(self.path) or b""
+            end = log.rfind(b"\n") + 1  # anything after the last newline is a torn write
+            last = snap_seq
+            for line in log[:end].split(b"\n"):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    seq = rec["s"]
+                    if not _is_count(seq):
+                        raise ValueError("bad seq")
+                    if seq > snap_seq:
+                        state.apply(rec["d"])
+                except (ValueError, KeyError, TypeError):
+                    self.skipped += 1
+                    continue
+                last = max(last, seq)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), 0o600)
+            os.fchmod(fd, 0o600)
+            if end < len(log):
+                os.ftruncate(fd, end)  # later appends must not glue onto the torn fragment
+                os.fsync(fd)
+            if self._fd is not None:
+                os.close(self._fd)
+            self._fd, self._seq, self._size = fd, last, end
+
+    def append(self, entries: list) -> None:
+        """Durably add one batch of settled deltas (one line, one write, one fsync)."""
+        if entries:
+            with self._lock:
+                self._append(entries)
+
+    def commit(self, state: MemoryState) -> None:
+        """Make every delta settled so far durable: drain `state` into one appended line, and
+        compact when the log is past compact_bytes. Concurrent commits serialise on a lock, so
+        a commit that finds nothing pending returns only after the commit that took its delta
+        has fsync'ed. Blocking I/O: run it in a worker thread if the event loop must not wait."""
+        with self._lock:
+            entries = state.drain()
+            if entries:
+                self._append(entries)
+            if self._size > self.compact_bytes:
+                self._compact(state)
+
+    def compact(self, state: MemoryState) -> None:
+        """Write a snapshot of `state` atomically, then truncate the log (e.g. at shutdown)."""
+        with self._lock:
+            self._compact(state)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def _append(self, entries: list) -> None:
+        if self._fd is None:
+            raise RuntimeFailure("usage journal written before replay(); call replay() at start")
+        line = (json.dumps({"s": self._seq + 1, "d": entries}, separators=(",", ":")) + "\n").encode()
+        try:
+            _write_all(self._fd, line)
+            os.fsync(self._fd)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, self._size)  # never leave half a line for the next append
+            except OSError:
+                pass
+            raise
+        self._seq += 1
+        self._size += len(line)
+
+    def _compact(self, state: MemoryState) -> None:
+        if self._fd is None:
+            raise RuntimeFailure("usage journal compacted before replay(); call replay() at start")
+        snap = state.export(drain=True)  # pending deltas are inside the snapshot now
+        snap["seq"] = self._seq
+        data = json.dumps(snap, separators=(",", ":")).encode()
+        tmp = f"{self.snapshot_path}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.snapshot_path)
+        _fsync_dir(os.path.dirname(os.path.abspath(self.snapshot_path)))
+        os.ftruncate(self._fd, 0)
+        os.fsync(self._fd)
+        self._size = 0
+
+
+def estimate_tokens(text_len_chars: int) -> int:
+    """Fast pre-flight estimate: characters / 4, rounded up. Per-message overhead is the
+    caller's; the provider's reported usage settles the difference."""
+    return -(-max(0, text_len_chars) // _CHARS_PER_TOKEN)
+
+
+_TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
+_O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt-4o", "gpt-oss")
+
+
+@functools.lru_cache(maxsize=4)
+def _local_encoding(name: str) -> Any:
+    """The tiktoken encoding `name` if tiktoken is installed AND the encoding file is already
+    in its cache (tiktoken would otherwise download it: never from here), else None. Imported
+    lazily because importing tiktoken costs more than the whole startup budget allows."""
+    try:
+        import tiktoken  # optional; see the docstring for why it is not imported at the top
+    except ImportError:
+        return None
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR")
+    if cache_dir is None:
+        cache_dir = os.environ.get("DATA_GYM_CACHE_DIR")
+    if cache_dir is None:
+        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    if not cache_dir:
+        return None  # an empty cache dir disables tiktoken's cache: loading would download
+    blob = hashlib.sha1(_TIKTOKEN_URL.format(name).encode()).hexdigest()
+    if not os.path.isfile(os.path.join(cache_dir, blob)):
+        return None
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception:  # a broken cache or plugin must not break a request: fall back
+        return None
+
+
+def count_tokens(text: str, model: str = "") -> int:
+    """Tokens in `text`: exact with tiktoken when it and its encoding are available locally
+    (an approximation for non-OpenAI models), else estimate_tokens()."""
+    low = model.lower().rsplit("/", 1)[-1]
+    enc = _local_encoding("o200k_base" if low.startswith(_O200K_PREFIXES) else "cl100k_base")
+    if enc is not None:
+        try:
+            return len(enc.encode(text, disallowed_special=()))
+        except Exception:
+            pass
+    return estimate_tokens(len(text))
+
 
 ###############################################################################
 # Providers — the catalog of upstreams: where they live, how they authenticate, which dialect
@@ -1483,26 +2509,25 @@ class Catalog:
         return list(self._providers.values())
 
 ###############################################################################
-# Dialects — one adapter per wire format: where the text is, model, stream flag, usage, mock answers
+# Dialects — one adapter per wire format: where the text is, prompts, output caps, usage, streams
 ###############################################################################
 
 def _parts_slots(content) -> Iterator[tuple[Any, Any]]:
     """Text slots of a content value that may be a string or a list of typed parts/blocks."""
-    if isinstance(content, list):
-        for part in content:
-            if not isinstance(part, dict):
-                if isinstance(part, str):
-                    yield from ()
-                continue
-            kind = part.get("type")
-            if kind in ("text", "input_text", "output_text") and isinstance(part.get("text"), str):
-                yield part, "text"
-            elif kind == "tool_result":
-                inner = part.get("content")
-                if isinstance(inner, str):
-                    yield part, "content"
-                else:
-                    yield from _parts_slots(inner)
+    if not isinstance(content, list):
+        return
+    for part in content:
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if kind in ("text", "input_text", "output_text") and isinstance(part.get("text"), str):
+            yield part, "text"
+        elif kind == "tool_result":
+            inner = part.get("content")
+            if isinstance(inner, str):
+                yield part, "content"
+            else:
+                yield from _parts_slots(inner)
 
 
 def _content_slots(holder: dict, key: str = "content") -> Iterator[tuple[Any, Any]]:
@@ -1523,22 +2548,29 @@ def _list_slots(holder: dict, key: str) -> Iterator[tuple[Any, Any]]:
                 yield value, i
 
 
+def _bad(message: str):
+    raise ProxyError(400, "invalid_request", message)
+
+
 class Dialect:
-    """Adapter for one endpoint's wire format. The pipeline talks to this, never to raw JSON."""
+    """Adapter for one endpoint's wire format. The pipeline talks to this, never to raw JSON.
+
+    Streams: each SSE event's JSON payload is classified into text deltas (keyed per output
+    channel: a choice, a content block, an output part), the channels it closes, and usage."""
     name = ""
     family = "openai"          # error shape, and the provider that speaks it natively
-    governed = True
+    cap_fields: tuple = ("max_tokens",)
 
     def model(self, body: dict) -> str:
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            raise ProxyError(400, "invalid_request", "the request body needs a 'model' string")
+            _bad("the request body needs a 'model' string")
         return model
 
     def is_stream(self, body: dict) -> bool:
         value = body.get("stream", False)
         if not isinstance(value, bool):
-            raise ProxyError(400, "invalid_request", "'stream' must be true or false")
+            _bad("'stream' must be true or false")
         return value
 
     def input_slots(self, body: dict) -> Iterator[tuple[Any, Any]]:
@@ -1554,17 +2586,55 @@ class Dialect:
         texts = [holder[key] for holder, key in self.input_slots(body)]
         return texts[-1] if texts else ""
 
+    def inject_prompts(self, body: dict, prompts: tuple) -> None:
+        """Place the policy's prompts before the client's own messages."""
+
+    def requested_output(self, body: dict) -> int | None:
+        for name in self.cap_fields:
+            value = body.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    def set_output_cap(self, body: dict, limit: int, provider: "Provider") -> None:
+        for name in self.cap_fields:
+            if name in body:
+                body[name] = limit
+                return
+        body[self.cap_fields[0]] = limit
+
+    # -- streams ------------------------------------------------------------------------------
+    def stream_deltas(self, event: str | None, payload: dict) -> list[tuple[Any, Any, Any]]:
+        """[(channel, holder, key)] for each text delta carried by this event."""
+        return []
+
+    def stream_ends(self, event: str | None, payload: dict) -> list:
+        """Channels whose text is complete once this event is reached (flushed before it)."""
+        return []
+
+    def stream_full_texts(self, event: str | None, payload: dict) -> list[tuple[Any, Any]]:
+        """(holder, key) slots that repeat a channel's whole text (e.g. Responses `*.done`)."""
+        return []
+
+    def tail_event(self, channel, text: str, payload: dict, event: str | None) -> tuple[str | None, dict]:
+        """An extra delta event carrying `text` for `channel`, shaped like `payload`."""
+        raise NotImplementedError
+
+    def stream_usage(self, event: str | None, payload: dict, usage: "Usage") -> "Usage":
+        return usage
+
 
 class ChatDialect(Dialect):
     name = "chat"
+    cap_fields = ("max_completion_tokens", "max_tokens")
 
     def input_slots(self, body):
         messages = body.get("messages")
         if not isinstance(messages, list):
-            raise ProxyError(400, "invalid_request", "'messages' must be a list of messages")
+            _bad("'messages' must be a list of messages")
         for msg in messages:
             if not isinstance(msg, dict):
-                raise ProxyError(400, "invalid_request", "each message must be an object")
+                _bad("each message must be an object")
             yield from _content_slots(msg)
             for call in msg.get("tool_calls") or ():
                 fn = call.get("function") if isinstance(call, dict) else None
@@ -1585,11 +2655,44 @@ class ChatDialect(Dialect):
                      cached_input_tokens=details.get("cached_tokens") or 0,
                      reasoning_tokens=out_details.get("reasoning_tokens") or 0)
 
+    def inject_prompts(self, body, prompts):
+        body["messages"] = [{"role": p.role, "content": p.content} for p in prompts] + body["messages"]
+
+    def set_output_cap(self, body, limit, provider):
+        if "max_tokens" in body and "max_completion_tokens" not in body:
+            body["max_tokens"] = limit
+        elif "max_completion_tokens" in body or provider.name in ("openai", "azure_openai"):
+            body["max_completion_tokens"] = limit  # o-series models refuse max_tokens
+        else:
+            body["max_tokens"] = limit
+
+    def stream_deltas(self, event, payload):
+        out = []
+        for choice in payload.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if isinstance(delta, dict) and isinstance(delta.get("content"), str):
+                out.append((choice.get("index", 0), delta, "content"))
+        return out
+
+    def stream_ends(self, event, payload):
+        return [c.get("index", 0) for c in payload.get("choices") or ()
+                if isinstance(c, dict) and c.get("finish_reason")]
+
+    def tail_event(self, channel, text, payload, event):
+        return event, {k: payload[k] for k in ("id", "object", "created", "model") if k in payload} | {
+            "choices": [{"index": channel, "delta": {"content": text}, "finish_reason": None}]}
+
+    def stream_usage(self, event, payload, usage):
+        return self.usage(payload) if payload.get("usage") else usage
+
 
 class CompletionsDialect(ChatDialect):
     name = "completions"
+    cap_fields = ("max_tokens",)
 
     def input_slots(self, body):
+        if not isinstance(body.get("prompt"), (str, list)):
+            _bad("'prompt' must be a string or a list of strings")
         return _list_slots(body, "prompt")
 
     def output_slots(self, body):
@@ -1597,19 +2700,50 @@ class CompletionsDialect(ChatDialect):
             if isinstance(choice, dict) and isinstance(choice.get("text"), str):
                 yield choice, "text"
 
+    def inject_prompts(self, body, prompts):
+        prefix = "".join(p.content + "\n\n" for p in prompts)
+        if isinstance(body.get("prompt"), str):
+            body["prompt"] = prefix + body["prompt"]
+        elif isinstance(body.get("prompt"), list):
+            body["prompt"] = [prefix + p if isinstance(p, str) else p for p in body["prompt"]]
+
+    def set_output_cap(self, body, limit, provider):
+        body["max_tokens"] = limit
+
+    def stream_deltas(self, event, payload):
+        return [(c.get("index", 0), c, "text") for c in payload.get("choices") or ()
+                if isinstance(c, dict) and isinstance(c.get("text"), str)]
+
+    def tail_event(self, channel, text, payload, event):
+        return event, {k: payload[k] for k in ("id", "object", "created", "model") if k in payload} | {
+            "choices": [{"index": channel, "text": text, "finish_reason": None}]}
+
 
 class EmbeddingsDialect(ChatDialect):
     name = "embeddings"
+    cap_fields = ()
 
     def input_slots(self, body):
+        if not isinstance(body.get("input"), (str, list)):
+            _bad("'input' must be a string or a list")
         return _list_slots(body, "input")
 
     def output_slots(self, body):
         return iter(())
 
+    def inject_prompts(self, body, prompts):
+        pass  # embeddings have no conversation to prepend to
+
+    def requested_output(self, body):
+        return None
+
+    def set_output_cap(self, body, limit, provider):
+        pass
+
 
 class ResponsesDialect(Dialect):
     name = "responses"
+    cap_fields = ("max_output_tokens",)
 
     def input_slots(self, body):
         if isinstance(body.get("instructions"), str):
@@ -1619,7 +2753,7 @@ class ResponsesDialect(Dialect):
             yield body, "input"
             return
         if items is not None and not isinstance(items, list):
-            raise ProxyError(400, "invalid_request", "'input' must be a string or a list of items")
+            _bad("'input' must be a string or a list of items")
         for item in items or ():
             if not isinstance(item, dict):
                 continue
@@ -1641,23 +2775,66 @@ class ResponsesDialect(Dialect):
                      cached_input_tokens=(u.get("input_tokens_details") or {}).get("cached_tokens") or 0,
                      reasoning_tokens=(u.get("output_tokens_details") or {}).get("reasoning_tokens") or 0)
 
+    def inject_prompts(self, body, prompts):
+        items = body.get("input")
+        if isinstance(items, str):
+            items = [{"role": "user", "content": items}]
+        body["input"] = [{"role": p.role, "content": p.content} for p in prompts] + list(items or [])
+
+    def stream_deltas(self, event, payload):
+        if payload.get("type") == "response.output_text.delta" and isinstance(payload.get("delta"), str):
+            return [((payload.get("item_id"), payload.get("content_index", 0)), payload, "delta")]
+        return []
+
+    def stream_ends(self, event, payload):
+        if payload.get("type") == "response.output_text.done":
+            return [(payload.get("item_id"), payload.get("content_index", 0))]
+        return []
+
+    def stream_full_texts(self, event, payload):
+        kind = payload.get("type")
+        if kind == "response.output_text.done" and isinstance(payload.get("text"), str):
+            return [(payload, "text")]
+        if kind == "response.content_part.done":
+            return list(_parts_slots([payload.get("part")]))
+        if kind == "response.output_item.done" and isinstance(payload.get("item"), dict):
+            return list(self.output_slots({"output": [payload["item"]]}))
+        if kind in ("response.completed", "response.incomplete") and isinstance(payload.get("response"), dict):
+            return list(self.output_slots(payload["response"]))
+        return []
+
+    def tail_event(self, channel, text, payload, event):
+        item_id, content_index = channel
+        return "response.output_text.delta", {
+            "type": "response.output_text.delta", "item_id": item_id,
+            "output_index": payload.get("output_index", 0), "content_index": content_index, "delta": text}
+
+    def stream_usage(self, event, payload, usage):
+        response = payload.get("response")
+        if isinstance(response, dict) and response.get("usage"):
+            return self.usage(response)
+        return usage
+
 
 class MessagesDialect(Dialect):
     name = "messages"
     family = "anthropic"
+    cap_fields = ("max_tokens",)
 
     def input_slots(self, body):
         system = body.get("system")
         if isinstance(system, str):
             yield body, "system"
+        elif system is not None and not isinstance(system, list):
+            _bad("'system' must be a string or a list of text blocks")
         else:
             yield from _parts_slots(system)
         messages = body.get("messages")
         if not isinstance(messages, list):
-            raise ProxyError(400, "invalid_request", "'messages' must be a list of messages")
+            _bad("'messages' must be a list of messages")
         for msg in messages:
             if not isinstance(msg, dict):
-                raise ProxyError(400, "invalid_request", "each message must be an object")
+                _bad("each message must be an object")
             yield from _content_slots(msg)
 
     def output_slots(self, body):
@@ -1670,6 +2847,45 @@ class MessagesDialect(Dialect):
         return Usage(input_tokens=(u.get("input_tokens") or 0) + cached + created,
                      output_tokens=u.get("output_tokens") or 0,
                      cached_input_tokens=cached, cache_creation_tokens=created)
+
+    def inject_prompts(self, body, prompts):
+        system = [p.content for p in prompts if p.role in ("system", "developer")]
+        turns = [{"role": p.role, "content": p.content} for p in prompts if p.role in ("user", "assistant")]
+        if system:
+            current = body.get("system")
+            if isinstance(current, list):
+                body["system"] = [{"type": "text", "text": text} for text in system] + current
+            else:
+                body["system"] = "\n\n".join(system + ([current] if current else []))
+        if turns:
+            body["messages"] = turns + body["messages"]
+
+    def stream_deltas(self, event, payload):
+        if payload.get("type") == "content_block_delta":
+            delta = payload.get("delta") or {}
+            if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
+                return [(payload.get("index", 0), delta, "text")]
+        return []
+
+    def stream_ends(self, event, payload):
+        return [payload.get("index", 0)] if payload.get("type") == "content_block_stop" else []
+
+    def tail_event(self, channel, text, payload, event):
+        return "content_block_delta", {"type": "content_block_delta", "index": channel,
+                                       "delta": {"type": "text_delta", "text": text}}
+
+    def stream_usage(self, event, payload, usage):
+        kind = payload.get("type")
+        if kind == "message_start":
+            return self.usage(payload.get("message") or {})
+        if kind == "message_delta" and payload.get("usage"):
+            u = payload["usage"]
+            new = dataclasses.replace(usage, output_tokens=u.get("output_tokens") or usage.output_tokens)
+            if u.get("input_tokens"):  # some upstreams report input only at the end
+                new = dataclasses.replace(new, input_tokens=u["input_tokens"] + new.cached_input_tokens
+                                          + new.cache_creation_tokens)
+            return new
+        return usage
 
 
 CHAT, COMPLETIONS, EMBEDDINGS = ChatDialect(), CompletionsDialect(), EmbeddingsDialect()
@@ -2400,6 +3616,112 @@ class HTTPServer:
                 await asyncio.wait_for(server.wait_closed(), 1.0)
 
 ###############################################################################
+# Streams — the SSE relay as a transformer over events: output guard, usage, error events
+###############################################################################
+
+def stream_error_event(dialect: Dialect, err: ProxyError, sequence: int | None = None) -> bytes:
+    """The event that ends a stream with an error, in the stream's own dialect."""
+    if dialect.family == "anthropic":
+        return _sse(error_body("anthropic", err.status, err.code, err.message), "error")
+    if dialect is RESPONSES:
+        return _sse({"type": "error", "code": err.code, "message": err.message, "param": None,
+                     "sequence_number": sequence or 0}, "error")
+    return _sse(error_body("openai", err.status, err.code, err.message))
+
+
+class StreamRelay:
+    """Turns upstream bytes into the bytes the client receives, one SSE event at a time.
+
+    `channel` builds a text transformer (feed/finish) per output channel when output rules or
+    anonymization apply; `full_text` rewrites events that repeat a whole text. Usage is observed
+    into the exchange; the usage chunk the proxy asked for is removed when the client did not."""
+
+    def __init__(self, dialect: Dialect, ex: "Exchange", channel: Callable[[], Any] | None = None,
+                 full_text: Callable[[str], str] | None = None, strip_usage: bool = False):
+        self.dialect, self.ex = dialect, ex
+        self.channel, self.full_text, self.strip_usage = channel, full_text, strip_usage
+        self.channels: dict = {}
+        self.parser = SSEParser()
+        self.usage = Usage()
+        self.seq_shift = 0
+        self.last_seq = 0
+        self.sent_any = False
+
+    async def run(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in chunks:
+                out = self.feed(chunk)
+                if out:
+                    self.sent_any = True
+                    yield out
+            tail = self.finish()
+            if tail:
+                yield tail
+        except ProxyError as err:
+            if err.status == 403 or self.sent_any:
+                self.ex.status, self.ex.error = err.status, err.code
+                yield stream_error_event(self.dialect, err, self.last_seq + 1)
+            else:
+                raise
+        finally:
+            self.ex.usage = self.usage
+
+    def feed(self, chunk: bytes) -> bytes:
+        return b"".join(self._event(ev) for ev in self.parser.feed(chunk))
+
+    def finish(self) -> bytes:
+        out = b"".join(self._event(ev) for ev in self.parser.flush())
+        return out + self._flush(list(self.channels), None, None)
+
+    def _flush(self, channels: list, payload: dict | None, event: str | None) -> bytes:
+        out = []
+        for ch in channels:
+            guard = self.channels.pop(ch, None)
+            text = guard.finish() if guard is not None else ""
+            if text:
+                name, extra = self.dialect.tail_event(ch, text, payload or {}, event)
+                if "sequence_number" in (payload or {}):
+                    extra["sequence_number"] = payload["sequence_number"] + self.seq_shift
+                    self.seq_shift += 1
+                out.append(_sse(extra, name))
+        return b"".join(out)
+
+    def _event(self, ev: SSEEvent) -> bytes:
+        data = ev.data
+        if not data or data == "[DONE]" or data[0] != "{":
+            return self._flush(list(self.channels), None, None) + ev.raw
+        payload = json.loads(data)
+        dialect = self.dialect
+        self.usage = dialect.stream_usage(ev.event, payload, self.usage)
+        changed, out = False, b""
+        if self.channel is not None or self.full_text is not None:
+            ends = dialect.stream_ends(ev.event, payload)
+            if ends:
+                out = self._flush(ends, payload, ev.event)
+            for ch, holder, key in dialect.stream_deltas(ev.event, payload):
+                guard = self.channels.get(ch)
+                if guard is None:
+                    guard = self.channels[ch] = self.channel()
+                holder[key] = guard.feed(holder[key])
+                changed = True
+            if self.full_text is not None:
+                for holder, key in dialect.stream_full_texts(ev.event, payload):
+                    holder[key] = self.full_text(holder[key])
+                    changed = True
+        if self.strip_usage and "usage" in payload:
+            if not payload.get("choices"):
+                return out
+            del payload["usage"]
+            changed = True
+        if "sequence_number" in payload:
+            if self.seq_shift:
+                payload["sequence_number"] += self.seq_shift
+                changed = True
+            self.last_seq = payload["sequence_number"]
+        return out + (_sse(payload, ev.event) if changed else ev.raw)
+
+
+###############################################################################
 # Pipeline — authenticate → parse → resolve → forward → relay, one story per request
 ###############################################################################
 
@@ -2467,13 +3789,44 @@ _NOT_FORWARDED = frozenset(n.encode() for n in HOP_BY_HOP | AUTH_HEADERS | {"hos
 _NOT_RELAYED = HOP_BY_HOP | {"content-length"}
 
 
+class Admission:
+    """What a request holds while it runs (a parallel slot, a budget reservation); `close`
+    settles to the reported usage, or releases when there is none, exactly once."""
+
+    def __init__(self, pipeline: "Pipeline", model: str, parallel_key: str | None):
+        self.pipeline, self.model, self.parallel_key = pipeline, model, parallel_key
+        self.reservation = None
+        self.cap_changed = False
+        self.closed = False
+
+    def close(self, usage: "Usage | None", now: float) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        p = self.pipeline
+        if self.parallel_key is not None:
+            p.state.leave(self.parallel_key)
+        if self.reservation is None:
+            return
+        if usage is None:
+            p.state.release(self.reservation)
+            return
+        p.state.settle(self.reservation, usage.total_tokens, cost_usd(self.model, usage, p.pricing), now)
+        if p.journal is not None:
+            p.journal.commit(p.state)
+
+
 class Pipeline:
     """The proxy's request handler. It receives its collaborators (store, catalog, upstream
     client, mock provider) and owns no I/O of its own beyond calling them."""
 
     def __init__(self, config: Config, store: TokenStore, catalog: Catalog, client: UpstreamClient,
+                 state: "State | None" = None, journal: "UsageJournal | None" = None,
                  environ=None, clock: Callable[[], float] = time.time):
         self.config, self.store, self.catalog, self.client = config, store, catalog, client
+        self.state = state if state is not None else MemoryState()
+        self.journal = journal
+        self.pricing = parse_pricing(config.pricing)
         self.environ = os.environ if environ is None else environ
         self.clock = clock
         self.mock = MockProvider()
@@ -2500,6 +3853,11 @@ class Pipeline:
         except ProxyError as err:
             ex.status, ex.error = err.status, err.code
             response = error_response(family, err)
+        except Exception:  # a bug must cost one request, never the connection or the server
+            log.exception("request %s failed", ex.request_id)
+            ex.status, ex.error = 500, "internal_error"
+            response = error_response(family, ProxyError(500, "internal_error", "the proxy failed on this "
+                                                         "request; it was not forwarded. See the proxy log."))
         response.headers.append(("x-tokenomics-request-id", ex.request_id))
         return response
 
@@ -2611,13 +3969,107 @@ class Pipeline:
             raise ProxyError(400, "invalid_request",
                              f"model '{model}' is served by provider '{route.provider.name}', which speaks the "
                              f"{route.provider.dialect} dialect; send this request to its own endpoint")
-        upstream = await self.send(req, route.provider, route.upstream_url, route.base_key_env, req.body,
-                                   route.timeout, ex, dialect, body)
-        headers = self.client_headers(upstream, ex, upstream.decoded)
-        ex.status = upstream.status
-        if stream and upstream.status == 200:
-            return Response(upstream.status, headers, stream=upstream.chunks())
-        return Response(upstream.status, headers, await upstream.read())
+        admission = self.admit(record, route, dialect, body, len(req.body))
+        try:
+            changed = admission.cap_changed
+            if route.prompts:
+                dialect.inject_prompts(body, route.prompts)
+                changed = True
+            strip_usage = False
+            if stream and dialect is CHAT and not (body.get("stream_options") or {}).get("include_usage"):
+                body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+                strip_usage = changed = True
+            payload = json.dumps(body, ensure_ascii=False).encode("utf-8") if changed else req.body
+            upstream = await self.send(req, route.provider, route.upstream_url, route.base_key_env, payload,
+                                       route.timeout, ex, dialect, body)
+            headers = self.client_headers(upstream, ex, upstream.decoded)
+            ex.status = upstream.status
+            if upstream.status != 200:
+                data = await upstream.read()
+                admission.close(None, self.clock())
+                return Response(upstream.status, headers, data)
+            if stream:
+                relay = StreamRelay(dialect, ex, strip_usage=strip_usage)
+                return Response(200, headers, stream=self._finish_stream(relay, upstream, admission, len(payload)))
+            data = await upstream.read()
+            if "application/json" in upstream.header_map.get("content-type", "application/json"):
+                try:
+                    answer = json.loads(data)
+                    ex.usage = dialect.usage(answer) if isinstance(answer, dict) else None
+                    ex.upstream_id = answer.get("id", "") if isinstance(answer, dict) else ""
+                except ValueError:
+                    pass
+            admission.close(ex.usage, self.clock())
+            return Response(200, headers, data)
+        except BaseException:
+            admission.close(None, self.clock())
+            raise
+
+    async def _finish_stream(self, relay: "StreamRelay", upstream: UpstreamResponse, admission: "Admission",
+                             sent_bytes: int) -> AsyncIterator[bytes]:
+        """The client's stream; the reservation is settled (and journaled) before it ends."""
+        usage = None
+        try:
+            async for out in relay.run(upstream.chunks()):
+                yield out
+            usage = relay.usage if relay.usage.total_tokens else None
+        finally:
+            upstream.close()
+            if usage is None and relay.sent_any:
+                # Cut short before the provider reported usage: count what was surely spent.
+                usage = Usage(input_tokens=estimate_tokens(sent_bytes), output_tokens=1)
+            admission.close(usage, self.clock())
+
+    def budget_lines(self, record: TokenRecord, route: ResolvedPolicy) -> list:
+        key = record.hash[:16]
+        lines = []
+        if route.max_tokens is not None:
+            scoped = route.matched is not None and route.matched.max_tokens is not None
+            lines.append(BudgetLine(f"{key}:{route.matched.name}{route.matched.index}" if scoped else key,
+                                    "tokens", "total", route.max_tokens))
+        lines += [BudgetLine(key, unit, period, cap) for unit, period, cap in route.policy.budget]
+        return lines
+
+    def admit(self, record: TokenRecord, route: ResolvedPolicy, dialect: Dialect, body: dict,
+              body_len: int) -> "Admission":
+        """Rate limits, parallel slots and the budget reservation, before anything is forwarded.
+        Lowers the request's output cap to what the budget (or the policy) allows."""
+        now = self.clock()
+        policy = route.policy
+        key = record.hash[:16]
+        estimate = estimate_tokens(body_len)
+        if policy.rate_rules:
+            self.state.admit(key, policy.rate_rules, now, tokens=estimate)
+        admission = Admission(self, route.model, key if policy.max_parallel is not None else None)
+        if policy.max_parallel is not None:
+            self.state.enter(key, policy.max_parallel)
+        try:
+            requested = dialect.requested_output(body)
+            allowance = requested or DEFAULT_OUTPUT_ALLOWANCE
+            cap = None
+            if route.max_output_tokens is not None and allowance > route.max_output_tokens:
+                allowance = cap = route.max_output_tokens
+            elif route.max_output_tokens is not None and requested is None:
+                cap = allowance = route.max_output_tokens
+            lines = self.budget_lines(record, route)
+            if dialect is EMBEDDINGS:
+                allowance, cap = 0, None
+            if lines:
+                price = price_for(route.model, self.pricing) or (0.0, 0.0, 0.0)
+                usd = (estimate * price[0] + allowance * price[2]) / 1e6
+                res, granted = self.state.reserve(lines, estimate + allowance, usd, now,
+                                                  min_tokens=estimate + (1 if allowance else 0),
+                                                  usd_per_token=price[2] / 1e6)
+                admission.reservation = res
+                if dialect is not EMBEDDINGS:
+                    cap = min(granted - estimate, cap or granted)  # a hard cap needs a bound upstream
+            if cap is not None and cap != requested:
+                dialect.set_output_cap(body, max(1, cap), route.provider)
+                admission.cap_changed = True
+        except BaseException:
+            admission.close(None, now)
+            raise
+        return admission
 
     async def passthrough(self, req: Request, ex: Exchange) -> Response:
         record = self.authenticate(req, ex)
@@ -2675,7 +4127,11 @@ class Proxy:
         self.catalog = Catalog(config, self.environ)
         self.store = TokenStore(config, self.catalog, self.environ)
         self.client = UpstreamClient()
-        self.pipeline = Pipeline(config, self.store, self.catalog, self.client, self.environ)
+        self.state = MemoryState()
+        self.journal = UsageJournal(os.path.join(config.dir, "usage.journal"))
+        self.journal.replay(self.state)
+        self.pipeline = Pipeline(config, self.store, self.catalog, self.client, self.state, self.journal,
+                                 self.environ)
         self.server = HTTPServer(self.pipeline, max_body_bytes=config.server.max_body_bytes,
                                  header_timeout=config.server.header_timeout)
         self.urls: list[str] = []
@@ -2703,6 +4159,9 @@ class Proxy:
     async def stop(self) -> None:
         await self.server.shutdown(self.config.server.grace_period)
         self.client.close()
+        self.journal.commit(self.state)
+        self.journal.compact(self.state)
+        self.journal.close()
 
 
 async def _serve_until_signal(proxy: Proxy, ready: Callable[[list[str]], None] | None = None) -> None:
