@@ -32,6 +32,7 @@ import re
 import secrets
 import signal
 import ssl
+import subprocess
 import sys
 import tempfile
 import threading
@@ -51,6 +52,13 @@ try:  # optional: fast, audited AES-GCM
 except ImportError:  # pragma: no cover - exercised by the zipapp
     _CryptoAESGCM = None
     HAVE_CRYPTOGRAPHY = False
+
+try:  # optional: local CA and server certificates for the HTTPS listener
+    import trustme as _trustme
+    HAVE_TRUSTME = True
+except ImportError:
+    _trustme = None
+    HAVE_TRUSTME = False
 
 try:  # optional: faster event loop
     import uvloop as _uvloop
@@ -3740,9 +3748,16 @@ class Exchange:
     status: int = 0
     error: str = ""
     usage: "Usage | None" = None
+    cost_usd: float = 0.0
     upstream_request_id: str = ""
     upstream_id: str = ""
+    upstream_latency_ms: float = 0.0
+    key_env: str = ""
+    retry_count: int = 0
+    fallback_model: str = ""
+    provider_meta: dict = field(default_factory=dict)
     rule_matches: list = field(default_factory=list)
+    governed: bool = False
 
 
 def credential(req: Request) -> str:
@@ -3822,13 +3837,14 @@ class Pipeline:
 
     def __init__(self, config: Config, store: TokenStore, catalog: Catalog, client: UpstreamClient,
                  state: "State | None" = None, journal: "UsageJournal | None" = None,
-                 environ=None, clock: Callable[[], float] = time.time):
+                 environ=None, clock: Callable[[], float] = time.time, records: "Records | None" = None):
         self.config, self.store, self.catalog, self.client = config, store, catalog, client
         self.state = state if state is not None else MemoryState()
         self.journal = journal
         self.pricing = parse_pricing(config.pricing)
         self.environ = os.environ if environ is None else environ
         self.clock = clock
+        self.records = records if records is not None else Records()
         self.mock = MockProvider()
 
     async def __call__(self, req: Request) -> Response:
@@ -3859,7 +3875,29 @@ class Pipeline:
             response = error_response(family, ProxyError(500, "internal_error", "the proxy failed on this "
                                                          "request; it was not forwarded. See the proxy log."))
         response.headers.append(("x-tokenomics-request-id", ex.request_id))
+        if response.stream is None:
+            self.complete(ex)
+        else:
+            response.stream = self._completing(response.stream, ex)
         return response
+
+    async def _completing(self, stream: AsyncIterator[bytes], ex: Exchange) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+            self.complete(ex)
+
+    def complete(self, ex: Exchange) -> None:
+        """Hand a finished exchange to the records; a failing record never fails the request."""
+        if ex.usage is not None:
+            ex.cost_usd = cost_usd(ex.model, ex.usage, self.pricing)
+        try:
+            self.records.complete(ex, self.clock())
+        except Exception:
+            log.exception("recording request %s failed", ex.request_id)
 
     # -- steps ------------------------------------------------------------------------------------
     def authenticate(self, req: Request, ex: Exchange | None = None) -> TokenRecord:
@@ -3957,6 +3995,7 @@ class Pipeline:
         return out
 
     async def governed(self, req: Request, dialect: Dialect, ex: Exchange) -> Response:
+        ex.governed = True
         record = self.authenticate(req, ex)
         body = self.parse_body(req.body)
         model = dialect.model(body)
@@ -4112,7 +4151,129 @@ class Pipeline:
                                    "first_id": data[0]["id"] if data else None,
                                    "last_id": data[-1]["id"] if data else None})
 
-# RECORDS-SECTION
+###############################################################################
+# Records — what happened: session totals, ledger, stats, metrics, logs, events
+###############################################################################
+
+BLOCKING_CODES = frozenset({"rule_violation", "output_rule_violation", "budget_exceeded", "rate_limited",
+                            "model_not_allowed"})
+
+
+@dataclass(slots=True)
+class SessionTotals:
+    """The one-line summary `run` prints when the wrapped command ends."""
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    blocked: int = 0
+
+    def add(self, ex: "Exchange") -> None:
+        self.requests += 1
+        if ex.usage is not None:
+            self.input_tokens += ex.usage.input_tokens
+            self.output_tokens += ex.usage.output_tokens
+        self.cost_usd += ex.cost_usd
+        self.blocked += ex.error in BLOCKING_CODES
+
+    def line(self) -> str:
+        return (f"tokenomics: {self.requests} requests, {self.input_tokens:,} tokens in / "
+                f"{self.output_tokens:,} out, ${self.cost_usd:.4f}, {self.blocked} blocked")
+
+
+class Records:
+    """Fan-out of finished exchanges to every record keeper."""
+
+    def __init__(self):
+        self.totals = SessionTotals()
+
+    def complete(self, ex: "Exchange", now: float) -> None:
+        if ex.governed:
+            self.totals.add(ex)
+
+
+###############################################################################
+# TLS — the local CA and server certificate for the HTTPS listener (trustme), or the user's own
+###############################################################################
+
+CA_DAYS = 3650          # the local CA outlives many server certificates
+SERVER_CERT_DAYS = 365  # browsers and SDKs reject longer-lived leaf certificates
+
+
+def cert_dir(config: Config) -> str:
+    return config.server.tls.cert_dir or os.path.join(config.dir, "certs")
+
+
+def ensure_local_ca(config: Config) -> tuple[str, str, str]:
+    """Create (once) and reuse {dir}/certs/{ca.crt, ca.key, server.crt, server.key}; keys 0600.
+    Returns (ca.crt, server.crt, server.key) paths."""
+    folder = cert_dir(config)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    paths = {name: os.path.join(folder, name) for name in ("ca.crt", "ca.key", "server.crt", "server.key")}
+    if all(os.path.isfile(p) for p in paths.values()):
+        return paths["ca.crt"], paths["server.crt"], paths["server.key"]
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    now = _dt.datetime.now(_dt.timezone.utc)
+    if os.path.isfile(paths["ca.crt"]) and os.path.isfile(paths["ca.key"]):
+        with open(paths["ca.crt"], "rb") as fh:
+            ca_pem = fh.read()
+        with open(paths["ca.key"], "rb") as fh:
+            ca_key_pem = fh.read()
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tokenomics"),
+                          x509.NameAttribute(NameOID.COMMON_NAME, "tokenomics local CA")])
+        ca_cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - _dt.timedelta(hours=1))
+                   .not_valid_after(now + _dt.timedelta(days=CA_DAYS))
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                   .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                                content_commitment=False, key_encipherment=False,
+                                                data_encipherment=False, key_agreement=False,
+                                                encipher_only=False, decipher_only=False), critical=True)
+                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+                   .sign(key, hashes.SHA256()))
+        ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+        ca_key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption())
+        write_private(paths["ca.key"], ca_key_pem)
+        write_private(paths["ca.crt"], ca_pem)
+        os.chmod(paths["ca.crt"], 0o644)
+    ca = _trustme.CA.from_pem(ca_pem, ca_key_pem)
+    leaf = ca.issue_cert("localhost", "127.0.0.1", "::1", common_name="localhost",
+                         not_after=now + _dt.timedelta(days=SERVER_CERT_DAYS))
+    write_private(paths["server.key"], leaf.private_key_pem.bytes())
+    write_private(paths["server.crt"], b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    os.chmod(paths["server.crt"], 0o644)
+    return paths["ca.crt"], paths["server.crt"], paths["server.key"]
+
+
+def server_tls_context(config: Config) -> ssl.SSLContext | None:
+    """The HTTPS listener's context, or None (with one warning) when it cannot be built."""
+    tls = config.server.tls
+    if tls.cert_file or tls.key_file:
+        if not (tls.cert_file and tls.key_file):
+            raise UsageError("config: server.tls: cert_file and key_file must be given together")
+        cert, key = tls.cert_file, tls.key_file
+    elif not tls.auto_gen:
+        raise UsageError("config: server.tls: set cert_file and key_file, or auto_gen: true, or disable TLS "
+                         "with --no-tls / https_port: 0")
+    elif not HAVE_TRUSTME:
+        log.warning("HTTPS is off: the TLS extra is not installed. Install it with "
+                    "`pip install 'tokenomics[tls]'`, or pass --no-tls to silence this warning")
+        return None
+    else:
+        _, cert, key = ensure_local_ca(config)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"config: server.tls: cannot load {cert} / {key}: {exc}") from None
+    return ctx
+
 
 ###############################################################################
 # Proxy — assembles store, catalog, client, pipeline and listeners; runs until a signal
@@ -4136,15 +4297,24 @@ class Proxy:
                                  header_timeout=config.server.header_timeout)
         self.urls: list[str] = []
 
-    async def start(self) -> list[str]:
+    async def start(self, ephemeral_tls: bool | None = None) -> list[str]:
+        """Open the configured listeners, or with `ephemeral_tls` set one listener on a free
+        loopback port (HTTPS when true) for `run` and `demo`."""
         cfg = self.config.server
-        if cfg.http_port == 0 and (cfg.https_port == 0 or not cfg.tls.enabled):
+        if ephemeral_tls is not None:
+            context = server_tls_context(self.config) if ephemeral_tls else None
+            if ephemeral_tls and context is None:
+                raise UsageError("--tls: HTTPS needs the TLS extra: pip install 'tokenomics[tls]'")
+            self.urls.append(await self._listen("127.0.0.1", 0, context))
+            return self.urls
+        if not cfg.http_port and (not cfg.https_port or not cfg.tls.enabled):
             raise UsageError("--port: both listeners are disabled; give --port or --https-port a port number")
         if cfg.http_port:
             self.urls.append(await self._listen(cfg.host, cfg.http_port, None))
         if cfg.https_port and cfg.tls.enabled:
-            log.warning("HTTPS listener is not available yet; serving plain HTTP only (use --no-tls to "
-                        "silence this)")
+            context = server_tls_context(self.config)
+            if context is not None:
+                self.urls.append(await self._listen(cfg.host, cfg.https_port, context))
         return self.urls
 
     async def _listen(self, host: str, port: int, context) -> str:
@@ -4178,6 +4348,30 @@ async def _serve_until_signal(proxy: Proxy, ready: Callable[[list[str]], None] |
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await proxy.stop()
+
+
+class BackgroundProxy:
+    """A proxy on its own event loop in a thread: for `run` and `demo`, which keep the main
+    thread for the wrapped command or the walkthrough."""
+
+    def __init__(self, proxy: Proxy):
+        self.proxy = proxy
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="tokenomics-proxy", daemon=True)
+        self.urls: list[str] = []
+
+    def start(self, tls: bool = False) -> list[str]:
+        self.thread.start()
+        self.urls = asyncio.run_coroutine_threadsafe(self.proxy.start(ephemeral_tls=tls), self.loop).result(30)
+        return self.urls
+
+    def stop(self) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self.proxy.stop(), self.loop).result(
+                self.proxy.config.server.grace_period + 10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
 
 
 def run_async(coro):
@@ -4371,12 +4565,469 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def ca_bundle(config: Config) -> tuple[str, str]:
+    """(our CA alone, the system trust store plus our CA): Node adds the first to its store;
+    Python and OpenSSL replace theirs with SSL_CERT_FILE, so they get the second."""
+    ca_file, _, _ = ensure_local_ca(config)
+    bundle = os.path.join(cert_dir(config), "bundle.pem")
+    paths = ssl.get_default_verify_paths()
+    system = b""
+    for candidate in (paths.cafile, paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt"):
+        if candidate and os.path.isfile(candidate):
+            with open(candidate, "rb") as fh:
+                system = fh.read()
+            break
+    with open(ca_file, "rb") as fh:
+        ours = fh.read()
+    write_private(bundle, system.rstrip(b"\n") + b"\n" + ours)
+    os.chmod(bundle, 0o644)
+    return ca_file, bundle
+
+
+_PROVIDER_ENV = {
+    "google_gemini": lambda url, token: {"GEMINI_API_KEY": token, "GOOGLE_API_KEY": token,
+                                         "GOOGLE_GEMINI_BASE_URL": url, "GEMINI_BASE_URL": url + "/v1"},
+    "azure_openai": lambda url, token: {"AZURE_OPENAI_API_KEY": token, "AZURE_OPENAI_ENDPOINT": url,
+                                        "AZURE_API_KEY": token, "AZURE_API_BASE": url},
+}
+_PROVIDER_ALIASES = {"gemini": "google_gemini", "google": "google_gemini", "azure": "azure_openai"}
+
+
+def client_env(url: str, token: str, provider: str | None = None, ca: tuple[str, str] | None = None,
+               insecure: bool = False) -> dict:
+    """The variables the official SDKs and common agents read, pointed at the proxy."""
+    url = url.rstrip("/")
+    env = {"OPENAI_API_KEY": token, "OPENAI_BASE_URL": url + "/v1", "OPENAI_API_BASE": url + "/v1",
+           "ANTHROPIC_API_KEY": token, "ANTHROPIC_AUTH_TOKEN": token, "ANTHROPIC_BASE_URL": url}
+    provider = _PROVIDER_ALIASES.get(provider or "", provider)
+    for name, extra in _PROVIDER_ENV.items():
+        if provider in (name, "all"):
+            env.update(extra(url, token))
+    if ca is not None:
+        env.update({"NODE_EXTRA_CA_CERTS": ca[0], "SSL_CERT_FILE": ca[1], "REQUESTS_CA_BUNDLE": ca[1]})
+    if insecure:
+        env["NODE_TLS_REJECT_UNAUTHORIZED"] = "0"
+    return env
+
+
+def _mask(token: str) -> str:
+    return token[:8] + "…" if len(token) > 8 else "…"
+
+
+def _http_get(url: str, token: str | None = None, timeout: float = 2.0, cafile: str | None = None):
+    """(status, body) of a GET, or (0, error text) when the proxy cannot be reached."""
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    ctx = ssl.create_default_context(cafile=cafile) if url.startswith("https") else None
+    try:
+        with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (OSError, ValueError) as exc:
+        return 0, str(exc).encode()
+
+
+def _check_token(store: TokenStore | None, token: str, proxy_url: str | None) -> None:
+    if not token.startswith(TOKEN_PREFIX):
+        raise UsageError("--token: expected a tkn_ wrapper token")
+    if proxy_url:
+        status, _ = _http_get(proxy_url.rstrip("/") + "/v1/models", token)
+        if status == 0:
+            raise RuntimeFailure(f"--proxy-url: {proxy_url} is not reachable")
+        if status == 401:
+            raise UsageError("--token: the proxy does not accept this token (unknown, deleted or expired)")
+        return
+    record = store.lookup(token)
+    if record is None:
+        raise UsageError("--token: no token in this data dir matches; create one with `tokenomics token create`")
+    if record.expired(time.time()):
+        raise UsageError(f"--token: the token expired at {utc_iso(record.expires_at)}")
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def cmd_run(args) -> int:
+    command = list(args.cmd or [])
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise UsageError("run: give the command to wrap after --, e.g. tokenomics run -- claude")
+    token = args.token or os.environ.get("TOKENOMICS_KEY", "")
+    if not token:
+        raise UsageError("--token: no token given; pass --token tkn_... or set TOKENOMICS_KEY")
+    config = _load(args, _serve_overrides(args))
+    provider = args.provider or config.cli_maps.get(os.path.basename(command[0]))
+    background = None
+    if args.proxy_url:
+        _check_token(None, token, args.proxy_url)
+        url, ca = args.proxy_url, None
+    else:
+        proxy = Proxy(config)
+        _check_token(proxy.store, token, None)
+        background = BackgroundProxy(proxy)
+        url = background.start(tls=args.tls)[0]
+        ca = ca_bundle(config) if args.tls else None
+    env = client_env(url, token, provider, ca)
+    if args.print_env:
+        for key, value in env.items():
+            _err(f"export {key}={_mask(value) if value == token else value}")
+    child_env = {**os.environ, **env}
+    try:
+        child = subprocess.Popen(command, env=child_env)
+    except OSError as exc:
+        if background is not None:
+            background.stop()
+        raise RuntimeFailure(f"run: cannot start {command[0]}: {exc.strerror or exc}") from None
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+
+    def forward(signum, _frame):
+        # From a terminal, Ctrl-C already reaches the child (same process group): do not double it.
+        if signum != signal.SIGINT or not interactive:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        returncode = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if background is not None:
+            background.stop()
+            _err(background.proxy.pipeline.records.totals.line())
+    return _exit_code(returncode)
+
+
+def _pid_path(config: Config) -> str:
+    return os.path.join(config.dir, "tokenomics.pid")
+
+
+def _self_command() -> list[str]:
+    """How to start this same program again (source file, installed module or zipapp)."""
+    here = os.path.abspath(__file__)
+    return [sys.executable, here if os.path.isfile(here) else os.path.dirname(here)]
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return b"tokenomics" in fh.read()
+    except OSError:
+        return True
+
+
+def _read_pid(config: Config) -> dict | None:
+    try:
+        with open(_pid_path(config), encoding="utf-8") as fh:
+            info = json.load(fh)
+        return info if isinstance(info, dict) and isinstance(info.get("pid"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
+def cmd_start(args) -> int:
+    config = _load(args, _serve_overrides(args))
+    ensure_data_dir(config.dir)
+    info = _read_pid(config)
+    if info and _process_alive(info["pid"]):
+        _err(f"tokenomics is already running (pid {info['pid']})")
+        _out(info.get("url", ""))
+        return 0
+    log_path = os.path.join(config.dir, "tokenomics.log")
+    argv = _self_command() + ["--dir", config.dir] + (["--config", config.source] if config.source else []) + \
+        ["serve"] + sum(([flag, str(value)] for flag, value in (
+            ("--host", args.host), ("--port", args.port), ("--https-port", args.https_port),
+            ("--upstream-url", args.upstream_url)) if value is not None), []) + (["--no-tls"] if args.no_tls else [])
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    offset = os.lseek(fd, 0, os.SEEK_END)
+    started = time.time()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+                                          start_new_session=True)
+    os.close(fd)
+    write_private(_pid_path(config), json.dumps({"pid": proc.pid, "started_at": utc_iso(started),
+                                                 "log": log_path}).encode())
+    deadline = time.monotonic() + 15
+    urls: list[str] = []
+    while time.monotonic() < deadline:
+        with open(log_path, "rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode("utf-8", "replace")
+        urls = re.findall(r"tokenomics listening on (\S+)", text)
+        if urls:
+            break
+        if proc.poll() is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_pid_path(config))
+            raise RuntimeFailure(f"start: the proxy exited with code {proc.returncode}:\n{text.strip()}")
+        time.sleep(0.02)
+    else:
+        proc.terminate()
+        raise RuntimeFailure(f"start: the proxy did not become ready within 15 s; see {log_path}")
+    url = next((u for u in urls if u.startswith("http://")), urls[0])
+    write_private(_pid_path(config), json.dumps({"pid": proc.pid, "started_at": utc_iso(started),
+                                                 "url": url, "urls": urls, "log": log_path}).encode())
+    _out(url)
+    return 0
+
+
+def cmd_stop(args) -> int:
+    config = _load(args)
+    info = _read_pid(config)
+    if info is None:
+        _err("tokenomics is not running")
+        return 0
+    pid = info["pid"]
+    if not _process_alive(pid):
+        os.unlink(_pid_path(config))
+        _err(f"tokenomics is not running (removed a stale pid file for pid {pid})")
+        return 0
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + config.server.grace_period + 5
+    while time.monotonic() < deadline and _process_alive(pid):
+        time.sleep(0.05)
+    if _process_alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        _err(f"tokenomics (pid {pid}) did not stop in time and was killed")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_pid_path(config))
+    _err(f"tokenomics stopped (pid {pid})")
+    return 0
+
+
+def provider_key_presence(catalog: Catalog, environ=None) -> dict:
+    environ = os.environ if environ is None else environ
+    return {p.name: bool(environ.get(p.api_key_env)) for p in catalog.all() if p.api_key_env}
+
+
+def cmd_status(args) -> int:
+    config = _load(args)
+    catalog = Catalog(config)
+    info = _read_pid(config)
+    running = bool(info and _process_alive(info["pid"]))
+    url = info.get("url") if running else None
+    if running and url:
+        running = _http_get(url + "/health", cafile=os.path.join(cert_dir(config), "ca.crt"))[0] == 200
+    try:
+        tokens = len(TokenStore(config, catalog).records())
+    except TokenomicsError:
+        tokens = None
+    status = {"running": running, "pid": info["pid"] if running else None, "url": url if running else None,
+              "tokens": tokens, "providers": provider_key_presence(catalog)}
+    if args.json:
+        _print_json(status)
+        return 0
+    _out(f"tokenomics is {'running' if running else 'stopped'}" + (f" at {url} (pid {status['pid']})" if running else ""))
+    _out(f"tokens: {tokens if tokens is not None else 'unreadable (check the encryption key)'}")
+    keys = ", ".join(f"{name} {'set' if ok else 'missing'}" for name, ok in sorted(status["providers"].items()))
+    _out(f"provider keys: {keys}")
+    return 0
+
+
+def cmd_init(args) -> int:
+    config = _load(args)
+    token = args.token or os.environ.get("TOKENOMICS_KEY") or "tkn_REPLACE_ME"
+    url = args.proxy_url or f"http://{config.server.host}:{config.server.http_port or 8080}"
+    ca = None
+    if url.startswith("https") and not args.insecure:
+        ca_file = os.path.join(cert_dir(config), "ca.crt")
+        ca = (ca_file, os.path.join(cert_dir(config), "bundle.pem")) if not os.path.isfile(ca_file) \
+            else ca_bundle(config)
+    env = client_env(url, token, args.provider, ca, insecure=args.insecure and url.startswith("https"))
+    if args.output == "json":
+        text = json.dumps(env, indent=2)
+    elif args.output == "dotenv" or args.dotenv:
+        text = "\n".join(f"{k}={_quote_env(v)}" for k, v in env.items())
+    else:
+        text = "\n".join(f"export {k}={_quote_env(v)}" for k, v in env.items())
+    if args.dotenv:
+        write_private(args.dotenv, (text + "\n").encode())
+        _err(f"wrote {len(env)} variables to {args.dotenv}")
+    else:
+        _out(text)
+    return 0
+
+
+def _quote_env(value: str) -> str:
+    return value if re.fullmatch(r"[A-Za-z0-9_./:@%+=,-]*", value) else "'" + value.replace("'", "'\\''") + "'"
+
+
+def cmd_doctor(args) -> int:
+    checks: list[dict] = []
+
+    def check(name: str, status: str, detail: str) -> None:
+        checks.append({"name": name, "status": status, "detail": detail})
+
+    try:
+        config = _load(args)
+        check("config", "ok", f"read {config.source}" if config.source else "no config file; using defaults")
+    except UsageError as exc:
+        check("config", "fail", str(exc))
+        config = None
+    if config is not None:
+        try:
+            ensure_data_dir(config.dir)
+            probe = os.path.join(config.dir, f".doctor-{os.getpid()}")
+            write_private(probe, b"ok")
+            os.unlink(probe)
+            check("data dir", "ok", f"{config.dir} is writable")
+        except OSError as exc:
+            check("data dir", "fail", f"{config.dir} is not writable: {exc.strerror}")
+        env_name = config.security.hash_key_env
+        if os.environ.get(env_name):
+            check("hash key", "ok", f"from {env_name}")
+        elif os.path.isfile(os.path.join(config.dir, "hash.key")):
+            check("hash key", "warn", f"{env_name} is not set; using {os.path.join(config.dir, 'hash.key')}")
+        else:
+            check("hash key", "warn", f"{env_name} is not set; a key file will be generated on first use")
+        catalog = Catalog(config)
+        store = None
+        enc = config.security.encryption_key_env
+        try:
+            store = TokenStore(config, catalog)
+            if os.environ.get(enc):
+                check("encryption", "ok", f"policies are encrypted with the key in {enc}")
+            else:
+                check("encryption", "warn", f"{enc} is not set; policies are stored in plain text")
+        except TokenomicsError as exc:
+            check("encryption", "fail", str(exc))
+        needed: dict[str, set] = {}
+        for record in store.records() if store else []:
+            for pp in (record.policy,) + record.policy.providers:
+                provider = catalog.get(pp.name or record.policy.provider or config.default_provider or "openai") \
+                    if (pp.name or record.policy.provider or config.default_provider or "openai") in catalog.names() \
+                    else None
+                env = pp.base_key_env or record.policy.base_key_env or (provider.api_key_env if provider else "")
+                if env and not (provider and provider.name == "mock"):
+                    needed.setdefault(env, set()).add(record.hash[:12])
+        for env_name, hashes in sorted(needed.items()):
+            if os.environ.get(env_name):
+                check(f"key {env_name}", "ok", "set")
+            else:
+                check(f"key {env_name}", "fail", f"not set, but token(s) {', '.join(sorted(hashes))} need it")
+        for name in ("openai", "anthropic"):
+            env_name = catalog.get(name).api_key_env
+            if env_name not in needed:
+                check(f"key {env_name}", "ok" if os.environ.get(env_name) else "warn",
+                      "set" if os.environ.get(env_name) else f"not set; {name} requests will fail with upstream_key_missing")
+        tls = config.server.tls
+        if tls.cert_file or tls.key_file:
+            try:
+                ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                ctx.load_cert_chain(tls.cert_file, tls.key_file)
+                check("tls", "ok", f"{tls.cert_file} loads")
+            except (OSError, ssl.SSLError) as exc:
+                check("tls", "fail", f"cannot load {tls.cert_file} / {tls.key_file}: {exc}")
+        elif not HAVE_TRUSTME:
+            check("tls", "warn", "the TLS extra is not installed (pip install 'tokenomics[tls]'); HTTPS is off")
+        else:
+            check("tls", "ok", "a local CA and certificate are generated in " + cert_dir(config))
+        info = _read_pid(config)
+        if info and _process_alive(info["pid"]) and info.get("url"):
+            status, _ = _http_get(info["url"] + "/health")
+            check("proxy", "ok" if status == 200 else "fail",
+                  f"{info['url']} answers" if status == 200 else f"{info['url']} does not answer")
+        else:
+            check("proxy", "warn", "no background proxy is running (tokenomics start)")
+    failed = any(c["status"] == "fail" for c in checks)
+    if args.json:
+        _print_json({"ok": not failed, "checks": checks})
+    else:
+        for c in checks:
+            _out(f"{c['status'].upper():5} {c['name']}: {c['detail']}")
+    return 1 if failed else 0
+
+
+def cmd_completion(args) -> int:
+    parser = build_parser()
+    commands = {}
+    for action in parser._subparsers._group_actions:
+        for name, sub in action.choices.items():
+            words = []
+            for sub_action in sub._actions:
+                words += [o for o in sub_action.option_strings if o.startswith("--")]
+                if isinstance(sub_action, argparse._SubParsersAction):
+                    words += list(sub_action.choices)
+            commands[name] = sorted(set(words))
+    names = " ".join(sorted(commands))
+    if args.shell == "bash":
+        cases = "\n".join(f'        {n}) opts="{" ".join(w)}" ;;' for n, w in sorted(commands.items()))
+        _out(f"""_tokenomics() {{
+    local cur=${{COMP_WORDS[COMP_CWORD]}} cmd=${{COMP_WORDS[1]}} opts
+    if [ "$COMP_CWORD" -eq 1 ]; then COMPREPLY=($(compgen -W "{names} --config --dir --help" -- "$cur")); return; fi
+    case "$cmd" in
+{cases}
+    esac
+    COMPREPLY=($(compgen -W "$opts" -- "$cur"))
+}}
+complete -o default -F _tokenomics tokenomics""")
+    elif args.shell == "zsh":
+        _out("#compdef tokenomics\n_tokenomics() {\n  local -a cmds\n  cmds=(" + names + ")\n"
+             "  if (( CURRENT == 2 )); then _describe 'command' cmds; return; fi\n  case $words[2] in\n"
+             + "\n".join(f"    {n}) _arguments '*:arg:({' '.join(w)})' ;;" for n, w in sorted(commands.items()))
+             + "\n  esac\n}\ncompdef _tokenomics tokenomics")
+    else:
+        lines = [f"complete -c tokenomics -f -n '__fish_use_subcommand' -a '{names}'"]
+        for n, words in sorted(commands.items()):
+            for w in words:
+                if w.startswith("--"):
+                    lines.append(f"complete -c tokenomics -n '__fish_seen_subcommand_from {n}' -l {w[2:]}")
+                else:
+                    lines.append(f"complete -c tokenomics -f -n '__fish_seen_subcommand_from {n}' -a {w}")
+        _out("\n".join(lines))
+    return 0
+
+
 def cmd_version(args) -> int:
     if getattr(args, "json", False):
         _print_json({"version": __version__, "python": sys.version.split()[0]})
     else:
         _out(f"tokenomics {__version__}")
     return 0
+
+
+def build_zipapp(target: str = "dist/tokenomics.pyz") -> str:
+    """Build one runnable archive: this module plus the pure-Python h11 and PyYAML, with a
+    __main__ that keeps the exit code. Timestamps are fixed so the archive is reproducible."""
+    import shutil
+    import zipapp
+    import zipfile
+    build = tempfile.mkdtemp(prefix="tokenomics-pyz-")
+    try:
+        shutil.copy(os.path.abspath(__file__), os.path.join(build, "tokenomics.py"))
+        for package in (h11, yaml):
+            source = os.path.dirname(package.__file__)
+            shutil.copytree(source, os.path.join(build, package.__name__),
+                            ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyd", "*.dist-info"))
+        with open(os.path.join(build, "__main__.py"), "w", encoding="utf-8") as fh:
+            fh.write("import sys\nimport tokenomics\nsys.exit(tokenomics.main())\n")
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        raw = target + ".tmp"
+        zipapp.create_archive(build, raw, interpreter="/usr/bin/env python3")
+        with open(raw, "rb") as fh:  # rewrite with fixed timestamps and sorted entries
+            shebang = fh.readline()
+        with zipfile.ZipFile(raw) as src, open(target, "wb") as out:
+            out.write(shebang)
+            with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+                for name in sorted(src.namelist()):
+                    info = zipfile.ZipInfo(name, date_time=(2020, 1, 1, 0, 0, 0))
+                    info.compress_type = zipfile.ZIP_DEFLATED
+                    info.external_attr = 0o644 << 16
+                    dst.writestr(info, src.read(name))
+        os.unlink(raw)
+        os.chmod(target, 0o755)
+        return target
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
 
 
 def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -4427,6 +5078,47 @@ def build_parser() -> argparse.ArgumentParser:
     listing = token_cmds.add_parser("list", parents=[common], help="list tokens")
     listing.add_argument("--json", action="store_true")
     token.set_defaults(func=cmd_token)
+
+    run = commands.add_parser("run", parents=[common], help="wrap a command in an ephemeral proxy",
+                              usage="tokenomics run [options] -- CMD [ARGS...]")
+    run.add_argument("--token", help="the wrapper token (default $TOKENOMICS_KEY)")
+    run.add_argument("--provider", help="also export this provider's variables (gemini, azure, all)")
+    run.add_argument("--proxy-url", help="use this running proxy instead of starting one")
+    run.add_argument("--tls", action="store_true", help="serve HTTPS with the local CA and trust it in CMD")
+    run.add_argument("--print-env", action="store_true", help="show the exported variables on stderr")
+    run.add_argument("--admin", action="store_true", help="also serve the admin UI")
+    run.add_argument("--upstream-url", help="default upstream (server.upstream_url)")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command to run, after --")
+    run.set_defaults(func=cmd_run, host=None, port=None, https_port=None, no_tls=False)
+
+    start = commands.add_parser("start", parents=[common], help="run the proxy in the background")
+    start.add_argument("--host")
+    start.add_argument("--port", type=int)
+    start.add_argument("--https-port", type=int)
+    start.add_argument("--no-tls", action="store_true")
+    start.add_argument("--upstream-url")
+    start.set_defaults(func=cmd_start)
+    commands.add_parser("stop", parents=[common], help="stop the background proxy").set_defaults(func=cmd_stop)
+    status = commands.add_parser("status", parents=[common], help="is the background proxy running?")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    init = commands.add_parser("init", parents=[common], help="print the variables that point a client at a proxy")
+    init.add_argument("--output", choices=("shell", "dotenv", "json"), default="shell")
+    init.add_argument("--dotenv", metavar="FILE", help="write a .env file instead of printing")
+    init.add_argument("--proxy-url")
+    init.add_argument("--provider")
+    init.add_argument("--token")
+    init.add_argument("--insecure", action="store_true", help="skip TLS verification of an HTTPS proxy (Node)")
+    init.set_defaults(func=cmd_init)
+
+    doctor = commands.add_parser("doctor", parents=[common], help="check the set-up")
+    doctor.add_argument("--json", action="store_true")
+    doctor.set_defaults(func=cmd_doctor)
+
+    completion = commands.add_parser("completion", parents=[common], help="shell completion script")
+    completion.add_argument("shell", choices=("bash", "zsh", "fish"))
+    completion.set_defaults(func=cmd_completion)
 
     version = commands.add_parser("version", parents=[common], help="print the version")
     version.add_argument("--json", action="store_true")
