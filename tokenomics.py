@@ -756,18 +756,24 @@ def load_hash_key(config: Config, environ=None) -> bytes:
             key = fh.read().strip()
         if key:
             return key
+        raise RuntimeFailure(f"{path} is empty; delete it to generate a new hash key (tokens hashed "
+                             f"with the old key stop working) or set {config.security.hash_key_env}")
     except FileNotFoundError:
         pass
     key = secrets.token_hex(32).encode("ascii")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    write_private(tmp, key + b"\n")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.link(tmp, path)  # atomic create-if-absent: a reader never sees a half-written key
     except FileExistsError:  # another process won the race: use its key
         with open(path, "rb") as fh:
-            return fh.read().strip()
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key + b"\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+            key = fh.read().strip()
+        if not key:
+            raise RuntimeFailure(f"{path} is empty; delete it to generate a new hash key (tokens hashed "
+                                 f"with the old key stop working) or set {config.security.hash_key_env}") from None
+        return key
+    finally:
+        os.unlink(tmp)
     log.warning("%s is not set: generated a hash key in %s (keep it; tokens hashed with it stop "
                 "working without it)", config.security.hash_key_env, path)
     return key
@@ -1075,11 +1081,10 @@ class ProviderPolicy:
     index: int = 0
 
     def matches(self, model: str) -> bool:
-        if self.model:
-            return self.model == model
-        if self.model_regex is not None:
-            return self.model_regex.search(model) is not None
-        return True
+        """§4 step 2: `model` equals M, or `model_regex` matches M, or neither is set."""
+        if not self.model and self.model_regex is None:
+            return True
+        return self.model == model or (self.model_regex is not None and self.model_regex.search(model) is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1314,12 +1319,9 @@ def resolve_policy(policy: Policy, model: str, catalog: "Catalog", config: Confi
     """§4 resolution: the first matching provider policy is merged on top of the global fields.
     `native_provider` is the provider the endpoint's own dialect suggests when nothing else picks one."""
     matched = next((pp for pp in policy.providers if pp.matches(model)), None)
-    base = matched if matched is not None else policy
-    allowed_model, allowed_regex = base.model, base.model_regex
-    if matched is not None and not matched.model and matched.model_regex is None:
-        allowed_model, allowed_regex = policy.model, policy.model_regex
-    if allowed_model and allowed_model != model or (
-            not allowed_model and allowed_regex is not None and not allowed_regex.search(model)):
+    # A provider policy that named M (or matched it by regex) allows it; a catch-all one, or
+    # none, leaves the decision to the global model / model_regex.
+    if (matched is None or (not matched.model and matched.model_regex is None)) and not policy.matches(model):
         raise ProxyError(403, "model_not_allowed",
                          f"model '{model}' is not allowed for this token; ask its owner to allow it "
                          "or use /v1/models to list the models you may use")
@@ -3972,6 +3974,10 @@ class Pipeline:
             return UpstreamResponse(status, [("content-type", content_type),
                                              ("x-request-id", "req_mock_" + ex.request_id[4:20])],
                                     None, None, timeout, body=payload)
+        if not base_url:
+            hint = f"set {provider.base_url_env}" if provider.base_url_env else "set upstream_url in the policy"
+            raise ProxyError(502, "upstream_unreachable", f"provider '{provider.name}' has no upstream URL; "
+                                                          f"{hint} on the proxy")
         key = self.upstream_key(key_env)
         query = _strip_query_key(req.query)
         if key and provider.auth_scheme == "query":
