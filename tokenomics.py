@@ -5872,6 +5872,43 @@ complete -o default -F _tokenomics tokenomics""")
     return 0
 
 
+def cmd_ledger(args) -> int:
+    config = _load(args)
+    now = time.time()
+    sessions = load_sessions(config.dir)
+    since = parse_when(args.since, now, flag="--since") if getattr(args, "since", None) else None
+    until = parse_when(args.until, now, flag="--until", end_of_day=True) if getattr(args, "until", None) else None
+    branch = getattr(args, "branch", None)
+    if args.ledger_cmd == "show":
+        session = find_session(sessions, args.id)
+        if args.json:
+            _print_json(session)
+        else:
+            sys.stdout.write(render_session(session))
+        return 0
+    if args.ledger_cmd == "sessions":
+        chosen = [s for s in sessions if _session_in(s, since, until, branch)]
+        if args.json:
+            _print_json([{k: v for k, v in s.items() if k != "requests"} for s in chosen])
+        else:
+            sys.stdout.write(render_sessions(chosen))
+        return 0
+    summary = summarize(sessions, since=since, until=until, branch=branch)
+    if args.json:
+        _print_json(summary)
+    else:
+        sys.stdout.write(render_summary(summary))
+    return 0
+
+
+def _session_in(session: dict, since: float | None, until: float | None, branch: str | None) -> bool:
+    if branch is not None and (session.get("git") or {}).get("branch", "") != branch:
+        return False
+    started = _when(session.get("started_at")) or 0.0
+    ended = _when(session.get("ended_at")) or started
+    return (since is None or ended >= since) and (until is None or started < until)
+
+
 def cmd_version(args) -> int:
     if getattr(args, "json", False):
         _print_json({"version": __version__, "python": sys.version.split()[0]})
@@ -6095,6 +6132,21 @@ def build_parser() -> argparse.ArgumentParser:
     completion = commands.add_parser("completion", parents=[common], help="shell completion script")
     completion.add_argument("shell", choices=("bash", "zsh", "fish"))
     completion.set_defaults(func=cmd_completion)
+
+    ledger = commands.add_parser("ledger", parents=[common], help="read the session ledger")
+    ledger_cmds = ledger.add_subparsers(dest="ledger_cmd", metavar="ACTION")
+    ledger_cmds.required = True
+    for name, text in (("summary", "totals and rollups by model, provider, token and branch"),
+                       ("sessions", "one line per proxy session")):
+        sub = ledger_cmds.add_parser(name, parents=[common], help=text)
+        sub.add_argument("--json", action="store_true")
+        sub.add_argument("--since", help="RFC 3339 date/time, or a duration ago (7d)")
+        sub.add_argument("--until", help="RFC 3339 date/time, or a duration ago")
+        sub.add_argument("--branch", help="only sessions run on this git branch")
+    show = ledger_cmds.add_parser("show", parents=[common], help="one session with its requests")
+    show.add_argument("id", help="session id or a prefix of 4+ characters")
+    show.add_argument("--json", action="store_true")
+    ledger.set_defaults(func=cmd_ledger)
 
     commands.add_parser("demo", parents=[common], help="a walkthrough on the built-in mock provider "
                         "(no key, no network)").set_defaults(func=cmd_demo)
