@@ -14,6 +14,7 @@ pipeline, records, and the command line with ``main()`` last.
 import argparse
 import asyncio
 import base64
+import bisect
 import calendar
 import collections
 import contextlib
@@ -25,6 +26,7 @@ import gzip
 import hashlib
 import hmac
 import http
+import ipaddress
 import json
 import logging
 import math
@@ -133,6 +135,23 @@ def parse_duration(text: str) -> float:
         raise ValueError("not a duration: expected a number and a unit (ms, s, m, h, d, w, y), "
                          "e.g. 30s, 1h, 7d")
     return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def _json_type(value: Any) -> str:
+    """How a JSON value is named in error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
 
 
 def utc_iso(ts: float) -> str:
@@ -424,6 +443,7 @@ def load_config(config_path: str | None = None, data_dir: str | None = None,
         _validate_provider_entry(name, entry, f"providers.{name}")
     try:
         parse_pricing(config.pricing)
+        validate_webhooks(config.events.webhooks)
     except UsageError as exc:
         raise UsageError(f"config: {exc}") from None
     return config
@@ -4687,6 +4707,9 @@ class Exchange:
     fallback_model: str = ""
     provider_meta: dict = field(default_factory=dict)
     rule_matches: list = field(default_factory=list)
+    events: list = field(default_factory=list)      # (type, data) raised along the way
+    request_body: bytes | None = None               # kept only when body logging is on
+    response_body: bytes | None = None
     governed: bool = False
 
 
@@ -4738,9 +4761,10 @@ class Admission:
     """What a request holds while it runs (a parallel slot, a budget reservation); `close`
     settles to the reported usage, or releases when there is none, exactly once."""
 
-    def __init__(self, pipeline: "Pipeline", model: str, parallel_key: str | None):
-        self.pipeline, self.model, self.parallel_key = pipeline, model, parallel_key
+    def __init__(self, pipeline: "Pipeline", model: str, parallel_key: str | None, ex: "Exchange"):
+        self.pipeline, self.model, self.parallel_key, self.ex = pipeline, model, parallel_key, ex
         self.reservation = None
+        self.lines: list = []
         self.cap_changed = False
         self.closed = False
 
@@ -4759,6 +4783,10 @@ class Admission:
         p.state.settle(self.reservation, usage.total_tokens, cost_usd(self.model, usage, p.pricing), now)
         if p.journal is not None:
             p.journal.commit(p.state)
+        if p.records.dispatcher is not None:
+            for line in self.lines:
+                used, _ = p.state.usage(line, now)
+                self.ex.events.append(("budget.update", budget_event(line, used, line.cap, now)))
 
 
 class Pipeline:
@@ -4775,12 +4803,21 @@ class Pipeline:
         self.environ = os.environ if environ is None else environ
         self.clock = clock
         self.records = records if records is not None else Records()
+        self.log_bodies = (config.logging.request_body, config.logging.response_body)
+        self._expired_seen: set = set()
         self.mock = MockProvider()
 
     async def __call__(self, req: Request) -> Response:
         path = req.path
         if path in ("/health", "/ping"):
             return json_response(200, {"status": "ok"})
+        if path in ("/stats", "/metrics") and req.method == "GET":
+            if not self.admin_allowed(req):
+                return error_response("openai", ProxyError(403, "forbidden", f"{path} is served to loopback "
+                                                           "clients, or with the admin credentials"))
+            if path == "/stats":
+                return json_response(200, self.records.stats.snapshot())
+            return Response(200, [("content-type", METRICS_CONTENT_TYPE)], self.records.metrics.render().encode())
         if not path.startswith("/v1/"):
             if req.method in ("HEAD", "GET") and path in ("/", ""):
                 return json_response(200, {"name": "tokenomics", "version": __version__})
@@ -4798,6 +4835,8 @@ class Pipeline:
                 response = await self.passthrough(req, ex)
         except ProxyError as err:
             ex.status, ex.error = err.status, err.code
+            if getattr(err, "event", None):
+                ex.events.append(err.event)
             response = error_response(family, err)
         except Exception:  # a bug must cost one request, never the connection or the server
             log.exception("request %s failed", ex.request_id)
@@ -4829,6 +4868,22 @@ class Pipeline:
         except Exception:
             log.exception("recording request %s failed", ex.request_id)
 
+    def admin_allowed(self, req: Request) -> bool:
+        """Loopback clients, or anyone with the configured basic-auth credentials."""
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(req.client).is_loopback:
+                return True
+        auth = self.config.admin.auth
+        header = req.headers.get("authorization", "")
+        if not (auth.username and auth.password and header[:6].lower() == "basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:].strip()).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return hmac.compare_digest(user.encode(), auth.username.encode()) & \
+            hmac.compare_digest(password.encode(), auth.password.encode())
+
     # -- steps ------------------------------------------------------------------------------------
     def authenticate(self, req: Request, ex: Exchange | None = None) -> TokenRecord:
         token = credential(req)
@@ -4842,6 +4897,10 @@ class Pipeline:
             raise ProxyError(401, "invalid_token", "the API key is not a valid tokenomics token; it may have "
                                                    "been deleted; ask for a new one")
         if record.expired(now):
+            if record.hash not in self._expired_seen and len(self._expired_seen) < 100_000:
+                self._expired_seen.add(record.hash)
+                self.records.emit("token.expired", {"token_hash": record.hash[:16],
+                                                    "expires_at": utc_iso(record.expires_at)})
             raise ProxyError(401, "token_expired", f"this token expired at {utc_iso(record.expires_at)}; "
                                                    "ask its owner to renew it")
         if ex is not None:
@@ -4939,6 +4998,7 @@ class Pipeline:
 
     async def governed(self, req: Request, dialect: Dialect, ex: Exchange) -> Response:
         ex.governed = True
+        self.records.metrics.inflight(+1)
         record = self.authenticate(req, ex)
         body = self.parse_body(req.body)
         model = dialect.model(body)
@@ -4948,7 +5008,7 @@ class Pipeline:
                                native_provider="anthropic" if dialect.family == "anthropic" else "openai")
         ex.model, ex.provider, ex.key_env = model, route.provider.name, route.base_key_env
         upstream_dialect = self.upstream_dialect(dialect, route)
-        admission = self.admit(record, route, dialect, body, len(req.body))
+        admission = self.admit(record, route, dialect, body, len(req.body), ex)
         try:
             changed = admission.cap_changed
             if route.prompts:
@@ -4965,6 +5025,8 @@ class Pipeline:
                     strip_usage = changed = True
                 upstream_body = body
                 payload = json.dumps(body, ensure_ascii=False).encode("utf-8") if changed else req.body
+            if self.log_bodies[0]:
+                ex.request_body = payload
             upstream = await self.send(req, route.provider, route.upstream_url, route.base_key_env, payload,
                                        route.timeout, ex, upstream_dialect, upstream_body)
             headers = self.client_headers(upstream, ex, upstream.decoded)
@@ -4981,6 +5043,8 @@ class Pipeline:
                 relay = StreamRelay(dialect, ex, strip_usage=strip_usage, translator=translator)
                 return Response(200, headers, stream=self._finish_stream(relay, upstream, admission, len(payload)))
             data = await upstream.read()
+            if self.log_bodies[1]:
+                ex.response_body = data
             answer = None
             if "json" in upstream.header_map.get("content-type", "application/json"):
                 with contextlib.suppress(ValueError):
@@ -5061,7 +5125,7 @@ class Pipeline:
         return lines
 
     def admit(self, record: TokenRecord, route: ResolvedPolicy, dialect: Dialect, body: dict,
-              body_len: int) -> "Admission":
+              body_len: int, ex: Exchange) -> "Admission":
         """Rate limits, parallel slots and the budget reservation, before anything is forwarded.
         Lowers the request's output cap to what the budget (or the policy) allows."""
         now = self.clock()
@@ -5070,7 +5134,7 @@ class Pipeline:
         estimate = estimate_tokens(body_len)
         if policy.rate_rules:
             self.state.admit(key, policy.rate_rules, now, tokens=estimate)
-        admission = Admission(self, route.model, key if policy.max_parallel is not None else None)
+        admission = Admission(self, route.model, key if policy.max_parallel is not None else None, ex)
         if policy.max_parallel is not None:
             self.state.enter(key, policy.max_parallel)
         try:
@@ -5090,7 +5154,7 @@ class Pipeline:
                 res, granted = self.state.reserve(lines, estimate + allowance, usd, now,
                                                   min_tokens=estimate + (1 if allowance else 0),
                                                   usd_per_token=price[2] / 1e6)
-                admission.reservation = res
+                admission.reservation, admission.lines = res, lines
                 if dialect is not EMBEDDINGS:
                     cap = min(granted - estimate, cap or granted)  # a hard cap needs a bound upstream
             if cap is not None and cap != requested:
@@ -5988,6 +6052,729 @@ class MemoryWriter:
 
 
 ###############################################################################
+# Records — stats, metrics, logs, events
+###############################################################################
+# What an operator sees while the proxy runs: `/stats` (JSON rollups), `/metrics` (Prometheus
+# text), one structured log line per request, and events delivered to webhooks. Everything
+# here is fed a finished RequestRecord; none of it may slow a proxied request or fail it, and
+# none of it may ever write a key or a raw token. All state lives on one event loop (no locks):
+# with `serve --workers N` each process keeps its own stats and metrics.
+
+STATS_MAX_TOKENS = 10_000       # /stats by_token entries. Tokens are created by people, so a real
+                                # deployment has far fewer live ones; the cap only matters when
+                                # tokens churn (CI minting one per job) and keeps memory flat
+                                # over a long run: further tokens are summed under "other".
+METRICS_MAX_MODELS = 200        # distinct `model` label values. The client names the model, so
+                                # without a cap one client could grow /metrics (and the scraper's
+                                # TSDB) without bound; beyond it, series are labelled "other".
+METRICS_MAX_LABEL_VALUES = 100  # distinct values of any other free label (rule type, action)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+                                # seconds to the upstream's first byte: a local stub answers in
+                                # ms, a hosted reasoning model can take a minute
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LOG_TOKEN_PREFIX = 12           # chars of the token hash in log lines: enough to tell tokens apart
+STATS_TOKEN_PREFIX = 16         # chars of the token hash in /stats, as in the ledger
+LOG_BODY_MAX_BYTES = 1 * MiB    # logged bodies are cut here: agents send ~100 KB, but one base64
+                                # image must not turn a log line into tens of megabytes
+WEBHOOK_QUEUE_SIZE = 1_000      # events waiting per webhook; when full the oldest is dropped
+WEBHOOK_RETRIES = 3             # retries after the first attempt (so up to 4 POSTs)
+WEBHOOK_BACKOFF = 0.5           # seconds before the first retry; doubles each time (0.5, 1, 2)
+WEBHOOK_TIMEOUT = 5.0           # seconds per attempt unless the webhook sets `timeout`
+WEBHOOK_CONCURRENCY = 4         # deliveries in flight per webhook: one slow POST (or its backoff)
+                                # must not hold every later event back
+WEBHOOK_WARN_INTERVAL = 60.0    # seconds between "webhook failing" warnings for one webhook
+_OTHER = "other"
+
+EVENT_TYPES = (
+    "token.created", "token.updated", "token.deleted", "token.expired",
+    "rule.violation", "rule.warning", "rule.match", "rule.mask",
+    "budget.exceeded", "budget.update",
+    "rate.exceeded",
+    "request.completed",
+    "server.start",
+)
+_EVENT_FAMILIES = frozenset(t.split(".", 1)[0] for t in EVENT_TYPES)
+
+# Belt and braces: records are built from hashes, names and counts and never receive a key or a
+# raw token, but a log line can also carry free text (metadata, bodies, exception messages). So
+# every line is scrubbed of the shapes of wrapper tokens and common provider keys before it is
+# written. Request ids share the token shape (`tkn_` + 32 hex); a line's own request id is kept.
+_SECRET_RE = re.compile(
+    r"tkn_[0-9a-fA-F]{32}"            # wrapper tokens (and request ids: see `keep`)
+    r"|sk-[A-Za-z0-9_-]{16,}"         # OpenAI, Anthropic (sk-ant-...), DeepSeek, OpenRouter, ...
+    r"|AKIA[0-9A-Z]{16}"              # AWS access key ids (Bedrock)
+    r"|AIza[0-9A-Za-z_-]{35}"         # Google API keys (Gemini)
+)
+REDACTED = "[REDACTED]"
+
+
+def scrub(text: str, keep: frozenset | tuple = ()) -> str:
+    """`text` with every token- or key-shaped substring replaced by [REDACTED], except the exact
+    strings in `keep` (the line's own request id)."""
+    if not keep:
+        return _SECRET_RE.sub(REDACTED, text)
+    return _SECRET_RE.sub(lambda m: m.group(0) if m.group(0) in keep else REDACTED, text)
+
+
+def rfc3339_ms(ts: float) -> str:
+    """Unix seconds -> RFC 3339 UTC with milliseconds, e.g. 2025-01-02T03:04:05.678Z."""
+    d = _dt.datetime.fromtimestamp(ts, _dt.timezone.utc)
+    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
+
+
+def _is_error(rec: "RequestRecord") -> bool:
+    return rec.status_code >= 400 or bool(rec.error)
+
+
+def _capped(value: str, seen: set, cap: int) -> str:
+    """`value`, or "other" once `cap` distinct values have been seen: bounds label/key sets."""
+    if value in seen:
+        return value
+    if len(seen) < cap:
+        seen.add(value)
+        return value
+    return _OTHER
+
+
+# --- /stats ------------------------------------------------------------------------------------
+
+class _Rollup:
+    """Running sums for one /stats bucket."""
+    __slots__ = ("requests", "input_tokens", "output_tokens", "cost_usd", "errors")
+
+    def __init__(self):
+        self.requests = self.input_tokens = self.output_tokens = self.errors = 0
+        self.cost_usd = 0.0
+
+    def add(self, rec: "RequestRecord", error: bool) -> None:
+        self.requests += 1
+        self.input_tokens += rec.input_tokens
+        self.output_tokens += rec.output_tokens
+        self.cost_usd += rec.cost_usd
+        self.errors += error
+
+    def to_json(self) -> dict:
+        return {"requests": self.requests, "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens,
+                "total_tokens": self.input_tokens + self.output_tokens,
+                "cost_usd": round(self.cost_usd, 8), "errors": self.errors}
+
+
+class Stats:
+    """In-process usage rollups since start, served as JSON by `GET /stats`: totals, by model,
+    by key env (the env var *name* the upstream key came from), by token hash prefix."""
+
+    def __init__(self, started_at: float | None = None, max_tokens: int = STATS_MAX_TOKENS,
+                 max_models: int = METRICS_MAX_MODELS):
+        self.started_at = time.time() if started_at is None else started_at
+        self.max_tokens, self.max_models = max_tokens, max_models
+        self._totals = _Rollup()
+        self._by_model: dict[str, _Rollup] = {}
+        self._by_key_env: dict[str, _Rollup] = {}
+        self._by_token: dict[str, _Rollup] = {}
+
+    @staticmethod
+    def _bucket(table: dict, key: str, cap: int) -> _Rollup:
+        roll = table.get(key)
+        if roll is None:
+            if len(table) >= cap:       # "other" itself may make it cap + 1 entries: still bounded
+                key = _OTHER
+                roll = table.get(key)
+            if roll is None:
+                roll = table[key] = _Rollup()
+        return roll
+
+    def observe(self, rec: "RequestRecord", key_env: str) -> None:
+        error = _is_error(rec)
+        self._totals.add(rec, error)
+        self._bucket(self._by_model, rec.model or "unknown", self.max_models).add(rec, error)
+        self._bucket(self._by_key_env, key_env or "none", self.max_models).add(rec, error)
+        token = rec.token_hash[:STATS_TOKEN_PREFIX] or "anonymous"
+        self._bucket(self._by_token, token, self.max_tokens).add(rec, error)
+
+    def snapshot(self) -> dict:
+        return {"totals": self._totals.to_json(),
+                "by_model": {k: v.to_json() for k, v in sorted(self._by_model.items())},
+                "by_key_env": {k: v.to_json() for k, v in sorted(self._by_key_env.items())},
+                "by_token": {k: v.to_json() for k, v in sorted(self._by_token.items())},
+                "started_at": rfc3339_ms(self.started_at)}
+
+
+# --- /metrics ----------------------------------------------------------------------------------
+
+def _prom_label(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+def _prom_number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if value != value:
+        return "NaN"
+    if value in (math.inf, -math.inf):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+_METRIC_HELP = {
+    "tokenomics_requests_total": ("counter", "Governed requests by HTTP status class and model."),
+    "tokenomics_tokens_total": ("counter", "Tokens by direction (input, output) and model."),
+    "tokenomics_cost_usd_total": ("counter", "Estimated spend in US dollars by model."),
+    "tokenomics_upstream_latency_seconds": ("histogram", "Time from forwarding a request to the "
+                                            "upstream's first response byte."),
+    "tokenomics_guardrail_actions_total": ("counter", "Guardrail rule actions by action and rule type."),
+    "tokenomics_rejections_total": ("counter", "Requests refused by a rate limit or a budget."),
+    "tokenomics_requests_in_flight": ("gauge", "Proxied requests being served right now."),
+    "tokenomics_webhook_events_dropped_total": ("counter", "Webhook events dropped because the "
+                                                "delivery queue was full."),
+}
+
+
+class Metrics:
+    """A tiny Prometheus registry (no client library): counters, one gauge and one histogram
+    held as dicts keyed by label tuples, rendered in text exposition format 0.0.4."""
+
+    def __init__(self, max_models: int = METRICS_MAX_MODELS, buckets: tuple = LATENCY_BUCKETS):
+        self.max_models = max_models
+        self.buckets = tuple(sorted(float(b) for b in buckets))
+        self._models: set = set()
+        self._actions: set = set()
+        self._types: set = set()
+        self._requests: dict[tuple, int] = {}
+        self._tokens: dict[tuple, int] = {}
+        self._cost: dict[tuple, float] = {}
+        self._guardrail: dict[tuple, int] = {}
+        self._rejections: dict[tuple, int] = {}
+        self._latency_counts = [0] * (len(self.buckets) + 1)   # per bucket, last one is +Inf
+        self._latency_sum = 0.0
+        self._in_flight = 0
+        self._dropped = 0
+
+    def observe(self, rec: "RequestRecord", upstream_latency_ms: float = 0.0) -> None:
+        """Count one finished request. Latency is observed only when the request was forwarded
+        (`upstream_latency_ms` > 0); guardrail actions and rejections have their own calls."""
+        model = _capped(rec.model or "unknown", self._models, self.max_models)
+        code = rec.status_code
+        status_class = f"{code // 100}xx" if 100 <= code < 600 else _OTHER
+        key = (status_class, model)
+        self._requests[key] = self._requests.get(key, 0) + 1
+        for direction, n in (("input", rec.input_tokens), ("output", rec.output_tokens)):
+            key = (direction, model)
+            self._tokens[key] = self._tokens.get(key, 0) + n
+        self._cost[(model,)] = self._cost.get((model,), 0.0) + rec.cost_usd
+        if upstream_latency_ms > 0:
+            seconds = upstream_latency_ms / 1000.0
+            self._latency_counts[bisect.bisect_left(self.buckets, seconds)] += 1
+            self._latency_sum += seconds
+
+    def inc_guardrail(self, action: str, rule_type: str) -> None:
+        key = (_capped(action, self._actions, METRICS_MAX_LABEL_VALUES),
+               _capped(rule_type, self._types, METRICS_MAX_LABEL_VALUES))
+        self._guardrail[key] = self._guardrail.get(key, 0) + 1
+
+    def inc_rejection(self, kind: str) -> None:
+        """`kind`: "rate_limited" or "budget_exceeded" (the error code of the 429)."""
+        key = (kind if kind in ("rate_limited", "budget_exceeded") else _OTHER,)
+        self._rejections[key] = self._rejections.get(key, 0) + 1
+
+    def inflight(self, delta: int) -> None:
+        self._in_flight += delta
+
+    def inc_dropped_events(self, n: int = 1) -> None:
+        self._dropped += n
+
+    def render(self) -> str:
+        out: list[str] = []
+
+        def family(name: str, labels: tuple, series: dict) -> None:
+            kind, text = _METRIC_HELP[name]
+            out.append(f"# HELP {name} {text}")
+            out.append(f"# TYPE {name} {kind}")
+            for values, number in sorted(series.items()):
+                pairs = ",".join(f'{k}="{_prom_label(v)}"' for k, v in zip(labels, values))
+                out.append(f"{name}{{{pairs}}} {_prom_number(number)}" if pairs
+                           else f"{name} {_prom_number(number)}")
+
+        family("tokenomics_requests_total", ("status_class", "model"), self._requests)
+        family("tokenomics_tokens_total", ("direction", "model"), self._tokens)
+        family("tokenomics_cost_usd_total", ("model",), self._cost)
+        name = "tokenomics_upstream_latency_seconds"
+        family(name, (), {})
+        cumulative = 0
+        for bound, count in zip(self.buckets + (math.inf,), self._latency_counts):
+            cumulative += count
+            out.append(f'{name}_bucket{{le="{_prom_number(bound)}"}} {cumulative}')
+        out.append(f"{name}_sum {_prom_number(self._latency_sum)}")
+        out.append(f"{name}_count {cumulative}")
+        family("tokenomics_guardrail_actions_total", ("action", "type"), self._guardrail)
+        family("tokenomics_rejections_total", ("reason",), self._rejections)
+        family("tokenomics_requests_in_flight", (), {(): self._in_flight})
+        family("tokenomics_webhook_events_dropped_total", (), {(): self._dropped})
+        return "\n".join(out) + "\n"
+
+
+# --- structured request logs -------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class LogOptions:
+    """The `logging` options that shape request log lines. `file_path` "" means stderr only."""
+    format: str = "json"
+    disable_request: bool = False
+    hide_token_hash: bool = False
+    request_body: bool = False
+    response_body: bool = False
+    file_path: str = ""
+
+    @classmethod
+    def from_config(cls, cfg: "LoggingConfig", data_dir: str = "") -> "LogOptions":
+        path = cfg.file.path if cfg.file.enabled else ""
+        if path and data_dir and not os.path.isabs(path):
+            path = os.path.join(data_dir, path)
+        return cls(format=cfg.format, disable_request=cfg.disable_request,
+                   hide_token_hash=cfg.hide_token_hash, request_body=cfg.request_body,
+                   response_body=cfg.response_body, file_path=path)
+
+
+_TEXT_PLAIN_RE = re.compile(r"[^\s\"'=\\\x00-\x1f\x7f]+")
+
+
+def _text_value(value: Any) -> str:
+    """A value for a text log line: bare when it is one harmless word, JSON-quoted otherwise,
+    so that a model name or metadata value can never break the one-line-per-request shape."""
+    if not isinstance(value, str):      # compact JSON escapes newlines: still one line
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    return value if _TEXT_PLAIN_RE.fullmatch(value) else json.dumps(value, ensure_ascii=False)
+
+
+def _body_text(body: bytes) -> str:
+    if len(body) > LOG_BODY_MAX_BYTES:
+        cut = len(body) - LOG_BODY_MAX_BYTES
+        return body[:LOG_BODY_MAX_BYTES].decode("utf-8", "replace") + f"...[truncated {cut} bytes]"
+    return body.decode("utf-8", "replace")
+
+
+class RequestLogger:
+    """One line per governed request, JSON (default) or text, on stderr and optionally appended
+    to a 0600 file. Bodies are logged only when enabled, and the bodies given are the ones sent
+    upstream (after masking/anonymizing), never the client's originals."""
+
+    def __init__(self, options: LogOptions | None = None, *, stream=None, **overrides):
+        opts = options or LogOptions()
+        self.options = dataclasses.replace(opts, **overrides) if overrides else opts
+        self._stream = stream           # None: sys.stderr at write time (follows redirection)
+        self._fd: int | None = None
+        self._warned = False
+        if self.options.file_path and not self.options.disable_request:
+            self._open(self.options.file_path)
+
+    def _open(self, path: str) -> None:
+        folder = os.path.dirname(path)
+        if folder:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(self._fd, 0o600)      # an existing file keeps no wider mode than a new one
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def entry(self, rec: "RequestRecord", key_env: str, request_body: bytes | None = None,
+              response_body: bytes | None = None) -> dict:
+        """The log line's fields, before formatting and scrubbing."""
+        o = self.options
+        e: dict[str, Any] = {"timestamp": rfc3339_ms(rec.timestamp), "method": "POST",
+                             "path": rec.endpoint}
+        if not o.hide_token_hash:
+            e["token_hash"] = rec.token_hash[:LOG_TOKEN_PREFIX]
+        e.update(model=rec.model, provider=rec.provider, key_env=key_env, status=rec.status_code,
+                 duration_ms=round(rec.duration_ms, 1),
+                 tokens={"input": rec.input_tokens, "output": rec.output_tokens},
+                 cost_usd=round(rec.cost_usd, 8), stream=rec.stream, retries=rec.retry_count,
+                 rule_matches=rec.rule_matches, request_id=rec.request_id,
+                 upstream_request_id=rec.upstream_request_id, upstream_id=rec.upstream_id,
+                 metadata=rec.metadata)
+        if rec.error:
+            e["error"] = rec.error
+        if rec.fallback_model:
+            e["fallback_model"] = rec.fallback_model
+        if o.request_body and request_body is not None:
+            e["request_body"] = _body_text(request_body)
+        if o.response_body and response_body is not None:
+            e["response_body"] = _body_text(response_body)
+        return e
+
+    def format(self, rec: "RequestRecord", key_env: str, request_body: bytes | None = None,
+               response_body: bytes | None = None) -> str:
+        """The scrubbed line (no newline) that `log` writes."""
+        e = self.entry(rec, key_env, request_body, response_body)
+        if self.options.format == "text":
+            words = [e["timestamp"], "POST", _text_value(e["path"]), str(e["status"]),
+                     f"{e['duration_ms']}ms"]
+            for k, v in e.items():
+                if k in ("timestamp", "method", "path", "status", "duration_ms"):
+                    continue
+                if k == "tokens":
+                    words.append(f"tokens={v['input']}/{v['output']}")
+                elif k == "rule_matches":
+                    if v:
+                        words.append("rules=" + _text_value(",".join(
+                            f"{m.get('rule', '')}:{m.get('action', '')}" for m in v)))
+                elif v not in ("", {}, None):
+                    words.append(f"{k}={_text_value(v)}")
+            line = " ".join(words)
+        else:
+            line = json.dumps(e, separators=(",", ":"), ensure_ascii=False, default=str)
+        return scrub(line, keep=(rec.request_id,) if rec.request_id else ())
+
+    def log(self, rec: "RequestRecord", key_env: str, request_body: bytes | None = None,
+            response_body: bytes | None = None) -> None:
+        """Write the request's line, unless request logging is disabled. Never raises for I/O:
+        a full disk or a closed stderr costs the log line, not the request."""
+        if self.options.disable_request:
+            return
+        data = self.format(rec, key_env, request_body, response_body) + "\n"
+        try:
+            stream = self._stream or sys.stderr
+            stream.write(data)
+            stream.flush()
+            if self._fd is not None:
+                _write_all(self._fd, data.encode("utf-8"))
+        except (OSError, ValueError) as exc:  # ValueError: write to a closed stream
+            if not self._warned:
+                self._warned = True
+                log.warning("request log write failed (%s); further failures are not reported",
+                            type(exc).__name__)
+
+
+class _RedactingFilter(logging.Filter):
+    """Scrubs token and key shapes from every record it sees, message, arguments and traceback
+    alike. A record logged with `extra={"request_id": rid}` keeps that request id visible."""
+
+    _formatter = logging.Formatter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rid = getattr(record, "request_id", "")
+        keep = (rid,) if isinstance(rid, str) and rid else ()
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad %-format must not hide the record (nor leak its args)
+            message = str(record.msg)
+        clean = scrub(message, keep)
+        if clean != message or record.args:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            # Format the traceback now, scrubbed: the handler's formatter reuses exc_text.
+            record.exc_text = self._formatter.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = scrub(record.exc_text, keep)
+        if record.stack_info:
+            record.stack_info = scrub(record.stack_info, keep)
+        return True
+
+
+def redacting_filter() -> logging.Filter:
+    """A filter for the handler of the "tokenomics" logger (handler filters also see records of
+    child loggers, logger filters do not): nothing token- or key-shaped reaches the output."""
+    return _RedactingFilter()
+
+
+# --- events and webhooks -----------------------------------------------------------------------
+
+def make_event(type_: str, data: dict, now: float) -> dict:
+    """The event payload every webhook receives. Callers put the token's metadata tags in `data`."""
+    if type_ not in EVENT_TYPES:
+        raise ValueError(f"unknown event type {type_!r}")
+    return {"id": "evt_" + secrets.token_hex(16), "type": type_, "timestamp": rfc3339_ms(now),
+            "data": data}
+
+
+def event_matches(filters: list | tuple, type_: str) -> bool:
+    """Webhook `events` filter: exact names, `prefix.*`, `*`; an empty list takes everything."""
+    if not filters:
+        return True
+    for f in filters:
+        if f == "*" or f == type_ or (f.endswith(".*") and type_.startswith(f[:-1])):
+            return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """One validated `events.webhooks[]` entry."""
+    url: str
+    secret: str = ""
+    signing_key: str = ""
+    events: tuple = ()
+    timeout: float = WEBHOOK_TIMEOUT
+    insecure: bool = False
+
+
+_WEBHOOK_KEYS = ("url", "secret", "signing_key", "events", "timeout", "insecure")
+
+
+def _valid_event_filter(f: Any) -> bool:
+    if not isinstance(f, str):
+        return False
+    if f == "*" or f in EVENT_TYPES:
+        return True
+    return f.endswith(".*") and f[:-2] in _EVENT_FAMILIES
+
+
+def validate_webhooks(raw: Any, path: str = "events.webhooks") -> list[Webhook]:
+    """Config `events.webhooks` -> Webhooks; UsageError naming the first bad field."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise UsageError(f"{path}: expected a list of webhooks, got {_json_type(raw)}")
+    hooks = []
+    for i, entry in enumerate(raw):
+        where = f"{path}[{i}]"
+        if isinstance(entry, Webhook):
+            hooks.append(entry)
+            continue
+        if not isinstance(entry, dict):
+            raise UsageError(f"{where}: expected a mapping with at least `url`, got {_json_type(entry)}")
+        for key in entry:
+            if key not in _WEBHOOK_KEYS:
+                raise UsageError(f"{where}.{key}: unknown key (known: {', '.join(_WEBHOOK_KEYS)})")
+        url = entry.get("url")
+        parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"{where}.url: expected an http:// or https:// URL")
+        try:
+            parts.port
+        except ValueError:
+            raise UsageError(f"{where}.url: the port is not a number from 0 to 65535") from None
+        for key in ("secret", "signing_key"):
+            if not isinstance(entry.get(key, ""), str):
+                raise UsageError(f"{where}.{key}: expected a string")
+        events = entry.get("events", [])
+        if isinstance(events, str):
+            events = [events]
+        if not isinstance(events, list):
+            raise UsageError(f"{where}.events: expected a list of event names or patterns")
+        for j, f in enumerate(events):
+            if not _valid_event_filter(f):
+                raise UsageError(f"{where}.events[{j}]: {f!r} is not an event name, `prefix.*` or "
+                                 f"`*` (events: {', '.join(EVENT_TYPES)})")
+        timeout = entry.get("timeout", WEBHOOK_TIMEOUT)
+        if isinstance(timeout, str):
+            try:
+                timeout = parse_duration(timeout)
+            except ValueError as exc:
+                raise UsageError(f"{where}.timeout: {exc}") from None
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0 \
+                or timeout == math.inf:
+            raise UsageError(f"{where}.timeout: expected a positive number of seconds (e.g. 5 or 5s)")
+        insecure = entry.get("insecure", False)
+        if not isinstance(insecure, bool):
+            raise UsageError(f"{where}.insecure: expected true or false")
+        hooks.append(Webhook(url=url, secret=entry.get("secret", ""),
+                             signing_key=entry.get("signing_key", ""), events=tuple(events),
+                             timeout=float(timeout), insecure=insecure))
+    return hooks
+
+
+def _origin(url: str) -> str:
+    """scheme://host:port of a webhook URL, for log messages: webhook paths and query strings
+    often carry a secret (Slack, Discord), so they are never logged."""
+    p = urllib.parse.urlsplit(url)
+    return f"{p.scheme}://{p.hostname}" + (f":{p.port}" if p.port else "")
+
+
+class _WebhookError(Exception):
+    """A delivery attempt that failed in a way worth retrying."""
+
+
+async def _post_once(url: str, body: bytes, headers: list, ctx: "ssl.SSLContext | None") -> int:
+    """POST `body` to `url` with h11 over one fresh connection; the response status."""
+    p = urllib.parse.urlsplit(url)
+    host = p.hostname
+    port = p.port or (443 if p.scheme == "https" else 80)
+    reader, writer = await asyncio.open_connection(host, port, ssl=ctx,
+                                                   server_hostname=host if ctx else None)
+    try:
+        conn = h11.Connection(h11.CLIENT)
+        netloc = p.netloc.rpartition("@")[2]
+        hdrs = [("Host", netloc)] + headers + [("Content-Length", str(len(body))),
+                                               ("Connection", "close")]
+        if p.username is not None:
+            creds = f"{urllib.parse.unquote(p.username)}:{urllib.parse.unquote(p.password or '')}"
+            hdrs.append(("Authorization", "Basic " + base64.b64encode(creds.encode()).decode()))
+        target = (p.path or "/") + (f"?{p.query}" if p.query else "")
+        writer.write(conn.send(h11.Request(method="POST", target=target, headers=hdrs))
+                     + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+        await writer.drain()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await reader.read(65536))
+            elif type(event) is h11.Response:
+                return event.status_code     # the body is not needed: the connection closes
+            elif type(event) is h11.ConnectionClosed:
+                raise _WebhookError("connection closed before a response")
+    finally:
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), 1.0)
+        except (OSError, asyncio.TimeoutError, ssl.SSLError):
+            pass
+
+
+class WebhookDispatcher:
+    """Delivers events to the configured webhooks from bounded in-memory queues, one per webhook,
+    so that a slow or dead endpoint never delays a proxied request nor another webhook.
+    `emit` only enqueues (when a queue is full its oldest event is dropped and counted);
+    `run` is the background delivery; `close` drains within a deadline."""
+
+    def __init__(self, webhooks: list, *, queue_size: int = WEBHOOK_QUEUE_SIZE,
+                 on_drop: Callable[[], None] | None = None, backoff: float = WEBHOOK_BACKOFF,
+                 retries: int = WEBHOOK_RETRIES, concurrency: int = WEBHOOK_CONCURRENCY):
+        self.webhooks = tuple(validate_webhooks(list(webhooks)))
+        self.on_drop, self.backoff, self.retries = on_drop, backoff, retries
+        self.concurrency = max(1, concurrency)
+        self._queues = [asyncio.Queue(queue_size) for _ in self.webhooks]
+        self.dropped = self.delivered = self.failed = self.attempts = 0
+        self._tasks: list = []
+        self._closed = False
+        self._ssl: dict[bool, ssl.SSLContext] = {}
+        self._warned_at: dict[int, float] = {}
+
+    def emit(self, event: dict) -> None:
+        """Queue `event` for every webhook whose filter takes it. Never blocks or awaits."""
+        if self._closed:
+            return
+        body = None
+        for hook, queue in zip(self.webhooks, self._queues):
+            if not event_matches(hook.events, event["type"]):
+                continue
+            if body is None:
+                body = json.dumps(event, separators=(",", ":"), ensure_ascii=False,
+                                  default=str).encode("utf-8")
+            if queue.full():
+                queue.get_nowait()
+                queue.task_done()
+                self.dropped += 1
+                if self.on_drop is not None:
+                    self.on_drop()
+            queue.put_nowait((event["type"], event.get("id", ""), body))
+
+    def pending(self) -> int:
+        return sum(q.qsize() for q in self._queues)
+
+    async def run(self) -> None:
+        """Deliver until cancelled or closed. Start it as a background task."""
+        if self._tasks:
+            return                      # already running (close() may have started it)
+        self._tasks = [asyncio.ensure_future(self._worker(i))
+                       for i in range(len(self.webhooks)) for _ in range(self.concurrency)]
+        try:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        finally:
+            for task in self._tasks:
+                task.cancel()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop taking events, deliver what is queued within `timeout` seconds, then stop."""
+        self._closed = True
+        runner = None
+        if not self._tasks and self.pending():
+            runner = asyncio.ensure_future(self.run())
+            await asyncio.sleep(0)  # let run() start its workers
+        try:
+            await asyncio.wait_for(asyncio.gather(*(q.join() for q in self._queues)), timeout)
+        except asyncio.TimeoutError:
+            pass
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=1.0)
+        if runner is not None:
+            await asyncio.wait([runner], timeout=1.0)
+
+    async def _worker(self, index: int) -> None:
+        hook, queue = self.webhooks[index], self._queues[index]
+        while True:
+            type_, event_id, body = await queue.get()
+            try:
+                await self._deliver(index, hook, type_, event_id, body)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # pragma: no cover - a bug must not kill the worker
+                log.error("webhook %s: unexpected %s", _origin(hook.url), type(exc).__name__)
+            finally:
+                queue.task_done()
+
+    def _context(self, insecure: bool) -> ssl.SSLContext:
+        ctx = self._ssl.get(insecure)
+        if ctx is None:
+            ctx = ssl.create_default_context()
+            if insecure:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            self._ssl[insecure] = ctx
+        return ctx
+
+    async def _deliver(self, index: int, hook: Webhook, type_: str, event_id: str,
+                       body: bytes) -> bool:
+        headers = [("Content-Type", "application/json"), ("User-Agent", "tokenomics-webhook"),
+                   ("X-Webhook-Event", type_), ("X-Webhook-Id", event_id)]
+        if hook.secret:
+            headers.append(("X-Webhook-Secret", hook.secret))
+        if hook.signing_key:
+            digest = hmac.new(hook.signing_key.encode("utf-8"), body, hashlib.sha256).hexdigest()
+            headers.append(("X-Webhook-Signature", "sha256=" + digest))
+        ctx = self._context(hook.insecure) if hook.url.startswith("https:") else None
+        reason = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(self.backoff * 2 ** (attempt - 1))
+            self.attempts += 1
+            try:
+                status = await asyncio.wait_for(_post_once(hook.url, body, headers, ctx), hook.timeout)
+            except asyncio.TimeoutError:
+                reason = f"no answer within {hook.timeout:g}s"
+                continue
+            except (OSError, h11.ProtocolError, _WebhookError) as exc:  # ssl.SSLError is an OSError
+                reason = type(exc).__name__
+                continue
+            if 200 <= status < 300:
+                self.delivered += 1
+                return True
+            reason = f"HTTP {status}"
+            if status != 429 and status < 500:
+                break                   # the receiver refused this event: sending it again won't help
+        self.failed += 1
+        now = time.monotonic()
+        if now - self._warned_at.get(index, -math.inf) >= WEBHOOK_WARN_INTERVAL:
+            self._warned_at[index] = now
+            log.warning("webhook %s: %s event not delivered (%s); %d failed so far",
+                        _origin(hook.url), type_, reason, self.failed)
+        return False
+
+
+def deliver_once(webhooks: list, event: dict, timeout: float = 5.0) -> int:
+    """Best-effort synchronous delivery for the CLI (token.* events): waits at most about
+    `timeout` seconds in total, never raises; returns how many webhooks accepted the event."""
+    try:
+        hooks = validate_webhooks(list(webhooks))
+        if not any(event_matches(h.events, event["type"]) for h in hooks):
+            return 0
+
+        async def _go() -> int:
+            dispatcher = WebhookDispatcher(hooks, concurrency=1)
+            dispatcher.emit(event)
+            await dispatcher.close(timeout)
+            return dispatcher.delivered
+
+        return asyncio.run(_go())
+    except Exception as exc:
+        log.debug("webhook delivery skipped: %s", type(exc).__name__)
+        return 0
+
+
+###############################################################################
 # Records — what happened: session totals, ledger, stats, metrics, logs, events
 ###############################################################################
 
@@ -6031,19 +6818,57 @@ def request_record(ex: "Exchange", now: float) -> RequestRecord:
         metadata=ex.metadata, provider_meta=ex.provider_meta)
 
 
-class Records:
-    """Fan-out of finished exchanges to every record keeper (the ledger, totals, ...)."""
+_RULE_EVENTS = {"fail": "rule.violation", "warn": "rule.warning", "log": "rule.match", "mask": "rule.mask",
+                "anonymize": "rule.mask"}
 
-    def __init__(self, ledger: "Ledger | None" = None):
+
+class Records:
+    """Fan-out of finished exchanges to every record keeper: session totals, the ledger, /stats,
+    /metrics, the request log and webhook events. None of them may fail or slow a request."""
+
+    def __init__(self, ledger: "Ledger | None" = None, logger: "RequestLogger | None" = None,
+                 dispatcher: "WebhookDispatcher | None" = None, clock: Callable[[], float] = time.time):
         self.totals = SessionTotals()
         self.ledger = ledger
+        self.stats = Stats(started_at=clock())
+        self.metrics = Metrics()
+        self.logger = logger
+        self.dispatcher = dispatcher
+        self.clock = clock
+
+    def emit(self, type_: str, data: dict) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.emit(make_event(type_, data, self.clock()))
 
     def complete(self, ex: "Exchange", now: float) -> None:
         if not ex.governed:
             return
+        self.metrics.inflight(-1)
         self.totals.add(ex)
-        if self.ledger is not None and ex.token_hash:
-            self.ledger.record(request_record(ex, now))
+        if not ex.token_hash:
+            return  # refused before authentication: counted in /metrics only via status
+        rec = request_record(ex, now)
+        if self.ledger is not None:
+            self.ledger.record(rec)
+        self.stats.observe(rec, ex.key_env)
+        self.metrics.observe(rec, ex.upstream_latency_ms)
+        for match in rec.rule_matches:
+            self.metrics.inc_guardrail(match["action"], match["type"])
+        if ex.error in ("rate_limited", "budget_exceeded"):
+            self.metrics.inc_rejection(ex.error)
+        if self.logger is not None:
+            self.logger.log(rec, ex.key_env, ex.request_body, ex.response_body)
+        if self.dispatcher is not None:
+            base = {"token_hash": ex.token_hash[:16], "request_id": ex.request_id, "model": ex.model,
+                    "metadata": ex.metadata}
+            for match in rec.rule_matches:
+                self.emit(_RULE_EVENTS.get(match["action"], "rule.match"), {**base, **match})
+            for type_, data in ex.events:
+                self.emit(type_, {**base, **data})
+            self.emit("request.completed", {**base, "provider": ex.provider, "status": ex.status,
+                                            "error": ex.error, "stream": ex.stream,
+                                            "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens,
+                                            "cost_usd": rec.cost_usd, "duration_ms": rec.duration_ms})
 
 
 ###############################################################################
@@ -6146,7 +6971,13 @@ class Proxy:
         self.journal = UsageJournal(os.path.join(config.dir, "usage.journal"))
         self.journal.replay(self.state)
         self.ledger = Ledger(config.dir, cwd=os.getcwd()) if config.ledger.enabled else None
-        self.records = Records(self.ledger)
+        webhooks = validate_webhooks(config.events.webhooks)
+        self.dispatcher = WebhookDispatcher(webhooks) if webhooks else None
+        options = LogOptions.from_config(config.logging, config.dir)
+        self.records = Records(self.ledger, None if options.disable_request else RequestLogger(options),
+                               self.dispatcher)
+        if self.dispatcher is not None:
+            self.dispatcher.on_drop = self.records.metrics.inc_dropped_events
         self.pipeline = Pipeline(config, self.store, self.catalog, self.client, self.state, self.journal,
                                  self.environ, records=self.records)
         self._tasks: list[asyncio.Task] = []
@@ -6158,8 +6989,13 @@ class Proxy:
         """Open the configured listeners, or with `ephemeral_tls` set one listener on a free
         loopback port (HTTPS when true) for `run` and `demo`."""
         cfg = self.config.server
+        loop = asyncio.get_running_loop()
         if self.ledger is not None:
-            self._tasks.append(asyncio.get_running_loop().create_task(self.ledger.run_flusher()))
+            self._tasks.append(loop.create_task(self.ledger.run_flusher()))
+        if self.dispatcher is not None:
+            self._tasks.append(loop.create_task(self.dispatcher.run()))
+        self.records.emit("server.start", {"version": __version__,
+                                           "session_id": self.ledger.session_id if self.ledger else ""})
         if ephemeral_tls is not None:
             context = server_tls_context(self.config) if ephemeral_tls else None
             if ephemeral_tls and context is None:
@@ -6188,6 +7024,8 @@ class Proxy:
     async def stop(self) -> None:
         await self.server.shutdown(self.config.server.grace_period)
         self.client.close()
+        if self.dispatcher is not None:
+            await self.dispatcher.close(timeout=5.0)
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -6266,6 +7104,7 @@ def _setup_logging(config: Config | None = None) -> None:
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("tokenomics %(levelname)s: %(message)s"))
+        handler.addFilter(redacting_filter())
         root.addHandler(handler)
         root.propagate = False
     root.setLevel(level)
@@ -6328,6 +7167,16 @@ def _policy_summary(policy: Policy) -> tuple[str, str, str, str]:
     return key_env, models or "any", ", ".join(budget) or "-", str(rules)
 
 
+def _token_event(config: Config, type_: str, record: TokenRecord) -> None:
+    """The CLI emits token.* itself (SPEC §9): best effort, bounded wait."""
+    webhooks = validate_webhooks(config.events.webhooks)
+    if webhooks:
+        deliver_once(webhooks, make_event(type_, {"token_hash": record.hash[:16], "label": record.label,
+                                                  "expires_at": utc_iso(record.expires_at) if record.expires_at
+                                                  else None, "metadata": record.policy.metadata}, time.time()),
+                     timeout=3.0)
+
+
 def cmd_token(args) -> int:
     store = _store(args)
     now = time.time()
@@ -6336,6 +7185,7 @@ def cmd_token(args) -> int:
         policy = _read_policy_arg(args.policy)
         expires = parse_expiry(args.expires, now) if args.expires else None
         token, record = store.create(policy, expires, args.label or "")
+        _token_event(store.config, "token.created", record)
         if args.json:
             _print_json({"token": token, "hash": record.hash, "expires_at": record.to_json(now)["expires_at"]})
         else:
@@ -6379,6 +7229,7 @@ def cmd_token(args) -> int:
         if policy is None and expires is ... and args.label is None:
             raise UsageError("token update: nothing to change; give --policy, --expires or --label")
         record = store.update(args.hash, policy, expires, args.label)
+        _token_event(store.config, "token.updated", record)
         if args.json:
             _print_json(record.to_json(now))
         else:
@@ -6386,6 +7237,7 @@ def cmd_token(args) -> int:
         return 0
     if action == "delete":
         record = store.delete(args.hash)
+        _token_event(store.config, "token.deleted", record)
         if args.json:
             _print_json({"deleted": record.hash})
         else:
