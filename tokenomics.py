@@ -2452,8 +2452,10 @@ BUILTIN_PROVIDERS: dict[str, dict] = {
                       auth_scheme="header", auth_header="x-api-key", dialect="anthropic",
                       headers={"anthropic-version": "2023-06-01"}, chat_path="/v1/messages",
                       models=_ANTHROPIC_MODELS),
+    # Azure names deployments in the path; the model name is taken as the deployment name.
     "azure_openai": dict(api_key_env="AZURE_OPENAI_API_KEY", base_url_env="AZURE_OPENAI_ENDPOINT",
-                         auth_scheme="header", auth_header="api-key"),
+                         auth_scheme="header", auth_header="api-key",
+                         chat_path="/openai/deployments/{model}/chat/completions?api-version=2024-10-21"),
     "google_gemini": dict(upstream_url="https://generativelanguage.googleapis.com/v1beta/openai",
                           api_key_env="GEMINI_API_KEY",
                           models=("gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.0-flash")),
@@ -2655,6 +2657,16 @@ class Dialect:
     def stream_usage(self, event: str | None, payload: dict, usage: "Usage") -> "Usage":
         return usage
 
+    def response_meta(self, payload: dict) -> dict:
+        """The served model and finish reason found in an answer or one stream event."""
+        meta = {}
+        if isinstance(payload.get("model"), str):
+            meta["model"] = payload["model"]
+        for choice in payload.get("choices") or ():
+            if isinstance(choice, dict) and choice.get("finish_reason"):
+                meta["finish_reason"] = choice["finish_reason"]
+        return meta
+
 
 class ChatDialect(Dialect):
     name = "chat"
@@ -2847,6 +2859,15 @@ class ResponsesDialect(Dialect):
             return self.usage(response)
         return usage
 
+    def response_meta(self, payload):
+        response = payload.get("response") if isinstance(payload.get("response"), dict) else payload
+        meta = {}
+        if isinstance(response.get("model"), str):
+            meta["model"] = response["model"]
+        if response.get("status") in ("completed", "incomplete", "failed"):
+            meta["finish_reason"] = response["status"]
+        return meta
+
 
 class MessagesDialect(Dialect):
     name = "messages"
@@ -2905,6 +2926,16 @@ class MessagesDialect(Dialect):
     def tail_event(self, channel, text, payload, event):
         return "content_block_delta", {"type": "content_block_delta", "index": channel,
                                        "delta": {"type": "text_delta", "text": text}}
+
+    def response_meta(self, payload):
+        message = payload.get("message") if isinstance(payload.get("message"), dict) else payload
+        meta = {}
+        if isinstance(message.get("model"), str):
+            meta["model"] = message["model"]
+        stop = message.get("stop_reason") or (payload.get("delta") or {}).get("stop_reason")
+        if stop:
+            meta["finish_reason"] = stop
+        return meta
 
     def stream_usage(self, event, payload, usage):
         kind = payload.get("type")
@@ -4570,8 +4601,9 @@ class StreamRelay:
 
     def __init__(self, dialect: Dialect, ex: "Exchange", channel: Callable[[], Any] | None = None,
                  full_text: Callable[[str], str] | None = None, strip_usage: bool = False,
-                 translator: Any = None):
+                 translator: Any = None, meta_dialect: Dialect | None = None):
         self.dialect, self.ex = dialect, ex
+        self.meta_dialect = meta_dialect or dialect
         self.channel, self.full_text, self.strip_usage = channel, full_text, strip_usage
         self.translator = translator
         self.channels: dict = {}
@@ -4601,6 +4633,8 @@ class StreamRelay:
             if self.translator is not None:
                 self.usage = self.translator.usage
             self.ex.usage = self.usage
+            if self.usage.total_tokens:
+                self.ex.provider_meta.update(usage_meta(self.usage))
 
     def feed(self, chunk: bytes) -> bytes:
         return b"".join(self._upstream_event(ev) for ev in self.parser.feed(chunk))
@@ -4621,12 +4655,26 @@ class StreamRelay:
         if self.translator is None:
             if not data or data[0] != "{":
                 return self._event(ev.event, data, ev.raw)
-            return self._event(ev.event, json.loads(data), ev.raw)
+            payload = json.loads(data)
+            self._observe(payload)
+            return self._event(ev.event, payload, ev.raw)
         payload = json.loads(data) if data and data[0] == "{" else data
+        if isinstance(payload, dict):
+            self._observe(payload)
         if not payload:
             return b""
         return b"".join(self._event(name, out, None) for name, out in
                         self._translated(self.translator.feed(ev.event, payload)))
+
+    def _observe(self, payload: dict) -> None:
+        """Served model, finish reason and the upstream's completion id, from the upstream's events."""
+        meta = self.meta_dialect.response_meta(payload)
+        if meta:
+            self.ex.provider_meta.update(meta)
+        if not self.ex.upstream_id:
+            holder = payload.get("message") or payload.get("response") or payload
+            if isinstance(holder, dict) and isinstance(holder.get("id"), str):
+                self.ex.upstream_id = holder["id"]
 
     def _flush(self, channels: list, payload: dict | None, event: str | None) -> bytes:
         out = []
@@ -4737,24 +4785,73 @@ def _strip_query_key(query: str) -> str:
                                    if k != "key"])
 
 
-def upstream_url_for(base: str, provider: Provider, path: str, query: str) -> str:
+def upstream_url_for(base: str, provider: Provider, path: str, query: str, model: str = "") -> str:
     """Join the upstream base URL and the client's path. A base with a path (…/v1,
-    …/v1beta/openai) replaces the client's leading /v1; `chat_path` replaces the chat endpoint."""
+    …/v1beta/openai) replaces the client's leading /v1; `chat_path` replaces the chat endpoint
+    and may carry `{model}` and a query (Azure: /openai/deployments/{model}/chat/completions?api-version=…)."""
     parts = urllib.parse.urlsplit(base)
     prefix = parts.path.rstrip("/")
     native_chat = "/v1/messages" if provider.dialect == "anthropic" else "/v1/chat/completions"
+    extra = ""
     if provider.chat_path and path == native_chat:
-        target = prefix + provider.chat_path
+        chat_path, _, extra = provider.chat_path.replace("{model}", urllib.parse.quote(model, safe="")).partition("?")
+        target = prefix + chat_path
     elif prefix and path.startswith("/v1/"):
         target = prefix + path[3:]
     else:
         target = prefix + path
-    query = "&".join(q for q in (parts.query, query) if q)
+    query = "&".join(q for q in (parts.query, extra, query) if q)
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, target, query, ""))
 
 
 _NOT_FORWARDED = frozenset(n.encode() for n in HOP_BY_HOP | AUTH_HEADERS | {"host", "content-length"})
 _NOT_RELAYED = HOP_BY_HOP | {"content-length"}
+
+
+_RETRYABLE_CODES = frozenset({"upstream_unreachable", "upstream_timeout"})
+MAX_RETRY_AFTER = 20.0      # seconds: a longer Retry-After is better answered by a fallback or the client
+
+
+def retry_delay(backoff: float, attempt: int, retry_after: str | None) -> float:
+    """Exponential backoff with jitter (50-100% of backoff * 2^attempt); an upstream's
+    Retry-After (seconds) wins when longer, capped at MAX_RETRY_AFTER."""
+    delay = backoff * (2 ** attempt) * (0.5 + secrets.randbelow(1000) / 2000)
+    if retry_after:
+        with contextlib.suppress(ValueError):
+            delay = max(delay, float(retry_after))
+    return min(delay, MAX_RETRY_AFTER)
+
+
+_RATE_LIMIT_HEADERS = (
+    "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens", "x-ratelimit-limit-requests", "x-ratelimit-limit-tokens",
+    "anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-tokens-remaining",
+    "anthropic-ratelimit-requests-reset", "anthropic-ratelimit-tokens-reset",
+    "anthropic-ratelimit-input-tokens-remaining", "anthropic-ratelimit-output-tokens-remaining",
+    "x-ratelimit-remaining", "retry-after")
+
+
+def rate_limit_meta(headers: dict) -> dict:
+    """The upstream's rate-limit headers (OpenAI, Azure, Anthropic), normalised to one dict."""
+    found = {name: headers[name] for name in _RATE_LIMIT_HEADERS if name in headers}
+    return {"rate_limit": found} if found else {}
+
+
+def usage_meta(usage: "Usage") -> dict:
+    return {"cached_input_tokens": usage.cached_input_tokens, "cache_creation_tokens": usage.cache_creation_tokens,
+            "reasoning_tokens": usage.reasoning_tokens}
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One model's prepared request: where it goes and the bytes that go there."""
+    route: ResolvedPolicy
+    admission: "Admission"
+    upstream_dialect: Dialect
+    upstream_body: dict
+    payload: bytes
+    strip_usage: bool
+    wants_usage: bool
 
 
 class Admission:
@@ -4977,7 +5074,7 @@ class Pipeline:
         path = req.path
         if dialect is not None and GOVERNED.get(path) is not dialect:  # translated: the upstream's own endpoint
             path = next(p for p, d in GOVERNED.items() if d is dialect)
-        url = upstream_url_for(base_url, provider, path, query)
+        url = upstream_url_for(base_url, provider, path, query, (parsed or {}).get("model", "") if dialect else "")
         host = urllib.parse.urlsplit(url).netloc
         headers = self.upstream_headers(req, provider, key, ex, len(body), host, governed=dialect is not None,
                                         translated=path != req.path)
@@ -4997,20 +5094,57 @@ class Pipeline:
         return out
 
     async def governed(self, req: Request, dialect: Dialect, ex: Exchange) -> Response:
+        """The story of a governed request: authenticate, parse, then for the model and each
+        fallback: resolve, guard, admit, forward with retries; relay and settle the answer."""
         ex.governed = True
         self.records.metrics.inflight(+1)
         record = self.authenticate(req, ex)
         body = self.parse_body(req.body)
         model = dialect.model(body)
-        ex.stream = stream = dialect.is_stream(body)
+        ex.stream = dialect.is_stream(body)
         list(dialect.input_slots(body))  # shape check: malformed messages are a 400 here, not upstream
+        models = (model,) + tuple(m for m in record.policy.retry.fallbacks if m != model)
+        for index, candidate in enumerate(models):
+            last = index == len(models) - 1
+            try:
+                attempt = self.prepare(req, record, dialect, body if index == 0 else self.parse_body(req.body),
+                                       candidate, ex)
+            except ProxyError:
+                if index == 0 or last:
+                    raise
+                continue  # this fallback is not allowed or has no budget left: try the next one
+            ex.fallback_model = candidate if index else ""
+            try:
+                upstream = await self.forward(req, attempt, ex)
+            except BaseException as err:
+                attempt.admission.close(None, self.clock())
+                if isinstance(err, ProxyError) and err.code in _RETRYABLE_CODES and not last:
+                    continue
+                raise
+            if upstream.status in record.policy.retry.retry_on and not last:
+                await self._discard(upstream)
+                attempt.admission.close(None, self.clock())
+                continue
+            try:
+                return await self.respond(attempt, upstream, dialect, ex)
+            except BaseException:
+                attempt.admission.close(None, self.clock())
+                raise
+        raise AssertionError("unreachable: the last model always returns or raises")
+
+    def prepare(self, req: Request, record: TokenRecord, dialect: Dialect, body: dict, model: str,
+                ex: Exchange) -> "Attempt":
+        """Everything decided before a model's request leaves: route, limits, prompts, dialect."""
+        renamed = body.get("model") != model
+        if renamed:
+            body["model"] = model
         route = resolve_policy(record.policy, model, self.catalog, self.config,
                                native_provider="anthropic" if dialect.family == "anthropic" else "openai")
         ex.model, ex.provider, ex.key_env = model, route.provider.name, route.base_key_env
         upstream_dialect = self.upstream_dialect(dialect, route)
         admission = self.admit(record, route, dialect, body, len(req.body), ex)
         try:
-            changed = admission.cap_changed
+            changed = admission.cap_changed or renamed
             if route.prompts:
                 dialect.inject_prompts(body, route.prompts)
                 changed = True
@@ -5020,47 +5154,91 @@ class Pipeline:
                 upstream_body = self.translate_request(dialect, body, route)
                 payload = json.dumps(upstream_body, ensure_ascii=False).encode("utf-8")
             else:
-                if stream and dialect is CHAT and not wants_usage:
+                if ex.stream and dialect is CHAT and not wants_usage:
                     body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
                     strip_usage = changed = True
                 upstream_body = body
                 payload = json.dumps(body, ensure_ascii=False).encode("utf-8") if changed else req.body
-            if self.log_bodies[0]:
-                ex.request_body = payload
-            upstream = await self.send(req, route.provider, route.upstream_url, route.base_key_env, payload,
-                                       route.timeout, ex, upstream_dialect, upstream_body)
-            headers = self.client_headers(upstream, ex, upstream.decoded)
-            ex.status = upstream.status
-            if upstream.status != 200:
-                data = self.translate_error(dialect, upstream_dialect, await upstream.read())
-                admission.close(None, self.clock())
-                return Response(upstream.status, headers, data)
-            if stream:
-                translator = None
-                if upstream_dialect is not dialect:
-                    translator = MessagesToChatStream(model, wants_usage) if dialect is CHAT \
-                        else ChatToMessagesStream(model)
-                relay = StreamRelay(dialect, ex, strip_usage=strip_usage, translator=translator)
-                return Response(200, headers, stream=self._finish_stream(relay, upstream, admission, len(payload)))
-            data = await upstream.read()
-            if self.log_bodies[1]:
-                ex.response_body = data
-            answer = None
-            if "json" in upstream.header_map.get("content-type", "application/json"):
-                with contextlib.suppress(ValueError):
-                    answer = json.loads(data)
-            if isinstance(answer, dict):
-                ex.usage = upstream_dialect.usage(answer)
-                ex.upstream_id = str(answer.get("id", ""))
-                if upstream_dialect is not dialect:
-                    answer = messages_to_chat_response(answer, model) if dialect is CHAT \
-                        else chat_to_messages_response(answer, model)
-                    data = json.dumps(answer, ensure_ascii=False).encode("utf-8")
-            admission.close(ex.usage, self.clock())
-            return Response(200, headers, data)
         except BaseException:
             admission.close(None, self.clock())
             raise
+        if self.log_bodies[0]:
+            ex.request_body = payload
+        return Attempt(route, admission, upstream_dialect, upstream_body, payload, strip_usage, wants_usage)
+
+    async def forward(self, req: Request, attempt: "Attempt", ex: Exchange) -> UpstreamResponse:
+        """Send, retrying connection failures and `retry_on` statuses with exponential backoff
+        and jitter (Retry-After honoured, capped). Nothing has reached the client yet."""
+        retry = attempt.route.policy.retry
+        route = attempt.route
+        for n in range(retry.max_retries + 1):
+            started = time.monotonic()
+            try:
+                upstream = await self.send(req, route.provider, route.upstream_url, route.base_key_env,
+                                           attempt.payload, route.timeout, ex, attempt.upstream_dialect,
+                                           attempt.upstream_body)
+            except ProxyError as err:
+                if err.code not in _RETRYABLE_CODES or n == retry.max_retries:
+                    raise
+                delay = retry_delay(retry.backoff, n, None)
+            else:
+                ex.upstream_latency_ms = round((time.monotonic() - started) * 1000, 3)
+                if upstream.status not in retry.retry_on or n == retry.max_retries:
+                    return upstream
+                delay = retry_delay(retry.backoff, n, upstream.header_map.get("retry-after"))
+                await self._discard(upstream)
+            ex.retry_count += 1
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _discard(upstream: UpstreamResponse) -> None:
+        """Drop an answer we will not relay; read small ones so the connection can be reused."""
+        try:
+            async with _deadline(1.0):
+                await upstream.read()
+        except (ProxyError, TimeoutError):
+            upstream.close()
+
+    async def respond(self, attempt: "Attempt", upstream: UpstreamResponse, dialect: Dialect,
+                      ex: Exchange) -> Response:
+        """Relay the upstream's answer in the client's dialect and settle the reservation."""
+        model, upstream_dialect, admission = ex.model, attempt.upstream_dialect, attempt.admission
+        headers = self.client_headers(upstream, ex, upstream.decoded)
+        ex.status = upstream.status
+        ex.provider_meta = rate_limit_meta(upstream.header_map)
+        if upstream.status != 200:
+            data = self.translate_error(dialect, upstream_dialect, await upstream.read())
+            admission.close(None, self.clock())
+            return Response(upstream.status, headers, data)
+        if ex.stream:
+            translator = None
+            if upstream_dialect is not dialect:
+                translator = MessagesToChatStream(model, attempt.wants_usage) if dialect is CHAT \
+                    else ChatToMessagesStream(model)
+            relay = StreamRelay(dialect, ex, strip_usage=attempt.strip_usage, translator=translator,
+                                meta_dialect=upstream_dialect)
+            return Response(200, headers, stream=self._finish_stream(relay, upstream, admission,
+                                                                     len(attempt.payload)))
+        data = await upstream.read()
+        if self.log_bodies[1]:
+            ex.response_body = data
+        answer = None
+        if "json" in upstream.header_map.get("content-type", "application/json"):
+            with contextlib.suppress(ValueError):
+                answer = json.loads(data)
+        if isinstance(answer, dict):
+            ex.usage = upstream_dialect.usage(answer)
+            ex.upstream_id = str(answer.get("id", ""))
+            ex.provider_meta.update(upstream_dialect.response_meta(answer))
+            if upstream_dialect is not dialect:
+                answer = messages_to_chat_response(answer, model) if dialect is CHAT \
+                    else chat_to_messages_response(answer, model)
+                data = json.dumps(answer, ensure_ascii=False).encode("utf-8")
+        if ex.usage is not None:
+            ex.provider_meta.update(usage_meta(ex.usage))
+        admission.close(ex.usage, self.clock())
+        return Response(200, headers, data)
 
     @staticmethod
     def upstream_dialect(dialect: Dialect, route: ResolvedPolicy) -> Dialect:
@@ -7704,6 +7882,85 @@ complete -o default -F _tokenomics tokenomics""")
     return 0
 
 
+async def probe_provider(provider: Provider, client: UpstreamClient, environ, timeout: float = 10.0) -> dict:
+    """The cheapest authenticated request a provider answers (its model list): ok, auth
+    failure or unreachable, with the latency. Spends no tokens."""
+    result = {"provider": provider.name, "status": "", "http_status": 0, "latency_ms": 0.0, "detail": ""}
+    if provider.url().startswith("mock://"):
+        return {**result, "status": "ok", "detail": "built in"}
+    key = environ.get(provider.api_key_env, "") if provider.api_key_env else ""
+    if provider.api_key_env and not key:
+        return {**result, "status": "no_key", "detail": f"{provider.api_key_env} is not set"}
+    if not provider.url():
+        return {**result, "status": "unreachable", "detail": f"no URL: set {provider.base_url_env}"}
+    url = upstream_url_for(provider.url(), provider, "/v1/models", "")
+    headers = [("host", urllib.parse.urlsplit(url).netloc), ("accept", "application/json")]
+    headers += [(k, str(v)) for k, v in provider.headers.items()]
+    if key and provider.auth_scheme == "bearer":
+        headers.append(("authorization", f"Bearer {key}"))
+    elif key and provider.auth_scheme == "header":
+        headers.append((provider.auth_header or "x-api-key", key))
+    elif key and provider.auth_scheme == "query":
+        url += ("&" if "?" in url else "?") + urllib.parse.urlencode({provider.auth_header or "key": key})
+    started = time.monotonic()
+    try:
+        upstream = await client.request("GET", url, headers, b"", timeout, insecure=provider.insecure)
+        await upstream.read()
+    except ProxyError as err:
+        return {**result, "status": "unreachable", "latency_ms": round((time.monotonic() - started) * 1000, 1),
+                "detail": err.message}
+    latency = round((time.monotonic() - started) * 1000, 1)
+    status = "ok" if upstream.status < 400 else "auth_failed" if upstream.status in (401, 403) else "error"
+    return {**result, "status": status, "http_status": upstream.status, "latency_ms": latency,
+            "detail": f"HTTP {upstream.status}"}
+
+
+def cmd_provider(args) -> int:
+    config = _load(args)
+    catalog = Catalog(config)
+    if args.provider_cmd == "list":
+        rows = [{"name": p.name, "dialect": p.dialect, "upstream_url": p.url(), "api_key_env": p.api_key_env,
+                 "key_set": bool(os.environ.get(p.api_key_env)) if p.api_key_env else None,
+                 "auth_scheme": p.auth_scheme, "models": len(p.models)} for p in catalog.all()]
+        if args.json:
+            _print_json(rows)
+        else:
+            _print_table([("PROVIDER", "DIALECT", "UPSTREAM", "KEY ENV", "KEY")] + [
+                (r["name"], r["dialect"], r["upstream_url"] or "-", r["api_key_env"] or "-",
+                 "-" if r["key_set"] is None else "set" if r["key_set"] else "missing") for r in rows])
+        return 0
+    if args.provider_cmd == "models":
+        chosen = [catalog.get(args.name)] if args.name else catalog.all()
+        rows = [{"provider": p.name, "model": m} for p in chosen for m in p.models]
+        if args.json:
+            _print_json(rows)
+        else:
+            _print_table([("PROVIDER", "MODEL")] + [(r["provider"], r["model"]) for r in rows])
+        return 0
+    names = args.names or [p.name for p in catalog.all() if p.api_key_env and os.environ.get(p.api_key_env)]
+    if not names:
+        raise UsageError("provider test: no provider key is set; name the providers to test")
+    unknown = [n for n in names if n not in catalog.names()]
+    if unknown:
+        raise UsageError(f"provider test: unknown provider {', '.join(unknown)}; see `tokenomics provider list`")
+
+    async def run_all():
+        client = UpstreamClient()
+        try:
+            return await asyncio.gather(*(probe_provider(catalog.get(n), client, os.environ) for n in names))
+        finally:
+            client.close()
+
+    results = asyncio.run(run_all())
+    if args.json:
+        _print_json(results)
+    else:
+        _print_table([("PROVIDER", "STATUS", "LATENCY", "DETAIL")] + [
+            (r["provider"], r["status"], f"{r['latency_ms']:.0f} ms" if r["latency_ms"] else "-", r["detail"])
+            for r in results])
+    return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
 def cmd_ledger(args) -> int:
     config = _load(args)
     now = time.time()
@@ -7964,6 +8221,19 @@ def build_parser() -> argparse.ArgumentParser:
     completion = commands.add_parser("completion", parents=[common], help="shell completion script")
     completion.add_argument("shell", choices=("bash", "zsh", "fish"))
     completion.set_defaults(func=cmd_completion)
+
+    provider = commands.add_parser("provider", parents=[common], help="inspect the provider catalog")
+    provider_cmds = provider.add_subparsers(dest="provider_cmd", metavar="ACTION")
+    provider_cmds.required = True
+    sub = provider_cmds.add_parser("list", parents=[common], help="providers, their upstreams and key state")
+    sub.add_argument("--json", action="store_true")
+    sub = provider_cmds.add_parser("models", parents=[common], help="the catalog's models")
+    sub.add_argument("name", nargs="?", help="only this provider")
+    sub.add_argument("--json", action="store_true")
+    sub = provider_cmds.add_parser("test", parents=[common], help="check connectivity and credentials")
+    sub.add_argument("names", nargs="*", help="providers to test (default: those with a key set)")
+    sub.add_argument("--json", action="store_true")
+    provider.set_defaults(func=cmd_provider)
 
     ledger = commands.add_parser("ledger", parents=[common], help="read the session ledger")
     ledger_cmds = ledger.add_subparsers(dest="ledger_cmd", metavar="ACTION")
