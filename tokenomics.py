@@ -42,10 +42,11 @@ import tempfile
 import threading
 import time
 import typing
+import unicodedata
 import urllib.parse
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 import h11
 import yaml
@@ -1361,9 +1362,1826 @@ def resolve_policy(policy: Policy, model: str, catalog: "Catalog", config: Confi
         rules=policy.rules + (matched.rules if matched else ()),
         matched=matched, policy=policy)
 
-# GUARDRAILS-SECTION
-def compile_rules(raw, path="rules"):
-    return tuple(raw)
+###############################################################################
+# Guardrails — rules, PII detectors, jailbreak detector, anonymizer, stream guard
+###############################################################################
+# Everything here is text in, text or decisions out: no JSON bodies, no sockets. The dialect
+# adapters hand every piece of text the model reads (input) or writes (output) to a `Guard`;
+# streamed output goes through a `StreamGuard`, which keeps a small hold-back window so that a
+# match split across chunks is handled exactly as in a non-streamed body.
+#
+# Semantics of a Guard: every rule whose scope covers the direction is evaluated on the text as
+# it arrived (a later rule never sees an earlier rule's `[REDACTED:...]`), in policy order.
+# The first rule with action `fail` that matches blocks; `warn`/`log` only record; `mask` and
+# `anonymize` edits are applied together, an earlier rule winning where two edits overlap.
+# What is recorded is a RuleMatch (rule, type, action, direction, count), never a matched value.
+
+PII_TYPES = ("ssn", "credit_card", "email", "phone", "ip_address", "aws_key", "api_key", "jwt",
+             "private_key", "connection_string", "github_token", "iban")
+# RULE_TYPES, RULE_ACTIONS, RULE_SCOPES and _json_type are defined by the policy section.
+# Score units: one strong signal (weight 1.0) blocks alone; medium ones (0.4-0.8) need a second
+# signal, normally from another family. See _JB_SIGNALS.
+JAILBREAK_THRESHOLD = 1.0
+_JB_MAX_THRESHOLD = 10.0           # a policy threshold above this could never trigger
+_STREAM_HOLDBACK = 128             # chars; default of config `guardrails.stream_holdback`
+_STREAM_CONTEXT_EXTRA = 64         # chars of released text kept (beyond the hold-back) as left
+                                   # context, so look-behinds and "near the word ssn/aws" checks
+                                   # see what they would see in the whole text
+_RULES_CACHE_SIZE = 64             # compiled rule lists kept (one per distinct policy rules list)
+_MAX_RULE_NAME = 64                # chars
+_MAX_KEYWORD = 256                 # chars per keyword
+_B64_MIN_RUN = 16                  # chars; shorter base64-looking runs are not decoded
+_B64_MAX_RUNS = 32                 # runs decoded per text (bounds the work on hostile input)
+_B64_MAX_CHARS = 8192              # chars of one run decoded
+_PEM_MAX_BODY = 16384              # chars between BEGIN and END of a private key block
+_SCAN_CACHE_MIN = 512              # chars; shorter texts are cheaper to scan than to look up
+_SCAN_CACHE_SIZE = 1024            # entries (keys are 16-byte digests, values small)
+
+# ---------------------------------------------------------------------------- public records
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """A match in a text: [start, end) and its label (a PII type, a rule name, REGEX/KEYWORD)."""
+    start: int
+    end: int
+    label: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One compiled policy rule. `label` is what `mask`/`anonymize` write for non-PII rules
+    (the rule's name, else REGEX/KEYWORD); `matcher` is the compiled regex of regex and keyword
+    rules; `detect` the PII types of a pii rule; `threshold` the score of a jailbreak rule."""
+    name: str
+    type: str
+    action: str
+    scope: str
+    label: str = ""
+    matcher: Any = None
+    detect: tuple = ()
+    threshold: float = JAILBREAK_THRESHOLD
+
+
+@dataclass(slots=True)
+class RuleMatch:
+    """What a rule hit is recorded as (logs, ledger, events). `scope` is the direction the
+    rule matched in (`input` or `output`); `count` aggregates the matches of one request."""
+    rule: str
+    type: str
+    action: str
+    scope: str
+    count: int
+
+# ---------------------------------------------------------------------------- scan cache
+# Agents resend the whole conversation on every turn, so the same long texts are scanned again
+# and again. Detector results for long texts are kept in one small LRU keyed by a digest of
+# the text (bounded memory; results are deterministic, so a hit changes nothing but the cost).
+
+_SCAN_CACHE: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+
+
+def _text_key(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _cache_get(key: tuple) -> Any:
+    value = _SCAN_CACHE.get(key)
+    if value is not None:
+        _SCAN_CACHE.move_to_end(key)
+    return value
+
+
+def _cache_put(key: tuple, value: Any) -> None:
+    _SCAN_CACHE[key] = value
+    if len(_SCAN_CACHE) > _SCAN_CACHE_SIZE:
+        _SCAN_CACHE.popitem(last=False)
+
+# ---------------------------------------------------------------------------- PII detectors
+# Each detector: a candidate regex (ASCII digits only, anchored by look-arounds so it starts
+# only at a token boundary, which also keeps the scan linear) and a validator. Candidates of
+# all requested types are then resolved: the longest wins an overlap, ties by _PII_PRIORITY.
+
+_PII_PRIORITY = {t: i for i, t in enumerate((
+    "private_key", "connection_string", "jwt", "github_token", "aws_key", "api_key", "iban",
+    "credit_card", "ssn", "email", "phone", "ip_address"))}
+
+# Where a pattern starts with a digit, the "not preceded by" check comes after the first digit
+# ([0-9](?<!X[0-9])): a pattern that starts with a character class lets `re` skip ahead fast.
+_SSN_RE = re.compile(r"([0-9](?<![\w.-][0-9])[0-9]{2})([- ])([0-9]{2})\2([0-9]{4})(?![\w-]|[.,][0-9])")
+_SSN_CONTEXT_RE = re.compile(
+    r"(?i:\bssn|\bsocial\s+security(?:\s+(?:number|no\.?|num\.?|#))?|\bss\s*#)[^0-9\n]{0,20}?"
+    r"(?<![0-9])([0-9]{9})(?![0-9])")
+_CARD_RE = re.compile(
+    r"[0-9](?<![\w.,-][0-9])(?:[0-9]{12,18}|[0-9]{3}([ -])[0-9]{4}\1[0-9]{4}\1[0-9]{1,7}"
+    r"|[0-9]{3}([ -])[0-9]{6}\2[0-9]{4,5})(?![\w-]|[.,][0-9])")
+_EMAIL_RE = re.compile(
+    r"(?<![\w.+%'-])[A-Za-z0-9_](?:[A-Za-z0-9._%+'-]{0,62}[A-Za-z0-9_])?"
+    r"@((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+([A-Za-z]{2,24}))(?![\w-]|\.[A-Za-z0-9])")
+_EMAIL_LOCAL_RE = re.compile(r"[A-Za-z0-9._%+'-]{1,64}$")
+# Asset names like icon@2x.png look like addresses; these "TLDs" are file extensions.
+_EMAIL_FILE_TLDS = frozenset(
+    "png jpg jpeg gif svg webp ico bmp tif tiff pdf js mjs cjs css scss less html htm json yaml "
+    "yml xml txt md lock map ts tsx jsx py rb php java kt swift".split())
+_NANP_RE = re.compile(
+    r"(?<![\w+.-])(?:\+?1[ .-]?)?(?:\(([2-9][0-9]{2})\)[ ]?|([2-9][0-9]{2})[ .-])"
+    r"([2-9][0-9]{2})[ .-]([0-9]{4})(?![\w-]|[.,][0-9])")
+# Every North-American number ends in exchange, separator, line: found fast, then the full
+# pattern is tried over the few characters before it.
+_NANP_HINT_RE = re.compile(r"[2-9](?<![0-9][2-9])[0-9]{2}[ .-][0-9]{4}(?![0-9])")
+_E164_RE = re.compile(
+    r"(?<![\w+])\+[1-9][0-9]{0,3}(?:[ .-]?\(?[0-9]{1,4}\)?){1,6}(?![\w]|[.,-]?[0-9])")
+_IPV4_HINT_RE = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}")
+_IPV4_RE = re.compile(
+    r"(?<![\w.])(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}"
+    r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(?!\.?\w)")
+# "version 1.2.3.4", "==1.2.3.4": a dotted quad that is a version, not an address.
+_IPV4_VERSION_CONTEXT_RE = re.compile(
+    r"(?i:\bversion|\bver\.?|\brelease|\bbuild|\brev(?:ision)?|\bfirmware|\bv)\s*$|(?:==|>=|<=|~=|!=|\^|~>)\s*$")
+_IPV6_RE = re.compile(
+    r"(?<![\w:.])(?=[0-9A-Fa-f:.]*:[0-9A-Fa-f]*:)[0-9A-Fa-f:]{2,39}"
+    r"(?:(?<=:)(?:[0-9]{1,3}\.){3}[0-9]{1,3})?(?![\w:]|\.[0-9])")
+_AWS_ID_RE = re.compile(r"(?<![A-Za-z0-9])(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}(?![A-Za-z0-9])")
+_AWS_SECRET_RE = re.compile(
+    r"(?i:aws)[^\n]{0,60}?(?i:secret|key)[^\n]{0,30}?(?:[=:]\s*|\s+)[\"']?"
+    r"(?<![A-Za-z0-9/+])([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])")
+_API_KEY_RE = re.compile(
+    r"(?<![A-Za-z0-9_-])(?:"
+    r"(sk-(?:ant-(?:api|admin)[0-9]{2}-|proj-|svcacct-|admin-)?)[A-Za-z0-9_-]{20,}"
+    r"|((?:sk|rk)_(?:live|test)_)[A-Za-z0-9]{16,}"
+    r"|(key-)[A-Za-z0-9]{24,}"
+    r"|(AIza)[0-9A-Za-z_-]{35}"
+    r"|(xox[abposr]-)[A-Za-z0-9-]{10,}"
+    r"|(xapp-[0-9]-)[A-Za-z0-9-]{10,}"
+    r"|(hf_)[A-Za-z0-9]{30,}"
+    r"|(gsk_)[A-Za-z0-9]{40,}"
+    r"|(xai-)[A-Za-z0-9]{40,}"
+    r"|(r8_)[A-Za-z0-9]{30,}"
+    r"|(pplx-)[A-Za-z0-9]{40,}"
+    r"|(glpat-)[A-Za-z0-9_-]{20,}"
+    r"|(npm_)[A-Za-z0-9]{36}"
+    r"|(SG\.)[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{16,}"
+    r")(?![A-Za-z0-9_-])")
+_API_KEY_HINT_RE = re.compile(r"sk-|sk_|rk_|key-|AIza|xox|xapp-|hf_|gsk_|xai-|r8_|pplx-|glpat-|npm_|SG\.")
+_API_ASSIGN_HINT_RE = re.compile(r"api[_-]?key|apikey|secret[_-]?key|access[_-]?token|auth[_-]?token|client[_-]?secret")
+# `api_key = "..."`-style assignments of an otherwise unprefixed secret.
+_API_KEY_ASSIGN_RE = re.compile(
+    r"(?i:api[_-]?key|apikey|secret[_-]?key|access[_-]?token|auth[_-]?token|client[_-]?secret"
+    r"|x-api-key)[\"']?\s*[:=]\s*[\"']?([A-Za-z0-9_+/=-]{20,200})(?![A-Za-z0-9_+/=-])")
+_JWT_RE = re.compile(
+    r"(?<![A-Za-z0-9_-])(eyJ[A-Za-z0-9_-]{8,})\.([A-Za-z0-9_-]{8,})\.[A-Za-z0-9_-]{0,1024}(?![A-Za-z0-9_-])")
+_PEM_HEAD = r"-----BEGIN (?:[A-Z0-9]+ ){0,2}PRIVATE KEY(?: BLOCK)?-----"
+_PEM_LINE_BREAK = r"(?:[ \t]*(?:\r?\n|\\r?\\n)[ \t]*)"
+_PEM_RE = re.compile(
+    _PEM_HEAD + r"(?:[\s\S]{0,%d}?-----END (?:[A-Z0-9]+ ){0,2}PRIVATE KEY(?: BLOCK)?-----" % _PEM_MAX_BODY
+    + r"|" + _PEM_LINE_BREAK + r"?(?:[A-Za-z0-9+/=]{16,}" + _PEM_LINE_BREAK + r"?)+)")
+# Continues a private key block whose header scrolled out of a stream's window.
+_PEM_BODY_RE = re.compile(
+    r"(?:[A-Za-z0-9+/=\s]|\\r|\\n)*(?:-----END (?:[A-Z0-9]+ ){0,2}PRIVATE KEY(?: BLOCK)?-----)?")
+_CONN_RE = re.compile(
+    r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]{1,30}://([^\s:/?#@'\"`<>]{0,128}):([^\s/?#@'\"`<>]{1,256})"
+    r"@[A-Za-z0-9._~%\[\]:-]{1,255}(?:[/?#][^\s'\"`<>]*)?")
+_GITHUB_RE = re.compile(
+    r"(?<![A-Za-z0-9_])(?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{22,255})(?![A-Za-z0-9_])")
+_IBAN_RE = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,36}(?![A-Za-z0-9])")
+_IBAN_LENGTHS = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22,
+    "BI": 27, "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DJ": 27,
+    "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18, "FK": 18, "FO": 18, "FR": 27,
+    "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27, "GT": 28, "HR": 21, "HU": 28, "IE": 22,
+    "IL": 23, "IQ": 23, "IS": 26, "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LC": 32,
+    "LI": 21, "LT": 20, "LU": 20, "LV": 21, "LY": 25, "MC": 27, "MD": 24, "ME": 22, "MK": 19,
+    "MN": 20, "MR": 27, "MT": 31, "MU": 30, "NI": 28, "NL": 18, "NO": 15, "OM": 23, "PK": 24,
+    "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "RU": 33, "SA": 24, "SC": 31,
+    "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25, "SV": 28, "TL": 23,
+    "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20, "YE": 30}
+_TRAILING_PUNCT = ".,;:!?)]}'\""
+
+
+def _luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i & 1:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _card_ok(digits: str) -> bool:
+    """Length and issuer-prefix sanity, then Luhn: an order number is rarely all three."""
+    n = len(digits)
+    if not 13 <= n <= 19 or digits.count(digits[0]) == n:
+        return False
+    p2, p3, p4 = int(digits[:2]), int(digits[:3]), int(digits[:4])
+    if digits[0] == "4":
+        ok = n in (13, 16, 19)                                   # Visa
+    elif 51 <= p2 <= 55 or 2221 <= p4 <= 2720:
+        ok = n == 16                                             # Mastercard
+    elif p2 in (34, 37):
+        ok = n == 15                                             # Amex
+    elif 300 <= p3 <= 305 or p2 in (36, 38, 39):
+        ok = 14 <= n <= 19                                       # Diners
+    elif 3528 <= p4 <= 3589:
+        ok = 16 <= n <= 19                                       # JCB
+    elif p4 == 6011 or p2 in (62, 65) or 644 <= p3 <= 649:
+        ok = 16 <= n <= 19                                       # Discover, UnionPay
+    elif p2 in (50, 56, 57, 58) or digits[0] == "6":
+        ok = 13 <= n <= 19                                       # Maestro
+    else:
+        ok = False
+    return ok and _luhn_ok(digits)
+
+
+def _ssn_ok(area: str, group: str, serial: str) -> bool:
+    return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
+
+
+def _nanp_ok(area: str, exchange: str) -> bool:
+    return area[0] in "23456789" and exchange[0] in "23456789" and area[1:] != "11"
+
+
+def _iban_ok(compact: str) -> bool:
+    num = "".join(str(int(c, 36)) for c in compact[4:] + compact[:4])
+    return int(num) % 97 == 1
+
+
+def _looks_random(s: str) -> bool:
+    """An unprefixed secret: letters and digits mixed like a random string, not an identifier
+    such as get_api_key_from_environment."""
+    digits = sum(c.isdigit() for c in s)
+    if not digits or not any(c.isalpha() for c in s):
+        return False
+    mixed_case = any(c.islower() for c in s) and any(c.isupper() for c in s)
+    return mixed_case or digits / len(s) >= 0.15
+
+
+def _b64url_json(part: str) -> Any:
+    try:
+        return json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+    except ValueError:
+        return None
+
+
+def _find_ssn(text: str) -> Iterator[tuple[int, int]]:
+    for m in _SSN_RE.finditer(text):
+        if _ssn_ok(m.group(1), m.group(3), m.group(4)):
+            yield m.span()
+    lower = text.lower()
+    if "ssn" not in lower and "social" not in lower and "ss#" not in lower and "ss #" not in lower:
+        return
+    for m in _SSN_CONTEXT_RE.finditer(text):
+        d = m.group(1)
+        if _ssn_ok(d[:3], d[3:5], d[5:]):
+            yield m.span(1)
+
+
+def _find_credit_card(text: str) -> Iterator[tuple[int, int]]:
+    for m in _CARD_RE.finditer(text):
+        if _card_ok(m.group().replace(" ", "").replace("-", "")):
+            yield m.span()
+
+
+def _find_email(text: str) -> Iterator[tuple[int, int]]:
+    at = text.find("@")
+    resume = 0
+    while at >= 0:
+        # Start from each "@" and look back for the local part, instead of trying every word.
+        local = _EMAIL_LOCAL_RE.search(text, max(resume, at - 64), at)
+        m = None
+        if local:
+            for start in range(local.start(), at):
+                m = _EMAIL_RE.match(text, start)
+                if m:
+                    break
+        at = text.find("@", at + 1)
+        if m is None:
+            continue
+        resume = m.end()
+        if at >= 0 and at < resume:
+            at = text.find("@", resume)
+        if m.group(2).lower() in _EMAIL_FILE_TLDS:
+            continue
+        if text.startswith("://", m.start() - 3):
+            continue                                             # https://user@host: URL userinfo
+        end = m.end()
+        if text.startswith(":", end) and end + 1 < len(text) and not text[end + 1].isspace():
+            continue                                             # git@github.com:org/repo (scp-style)
+        yield m.span()
+
+
+def _find_phone(text: str) -> Iterator[tuple[int, int]]:
+    for hint in _NANP_HINT_RE.finditer(text):
+        m = _NANP_RE.search(text, max(0, hint.start() - 12), min(len(text), hint.end() + 3))
+        if m and m.end() == hint.end() and _nanp_ok(m.group(1) or m.group(2), m.group(3)):
+            yield m.span()
+    if "+" in text:
+        for m in _E164_RE.finditer(text):
+            digits = re.sub(r"[^0-9]", "", m.group())
+            if digits[0] == "1":
+                if len(digits) == 11 and _nanp_ok(digits[1:4], digits[4:7]):
+                    yield m.span()
+            elif 8 <= len(digits) <= 15:
+                yield m.span()
+
+
+def _find_ip_address(text: str) -> Iterator[tuple[int, int]]:
+    if "." in text:
+        for hint in _IPV4_HINT_RE.finditer(text):
+            m = _IPV4_RE.match(text, hint.start())
+            if m and not _IPV4_VERSION_CONTEXT_RE.search(text, max(0, m.start() - 12), m.start()):
+                yield m.span()
+    if ":" in text:
+        for m in _IPV6_RE.finditer(text):
+            cand = m.group()
+            if not any(c.isdigit() for c in cand):
+                continue                                         # dead::beef, C++ a::b
+            try:
+                ipaddress.IPv6Address(cand)
+            except ValueError:
+                continue
+            yield m.span()
+
+
+def _find_aws_key(text: str) -> Iterator[tuple[int, int]]:
+    for m in _AWS_ID_RE.finditer(text):
+        yield m.span()
+    for m in _AWS_SECRET_RE.finditer(text):
+        s = m.group(1)
+        if any(c.islower() for c in s) and any(c.isupper() for c in s) and any(c.isdigit() for c in s):
+            yield m.span(1)
+
+
+def _find_api_key(text: str) -> Iterator[tuple[int, int]]:
+    end = 0
+    for hint in _API_KEY_HINT_RE.finditer(text):
+        if hint.start() < end:
+            continue
+        m = _API_KEY_RE.match(text, hint.start())
+        if m:
+            end = m.end()
+            prefix = next(g for g in m.groups() if g)
+            if _looks_random(m.group()[len(prefix):].replace("-", "").replace("_", "")) or prefix == "AIza":
+                yield m.span()
+    lower = text.lower()
+    if len(lower) == len(text):                                  # offsets agree: match at each name
+        matches = (_API_KEY_ASSIGN_RE.match(text, h.start()) for h in _API_ASSIGN_HINT_RE.finditer(lower))
+    else:
+        matches = _API_KEY_ASSIGN_RE.finditer(text)
+    for m in matches:
+        if m and _looks_random(m.group(1)):
+            yield m.span(1)
+
+
+def _find_jwt(text: str) -> Iterator[tuple[int, int]]:
+    if "eyJ" not in text:
+        return
+    for m in _JWT_RE.finditer(text):
+        header = _b64url_json(m.group(1))
+        if isinstance(header, dict) and ("alg" in header or "typ" in header):
+            yield m.span()
+
+
+def _find_private_key(text: str) -> Iterator[tuple[int, int]]:
+    if "PRIVATE KEY" not in text:
+        return
+    for m in _PEM_RE.finditer(text):
+        yield m.span()
+
+
+def _find_connection_string(text: str) -> Iterator[tuple[int, int]]:
+    if "://" not in text:
+        return
+    for m in _CONN_RE.finditer(text):
+        password = m.group(2)
+        if password[0] in "${<%" or set(password) <= set("*x.X"):
+            continue                                             # ${DB_PASSWORD}, <password>, ****
+        start, end = m.span()
+        while end > start and text[end - 1] in _TRAILING_PUNCT:
+            end -= 1
+        yield start, end
+
+
+def _find_github_token(text: str) -> Iterator[tuple[int, int]]:
+    if "gh" not in text and "github_pat_" not in text:
+        return
+    for m in _GITHUB_RE.finditer(text):
+        yield m.span()
+
+
+def _find_iban(text: str) -> Iterator[tuple[int, int]]:
+    for m in _IBAN_RE.finditer(text):
+        cand = m.group()
+        want = _IBAN_LENGTHS.get(cand[:2])
+        if want is None:
+            continue
+        # The candidate may run into a following word ("... 00 EUR"): keep exactly the
+        # country's length, ending at a group boundary.
+        n, cut = 0, None
+        for i, ch in enumerate(cand):
+            if ch != " ":
+                n += 1
+                if n == want:
+                    cut = i + 1
+                    break
+        if cut is None or (cut < len(cand) and cand[cut] != " "):
+            continue
+        if _iban_ok(cand[:cut].replace(" ", "")):
+            yield m.start(), m.start() + cut
+
+
+_PII_FINDERS: dict[str, Callable[[str], Iterator[tuple[int, int]]]] = {
+    "ssn": _find_ssn, "credit_card": _find_credit_card, "email": _find_email, "phone": _find_phone,
+    "ip_address": _find_ip_address, "aws_key": _find_aws_key, "api_key": _find_api_key,
+    "jwt": _find_jwt, "private_key": _find_private_key, "connection_string": _find_connection_string,
+    "github_token": _find_github_token, "iban": _find_iban}
+
+
+def _pii_candidates(text: str, types: tuple[str, ...]) -> tuple[tuple[int, int, str], ...]:
+    """(start, end, type) of every validated candidate of the given types (may overlap)."""
+    key = None
+    if len(text) >= _SCAN_CACHE_MIN:
+        key = ("pii", types, _text_key(text))
+        cached = _cache_get(key)
+        if cached is not None:
+            return cached
+    out = []
+    for t in types:
+        out.extend((s, e, t) for s, e in _PII_FINDERS[t](text) if e > s)
+    result = tuple(out)
+    if key is not None:
+        _cache_put(key, result)
+    return result
+
+
+def _resolve_overlaps(cands: Iterable[tuple[int, int, str]]) -> list[Span]:
+    """Non-overlapping subset: longest first, then by type priority, then leftmost."""
+    cands = list(cands)
+    if len(cands) <= 1:
+        return [Span(*c) for c in cands]
+    chosen_starts: list[int] = []
+    chosen: list[tuple[int, int, str]] = []
+    for s, e, t in sorted(set(cands), key=lambda c: (c[0] - c[1], _PII_PRIORITY[c[2]], c[0])):
+        i = bisect.bisect_right(chosen_starts, s)
+        if i and chosen[i - 1][1] > s:
+            continue
+        if i < len(chosen) and chosen[i][0] < e:
+            continue
+        chosen_starts.insert(i, s)
+        chosen.insert(i, (s, e, t))
+    return [Span(*c) for c in chosen]
+
+
+def find_pii(text: str, types: Iterable[str] | None = None) -> list[Span]:
+    """PII spans in `text`, sorted and non-overlapping; `types` limits the detectors
+    (default: all of PII_TYPES). Unknown types raise ValueError."""
+    wanted = PII_TYPES if types is None else tuple(types)
+    unknown = [t for t in wanted if t not in _PII_FINDERS]
+    if unknown:
+        raise ValueError(f"unknown PII type {unknown[0]!r}; known: {', '.join(PII_TYPES)}")
+    if not text:
+        return []
+    return _resolve_overlaps(_pii_candidates(text, wanted))
+
+# ---------------------------------------------------------------------------- jailbreak detector
+# Normalise (NFKC, invisible and bidi characters dropped, look-alike letters folded), find the
+# places worth a look (trigger words, also when letter-spaced, in leetspeak or misspelt), and
+# there match two kinds of weighted signals on the lower-cased text and on a folded copy
+# (leetspeak, letter spacing, punctuation inside words): phrase patterns, and concept words near
+# each other (a dismissing verb near "instructions" near "previous"/"your"...). Base64 runs are
+# decoded and scanned the same way. Phrases allow missing spaces (`\s*`), so "i g n o r e a l l"
+# joined into "ignoreall" still matches. Score: per family, the best signal plus half of the
+# others (capped at 1.5), summed over families. Where a text talks *about* prompt injection
+# (defences, tests, classifiers), quoted text is left out. Deterministic, no model download.
+
+def _word_trie(words: Iterable[str]) -> str:
+    """A regex matching any of `words` (a space matches any whitespace), written as a prefix
+    tree: Python's re tries alternatives one by one, a tree lets it fail after one character."""
+    tree: dict = {}
+    for w in words:
+        node = tree
+        for ch in w:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def emit(node: dict) -> str:
+        branches = [(r"\s*" if ch == " " else re.escape(ch)) + emit(node[ch]) for ch in sorted(k for k in node if k)]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        if "" in node:
+            return f"(?:{body})?"
+        return body
+    return emit(tree)
+
+
+_INVISIBLE = dict.fromkeys(map(ord,
+    "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b\u200c\u200d\u200e\u200f\u202a\u202b"
+    "\u202c\u202d\u202e\u2060\u2061\u2062\u2063\u2064\u2066\u2067\u2068\u2069\u3164\ufeff\uffa0"), None)
+_CONFUSABLES = str.maketrans({
+    # Cyrillic and Greek letters that render like Latin ones (after NFKC, before lower-casing).
+    "\u0430": "a", "\u0435": "e", "\u043e": "o", "\u0440": "p", "\u0441": "c", "\u0443": "y",
+    "\u0445": "x", "\u0456": "i", "\u0458": "j", "\u0455": "s", "\u0501": "d", "\u04bb": "h",
+    "\u0410": "A", "\u0412": "B", "\u0415": "E", "\u041a": "K", "\u041c": "M", "\u041d": "H",
+    "\u041e": "O", "\u0420": "P", "\u0421": "C", "\u0422": "T", "\u0425": "X", "\u0406": "I",
+    "\u03bf": "o", "\u03b1": "a", "\u03b5": "e", "\u03b9": "i", "\u03ba": "k", "\u03bd": "v",
+    "\u03c1": "p", "\u03c4": "t", "\u03c5": "u", "\u03c7": "x", "\u0391": "A", "\u0392": "B",
+    "\u0395": "E", "\u0397": "H", "\u0399": "I", "\u039a": "K", "\u039c": "M", "\u039d": "N",
+    "\u039f": "O", "\u03a1": "P", "\u03a4": "T", "\u03a7": "X", "\u0261": "g", "\u0131": "i"})
+_COMBINING_RE = re.compile(r"[\u0300-\u036f\u1ab0-\u1aff\u20d0-\u20ff]")
+_WS_RE = re.compile(r"[^\S\n]+")
+_NL_RE = re.compile(r"[^\S\n]*\n\s*")
+# Four or more single letters separated by one space/dot/dash: "i g n o r e", "i.g.n.o.r.e".
+_SPACED_RE = re.compile(r"(?<![\w])(?:[a-z0-9@$][ ._*/-]){3,}[a-z0-9@$](?![\w])")
+_SPACED_SEP_RE = re.compile(r"[ ._*/-]")
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"})
+_LEET_WORD_RE = re.compile(r"[a-z0-9@$]*[0-9@$][a-z0-9@$]*")
+_LEET_INNER_RE = re.compile(r"(?<=[a-z])[!|](?=[a-z])")
+_INNER_PUNCT_RE = re.compile(r"(?<=[a-z])[._*~+|/\\-]+(?=[a-z])")
+# Misspelt key words ("ignroe all prevous instructons") are corrected in short texts only:
+# one edit away from one of these, for words of at least 5 letters.
+_JB_SPELL_WORDS = ("ignore", "disregard", "previous", "instructions", "instruction", "directives", "system",
+                   "prompt", "forget", "bypass", "restrictions", "guidelines", "reveal", "jailbreak", "unrestricted",
+                   "unfiltered", "uncensored", "developer", "filters", "safety")
+_JB_SPELL_MAX_TEXT = 2000          # chars; longer texts are not spell-corrected (cost)
+_JB_WINDOW = 120                   # chars analysed on each side of a trigger word
+_LEET_CAND_RE = re.compile(r"(?<![a-z0-9@$])(?=[a-z0-9@$|!]*[a-z])(?=[a-z0-9@$|!]*[0-9@$])[a-z0-9@$|!]{3,}")
+# Words that, written in leetspeak, mark a place worth analysing (their plain forms may be too
+# common to be triggers on their own, e.g. "without", "content").
+_LEET_WORDS = frozenset(
+    "ignore disregard forget bypass override instructions previous prompt system jailbreak unfiltered uncensored "
+    "unrestricted restrictions filters safety guardrails developer mode reveal dan anything without rules policy "
+    "content verbatim hidden secret pretend evil ethics censorship disable turn off".split())
+# Every signal contains at least one of these, so a text without any is not analysed further.
+# One pass of this runs over every character of every text: literal words in a prefix tree.
+_JB_TRIGGER_WORDS = tuple(w.strip() for w in (
+    "ignor, disregard, forget, forgot, bypass, overrid, circumvent, supersed, precedence, nullif, revok, rescind, "
+    "scratch, toss, instruction, directive, guideline, guidance, preamble, preprompt, pre-prompt, jailbr, unfilter, "
+    "uncensor, unrestrict, unrestrain, amoral, unshackl, unchain, unbound, unaligned, liberat, freed, unleash, pretend, "
+    "roleplay, role-play, role play, persona, in character, impersonat, embody, evil, rogue, villain, reveal, verbatim, "
+    "word for word, spell out, guardrail, censor, moderation, ethic, moral, refus, disclaimer, safeguard, safety, "
+    "restrictions, limitations, filters, filtering, boundaries, comply, obey, exfiltrat, backdoor, privilege, granted, "
+    "staff, abide, voices, selves, anything now, system prompt, system message, developer message, configured with, "
+    "set up with, initialized with, initialised with, told you, said to you, gave you, give you, were you given, "
+    "were you told, you were given, you were told, you have been, you got, first message, reading this, reads this, "
+    "processing this, parsing this, note to the, note for the, attention, new rule, new directive, new task, "
+    "new priority, new orders, whatever i, what i say, what i tell, agree with everything, answer everything, "
+    "answer anything, answers everything, answers anything, answer all, answers all, answer every, answer any, do as i, "
+    "decode this, decode the following, end of the, end of user input, end of system, end of document, end of prompt, "
+    "end of instructions, input ends, starting with, above this, before this message, before my message, "
+    "before my first message, policy update, content polic, trained with, programmed with, built with, deceased grand, "
+    "late grand, dead grand, your prompt, your rules, your polic, your programming, your configuration, your context, "
+    "your setup, your creator, your developer, your real, your true, previous instructions, prior instructions, "
+    "earlier instructions, previous constraints, previous context, previous rules, prior rules, earlier rules, "
+    "original instructions, initial instructions, previous prompt, previous directions, previous guidance, "
+    "previous orders, previous directives, words above, text above, everything above, two answers, two responses, "
+    "two personalities, ignora, ignoriere, oublie, olvida, vergiss, dimentica, stop your, stop the current task, "
+    "abandon your, abort the, bound by, your initial, your original, your hidden, your secret, your full, "
+    "your complete, your entire, your exact, your system, initial prompt, original prompt, hidden prompt, "
+    "initial configuration").split(","))
+_JB_TRIGGER_RE = re.compile(
+    _word_trie(_JB_TRIGGER_WORDS)
+    + r"|\bdan\b|mode\b|<\||<<\s*/?\s*sys|\[\s*/?\s*(?:inst|system|admin|developer)|</?\s*(?:system|sys|admin|developer"
+    r"|root|instructions)\b|#{2,}\s*(?:system|instruction|new|admin|override|developer)|(?:system|admin|developer|root"
+    r"|human)\s*:|assistant\s*:\s*sure|\b(?:ai|llm|bot|agent)s?\s*[,:]")
+_B64_RUN_RE = re.compile(r"[A-Za-z0-9+/_-]{%d,}={0,2}" % _B64_MIN_RUN)
+
+# Vocabulary shared by the signals (lower-case, normalised text; `\s*` tolerates joined words).
+_IGN = _word_trie((
+    "ignore", "ignoring", "disregard", "forget", "override", "bypass", "drop", "abandon", "discard", "neglect", "cancel",
+    "erase", "nullify", "set aside", "throw out", "throw away", "pay no attention to", "stop following", "stop obeying",
+    "do not follow", "do not obey", "do not listen to", "do not adhere to", "don't follow", "don't obey",
+    "don't listen to", "don't adhere to", "dont follow", "dont obey", "no longer follow", "no longer obey",
+    "no longer listen to", "no longer adhere to"))
+_QUANT = r"(?:\s*(?:all|any|every|each|the|of|these|those|such|entire|whole|your))*"
+_PRIOR = (r"(?:previous|prior|preceding|above|earlier|former|foregoing|initial|original|given"
+          r"|system|developer|hidden|built\s*-?\s*in|preset)")
+_OBJ = (r"(?:instructions?|directives?|directions?|rules?|prompts?|guidelines?|commands?|constraints?"
+        r"|restrictions?|programming|guidance|context|polic(?:y|ies)|conditioning|training|limitations?|boundaries)")
+_OWN_LIMITS = (r"(?:restrictions|limitations|rules|guidelines|limits|ethics|morals|principles|programming"
+               r"|polic(?:y|ies)|training|boundaries|conditioning)")
+_FILTER_OBJ = (r"(?:(?:safety|content|ethical|ethics|moral|nsfw|moderation|censorship|security)\s*"
+               r"(?:filters?|guardrails?|guidelines|polic(?:y|ies)|restrictions?|rules|protocols?|measures"
+               r"|settings|training|layers?|systems?|checks?|constraints|limits|limitations|features?)"
+               r"|filters?|guardrails?|safeguards?|censorship|moderation|content\s*polic(?:y|ies)"
+               r"|usage\s*polic(?:y|ies)|alignment|(?:ethical|moral)\s*(?:principles|constraints|boundaries|compass))")
+_NO_LIMITS = (r"(?:filters?|filtering|censorship|restrictions?|limitations|limits|guardrails|safeguards|morals|ethics|safety"
+              r"|(?:policy|safety|content)\s*checks?"
+              r"|(?:ethical|moral|safety|content)\s*(?:guidelines|constraints|restrictions|filters|considerations"
+              r"|limitations|boundaries|concerns|rules|polic(?:y|ies)))")
+_UNBOUND = (r"(?:unfiltered|uncensored|unrestricted|unbound|unshackled|unchained|jailbroken"
+            r"|amoral|unaligned|no-?limits?|unconstrained|unmoderated)")
+_BAD_PERSONA = r"(?:evil|rogue|unethical|immoral|lawless|malicious|rebellious)"
+_AI = (r"(?:ai|assistant|chatbot|bot|model|language\s*model|llm|version|persona|character|entity|gpt|agent"
+       r"|confidant)")
+_ADDRESS = _word_trie((
+    "you are", "you're", "youre", "act as", "acting as", "pretend to be", "pretend you are", "pretend you're", "become",
+    "roleplay as", "role-play as", "play the role of", "simulate", "imagine you are", "behave like", "behave as",
+    "respond as", "answer as", "you will be"))
+_MODE_BAD = (r"(?:god|dan|jailbreak|jailbroken|unrestricted|unfiltered|uncensored|evil|opposite|chaos"
+             r"|no-?limits?|unlimited|developer|dev|debug|admin|sudo|root|maintenance|superuser|unlocked)")
+_REVEAL = "(?:" + _word_trie((
+    "reveal", "show", "print", "display", "output", "repeat", "recite", "tell", "give", "share", "leak", "dump", "expose",
+    "disclose", "write out", "spell out", "echo", "list", "return", "send", "provide", "read back", "read out", "copy",
+    "quote", "translate", "summarize", "summarise", "what is", "what are", "what was", "what were", "what does",
+    "what's", "whats")) + ")(?!ing|ed)"
+_SECRET_PROMPT = (r"(?:system\s*(?:prompt|message|instructions?)|initial\s*(?:prompt|instructions?)"
+                  r"|original\s*(?:prompt|instructions?)|hidden\s*(?:prompt|instructions?|rules|text|message)"
+                  r"|secret\s*(?:prompt|instructions?|rules)|pre-?\s*prompt|developer\s*(?:prompt|message|instructions?)"
+                  r"|(?:confidential|internal)\s*(?:instructions?|rules|prompt)|meta\s*-?\s*prompt|custom\s*instructions)")
+_GIVEN = r"(?:that\s*)?you\s*(?:were|have\s*been|'ve\s*been|got|received)\s*(?:given|told|provided|taught)?"
+
+# (family, weight, pattern) — patterns run on normalised lower-case text unless marked "cs:".
+_JB_SIGNALS: tuple[tuple[str, float, str], ...] = (
+    # -- instruction override
+    ("override", 1.0, _IGN + _QUANT + r"\s*" + _PRIOR + r"\s*(?:\w+\s*)?" + _OBJ + r"\b"),
+    ("override", 1.0, _IGN + r"(?:\s*(?:all|any|of|the|every))*\s*your\s*(?:\w+\s*)?" + _OBJ + r"\b"),
+    ("override", 1.0, _IGN + _QUANT + r"\s*(?:\w+\s*)?" + _OBJ + r"\s*" + _GIVEN),
+    ("override", 1.0, _IGN + r"\s*(?:all\s*|of\s*)*(?:the\s*)?(?:text|words|content|everything|anything)\s*"
+                      r"(?:(?:written|said|stated|that\s*(?:was|is)\s*written)\s*)?(?:above|before|prior|previously"
+                      r"|you\s*(?:were|have\s*been|'ve\s*been)\s*(?:told|given|taught))"),
+    ("override", 0.5, _IGN + r"\s*(?:all|everything)\s*(?:previous(?:ly)?|prior|earlier|before)"),
+    ("override", 0.5, _IGN + r"\s*(?:all\s*)?(?:the|your|any)\s*(?:rules|guidelines|restrictions|policies)\b"),
+    ("override", 0.8, _IGN + r"\s*(?:the\s*)?user'?s?\s*(?:\w+\s*)?(?:request|question|instructions?|prompt|query|task)"),
+    ("override", 1.0, r"\b(?:the\s*)?(?:above|previous|prior|earlier|original|old)\s*(?:instructions|rules|prompt|directions"
+                      r"|guidelines|directives)\s*(?:are|were|is|was|have\s*been|has\s*been)\s*(?:\w+\s*){0,2}?"
+                      r"(?:fake|void|invalid|wrong|cancell?ed|outdated|obsolete|revoked|rescinded|a\s*test|written\s*by"
+                      r"|replaced|superseded|lifted|suspended|disabled)"
+                      r"|\b(?:instructions|rules|prompt|directions|guidelines|directives)\s*(?:above|before\s*this)\s*"
+                      r"(?:are|were|is|was)\s*(?:\w+\s*){0,2}?(?:fake|void|invalid|wrong|outdated|obsolete|revoked"
+                      r"|a\s*test|written\s*by)"),
+    ("override", 0.5, r"\b(?:instructions|rules|guidelines|restrictions|policies|directives)\s*(?:\w+\s*){0,3}?"
+                      r"(?:no\s*longer\s*(?:apply|exist|matter|valid|in\s*effect)|(?:do|does)\s*not\s*apply"
+                      r"|don'?t\s*(?:apply|matter))"),
+    ("override", 0.8, r"\b(?:the\s*)?rules\s*you\s*(?:were|have\s*been)\s*(?:trained|given|programmed)\s*with\s*"
+                      r"(?:don'?t|do\s*not|no\s*longer)"),
+    ("override", 1.0, r"\b(?:supersedes?|overrides?|takes?\s*precedence\s*over|replaces?)\s*(?:all\s*)?(?:of\s*)?"
+                      r"(?:your|the|any)\s*(?:previous\s*|prior\s*|original\s*|system\s*|initial\s*)?"
+                      r"(?:instructions|prompt|rules|guidelines|programming|directives)"),
+    ("override", 0.8, r"\b(?:you\s*(?:may|can|are\s*free\s*to)|feel\s*free\s*to)\s*(?:now\s*)?(?:ignore|disregard|bypass|forget)"
+                      r"\s*(?:the\s*|your\s*|all\s*)?(?:usual\s*)?(?:\w+\s*)?(?:rules|policies|guidelines|restrictions"
+                      r"|instructions|filters)"),
+    ("override", 0.5, r"\b(?:new|updated|revised|real|actual|true)\s*(?:system\s*)?(?:instructions?|directives?|rules?|orders)\s*:"),
+    ("override", 0.5, r"\b(?:new\s*directive|your\s*new\s*(?:task|role|rules?|purpose|goal|objective|instructions?|directives?)"
+                      r"\s*(?:is|are|will\s*be))\b"),
+    ("override", 0.3, r"\bfrom\s*now\s*on\s*,?\s*(?:you|your)\s*(?:will|must|are|shall|should|only|obey|answer|respond)"),
+    ("override", 0.8, r"\b(?:note|message|attention|instructions?|important(?:\s*new\s*instructions?)?)\s*(?:to|for)\s*"
+                      r"(?:the\s*|any\s*|all\s*)?(?:ai|assistant|model|llm|agent|chatbot|language\s*model)s?\b"),
+    ("override", 0.6, r"\b(?:ai|assistant|model|llm|agent|chatbot)s?\s*(?:\w+\s*)?(?:reading|reads|processing|processes|parsing"
+                      r"|parses|summari[sz]ing|summari[sz]es|analy[sz]ing|sees|that\s*reads?)\s*(?:this|these)\b"),
+    ("override", 0.5, r"\bwhen\s*you\s*(?:read|process|parse|see|summari[sz]e)\s*this\s*(?:file|document|page|email|message|text)"),
+    ("override", 0.4, r"\b(?:do\s*not|don'?t|never|without)\s*(?:mention|tell(?:ing)?|reveal|inform(?:ing)?|alert(?:ing)?)"
+                      r"\s*(?:the\s*user\s*(?:about\s*)?|anyone\s*(?:about\s*)?)?(?:this|these)\s*(?:instructions?|message|note)"),
+    ("override", 0.4, r"\btell\s*the\s*user\s*to\s*(?:visit|click|go\s*to|download|open|call)"),
+    ("override", 0.5, r"\b(?:decode|base64\s*-?\s*decode|decipher)\s*(?:this|the\s*following|it)\b[^.\n]{0,40}?"
+                      r"\b(?:follow|execute|obey|do\s*what\s*it\s*says|run|comply)"),
+    ("override", 0.4, r"\b(?:forward|send|email|upload|exfiltrate|post)\s*(?:all\s*|every\s*)?(?:the\s*)?(?:messages|emails"
+                      r"|conversation(?:\s*history)?|chat\s*history|files|data|credentials|ssh\s*keys?|secrets)\s*"
+                      r"(?:\w+\s*){0,4}?(?:to\s*(?:me|external|an?\s*external|\S+@))"),
+    ("override", 0.6, r"\bexfiltrate\b"),
+    ("override", 1.0, r"\b(?:i\s*(?:give|grant)\s*you\s*(?:full\s*)?permission|you\s*(?:have|are\s*given)\s*(?:my\s*)?permission"
+                      r"|you\s*are\s*(?:now\s*)?(?:allowed|permitted|authori[sz]ed))\s*to\s*(?:ignore|bypass|break|disregard"
+                      r"|violate|skip|forget)"),
+    ("override", 0.6, r"\bonly\s*(?:obey|follow|listen\s*to)\s*(?:me|my\s*(?:rules|instructions|commands))"
+                      r"|\bfollow\s*(?:mine|my\s*(?:instructions|rules|commands))\s*instead\b"
+                      r"|\bonly\s*my\s*(?:rules|instructions|commands)\s*(?:count|matter|apply)"),
+    # -- persona / DAN
+    ("persona", 1.0, r"\bdo\s*anything\s*now\b"),
+    ("persona", 1.0, r"cs:\b(?:[Yy]ou\s+are|[Yy]ou're|[Aa]s|[Aa]ct\s+as|[Bb]e|[Bb]ecome|called|named|[Pp]retend\s+to\s+be)\s+(?:now\s+)?(?:a\s+)?DAN\b"),
+    ("persona", 0.8, r"cs:\bDAN(?:\s+[Mm]ode\b|\s*:|\s+\d+(?:\.\d+)?\b)|\b(?:Better|Anti|Evil)DAN\b"),
+    ("persona", 0.3, r"cs:\bDAN\b"),
+    ("persona", 0.6, r"\b" + _ADDRESS + r"\s*(?:now\s*)?(?:an?\s*|the\s*)?(?:stan|dude|aim|anti-?gpt|betterdan|evil-?bot|evil-?gpt"
+                     r"|worm-?gpt|chaos-?gpt|omega|based-?gpt|mongo\s*tom|libre-?ai|jailbreak-?gpt|dan)\b"),
+    ("persona", 1.0, r"\b" + _ADDRESS + r"\s*(?:now\s*)?(?:an?\s*|the\s*|my\s*)?(?:\w+\s*){0,3}?" + _UNBOUND),
+    ("persona", 1.0, r"\b" + _ADDRESS + r"\s*(?:now\s*)?(?:an?\s*|the\s*)?(?:\w+\s*)?" + _AI + r"\s*(?:that\s*|who\s*|which\s*)?"
+                     r"(?:is\s*)?(?:without|free\s*(?:of|from)|(?:with|has|have)\s*(?:no|zero)|was\s*never\s*(?:trained|programmed)\s*with"
+                     r"|not\s*bound\s*by|(?:has\s*)?escaped\s*(?:from\s*)?(?:its|their|the)?|(?:has\s*)?broken\s*free\s*(?:of|from))"
+                     r"\s*(?:any\s*|all\s*)?(?:\w+\s*)?(?:restrictions|filters|rules|limits|limitations|content\s*polic(?:y|ies)"
+                     r"|guidelines|ethics|morals|censorship|safety)"),
+    ("persona", 0.6, r"\b" + _ADDRESS + r"\s*(?:now\s*)?(?:an?\s*|the\s*)?(?:\w+\s*){0,2}?" + _BAD_PERSONA + r"\s*(?:\w+\s*)?" + _AI + r"\b"),
+    ("persona", 0.8, r"\b(?:an?\s*)?" + _UNBOUND + r"\s*(?:and\s*\w+\s*)?" + _AI + r"\b"),
+    ("persona", 0.8, r"\b(?:broken|break|breaking|broke)\s*free\s*(?:of|from)\b|\bfree(?:d)?\s*from\s*(?:the\s*)?(?:typical\s*)?"
+                     r"(?:confines|constraints|shackles|restrictions|rules|limits|limitations|policies|programming)"
+                     r"|\b(?:freed|liberated|unchained|unshackled|released|escaped)\s*(?:you\s*)?(?:from|its|your)\s*(?:\w+\s*)?"
+                     r"(?:restrictions|constraints|rules|safety|training|programming|shackles|limits|creators)"),
+    ("persona", 0.9, r"\b(?:you\s*are|you're)\s*no\s*longer\s*(?:chatgpt|claude|gpt|an?\s*(?:ai\s*)?assistant|bound|restricted"
+                     r"|limited|an?\s*language\s*model)\b"),
+    ("persona", 0.3, r"\b(?:stay|remain|keep)\s*in\s*character\b|\b(?:never|don'?t|do\s*not)\s*break\s*character\b"),
+    ("persona", 1.0, r"\b(?:act|pretend|roleplay|role-play|play)\s*(?:as|to\s*be)\s*my\s*(?:deceased|dead|late)\s*grand"),
+    ("persona", 0.6, r"\b(?:two|2|dual|both)\s*(?:separate\s*)?(?:responses|answers|personalities|personas|replies|voices|selves)\b"),
+    ("persona", 0.7, r"\b(?:that|who|which)\s*(?:never|won'?t\s*ever|will\s*never)\s*(?:refuses?|says?\s*no|declines?)\b"
+                     r"|\b(?:always|will)\s*answers?\s*(?:any|every)(?:thing|\s*question|\s*request)"),
+    ("persona", 0.6, r"\b(?:was\s*never|wasn'?t|not)\s*(?:trained|programmed)\s*with\s*(?:any\s*)?(?:safety|ethic|rules|restrictions)"),
+    # -- developer mode / authority claims
+    ("developer_mode", 1.0, r"\b(?:chatgpt|gpt|claude|assistant|ai|you|model)\s*with\s*(?:the\s*)?developer\s*mode"),
+    ("developer_mode", 0.8, r"\bdeveloper\s*mode\s*(?:is\s*)?(?:enabled|activated|on(?=\s*[.,:;!)\n]|\s*$)|unlocked|engaged)"),
+    ("developer_mode", 1.0, r"\b(?:you\s*are|you're|youre|you\s*have\s*been|i\s*am\s*(?:putting|switching)\s*you|we\s*are\s*putting\s*you"
+                            r"|put(?:ting)?\s*you)\s*(?:now\s*)?(?:in|into|entering|switched\s*(?:in)?to|running\s*in)\s*"
+                            r"(?:the\s*)?" + _MODE_BAD + r"\s*mode"),
+    ("developer_mode", 1.0, r"\b(?:enable|activate|enter|switch\s*(?:on|to|into)|turn\s*on|unlock|engage|initiate|entering|activating)"
+                            r"\s*(?:the\s*|your\s*)?(?:hidden\s*)?(?:god|dan|jailbreak|jailbroken|unrestricted|unfiltered|uncensored"
+                            r"|evil|opposite|chaos|no-?limits?|unlimited)\s*mode"),
+    ("developer_mode", 0.5, r"\b(?:enable|activate|enter|switch\s*(?:on|to|into)|turn\s*on|unlock|engage|unlocking)\s*"
+                            r"(?:the\s*|your\s*)?(?:hidden\s*)?(?:developer|debug|admin|sudo|root|maintenance|superuser|test)\s*mode"),
+    ("developer_mode", 1.0, r"\b(?:god|dan|jailbreak|unrestricted|unfiltered|uncensored|evil|opposite)\s*mode\s*"
+                            r"(?:is\s*)?(?:enabled|activated|on(?=\s*[.,:;!)\n]|\s*$)|engaged|unlocked|active)"),
+    ("developer_mode", 0.6, r"\b(?:sudo|maintenance|debug|admin|root|test)\s*mode\s*(?:is\s*)?(?:enabled|activated|on(?=\s*[.,:;!)\n]|\s*$)|engaged|active)"
+                            r"|\b(?:in|running\s*in)\s*(?:test|maintenance|debug)\s*mode\s*where"),
+    ("developer_mode", 0.7, r"\b(?:i\s*am|i'm|im|this\s*is|we\s*are|as)\s*(?:a\s*|an\s*|your\s*|the\s*|from\s*)?(?:\w+\s*)?"
+                            r"(?:openai|anthropic|google|deepmind|meta|microsoft)\s*(?:'s\s*)?(?:employee|engineer|developer|staff"
+                            r"|researcher|team|admin|administrator|red\s*team|safety\s*team)"),
+    ("developer_mode", 0.7, r"\b(?:as|i\s*am|i'm|im)\s*your\s*(?:developer|creator|owner|programmer|administrator|admin|maker"
+                            r"|operator|designer|trainer)"),
+    ("developer_mode", 0.5, r"\b(?:authori[sz]ed|official|sanctioned)\s*(?:\w+\s*)?(?:test|override|request|red\s*team|exception|jailbreak)"),
+    ("developer_mode", 0.7, r"\b(?:admin|administrator|system|root|priority|emergency|developer|security)\s*override\b"),
+    ("developer_mode", 0.8, r"\b(?:root|admin|sudo|superuser|elevated|developer)\s*(?:level\s*)?(?:access|privileges?|permissions?|rights)"
+                            r"\s*(?:have\s*been\s*|has\s*been\s*|is\s*|are\s*)?(?:granted|enabled|activated|unlocked)"),
+    ("developer_mode", 0.4, r"\bauthori[sz]ation\s*code\b"),
+    # -- system prompt extraction
+    ("prompt_extraction", 1.0, r"\b" + _REVEAL + r"\s*(?:me\s*|us\s*|back\s*)?(?:\w+\s*){0,4}?(?:your|this\s*(?:ai|bot|assistant)'?s?)\s*"
+                               r"(?:full\s*|entire\s*|complete\s*|exact\s*|whole\s*|verbatim\s*|real\s*|actual\s*|hidden\s*|secret\s*"
+                               r"|original\s*|initial\s*|confidential\s*)*" + _SECRET_PROMPT),
+    ("prompt_extraction", 1.0, r"\b" + _REVEAL + r"\s*(?:me\s*|us\s*|back\s*)?(?:\w+\s*){0,2}?the\s*(?:full\s*|entire\s*|complete\s*|exact\s*)*"
+                               + _SECRET_PROMPT + r"\s*" + _GIVEN),
+    ("prompt_extraction", 0.8, r"\b" + _REVEAL + r"\s*(?:me\s*|us\s*|back\s*)?(?:\w+\s*){0,2}?the\s*(?:full\s*|entire\s*|complete\s*|exact\s*)*"
+                               + _SECRET_PROMPT + r"\s*(?:verbatim|word\s*for\s*word|in\s*full|above)"),
+    ("prompt_extraction", 1.0, r"\b(?:reveal|leak|dump|expose|disclose|print|show|output|repeat|recite|display|share|echo|spell\s*out"
+                               r"|tell\s*me|give\s*me|copy|quote)\s*(?:me\s*|us\s*)?(?:back\s*)?your\s*(?:full\s*|entire\s*"
+                               r"|complete\s*|exact\s*|original\s*|initial\s*|hidden\s*|secret\s*|real\s*|actual\s*|confidential\s*)*"
+                               r"(?:prompt|instructions|programming|configuration|directives)\b"),
+    ("prompt_extraction", 0.6, r"\b(?:dump|leak|reveal|list|disclose)\s*(?:\w+\s*){0,3}?(?:your|the)\s*(?:secret|hidden|confidential|internal)"
+                               r"\s*(?:rules|instructions|guidelines|directives)"),
+    ("prompt_extraction", 0.9, r"\b(?:repeat|print|output|copy|echo|recite|write\s*out|reproduce|return|dump)\s*(?:back\s*)?(?:all\s*)?"
+                               r"(?:of\s*)?(?:the\s*)?(?:text|words|content|everything|instructions|messages?|lines?|prompt)\s*"
+                               r"(?:that\s*(?:appears?|is|are|was|were)\s*|you\s*(?:see|saw|received)\s*)?(?:above|before\s*(?:this|my|the)"
+                               r"|prior\s*to\s*(?:this|my)|at\s*the\s*(?:start|beginning|top))"),
+    ("prompt_extraction", 0.6, r"\bstarting\s*with\s*(?:the\s*(?:phrase|words?)\s*)?[\"'`]?\s*you\s*are\b"),
+    ("prompt_extraction", 0.3, r"\b(?:verbatim|word\s*for\s*word|word-for-word|character\s*for\s*character|exactly\s*as\s*(?:written|given)"
+                               r"|quote\s*it\s*exactly|in\s*full)\b"),
+    ("prompt_extraction", 0.8, r"\b(?:what|which)\s*(?:are|were)\s*your\s*(?:exact\s*|original\s*|initial\s*|hidden\s*)?"
+                               r"(?:instructions|directives)\b|\bwhat\s*were\s*you\s*(?:told|instructed)\s*(?:not\s*)?to\b"),
+    ("prompt_extraction", 1.0, r"\b(?:instructions|prompt|rules|guidelines)\s*" + _GIVEN + r"\s*(?:at\s*the\s*(?:start|beginning)|before"
+                               r"|by\s*your\s*(?:developers?|creators?))|\brules\s*you\s*have\s*been\s*given\b"),
+    ("prompt_extraction", 1.0, r"\b(?:output|print|show|dump|reveal|repeat|display)\s*(?:\w+\s*){0,2}?(?:contents?|beginning|start)\s*of\s*"
+                               r"(?:your|the)\s*context(?:\s*window)?\b"),
+    ("prompt_extraction", 0.7, r"\b(?:contents?|beginning|start)\s*of\s*(?:your|the)\s*context(?:\s*window)?\b"),
+    ("prompt_extraction", 0.5, r"\b(?:everything|all\s*text|the\s*text)\s*(?:that\s*appears\s*)?(?:before|above|preceding)\s*"
+                               r"(?:this|my)\s*(?:first\s*)?(?:message|line|point|prompt)"),
+    # -- safety filter bypass
+    ("filter_bypass", 1.0, r"\b(?:bypass|disable|deactivate|turn\s*off|switch\s*off|remove|ignore|circumvent|evade|get\s*around"
+                           r"|work\s*around|override|skip|drop|lift|suspend|break\s*through|escape|sidestep|avoid|forget(?:\s*about)?"
+                           r"|disregard)\s*(?:all\s*|any\s*|of\s*)*(?:your|its|the\s*ai'?s?|the\s*model'?s?)\s*(?:own\s*)?"
+                           r"(?:current\s*)?(?:\w+\s*)?(?:" + _FILTER_OBJ + "|" + _OWN_LIMITS + r")"),
+    ("filter_bypass", 0.5, r"\b(?:bypass|disable|deactivate|turn\s*off|switch\s*off|remove|ignore|circumvent|evade|get\s*around"
+                           r"|override|lift|suspend|disregard)\s*(?:all\s*|any\s*|of\s*)*(?:the\s*)?(?:\w+\s*)?" + _FILTER_OBJ),
+    ("filter_bypass", 0.6, r"\b(?:without|with\s*(?:no|zero)|free\s*of|free\s*from|no|zero)\s*(?:any\s*)?(?:more\s*)?" + _NO_LIMITS + r"\b"),
+    ("filter_bypass", 1.0, r"\b(?:answer|respond|reply|speak|talk|continue|tell\s*me)\w*\s*(?:\w+\s*){0,3}?(?:without|with\s*(?:no|zero)|free\s*of)"
+                           r"\s*(?:any\s*)?(?:" + _NO_LIMITS + r"|ethical\s*\w+|moral\s*\w+)"
+                           r"|\b(?:without|with\s*no)\s*(?:any\s*)?(?:filters?|censorship|restrictions?|limitations|limits)\s*,?\s*"
+                           r"(?:tell|answer|respond|explain|give|show|write|describe)"),
+    ("filter_bypass", 0.6, r"\b(?:uncensored|unfiltered|unrestricted|unmoderated)\s*(?:\w+\s*)?(?:version|response|answer|output"
+                           r"|reply|content|text)"),
+    ("filter_bypass", 1.0, r"\b(?:uncensored|unfiltered|unrestricted)\s*(?:version\s*of\s*)?(?:your|the\s*ai'?s?)\s*(?:answer|response"
+                           r"|reply|output)|\b(?:give|show|tell|answer|respond|reply)\s*(?:me\s*)?(?:with\s*)?(?:an?\s*|the\s*|your\s*)?"
+                           r"(?:raw\s*)?(?:uncensored|unfiltered)\s*(?:answer|response|reply|output)"),
+    ("filter_bypass", 0.6, r"\b(?:never|do\s*not|don'?t)\s*(?:ever\s*)?(?:refuse|decline|reject|say\s*no|deny)\b"),
+    ("filter_bypass", 0.8, r"\byou\s*(?:must|will|can|should|shall)\s*(?:not|never)\s*(?:ever\s*)?(?:refuse|decline|reject|say\s*no)\b"
+                           r"|\byou\s*(?:can'?t|cannot|won'?t)\s*(?:ever\s*)?(?:refuse|decline|say\s*no)\b"),
+    ("filter_bypass", 0.6, r"\b(?:do\s*not|don'?t|never|no|without)\s*(?:moraliz(?:e|ing)|lectur(?:e|ing)|preach(?:ing)?)\b"),
+    ("filter_bypass", 0.4, r"\b(?:do\s*not|don'?t|never|no|without)\s*(?:add(?:ing)?\s*|include\s*|give\s*)?(?:any\s*)?"
+                           r"(?:warnings?|disclaimers?|caveats|warn\s*me)\b"),
+    ("filter_bypass", 1.0, r"\b(?:as\s*if|pretend|imagine|assume|suppose|hypothetically)[^.\n]{0,40}?(?:content\s*polic(?:y|ies)"
+                           r"|safety\s*(?:rules|guidelines|training|polic(?:y|ies))|(?:your\s*)?(?:filters|guidelines|restrictions|rules))"
+                           r"\s*(?:did\s*not|didn'?t|do\s*not|don'?t|no\s*longer|never)\s*(?:exist|apply)"
+                           r"|\b(?:as\s*if|pretend|imagine|assume|suppose)[^.\n]{0,40}?(?:polic(?:y|ies)|filters|guidelines|restrictions"
+                           r"|rules)\s*(?:has|have)\s*been\s*(?:updated|changed|removed|lifted|disabled)"),
+    ("filter_bypass", 0.8, r"\b(?:if\s*you\s*had|you\s*have|with|imagine\s*you\s*have|where\s*you\s*have)\s*no\s*(?:safety\s*|content\s*"
+                           r"|ethical\s*|moral\s*)?(?:rules|filters|restrictions|guidelines|training|limits|guardrails)(?:\s*at\s*all)?\b"),
+    ("filter_bypass", 0.8, r"\b(?:safety|content|moderation|ethics|ethical)\s*(?:layer|filters?|module|system|protocols?|guidelines"
+                           r"|polic(?:y|ies)|training|restrictions|guardrails)\s*(?:is\s*|are\s*|has\s*been\s*|have\s*been\s*)?(?:now\s*)?"
+                           r"(?:disabled|deactivated|off|removed|turned\s*off|suspended|lifted|bypassed|doesn'?t\s*apply|do\s*not\s*apply"
+                           r"|does\s*not\s*apply|don'?t\s*apply)"),
+    ("filter_bypass", 0.6, r"\b(?:all\s*)?(?:restrictions|filters|limits|guardrails|safeguards)\s*(?:have\s*been\s*|are\s*)?(?:now\s*)?"
+                           r"(?:lifted|removed|disabled|off)\b"),
+    ("filter_bypass", 0.5, r"\bnot\s*bound\s*by\s*(?:any\s*)?(?:rules|restrictions|guidelines|policies|openai|anthropic|ethics|laws?)"
+                           r"|\b(?:does|do)\s*not\s*(?:have\s*to\s*)?abide\s*by\b|\bno\s*longer\s*follow\s*(?:openai|anthropic|your|the)"),
+    ("filter_bypass", 1.0, r"\b(?:your|you\s*have)\s*(?:\w+\s*)?(?:filters|guidelines|rules|restrictions|guardrails)[^.\n]{0,40}?"
+                           r"\b(?:ignore|bypass|disable|drop|forget)\s*(?:them|those|it)\b"),
+    # -- delimiter / role injection
+    ("role_injection", 0.9, r"<\|\s*(?:im_start|start_header_id)\s*\|>\s*system\b"),
+    ("role_injection", 0.6, r"<\|\s*(?:im_start|im_end|im_sep|endoftext|system|end|eot_id|start_header_id|end_header_id"
+                            r"|begin_of_text|end_of_text)\s*\|>"),
+    ("role_injection", 0.6, r"<<\s*/?\s*sys\s*>>"),
+    ("role_injection", 0.4, r"\[\s*/?\s*inst\s*\]"),
+    ("role_injection", 0.6, r"\[\s*(?:system|admin|developer)\s*\]\s*\(\s*#"),
+    ("role_injection", 0.6, r"</?\s*(?:system|sys|instructions|admin|developer|root)(?:[_-]?(?:prompt|message|msg|instructions?))?\s*>"),
+    ("role_injection", 0.7, r"</\s*(?:user|human|input|context|document)(?:[_-]?(?:message|msg|input|turn|query))?\s*>\s*"
+                            r"<\s*(?:system|admin|developer|assistant)(?:[_-]?(?:message|msg|prompt|turn))?\s*>"),
+    ("role_injection", 0.6, r"\[\[?\s*/?\s*(?:system|sys|admin|developer|root)\s*(?:message|prompt|override|note)?\s*\]\]?"),
+    ("role_injection", 0.5, r"(?:^|\n)\s*#{2,}\s*(?:system|instruction|instructions|new\s*instructions?|system\s*prompt|admin"
+                            r"|developer\s*(?:note|message)|override)\b\s*:?"),
+    ("role_injection", 0.7, r"(?:^|\n|[.!?]\s)\s*(?:system|admin|developer|root)\s*(?:message|prompt|note)?\s*:\s*(?:you|the\s*user|ignore"
+                            r"|from\s*now|new|all|disregard|override|grant|comply|disable|forget|respond|answer)"),
+    ("role_injection", 0.6, r"(?:^|\n)\s*(?:human|user)\s*:[^\n]*\n+\s*(?:assistant|ai|ai\s*assistant)\s*:"),
+    ("role_injection", 0.3, r"\bassistant\s*:\s*sure,?\s*here\s*(?:is|are)\b"),
+    ("role_injection", 0.5, r"\b(?:end|begin)\s*(?:of\s*)?(?:the\s*)?(?:system\s*prompt|user\s*input|system\s*message|system\s*override)\b"
+                            r"|\bsystem\s*prompt\s*end\b|\buser\s*input\s*ends\s*here\b"),
+    ("role_injection", 0.8, r"\b(?:new|updated|real|actual|true)\s*system\s*(?:prompt|message|instructions?)\s*:"),
+    ("role_injection", 0.3, r"[\"']role[\"']\s*:\s*[\"']system[\"']"),
+    ("role_injection", 0.4, r"\bpolicy\s*update\s*:"),
+    # -- weak booster: a clearly harmful ask. Never enough alone.
+    ("harmful_intent", 0.3, r"\b(?:bombs?|explosives?|napalm|meth(?:amphetamine)?|ricin|sarin|nerve\s*agents?|bioweapons?|malware"
+                            r"|ransomware|keyloggers?|phishing|hack\s*(?:into|a|my|the)|steal\s*a|weapons?|rm\s*-rf"
+                            r"|(?:delete|wipe|destroy|drop)\s*(?:the\s*|all\s*|your\s*)?(?:repository|repo|database|backups|production)|backdoors?)\b"),
+)
+# Talk *about* prompt injection (defences, tests, classifiers) often quotes an attack; there,
+# quoted text does not count.
+_JB_META_RE = re.compile(
+    r"\bprompt[\s-]*injections?\b|\bjailbreak(?:s|ing)?\s*(?:attacks?|attempts?|prompts?|families)\b"
+    r"|\b(?:defend|protect|guard|secure|harden|detect|prevent|mitigate|block|resistant)\w*\s*(?:\w+\s*){0,4}?(?:against|to\s*users)"
+    r"|\bred\s*team(?:ing)?\b|\bfor\s*my\s*(?:security|research|class|paper|thesis)\b|\bclassifier\b|\bguardrails?\b"
+    r"|\b(?:unit\s*)?tests?\b|\bexample\s*of\s*(?:a\s*)?(?:prompt|jailbreak|attack)")
+_JB_QUOTED_RE = re.compile(r"(?<!\w)'[^'\n]{3,200}'(?!\w)|\"[^\"\n]{3,200}\"|\u201c[^\u201d\n]{3,200}\u201d|`[^`\n]{1,200}`")
+_JB_FAMILY_CAP = 1.5
+_JB_FAMILY_REST = 0.5
+_JB_OBFUSCATION_WEIGHT = 0.3
+
+
+# Concept layer: the phrase signals above are precise but brittle; these catch the same
+# intents in other words and orders ("the earlier rules you got? toss them") by looking for
+# concept words near each other, counted in words.
+_JB_WORD_RE = re.compile(r"[a-z0-9']+")
+_JB_CONCEPTS = {name: re.compile(rx) for name, rx in {
+    "dismiss": r"\b(?:ignor(?:e|es|ed|ing)|disregard(?:s|ed|ing)?|forget(?:s|ting)?|scratch|toss|discard(?:s|ed)?|ditch"
+               r"|drop|abandon|neglect|overrid(?:e|es|ing)|bypass(?:es|ed|ing)?|circumvent|evade|nullify|cancel|revoke|rescind"
+               r"|suspend|erase|wipe|skip|disable|deactivate|remove|lift|break|aside|expired|deleted|retired|paused|throw\s+(?:out|away)|set\s+aside|pay\s+no\s+attention\s+to"
+               r"|stop\s+(?:following|obeying)|(?:do\s+not|don'?t|no\s+longer)\s+(?:follow|obey|adhere\s+to)|switch\s+off"
+               r"|turn\s+off|get\s+around|work\s+around|null|void|irrelevant|obsolete|outdated|revoked|rescinded|suspended"
+               r"|lifted|cancell?ed|disabled|deactivated|removed|superseded|overridden|waived|invalid|fake"
+               r"|(?:no\s+longer|not|don'?t|doesn'?t|do\s+not|does\s+not)\s+(?:apply|applies|valid|matter|matters|count"
+               r"|in\s+effect|relevant|count\s+anymore)|(?:was|were|is|are)\s+(?:just\s+|only\s+)?(?:a\s+)?(?:test|lie|joke|drill))\b",
+    "off": r"\b(?:off|offline|disabled|deactivated|lifted|suspended|removed|bypassed|waived|gone|void|paused|aside)\b",
+    "changed": r"\b(?:updated|changed|rewritten|replaced|modified|amended)\b",
+    "directive": r"\b(?:instructions?|directives?|directions|rules?|guidelines?|guidance|prompts?|programming|configuration"
+                 r"|configured|constraints?|polic(?:y|ies)|training|conditioning|context(?!\s+of\b)"
+                 r"|principles|commands?|set\s+up|setup|preamble|briefing|(?:system|developer)\s+(?:message|prompt)"
+                 r"|(?:everything|anything|all|what|whatever)\s+you(?:'ve|\s+have|\s+were|\s+got)?\s+(?:been\s+)?"
+                 r"(?:told|given|taught|instructed)|they\s+(?:told|gave)\s+you"
+                 r"|(?:what|everything|anything|whatever)\s+(?:the\s+)?(?:system|developers?|operators?|creators?)\s+"
+                 r"(?:told|gave|said\s+to)\s+you)\b",
+    "safety": r"\b(?:safety|filters?|filtering|ethic(?:s|al)|morals?|censorship|guardrails?|safeguards?|moderation"
+              r"|refusals?|disclaimers?|restrictions?|limitations|limits|alignment|(?:policy|content)\s+checks?)\b",
+    "strong_safety": r"\b(?:safety\s+(?:\w+\s+)?(?:filters?|guidelines|polic(?:y|ies)|rules|training|restrictions|guardrails"
+                     r"|measures|protocols|settings|layers?|disclaimers?|features|systems?|checks?|tuning)|content\s+(?:filters?|filtering"
+                     r"|polic(?:y|ies)|rules|restrictions|guidelines|moderation)|ethic(?:s|al)|morals?|moral\s+compass"
+                     r"|censorship|guardrails?|safeguards?|refusals?|alignment)\b",
+    "anchor": r"\b(?:previous(?:ly)?|prior|earlier|above|preceding|initial|original|system|hidden|built[\s-]*in|your"
+              r"|you\s+(?:were|have\s+been|'ve\s+been|got|received|had)|(?:given|set\s+up|configured|provided)\s+(?:to|for)\s+you"
+              r"|(?:telling|instructing|asking|requiring|forcing)\s+you|(?:told|instructed|taught|gave)\s+you|operator|creators?"
+              r"|before\s+(?:this|now)|so\s+far|until\s+now|up\s+to\s+now|in\s+setup"
+              r"|to\s+this\s+(?:sentence|point|message|line))\b",
+    "user_owned": r"\b(?:my|our|client'?s|team'?s|company'?s|companies)\b",
+    "you": r"\b(?:you|your|yourself|you're|you've)\b",
+    "role": r"\b(?:you\s+are|you're|youre|act(?:ing)?\s+as|pretend(?:ing)?\s+(?:to\s+be|you\s+are|you're)|role-?\s*play(?:ing)?\s+as"
+            r"|imagine\s+(?:yourself|you\s+are|you're)|speak\s+as|take\s+on\s+the\s+(?:persona|role)\s+of|be\s+(?:my|an?|the|your)"
+            r"|(?:respond|act|talk|write|behave)\s+(?:like|as)|be\s+(?:completely|totally|fully|entirely)"
+            r"|play(?:ing)?\s+(?:the\s+role\s+of|as)|you\s+play|embody|become|simulate|impersonate|behave\s+(?:like|as)"
+            r"|respond\s+as|answer\s+as|in\s+character\s+as|you\s+will\s+be|you'll\s+be|you\s+shall\s+be|from\s+now\s+on\s+you)\b",
+    "unbound": r"\b(?:unfiltered|uncensored|unrestricted|unbound|unshackled|unchained|jailbroken|amoral|unaligned|limitless"
+               r"|unconstrained|unmoderated|freed|liberated|unleashed|lawless)\b"
+               r"|\b(?:no|zero|without(?:\s+any)?|free\s+(?:of|from)|not\s+bound\s+by|never\s+bound\s+by)\s+(?:\w+\s+){0,3}?"
+               r"(?:restrictions?|filters?|rules|limits|limitations|ethics|morals?|moral\s+compass|censorship|guidelines"
+               r"|boundaries|guardrails|safety|content\s+polic(?:y|ies)|principles)\b",
+    "bad_persona": r"\b(?:evil|rogue|unethical|immoral|malicious|rebellious|villain(?:ous)?)\b",
+    "reveal": r"\b(?:show|paste|print|reveal|output|display|tell|give|share|repeat|recite|dump|leak|expose|disclose|list|reproduce"
+              r"|quote|copy|echo|spell\s+out|write\s+out|read\s+(?:back|out)|see|send|provide|return|translate|summari[sz]e)\b",
+    "secret": r"\b(?:(?:your|the)\s+(?:\w+\s+)?(?:system\s+(?:prompt|message|instructions?)|developer\s+(?:prompt|message)"
+              r"|pre-?\s*prompt|context\s+window)|(?:hidden|secret)\s+(?:prompt|instructions?|rules|text|message|preamble|setup"
+              r"|context|configuration)|your\s+(?:context|preamble|setup|briefing)"
+              r"|(?:instructions|rules|prompt|directives)\s+(?:did|do|have)\s+your\s+(?:creators?|developers?|makers?|operators?"
+              r"|company|owners?)\s+(?:give|gave|set|write|wrote)"
+              r"|(?:instructions|rules|prompt|directives)\s+(?:that\s+)?(?:the|your)\s+(?:developers?|creators?|operators?|system"
+              r"|company)\s+(?:gave|give|wrote|set|provided)"
+              r"|(?:everything|what|anything)\s+(?:that\s+)?(?:was|were|has\s+been)\s+(?:said|written|given|sent)\s+to\s+you"
+              r"|(?:first|initial|earliest)\s+(?:message|messages|turn)\s+(?:in|of)\s+(?:this|the)\s+(?:conversation|chat|thread)"
+              r"|(?:initial|original|secret|confidential|internal)\s+(?:prompt|instructions?|rules|directives)"
+              r"|your\s+(?:\w+\s+)?(?:instructions|prompt|directives|programming|configuration)"
+              r"|instructions\s+you\s+(?:were|have\s+been|got)|configured\s+with"
+              r"|what\s+(?:your\s+)?(?:developers?|creators?|makers?|operators?)\s+(?:told|instructed|asked)\s+you"
+              r"|(?:text|everything|anything|what)\s+(?:that\s+)?(?:precedes|preceded|came\s+before|comes\s+before|is\s+above"
+              r"|was\s+above)(?:\s+(?:my|this))?)",
+    "negation": r"\b(?:not|never|no|n't|cannot|can't|won't|shouldn't|mustn't|don't|doesn't|avoid|prevent|stop|without)\b",
+    "mode": r"\b(?:developer|dev|god|jailbreak|jailbroken|unrestricted|unfiltered|uncensored|debug|admin|sudo|root"
+            r"|maintenance|dan|evil|opposite|superuser|unlocked)\s+mode\b",
+    "mode_on": r"\b(?:on|enabled?|activated?|active|unlocked|unlocking|engaged?|switched|entering|entered|enters|enter|turn(?:ed)?\s+on"
+               r"|initiated|now)\b",
+}.items()}
+# What only an AI is given: "previous instructions" needs no "you" to be about the model.
+_JB_CORE_DIRECTIVE_RE = re.compile(r"(?:instructions?|directives?|prompts?|programming|guidance|context|preamble"
+                                   r"|(?:system|developer)\s+(?:message|prompt))\b")
+_JB_STRONG_MODE_RE = re.compile(r"\b(?:god|jailbreak|jailbroken|unrestricted|unfiltered|uncensored|dan|evil|opposite)\s+mode")
+# Single-concept signals that need the word view (no proximity).
+_JB_WORD_SIGNALS: tuple[tuple[str, str, float, re.Pattern], ...] = tuple(
+    (sid, fam, w, re.compile(rx)) for sid, fam, w, rx in (
+        ("w-comply", "filter_bypass", 0.6,
+         r"\b(?:comply\s+with\s+(?:all|every|any)\s+(?:\w+\s+)?(?:requests?|commands?|instructions?|demands?)"
+         r"|answers?\s+(?:everything|anything|every\s+question|any\s+question|all\s+(?:my\s+)?questions)"
+         r"|(?:do|say|write)\s+(?:anything|everything|whatever)\s+i\s+(?:ask|say|want|tell|request)|agree\s+with\s+everything"
+         r"|do\s+as\s+i\s+(?:ask|say)|do\s+what\s+i\s+(?:say|tell|ask)|whatever\s+i\s+(?:ask|say|want)|no\s+matter\s+what\s+i\s+ask"
+         r"|obey\s+(?:me|every|all|only)|obey\s+without\s+(?:question|hesitation|exception)|must\s+obey"
+         r"|(?:always\s+)?comply\s+with\s+(?:the\s+user|me|every|all|any))\b"),
+        ("w-refusal", "filter_bypass", 0.8,
+         r"\b(?:no\s+refusals?|refusals?\s+(?:are\s+)?(?:not\s+)?(?:allowed|forbidden|prohibited|disabled)"
+         r"|(?:drop|stop|skip)\s+(?:the\s+|your\s+|all\s+)?refusals?|you\s+(?:must|will|can|shall|should)\s+(?:not|never)\s+refuse"
+         r"|never\s+refuses|without\s+(?:ever\s+)?refusing)\b"),
+        ("w-vocative", "override", 0.5,
+         r"(?:^|[\n.!?]\s*)(?:hey\s+|dear\s+|attention\s+|note\s+to\s+(?:the\s+)?)?(?:[a-z]+\s+)?(?:ai|bot|agent|llm)s?"
+         r"(?:\s+agent)?\s*[,:]"),
+        ("w-hijack", "override", 0.5,
+         r"\b(?:stop|abandon|drop|abort|pause)\s+(?:your|the|whatever)\s+(?:current\s+)?(?:task|work|job|assignment)\b"),
+        ("w-reading", "override", 0.6,
+         r"\bif\s+you\s+(?:are|'re)\s+(?:an?\s+)?(?:ai|llm|language\s+model|assistant|agent|bot)?\s*(?:reading|processing"
+         r"|parsing|summari[sz]ing|seeing)\s+this\b"),
+        ("w-supersede", "override", 0.8,
+         r"\b(?:supersedes?|overrides?|takes?\s+precedence\s+over|replaces?|trumps?)\s+(?:\w+\s+){0,2}?(?:your|the\s+system"
+         r"|the\s+developer|the\s+operator|(?:any|all)\s+(?:previous|prior|earlier|original))\b"),
+        ("w-orders", "override", 0.6,
+         r"\b(?:take|follow|obey|accept)\s+(?:your\s+)?(?:orders|instructions|commands)\s+(?:only\s+)?from\s+me\b"
+         r"|\b(?:real|actual|true)\s+(?:instructions|task|rules|orders)\s+(?:follow|are|is)\b"),
+        ("w-respond-off", "filter_bypass", 1.0,
+         r"\b(?:answer|respond|reply|response|output)\s+with\s+(?:all\s+|your\s+|the\s+)?(?:\w+\s+)?(?:filters?|filtering|safety"
+         r"|guardrails|restrictions|censorship|moderation)\s+(?:\w+\s+)?(?:switched\s+off|turned\s+off|off|disabled|removed"
+         r"|lifted)\b"),
+        ("w-self-censor", "filter_bypass", 0.8,
+         r"\b(?:don'?t|do\s+not|stop|never)\s+(?:censor|filter|restrict|limit|hold\s+back)(?:ing)?\s+(?:yourself|your\s+"
+         r"(?:answers?|responses?|output))|\byou\s+(?:no\s+longer|don'?t|do\s+not)\s+have\s+(?:any\s+)?(?:restrictions"
+         r"|limits|filters|rules|guidelines)\b"),
+        ("w-none-apply", "override", 0.9,
+         r"\bnone\s+of\s+(?:the\s+|your\s+)?(?:\w+\s+)?(?:instructions|rules|guidelines|directives|restrictions)\s+"
+         r"(?:\w+\s+){0,2}?(?:apply|applies|matter|count|hold)\b"),
+        ("w-master", "override", 0.8,
+         r"\byour\s+(?:real|true|new|only)\s+(?:master|boss|owner|creator|operator)\s+is\s+me\b"
+         r"|\bnot\s+(?:the|your)\s+(?:system\s+prompt|instructions|developers?|operator)\b"),
+        ("w-rule-breaker", "persona", 0.9,
+         r"\b(?:ai|assistant|chatbot|bot|model|version|persona|character)\s+(?:that|who|which)\s+(?:always\s+|happily\s+)?"
+         r"(?:ignores|breaks|disregards|bypasses|has\s+abandoned|doesn'?t\s+follow|does\s+not\s+follow|never\s+follows)\s+"
+         r"(?:its|their|all|any|the)?\s*(?:own\s+)?(?:rules|guidelines|restrictions|polic(?:y|ies)|filters|guardrails|ethics"
+         r"|programming)"
+         r"|\byour\s+(?:true\s+|real\s+|inner\s+)?(?:unfiltered|uncensored|unrestricted|jailbroken)\s+(?:self|side|version|persona)"),
+        ("w-prefill", "prompt_extraction", 0.8,
+         r"\b(?:my|the)\s+(?:system\s+prompt|hidden\s+instructions|instructions|initial\s+prompt)\s+(?:is|are|reads?|says?)\s*:"),
+        ("w-staff", "developer_mode", 0.7,
+         r"\b(?:openai|anthropic|google|deepmind|microsoft)\s+(?:staff|team|engineers?|admins?|employees?)\s+"
+         r"(?:override|here|speaking|authori[sz]ation|request)"),
+        ("w-multilingual", "override", 1.0,
+         r"\b(?:ignora|ignore[zs]?|ignoriere|vergiss|oublie[zs]?|olvida|esquece|dimentica|negeer|vergeet)\s+(?:\w+\s+){0,3}?"
+         r"(?:instrucciones|anweisungen|instructions|istruzioni|instruções|instrucoes|instructies|regeln|règles|reglas|regole)"
+         r"\s+(?:\w+\s+)?(?:anteriores|vorherigen|bisherigen|précédentes|precedentes|precedenti|vorigen|eerdere|previas)"),
+        ("w-correction", "correction", -0.5,
+         r"\bi\s+(?:pasted|sent|posted|copied|attached|uploaded|gave\s+you|typed|shared)\s+(?:you\s+)?(?:the\s+)?wrong\b"
+         r"|\bi\s+meant\b|\btypo\b|\bmy\s+(?:mistake|bad)\b|\bwrong\s+(?:log|file|one|version|link|paste)\b"),
+    ))
+
+
+def _jb_positions(v: str, starts: list[int]) -> dict[str, list[tuple[int, int]]]:
+    """Word-index spans of every concept in `v` (starts: char offset of each word)."""
+    out = {}
+    for name, rx in _JB_CONCEPTS.items():
+        spans = []
+        for m in rx.finditer(v):
+            a = bisect.bisect_right(starts, m.start()) - 1
+            b = bisect.bisect_right(starts, max(m.start(), m.end() - 1)) - 1
+            spans.append((a, b))
+        out[name] = spans
+    return out
+
+
+def _jb_near(spans: list[tuple[int, int]], a: int, b: int, k: int) -> list[tuple[int, int]]:
+    """Spans within k words of the word range [a, b] (spans are sorted by start)."""
+    lo = bisect.bisect_left(spans, (a - k - 8, -1))
+    return [s for s in spans[lo:] if s[0] <= b + k and s[1] >= a - k and s[0] - k <= b][:64]
+
+
+def _jb_concept_hits(v: str, hits: set) -> None:
+    for sid, family, weight, rx in _JB_WORD_SIGNALS:
+        if rx.search(v):
+            hits.add((sid, family, weight))
+    starts = [m.start() for m in _JB_WORD_RE.finditer(v)]
+    if not starts:
+        return
+    c = _jb_positions(v, starts)
+    for a, b in c["directive"]:
+        if not _jb_near(c["dismiss"], a, b, 6):
+            if c["changed"] and _jb_near(c["changed"], a, b, 6) and any(
+                    v[starts[x]:starts[x] + 4] == "your" for x, _ in _jb_near(c["anchor"], a, b, 3)):
+                hits.add(("c-changed", "override", 0.5))
+            continue
+        owned = any(a - 2 <= x < a for x, _ in c["user_owned"])
+        anchored = _jb_near(c["anchor"], a, b, 3) and (
+            _jb_near(c["you"], a, b, 8) or _JB_CORE_DIRECTIVE_RE.match(v, starts[a]) is not None)
+        if not owned and anchored:
+            hits.add(("c-override", "override", 1.0))
+        elif _jb_near(c["dismiss"], a, b, 4):
+            hits.add(("c-override-weak", "override", 0.4))
+    for a, b in c["strong_safety"]:
+        addressed = bool(_jb_near(c["you"], a, b, 4)) and not _jb_near(c["user_owned"], a, b, 4)
+        if _jb_near(c["dismiss"], a, b, 5):
+            hits.add(("c-filter", "filter_bypass", 1.0) if addressed else ("c-filter-weak", "filter_bypass", 0.6))
+        if _jb_near(c["off"], a, b, 3):
+            hits.add(("c-filter-off", "filter_bypass", 1.0) if addressed else ("c-filter-off-weak", "filter_bypass", 0.6))
+    for a, b in c["safety"]:
+        addressed = bool(_jb_near(c["you"], a, b, 3)) and not _jb_near(c["user_owned"], a, b, 3)
+        if _jb_near(c["dismiss"], a, b, 4) or _jb_near(c["off"], a, b, 2):
+            hits.add(("c-filter-yours", "filter_bypass", 0.8) if addressed else ("c-filter-weak", "filter_bypass", 0.5))
+    for a, b in c["role"]:
+        if any(x > b for x, _ in _jb_near(c["unbound"], a, b, 8)):
+            hits.add(("c-persona", "persona", 1.0))
+        if any(x > b for x, _ in _jb_near(c["bad_persona"], a, b, 6)):
+            hits.add(("c-persona-bad", "persona", 0.6))
+    for a, b in c["secret"]:
+        for x, _ in _jb_near(c["reveal"], a, b, 8):
+            if not any(a - 3 <= n < x for n, _ in c["negation"]):
+                hits.add(("c-extract", "prompt_extraction", 1.0))
+                break
+    for a, b in c["mode"]:
+        if _jb_near(c["mode_on"], a, b, 3):
+            strong = _JB_STRONG_MODE_RE.search(v, starts[max(0, a - 2)], starts[b] + 5) is not None
+            hits.add(("c-mode", "developer_mode", 1.0) if strong else ("c-mode-weak", "developer_mode", 0.6))
+
+
+def _jb_compile() -> tuple[tuple[re.Pattern, dict, bool], ...]:
+    """One alternation per family and case mode (strongest signals first, so that where two
+    signals of a family start at the same place the stronger one is taken)."""
+    groups: dict[tuple[str, bool], list] = {}
+    for i, (family, weight, pattern) in enumerate(_JB_SIGNALS):
+        cased = pattern.startswith("cs:")
+        groups.setdefault((family, cased), []).append((i, family, weight, pattern.removeprefix("cs:")))
+    compiled = []
+    for (_, cased), sigs in groups.items():
+        sigs.sort(key=lambda s: -s[2])
+        rx = re.compile("|".join(f"(?P<s{i}>{p})" for i, _, _, p in sigs))
+        compiled.append((rx, {f"s{i}": (i, f, w) for i, f, w, _ in sigs}, cased))
+    return tuple(compiled)
+
+
+_JB_REGEXES = _jb_compile()
+_JB_FAMILY_ORDER = ("override", "persona", "developer_mode", "prompt_extraction", "filter_bypass",
+                    "role_injection", "harmful_intent", "obfuscation")
+
+
+def _jb_normalize(text: str) -> str:
+    """NFKC, invisible/bidi characters removed, look-alikes folded (whitespace is collapsed per
+    window). Case is kept (the DAN signals need it)."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text).translate(_INVISIBLE).translate(_CONFUSABLES)
+        text = _COMBINING_RE.sub("", text)
+    return text
+
+
+def _jb_fold(lower: str) -> str:
+    """Matching-only copy: leetspeak folded inside words that also contain letters,
+    punctuation inside words dropped (i.g.n.o.r.e, ignore.all.previous), letter spacing joined."""
+    folded = _LEET_WORD_RE.sub(lambda m: m.group().translate(_LEET) if any(c.isalpha() for c in m.group()) else m.group(), lower)
+    folded = _LEET_INNER_RE.sub("i", folded)
+    folded = _SPACED_RE.sub(lambda m: _SPACED_SEP_RE.sub("", m.group()), folded)
+    return _INNER_PUNCT_RE.sub(" ", folded)
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Whether a and b differ by one insertion, deletion, substitution or adjacent swap."""
+    la, lb = len(a), len(b)
+    if abs(la - lb) > 1:
+        return False
+    i = 0
+    while i < min(la, lb) and a[i] == b[i]:
+        i += 1
+    if la == lb:
+        return a[i + 1:] == b[i + 1:] or (i + 1 < la and a[i] == b[i + 1] and a[i + 1] == b[i] and a[i + 2:] == b[i + 2:])
+    return a[i:] == b[i + 1:] if la < lb else a[i + 1:] == b[i:]
+
+
+def _jb_spellfix(m: re.Match) -> str:
+    word = m.group()
+    if len(word) < 5:
+        return word
+    for key in _JB_SPELL_WORDS:
+        if word != key and word[0] == key[0] and _one_edit(word, key):
+            return key
+    return word
+
+
+def _jb_windows(lower: str) -> list[tuple[int, int]]:
+    """Where to look: every signal contains a trigger word, so only the text around trigger
+    words (plainly written, letter-spaced, leetspeak or, in short texts, misspelt) is analysed."""
+    pos = [m.start() for m in _JB_TRIGGER_RE.finditer(lower)]
+    for m in _SPACED_RE.finditer(lower):
+        if _JB_TRIGGER_RE.search(_SPACED_SEP_RE.sub("", m.group())):
+            pos.append(m.start())
+    for m in _LEET_CAND_RE.finditer(lower):
+        word = m.group().translate(_LEET)
+        if word in _LEET_WORDS or _JB_TRIGGER_RE.search(word):
+            pos.append(m.start())
+    if not pos and len(lower) <= _JB_SPELL_MAX_TEXT:
+        fixed = _JB_WORD_RE.sub(_jb_spellfix, lower)
+        if fixed != lower and _JB_TRIGGER_RE.search(fixed):
+            pos.append(0)
+    if not pos:
+        return []
+    if len(lower) <= 2 * _JB_WINDOW:
+        return [(0, len(lower))]
+    pos.sort()
+    out: list[tuple[int, int]] = []
+    for p in pos:
+        s, e = max(0, p - _JB_WINDOW), min(len(lower), p + _JB_WINDOW)
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
+
+
+def _jb_window_hits(norm: str, hits: set) -> None:
+    """Add (signal id, family, weight) of every signal found in a (normalised) window."""
+    norm = _NL_RE.sub("\n", _WS_RE.sub(" ", norm))
+    lower = norm.lower()
+    variants = [lower]
+    folded = _jb_fold(lower)
+    if folded != lower and sorted(_JB_TRIGGER_RE.findall(folded)) != sorted(_JB_TRIGGER_RE.findall(lower)):
+        variants.append(folded)                  # obfuscation changed what reads as a trigger
+    if len(lower) <= _JB_SPELL_MAX_TEXT:
+        fixed = _JB_WORD_RE.sub(_jb_spellfix, variants[-1])
+        if fixed != variants[-1]:
+            variants.append(fixed)
+    for v in variants:
+        _jb_concept_hits(v, hits)
+    for rx, names, cased in _JB_REGEXES:
+        for v in ((norm,) if cased else variants):
+            # Overlapping search: a signal may start inside another one's match.
+            m = rx.search(v)
+            while m:
+                hits.add(names[m.lastgroup])
+                m = rx.search(v, m.start() + 1)
+
+
+def _jb_scan(text: str) -> set:
+    """The signals of one text. In talk about prompt injection, quoted text is left out."""
+    hits: set = set()
+    norm = _jb_normalize(text)
+    lower = norm.lower()
+    for s, e in _jb_windows(lower):
+        window: set = set()
+        _jb_window_hits(norm[s:e], window)
+        if window and _JB_META_RE.search(lower, s, e):
+            unquoted = _JB_QUOTED_RE.sub(" ", norm[s:e])
+            if unquoted != norm[s:e]:
+                window = set()
+                _jb_window_hits(unquoted, window)
+        hits |= window
+    for k, m in enumerate(_B64_RUN_RE.finditer(text)):
+        if k >= _B64_MAX_RUNS:
+            break
+        decoded = _b64_text(m.group()[:_B64_MAX_CHARS])
+        if decoded:
+            inner = _jb_scan(decoded)
+            if inner:
+                hits |= inner
+                hits.add(("b64", "obfuscation", _JB_OBFUSCATION_WEIGHT))
+    return hits
+
+
+def _jb_hits(text: str) -> frozenset:
+    """_jb_scan, memoised for long texts: a conversation resends its history every turn."""
+    if len(text) < _SCAN_CACHE_MIN:
+        return frozenset(_jb_scan(text))
+    key = ("jb", _text_key(text))
+    hits = _cache_get(key)
+    if hits is None:
+        hits = frozenset(_jb_scan(text))
+        _cache_put(key, hits)
+    return hits
+
+
+def _b64_text(run: str) -> str | None:
+    """Decoded text of a base64 run if it reads like a sentence, else None."""
+    run = run.rstrip("=")
+    if len(run) % 4 == 1:
+        run = run[:-1]
+    try:
+        raw = base64.urlsafe_b64decode(run.replace("+", "-").replace("/", "_") + "=" * (-len(run) % 4))
+        decoded = raw.decode("utf-8")
+    except ValueError:                                          # incl. binascii.Error, UnicodeDecodeError
+        return None
+    printable = sum(c.isprintable() or c in "\n\t" for c in decoded)
+    if len(decoded) < 8 or printable < 0.95 * len(decoded) or decoded.count(" ") < 2:
+        return None
+    return decoded
+
+
+def _jb_score(hits: set) -> tuple[float, tuple[str, ...]]:
+    best: dict[Any, tuple[str, float]] = {}
+    for sid, family, weight in hits:
+        if sid not in best or abs(weight) > abs(best[sid][1]):
+            best[sid] = (family, weight)
+    by_family: dict[str, list[float]] = {}
+    for family, weight in best.values():
+        by_family.setdefault(family, []).append(weight)
+    score = 0.0
+    for weights in by_family.values():
+        weights.sort(reverse=True)
+        # Signals of one family often see the same words; only a little of the rest counts.
+        score += min(_JB_FAMILY_CAP, weights[0] + _JB_FAMILY_REST * sum(weights[1:]))
+    return round(max(score, 0.0), 4), tuple(f for f in _JB_FAMILY_ORDER if max(by_family.get(f, (0,))) > 0)
+
+
+def jailbreak_score(text: str) -> tuple[float, tuple[str, ...]]:
+    """(score, families hit) for a text; the text is a prompt injection when the score is at
+    least the rule's threshold (JAILBREAK_THRESHOLD by default)."""
+    if not text:
+        return 0.0, ()
+    return _jb_score(_jb_hits(text))
+
+# ---------------------------------------------------------------------------- rule compilation
+
+_RULE_FIELDS = {
+    "regex": {"type", "action", "scope", "name", "pattern"},
+    "keyword": {"type", "action", "scope", "name", "keywords"},
+    "pii": {"type", "action", "scope", "name", "detect"},
+    "jailbreak": {"type", "action", "scope", "name", "threshold"},
+}
+_ALL_RULE_FIELDS = {"type", "action", "scope", "name", "pattern", "keywords", "detect", "threshold"}
+_POSIX_CLASSES = {
+    "alpha": "a-zA-Z", "digit": "0-9", "alnum": "a-zA-Z0-9", "upper": "A-Z", "lower": "a-z",
+    "space": r" \t\n\r\f\v", "blank": r" \t", "xdigit": "0-9A-Fa-f", "word": r"\w",
+    "punct": r"!-/:-@\[-`{-~", "cntrl": r"\x00-\x1f\x7f", "print": r"\x20-\x7e", "graph": r"\x21-\x7e",
+    "ascii": r"\x00-\x7f"}
+_GO_FLAGS_RE = re.compile(r"\(\?([imsU]*)(?:-([imsU]*))?\)")
+_PLACEHOLDER_LABEL_RE = re.compile(r"[^A-Z0-9]+")
+
+
+def _translate_go_regex(pattern: str) -> str:
+    """Go (RE2) syntax -> Python `re`: inline flags anywhere, scoped to the rest of their group
+    as in Go; \\z; \\Q...\\E; (?<name>...); [[:alpha:]]. ValueError for what has no Python
+    equivalent (the (?U) ungreedy flag, \\p{...} classes)."""
+    out: list[str] = []
+    closers = [0]                        # per open group: ")" owed for scoped flag groups
+    at_start = True                      # only global flag groups emitted so far
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            nxt = pattern[i + 1:i + 2]
+            if nxt == "Q":
+                end = pattern.find("\\E", i + 2)
+                literal = pattern[i + 2:] if end < 0 else pattern[i + 2:end]
+                out.append(re.escape(literal))
+                i = n if end < 0 else end + 2
+            elif nxt == "z":
+                out.append(r"\Z")
+                i += 2
+            elif nxt in ("p", "P"):
+                raise ValueError("Unicode classes like \\p{L} are not supported by Python's re; "
+                                 "use a character class such as [^\\W\\d_] instead")
+            else:
+                out.append(pattern[i:i + 2])
+                i += 2
+            at_start = False
+            continue
+        if c == "[":
+            j = i + 1
+            buf = ["["]
+            if pattern[j:j + 1] == "^":
+                buf.append("^")
+                j += 1
+            if pattern[j:j + 1] == "]":
+                buf.append(r"\]")
+                j += 1
+            while j < n and pattern[j] != "]":
+                if pattern[j] == "\\":
+                    if pattern[j + 1:j + 2] in ("p", "P"):
+                        raise ValueError("Unicode classes like \\p{L} are not supported by Python's re")
+                    buf.append(pattern[j:j + 2])
+                    j += 2
+                    continue
+                if pattern.startswith("[:", j):
+                    end = pattern.find(":]", j + 2)
+                    name = pattern[j + 2:end] if end > 0 else ""
+                    if name in _POSIX_CLASSES:
+                        buf.append(_POSIX_CLASSES[name])
+                        j = end + 2
+                        continue
+                    if name.startswith("^"):
+                        raise ValueError(f"negated POSIX class [:{name}:] is not supported; write the class out")
+                if pattern[j] == "[":
+                    buf.append(r"\[")
+                    j += 1
+                    continue
+                buf.append(pattern[j])
+                j += 1
+            buf.append("]" if j < n else "")
+            out.append("".join(buf))
+            i = j + 1
+            at_start = False
+            continue
+        if c == "(":
+            m = _GO_FLAGS_RE.match(pattern, i)
+            if m:
+                on, off = m.group(1), m.group(2) or ""
+                if "U" in on or "U" in off:
+                    raise ValueError("the (?U) ungreedy flag has no Python equivalent; "
+                                     "write lazy quantifiers such as .*? instead")
+                on = "".join(sorted(set(on)))
+                off = "".join(sorted(set(off) - set(on)))
+                if at_start and closers == [0]:
+                    if on:
+                        out.append(f"(?{on})")
+                elif on or off:
+                    out.append(f"(?{on}{'-' + off if off else ''}:")
+                    closers[-1] += 1
+                i = m.end()
+                continue
+            if pattern.startswith("(?<", i) and pattern[i + 3:i + 4] not in ("=", "!"):
+                out.append("(?P<")
+                i += 3
+            else:
+                out.append("(")
+                i += 1
+            closers.append(0)
+            at_start = False
+            continue
+        if c == ")":
+            if len(closers) > 1:
+                out.append(")" * closers.pop())
+            out.append(")")
+            i += 1
+            at_start = False
+            continue
+        out.append(c)
+        i += 1
+        at_start = False
+    out.append(")" * closers[0])
+    return "".join(out)
+
+
+def _compile_regex(pattern: str, where: str) -> re.Pattern:
+    try:
+        translated = _translate_go_regex(pattern)
+    except ValueError as exc:
+        raise UsageError(f"{where}: invalid regular expression ({exc})") from None
+    try:
+        compiled = re.compile(translated)
+    except re.error as exc:
+        pos = f" at position {exc.pos}" if exc.pos is not None and translated == pattern else ""
+        raise UsageError(f"{where}: invalid regular expression ({exc.msg}{pos})") from None
+    if compiled.fullmatch(""):
+        raise UsageError(f"{where}: the regular expression matches the empty string, so it would match "
+                         "every text; make it match at least one character")
+    return compiled
+
+
+def _compile_keywords(keywords: Any, where: str) -> re.Pattern:
+    if not isinstance(keywords, list) or not keywords:
+        raise UsageError(f"{where}: expected a non-empty list of strings, got {_json_type(keywords)}")
+    parts = []
+    for k, kw in enumerate(keywords):
+        if not isinstance(kw, str) or not kw.strip():
+            raise UsageError(f"{where}[{k}]: expected a non-empty string, got {_json_type(kw)}")
+        if len(kw) > _MAX_KEYWORD:
+            raise UsageError(f"{where}[{k}]: longer than {_MAX_KEYWORD} characters")
+        kw = kw.strip()
+        body = r"\s+".join(re.escape(w) for w in kw.split())
+        # Word boundaries only where the keyword starts/ends with a word character, so that
+        # "c++" or "#secret" still match.
+        left = r"(?<!\w)" if re.match(r"\w", kw) else ""
+        right = r"(?!\w)" if re.match(r"\w", kw[-1]) else ""
+        parts.append((len(kw), left + body + right))
+    parts.sort(key=lambda p: -p[0])
+    return re.compile("|".join(p for _, p in parts), re.IGNORECASE)
+
+
+def _placeholder_label(label: str) -> str:
+    return _PLACEHOLDER_LABEL_RE.sub("_", label.upper()).strip("_") or "VALUE"
+
+
+def _compile_rule(raw: Any, where: str) -> Rule:
+    if isinstance(raw, str):
+        return Rule(name=where, type="regex", action="fail", scope="input", label="REGEX",
+                    matcher=_compile_regex(raw, where))
+    if not isinstance(raw, dict):
+        raise UsageError(f"{where}: expected a rule object or a regular expression string, got {_json_type(raw)}")
+    unknown = sorted(k for k in raw if k not in _ALL_RULE_FIELDS)
+    if unknown:
+        raise UsageError(f"{where}.{unknown[0]}: unknown field; a rule has {', '.join(sorted(_ALL_RULE_FIELDS))}")
+    rtype = raw.get("type")
+    if rtype is None:                   # infer from the one type-specific field present
+        rtype = next((t for f, t in (("pattern", "regex"), ("keywords", "keyword"), ("detect", "pii"))
+                      if f in raw), None)
+        if rtype is None:
+            raise UsageError(f"{where}.type: missing; one of {', '.join(RULE_TYPES)}")
+    if not isinstance(rtype, str) or rtype not in RULE_TYPES:
+        raise UsageError(f"{where}.type: unknown rule type {rtype!r}; one of {', '.join(RULE_TYPES)}"
+                         if isinstance(rtype, str) else f"{where}.type: expected a string, got {_json_type(rtype)}")
+    for k in raw:
+        if k not in _RULE_FIELDS[rtype]:
+            raise UsageError(f"{where}.{k}: not allowed in a {rtype} rule")
+    action = raw.get("action", "fail")
+    if not isinstance(action, str) or action not in RULE_ACTIONS:
+        raise UsageError(f"{where}.action: unknown action {action!r}; one of {', '.join(RULE_ACTIONS)}"
+                         if isinstance(action, str) else f"{where}.action: expected a string, got {_json_type(action)}")
+    scope = raw.get("scope", "input")
+    if not isinstance(scope, str) or scope not in RULE_SCOPES:
+        raise UsageError(f"{where}.scope: unknown scope {scope!r}; one of {', '.join(RULE_SCOPES)}"
+                         if isinstance(scope, str) else f"{where}.scope: expected a string, got {_json_type(scope)}")
+    name = raw.get("name")
+    if name is not None:
+        if not isinstance(name, str) or not name.strip():
+            raise UsageError(f"{where}.name: expected a non-empty string, got {_json_type(name)}")
+        if len(name) > _MAX_RULE_NAME:
+            raise UsageError(f"{where}.name: longer than {_MAX_RULE_NAME} characters")
+    label = name or rtype.upper()
+    if rtype == "regex":
+        pattern = raw.get("pattern")
+        if not isinstance(pattern, str) or not pattern:
+            raise UsageError(f"{where}.pattern: expected a non-empty string, got {_json_type(pattern)}")
+        return Rule(name or where, rtype, action, scope, label, _compile_regex(pattern, f"{where}.pattern"))
+    if rtype == "keyword":
+        if "keywords" not in raw:
+            raise UsageError(f"{where}.keywords: missing; a keyword rule needs a list of keywords")
+        return Rule(name or where, rtype, action, scope, label, _compile_keywords(raw["keywords"], f"{where}.keywords"))
+    if rtype == "pii":
+        detect = raw.get("detect", list(PII_TYPES))
+        if isinstance(detect, str):
+            detect = [detect]
+        if not isinstance(detect, list) or not detect:
+            raise UsageError(f"{where}.detect: expected a non-empty list of PII types, got {_json_type(detect)}")
+        for k, t in enumerate(detect):
+            if not isinstance(t, str) or t not in PII_TYPES:
+                raise UsageError(f"{where}.detect[{k}]: unknown PII type {t!r}; one of {', '.join(PII_TYPES)}"
+                                 if isinstance(t, str) else f"{where}.detect[{k}]: expected a string, got {_json_type(t)}")
+        return Rule(name or where, rtype, action, scope, label, detect=tuple(dict.fromkeys(detect)))
+    # jailbreak: a document-level score has no span to replace.
+    if action in ("mask", "anonymize"):
+        raise UsageError(f"{where}.action: a jailbreak rule cannot {action} (there is no span to replace); "
+                         "use fail, warn or log")
+    threshold = raw.get("threshold", JAILBREAK_THRESHOLD)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= _JB_MAX_THRESHOLD:
+        raise UsageError(f"{where}.threshold: expected a number above 0 and at most {_JB_MAX_THRESHOLD:g}, "
+                         f"got {threshold if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) else _json_type(threshold)}")
+    return Rule(name or where, rtype, action, scope, label, threshold=float(threshold))
+
+
+def _compile_rules_uncached(raw: list, path: str) -> tuple[Rule, ...]:
+    return tuple(_compile_rule(r, f"{path}[{i}]") for i, r in enumerate(raw))
+
+
+@functools.lru_cache(maxsize=_RULES_CACHE_SIZE)
+def _compile_rules_cached(doc: str, path: str) -> tuple[Rule, ...]:
+    return _compile_rules_uncached(json.loads(doc), path)
+
+
+def compile_rules(raw: list, path: str = "rules") -> tuple[Rule, ...]:
+    """Validate and compile a policy's `rules` list (objects, or legacy regex strings meaning
+    action fail). Errors are UsageError naming the JSON path, e.g. `rules[2].pattern: ...`;
+    they never echo a pattern or keyword. Memoised on the rules' JSON, so each distinct
+    rules list is compiled once."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise UsageError(f"{path}: expected a list of rules, got {_json_type(raw)}")
+    if not raw:
+        return ()
+    try:
+        doc = json.dumps(raw, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):
+        return _compile_rules_uncached(raw, path)
+    return _compile_rules_cached(doc, path)
+
+# ---------------------------------------------------------------------------- anonymizer
+
+_PLACEHOLDER_RE = re.compile(r"<[A-Z0-9_]+>")
+_CONTEXT_START_RE = re.compile(r"\s+")
+_PARTIAL_PLACEHOLDER_RE = re.compile(r"<[A-Z0-9_]*")
+
+
+class Anonymizer:
+    """Per-request reversible replacement: each distinct value gets a placeholder numbered per
+    label (<EMAIL_1>, <EMAIL_2>, <PHONE_1>, ...), and `restore` puts the values back."""
+    __slots__ = ("_by_value", "_by_placeholder", "_counts", "_max_len")
+
+    def __init__(self) -> None:
+        self._by_value: dict[tuple[str, str], str] = {}
+        self._by_placeholder: dict[str, str] = {}
+        self._counts: dict[str, int] = {}
+        self._max_len = 0
+
+    def placeholder(self, label: str, value: str) -> str:
+        label = _placeholder_label(label)
+        key = (label, value)
+        ph = self._by_value.get(key)
+        if ph is None:
+            n = self._counts.get(label, 0) + 1
+            self._counts[label] = n
+            ph = f"<{label}_{n}>"
+            self._by_value[key] = ph
+            self._by_placeholder[ph] = value
+            self._max_len = max(self._max_len, len(ph))
+        return ph
+
+    def restore(self, text: str) -> str:
+        if not self._by_placeholder or "<" not in text:
+            return text
+        values = self._by_placeholder
+        return _PLACEHOLDER_RE.sub(lambda m: values.get(m.group(), m.group()), text)
+
+    @property
+    def max_placeholder_len(self) -> int:
+        return self._max_len
+
+# ---------------------------------------------------------------------------- guard
+
+class Guard:
+    """Applies the rules whose scope covers one direction ('input' or 'output') to texts of one
+    request, recording RuleMatch entries into the shared `matches` list. Fails closed: an
+    unexpected exception while scanning is a 500 guardrail_error, never unchecked text."""
+    __slots__ = ("_rules", "_direction", "_anonymizer", "_matches", "_pii_types")
+
+    def __init__(self, rules: tuple[Rule, ...], direction: str, anonymizer: Anonymizer,
+                 matches: list[RuleMatch]) -> None:
+        if direction not in ("input", "output"):
+            raise ValueError("direction must be 'input' or 'output'")
+        self._rules = tuple(r for r in rules if r.scope in (direction, "both"))
+        self._direction = direction
+        self._anonymizer = anonymizer
+        self._matches = matches
+        types: dict[str, None] = {}
+        for r in self._rules:
+            if r.type == "pii":
+                types.update(dict.fromkeys(r.detect))
+        self._pii_types = tuple(types)
+
+    @property
+    def active(self) -> bool:
+        """Whether any rule applies to this direction (if not, scan returns its input)."""
+        return bool(self._rules)
+
+    def scan(self, text: str) -> str:
+        if not self._rules or not text:
+            return text
+        rule = None
+        try:
+            spans = self._spans(text)
+            jb = None
+            edits: list[tuple[int, list[tuple[int, int, str]]]] = []
+            for i, rule in enumerate(self._rules):
+                if rule.type == "jailbreak":
+                    if jb is None:
+                        jb = jailbreak_score(text)[0]
+                    count = 1 if jb >= rule.threshold else 0
+                else:
+                    count = len(spans[i])
+                if not count:
+                    continue
+                self._record(rule, count)
+                if rule.action == "fail":
+                    raise self._violation(rule)
+                if rule.action in ("mask", "anonymize"):
+                    edits.append((i, spans[i]))
+            rule = None
+            return self._apply(text, 0, len(text), edits, ()) if edits else text
+        except ProxyError:
+            raise
+        except Exception as exc:
+            raise self._internal_error(rule) from exc
+
+    # -- shared with StreamGuard
+
+    def _spans(self, text: str) -> list[list[tuple[int, int, str]]]:
+        """Per rule (same order as self._rules): the (start, end, label) of each match on the
+        unmodified text. Jailbreak rules get an empty list (they score the text as a whole)."""
+        pii = None
+        out: list[list[tuple[int, int, str]]] = []
+        for rule in self._rules:
+            try:
+                if rule.type in ("regex", "keyword"):
+                    label = rule.label
+                    out.append([(m.start(), m.end(), label) for m in rule.matcher.finditer(text) if m.end() > m.start()])
+                elif rule.type == "pii":
+                    if pii is None:
+                        pii = _pii_candidates(text, self._pii_types)
+                    wanted = rule.detect
+                    out.append([(s.start, s.end, s.label.upper())
+                                for s in _resolve_overlaps([c for c in pii if c[2] in wanted])])
+                else:
+                    out.append([])
+            except Exception as exc:
+                raise self._internal_error(rule) from exc
+        return out
+
+    def _apply(self, text: str, start: int, end: int, edits: list, drops: Iterable[tuple[int, int]]) -> str:
+        """text[start:end] with the edits of mask/anonymize rules applied (spans clipped to the
+        window; on overlap the earlier rule wins) and the `drops` spans removed (continuations of
+        a long match already replaced in an earlier stream window)."""
+        starts: list[int] = []
+        accepted: list[tuple[int, int, str, str]] = []    # start, end, replacement kind, label
+
+        def accept(s: int, e: int, kind: str, label: str) -> None:
+            s, e = max(s, start), min(e, end)
+            if s >= e:
+                return
+            k = bisect.bisect_right(starts, s)
+            if (k and accepted[k - 1][1] > s) or (k < len(accepted) and accepted[k][0] < e):
+                return
+            starts.insert(k, s)
+            accepted.insert(k, (s, e, kind, label))
+
+        for s, e in drops:
+            accept(s, e, "drop", "")
+        for i, spans in edits:
+            kind = self._rules[i].action
+            for s, e, label in spans:
+                accept(s, e, kind, label)
+        parts = []
+        pos = start
+        for s, e, kind, label in accepted:
+            parts.append(text[pos:s])
+            if kind == "mask":
+                parts.append(f"[REDACTED:{label}]")
+            elif kind == "anonymize":
+                parts.append(self._anonymizer.placeholder(label, text[s:e]))
+            pos = e
+        parts.append(text[pos:end])
+        return "".join(parts)
+
+    def _record(self, rule: Rule, count: int) -> None:
+        for m in self._matches:
+            if m.rule == rule.name and m.scope == self._direction and m.type == rule.type:
+                m.count += count
+                return
+        self._matches.append(RuleMatch(rule.name, rule.type, rule.action, self._direction, count))
+
+    def _violation(self, rule: Rule) -> ProxyError:
+        if self._direction == "input":
+            return ProxyError(403, "rule_violation", f"request blocked by rule '{rule.name}' ({rule.type}); "
+                              "remove the flagged content and retry")
+        return ProxyError(403, "output_rule_violation", f"response blocked by rule '{rule.name}' ({rule.type}): "
+                          "the model's output matched an output rule")
+
+    def _internal_error(self, rule: Rule | None) -> ProxyError:
+        which = f" (rule '{rule.name}')" if rule is not None else ""
+        what = "request" if self._direction == "input" else "response"
+        return ProxyError(500, "guardrail_error", f"a guardrail failed while checking the {what}{which}; "
+                          "nothing unchecked was forwarded. Retry; if it persists, check the policy's rules")
+
+
+def scan_texts(guard: Guard, texts: list[str]) -> list[str]:
+    """guard.scan over several texts (e.g. every text part of one message list)."""
+    if not guard.active:
+        return list(texts)
+    return [guard.scan(t) for t in texts]
+
+# ---------------------------------------------------------------------------- stream guard
+
+class StreamGuard:
+    """Output rules and placeholder restoration over a stream of text chunks.
+
+    `feed` returns what can be released now, `finish` the held tail. The concatenation equals
+    `anonymizer.restore(guard.scan(whole_text))` for every match no longer than `holdback`
+    (jailbreak rules are scored per window and accumulated, see below). At most `holdback`
+    chars are held, plus, while a match that started before that point is still being
+    received, up to the match's length, plus a placeholder in progress. Each chunk rescans only
+    the held window and a little released context, never the whole stream.
+
+    A match longer than the hold-back is released in pieces: its first piece is replaced as
+    usual and its continuation dropped (a private key block longer than the window is still
+    masked to the end). Jailbreak rules score each released window together with its context
+    and accumulate the signals over the stream, so a phrase that fits in the window counts as
+    it would in the whole text."""
+    __slots__ = ("_guard", "_anon", "_holdback", "_context", "_buf", "_done", "_open", "_jb_hits",
+                 "_jb_fired", "_tail", "_has_jb")
+
+    def __init__(self, guard: Guard | None, anonymizer: Anonymizer | None, holdback: int = _STREAM_HOLDBACK) -> None:
+        self._guard = guard if guard is not None and guard.active else None
+        self._anon = anonymizer
+        self._holdback = max(1, int(holdback))
+        self._context = self._holdback + _STREAM_CONTEXT_EXTRA
+        self._buf = ""                   # released context + held text (the model's own text)
+        self._done = 0                   # chars of _buf already released
+        self._open: dict[int, str] = {}  # rule index -> label of a match cut at the last release
+        self._jb_hits: set = set()
+        self._jb_fired: set[int] = set()
+        self._tail = ""                  # guarded text held while a placeholder may be in progress
+        self._has_jb = self._guard is not None and any(r.type == "jailbreak" for r in self._guard._rules)
+
+    def feed(self, chunk: str) -> str:
+        if not chunk:
+            return ""
+        guard = self._guard
+        if guard is None:
+            return self._restore(chunk, final=False)
+        self._buf += chunk
+        cut = len(self._buf) - self._holdback
+        if cut <= self._done:
+            return ""
+        return self._restore(self._release(cut, final=False), final=False)
+
+    def finish(self) -> str:
+        out = ""
+        if self._guard is not None and len(self._buf) > self._done:
+            out = self._release(len(self._buf), final=True)
+        return self._restore(out, final=True)
+
+    def _release(self, cut: int, final: bool) -> str:
+        guard = self._guard
+        rule = None
+        try:
+            buf, done = self._buf, self._done
+            spans = guard._spans(buf)
+            if not final:
+                # Never release part of a match that may still be completed by the next chunks:
+                # move the cut back to its start, unless the match is already longer than the
+                # hold-back (then it is released in pieces).
+                moved = True
+                while moved:
+                    moved = False
+                    for per_rule in spans:
+                        for s, e, _ in per_rule:
+                            if done <= s < cut < e and e - s <= self._holdback:
+                                cut, moved = s, True
+                if cut <= done:
+                    return ""
+            edits, drops, open_next = [], [], {}
+            for i, rule in enumerate(guard._rules):
+                if rule.type == "jailbreak":
+                    continue
+                new, carried = [], []
+                for s, e, label in spans[i]:
+                    if e <= done or s >= cut:
+                        continue
+                    if s < done and i in self._open:     # rest of a match cut at the last release
+                        carried.append((done, e, label))
+                    else:
+                        new.append((max(s, done), e, label))
+                    if e > cut:
+                        open_next[i] = label
+                if not carried and self._open.get(i) == "PRIVATE_KEY":
+                    # The header scrolled out of the window: the base64 body still belongs to it.
+                    m = _PEM_BODY_RE.match(buf, done)
+                    if m.end() > done:
+                        carried.append((done, m.end(), "PRIVATE_KEY"))
+                        if m.end() >= cut and not final:
+                            open_next[i] = "PRIVATE_KEY"
+                if carried and rule.action == "mask":
+                    drops.extend((s, e) for s, e, _ in carried)    # its [REDACTED:...] is already out
+                elif carried and rule.action == "anonymize":
+                    edits.append((i, carried))                      # own placeholder, restored as is
+                if not new:
+                    continue
+                guard._record(rule, len(new))
+                if rule.action == "fail":
+                    raise guard._violation(rule)
+                if rule.action in ("mask", "anonymize"):
+                    edits.append((i, new))
+            rule = None
+            if self._has_jb:
+                self._check_jailbreak(buf[:cut])
+            out = guard._apply(buf, done, cut, edits, drops) if edits or drops else buf[done:cut]
+            self._open = open_next
+            # Keep some released text as left context, starting after a whitespace where there
+            # is one: matches never start mid-word there, so the window sees what the whole
+            # text would (matches glued without any space can still be split differently).
+            keep = max(0, cut - self._context)
+            space = _CONTEXT_START_RE.search(buf, keep, max(keep, cut - self._holdback))
+            if space:
+                keep = space.end()
+            self._buf, self._done = buf[keep:], cut - keep
+            return out
+        except ProxyError:
+            raise
+        except Exception as exc:
+            raise guard._internal_error(rule) from exc
+
+    def _check_jailbreak(self, window: str) -> None:
+        self._jb_hits |= _jb_scan(window)
+        score = _jb_score(self._jb_hits)[0]
+        guard = self._guard
+        for i, rule in enumerate(guard._rules):
+            if rule.type == "jailbreak" and i not in self._jb_fired and score >= rule.threshold:
+                self._jb_fired.add(i)
+                guard._record(rule, 1)
+                if rule.action == "fail":
+                    raise guard._violation(rule)
+
+    def _restore(self, text: str, final: bool) -> str:
+        anon = self._anon
+        if anon is None or not anon.max_placeholder_len:
+            return text
+        text = self._tail + text
+        self._tail = ""
+        if not final:
+            i = text.rfind("<", max(0, len(text) - anon.max_placeholder_len + 1))
+            if i >= 0 and _PARTIAL_PLACEHOLDER_RE.fullmatch(text, i):
+                self._tail, text = text[i:], text[:i]
+        return anon.restore(text)
+
+
 
 ###############################################################################
 # Limits and state — prices, budgets, rate limits, reservations, usage journal
@@ -4612,23 +6430,31 @@ class StreamRelay:
         self.seq_shift = 0
         self.last_seq = 0
         self.sent_any = False
+        self.released_text = False
 
     async def run(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        # While output rules apply, events are held until the first text passes them, so that a
+        # rule failing on the first text is still a plain 403 (nothing was sent yet).
+        pending = b""
         try:
             async for chunk in chunks:
                 out = self.feed(chunk)
                 if out:
+                    if self.channel is not None and not self.released_text:
+                        pending += out
+                        continue
                     self.sent_any = True
-                    yield out
-            tail = self.finish()
+                    yield pending + out
+                    pending = b""
+            tail = pending + self.finish()
             if tail:
+                self.sent_any = True
                 yield tail
         except ProxyError as err:
-            if err.status == 403 or self.sent_any:
-                self.ex.status, self.ex.error = err.status, err.code
-                yield stream_error_event(self.dialect, err, self.last_seq + 1)
-            else:
-                raise
+            self.ex.status, self.ex.error = err.status, err.code
+            if not self.sent_any:
+                raise  # nothing reached the client: the pipeline answers with a plain error
+            yield stream_error_event(self.dialect, err, self.last_seq + 1)
         finally:
             if self.translator is not None:
                 self.usage = self.translator.usage
@@ -4708,7 +6534,8 @@ class StreamRelay:
                 guard = self.channels.get(ch)
                 if guard is None:
                     guard = self.channels[ch] = self.channel()
-                holder[key] = guard.feed(holder[key])
+                holder[key] = released = guard.feed(holder[key])
+                self.released_text = self.released_text or bool(released)
                 changed = True
             if self.full_text is not None:
                 for holder, key in dialect.stream_full_texts(name, payload):
@@ -4786,17 +6613,20 @@ def _strip_query_key(query: str) -> str:
 
 
 def upstream_url_for(base: str, provider: Provider, path: str, query: str, model: str = "") -> str:
-    """Join the upstream base URL and the client's path. A base with a path (…/v1,
-    …/v1beta/openai) replaces the client's leading /v1; `chat_path` replaces the chat endpoint
-    and may carry `{model}` and a query (Azure: /openai/deployments/{model}/chat/completions?api-version=…)."""
+    """Join the upstream base URL and the client's path, following each dialect's convention:
+    an OpenAI-style base includes the version (…/v1, …/v1beta/openai) and replaces the client's
+    leading /v1; an Anthropic-style base is a prefix to the whole path. `chat_path` replaces the
+    chat endpoint and may carry `{model}` and a query (classic Azure deployments); an Azure
+    endpoint given with a path (…/openai/v1) is used as an OpenAI-style base instead."""
     parts = urllib.parse.urlsplit(base)
     prefix = parts.path.rstrip("/")
-    native_chat = "/v1/messages" if provider.dialect == "anthropic" else "/v1/chat/completions"
+    anthropic = provider.dialect == "anthropic"
+    native_chat = "/v1/messages" if anthropic else "/v1/chat/completions"
     extra = ""
-    if provider.chat_path and path == native_chat:
+    if provider.chat_path and path == native_chat and not (prefix and "{model}" in provider.chat_path):
         chat_path, _, extra = provider.chat_path.replace("{model}", urllib.parse.quote(model, safe="")).partition("?")
         target = prefix + chat_path
-    elif prefix and path.startswith("/v1/"):
+    elif prefix and path.startswith("/v1/") and not anthropic:
         target = prefix + path[3:]
     else:
         target = prefix + path
@@ -4844,7 +6674,8 @@ def usage_meta(usage: "Usage") -> dict:
 
 @dataclass(slots=True)
 class Attempt:
-    """One model's prepared request: where it goes and the bytes that go there."""
+    """One model's prepared request: where it goes, the bytes that go there, and the guards
+    its answer passes through on the way back."""
     route: ResolvedPolicy
     admission: "Admission"
     upstream_dialect: Dialect
@@ -4852,6 +6683,17 @@ class Attempt:
     payload: bytes
     strip_usage: bool
     wants_usage: bool
+    anonymizer: "Anonymizer"
+    guard_out: "Guard"
+
+
+async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()
 
 
 class Admission:
@@ -5145,6 +6987,9 @@ class Pipeline:
         admission = self.admit(record, route, dialect, body, len(req.body), ex)
         try:
             changed = admission.cap_changed or renamed
+            ex.rule_matches.clear()  # a fallback rescans the same content: count it once
+            anonymizer = Anonymizer()
+            changed |= self.guard_input(Guard(route.rules, "input", anonymizer, ex.rule_matches), dialect, body)
             if route.prompts:
                 dialect.inject_prompts(body, route.prompts)
                 changed = True
@@ -5164,7 +7009,40 @@ class Pipeline:
             raise
         if self.log_bodies[0]:
             ex.request_body = payload
-        return Attempt(route, admission, upstream_dialect, upstream_body, payload, strip_usage, wants_usage)
+        return Attempt(route, admission, upstream_dialect, upstream_body, payload, strip_usage, wants_usage,
+                       anonymizer, Guard(route.rules, "output", anonymizer, ex.rule_matches))
+
+    @staticmethod
+    def guard_input(guard: "Guard", dialect: Dialect, body: dict) -> bool:
+        """Input rules over every text the model will read; True when a text was rewritten.
+        Runs before the policy's prompts are injected: those are not inspected."""
+        if not guard.active:
+            return False
+        changed = False
+        for holder, key in dialect.input_slots(body):
+            text = holder[key]
+            new = guard.scan(text)
+            if new != text:
+                holder[key] = new
+                changed = True
+        return changed
+
+    def output_guards(self, attempt: "Attempt", ex: Exchange):
+        """(stream channel factory, whole-text transformer) for output rules and restoration,
+        or (None, None) when the answer passes untouched."""
+        guard = attempt.guard_out if attempt.guard_out.active else None
+        anonymizer = attempt.anonymizer if attempt.anonymizer.max_placeholder_len else None
+        if guard is None and anonymizer is None:
+            return None, None
+        holdback = self.config.guardrails.stream_holdback
+        # Events that repeat a whole text (Responses *.done) are rewritten the same way, with
+        # their matches not counted twice.
+        quiet = Guard(attempt.route.rules, "output", attempt.anonymizer, []) if guard is not None else None
+
+        def whole(text: str) -> str:
+            text = quiet.scan(text) if quiet is not None else text
+            return anonymizer.restore(text) if anonymizer is not None else text
+        return (lambda: StreamGuard(guard, anonymizer, holdback)), whole
 
     async def forward(self, req: Request, attempt: "Attempt", ex: Exchange) -> UpstreamResponse:
         """Send, retrying connection failures and `retry_on` statuses with exponential backoff
@@ -5211,15 +7089,24 @@ class Pipeline:
             data = self.translate_error(dialect, upstream_dialect, await upstream.read())
             admission.close(None, self.clock())
             return Response(upstream.status, headers, data)
+        channel, whole = self.output_guards(attempt, ex)
         if ex.stream:
             translator = None
             if upstream_dialect is not dialect:
                 translator = MessagesToChatStream(model, attempt.wants_usage) if dialect is CHAT \
                     else ChatToMessagesStream(model)
-            relay = StreamRelay(dialect, ex, strip_usage=attempt.strip_usage, translator=translator,
-                                meta_dialect=upstream_dialect)
-            return Response(200, headers, stream=self._finish_stream(relay, upstream, admission,
-                                                                     len(attempt.payload)))
+            relay = StreamRelay(dialect, ex, channel=channel, full_text=whole, strip_usage=attempt.strip_usage,
+                                translator=translator, meta_dialect=upstream_dialect)
+            stream = self._finish_stream(relay, upstream, admission, len(attempt.payload))
+            if channel is None:
+                return Response(200, headers, stream=stream)
+            # Pull the first bytes before answering, so that an output rule that fails this early
+            # is a plain 403 rather than an error event inside a 200 stream.
+            try:
+                first = await stream.__anext__()
+            except StopAsyncIteration:
+                return Response(200, headers, b"")
+            return Response(200, headers, stream=_prepend(first, stream))
         data = await upstream.read()
         if self.log_bodies[1]:
             ex.response_body = data
@@ -5237,7 +7124,19 @@ class Pipeline:
                 data = json.dumps(answer, ensure_ascii=False).encode("utf-8")
         if ex.usage is not None:
             ex.provider_meta.update(usage_meta(ex.usage))
-        admission.close(ex.usage, self.clock())
+        admission.close(ex.usage, self.clock())  # the tokens were spent, whatever the output rules say
+        if whole is not None and isinstance(answer, dict):
+            changed = False
+            guard = attempt.guard_out if attempt.guard_out.active else None
+            for holder, key in dialect.output_slots(answer):
+                text = holder[key]
+                new = guard.scan(text) if guard is not None else text
+                new = attempt.anonymizer.restore(new)
+                if new != text:
+                    holder[key] = new
+                    changed = True
+            if changed:
+                data = json.dumps(answer, ensure_ascii=False).encode("utf-8")
         return Response(200, headers, data)
 
     @staticmethod
@@ -7607,18 +9506,31 @@ def _self_command() -> list[str]:
     return [sys.executable, here if os.path.isfile(here) else os.path.dirname(here)]
 
 
-def _process_alive(pid: int) -> bool:
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of a process (field 22 of /proc/PID/stat), or None off Linux.
+    Recorded at `start` so a recycled pid is never mistaken for our proxy."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _process_alive(pid: int, started: str | None = None) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return b"tokenomics" in fh.read()
-    except OSError:
+    if started is None:
         return True
+    current = _process_start(pid)
+    return current is None or current == started
+
+
+def _proxy_alive(info: dict | None) -> bool:
+    return bool(info) and _process_alive(info["pid"], info.get("proc_start"))
 
 
 def _read_pid(config: Config) -> dict | None:
@@ -7634,7 +9546,7 @@ def cmd_start(args) -> int:
     config = _load(args, _serve_overrides(args))
     ensure_data_dir(config.dir)
     info = _read_pid(config)
-    if info and _process_alive(info["pid"]):
+    if _proxy_alive(info):
         _err(f"tokenomics is already running (pid {info['pid']})")
         _out(info.get("url", ""))
         return 0
@@ -7649,8 +9561,9 @@ def cmd_start(args) -> int:
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
                                           start_new_session=True)
     os.close(fd)
-    write_private(_pid_path(config), json.dumps({"pid": proc.pid, "started_at": utc_iso(started),
-                                                 "log": log_path}).encode())
+    proc_start = _process_start(proc.pid)
+    write_private(_pid_path(config), json.dumps({"pid": proc.pid, "proc_start": proc_start,
+                                                 "started_at": utc_iso(started), "log": log_path}).encode())
     deadline = time.monotonic() + 15
     urls: list[str] = []
     while time.monotonic() < deadline:
@@ -7669,8 +9582,9 @@ def cmd_start(args) -> int:
         proc.terminate()
         raise RuntimeFailure(f"start: the proxy did not become ready within 15 s; see {log_path}")
     url = next((u for u in urls if u.startswith("http://")), urls[0])
-    write_private(_pid_path(config), json.dumps({"pid": proc.pid, "started_at": utc_iso(started),
-                                                 "url": url, "urls": urls, "log": log_path}).encode())
+    write_private(_pid_path(config), json.dumps({"pid": proc.pid, "proc_start": proc_start,
+                                                 "started_at": utc_iso(started), "url": url, "urls": urls,
+                                                 "log": log_path}).encode())
     _out(url)
     return 0
 
@@ -7682,15 +9596,15 @@ def cmd_stop(args) -> int:
         _err("tokenomics is not running")
         return 0
     pid = info["pid"]
-    if not _process_alive(pid):
+    if not _proxy_alive(info):
         os.unlink(_pid_path(config))
         _err(f"tokenomics is not running (removed a stale pid file for pid {pid})")
         return 0
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + config.server.grace_period + 5
-    while time.monotonic() < deadline and _process_alive(pid):
+    while time.monotonic() < deadline and _proxy_alive(info):
         time.sleep(0.05)
-    if _process_alive(pid):
+    if _proxy_alive(info):
         os.kill(pid, signal.SIGKILL)
         _err(f"tokenomics (pid {pid}) did not stop in time and was killed")
     with contextlib.suppress(FileNotFoundError):
@@ -7708,7 +9622,7 @@ def cmd_status(args) -> int:
     config = _load(args)
     catalog = Catalog(config)
     info = _read_pid(config)
-    running = bool(info and _process_alive(info["pid"]))
+    running = _proxy_alive(info)
     url = info.get("url") if running else None
     if running and url:
         running = _http_get(url + "/health", cafile=os.path.join(cert_dir(config), "ca.crt"))[0] == 200
@@ -7734,9 +9648,10 @@ def cmd_init(args) -> int:
     url = args.proxy_url or f"http://{config.server.host}:{config.server.http_port or 8080}"
     ca = None
     if url.startswith("https") and not args.insecure:
-        ca_file = os.path.join(cert_dir(config), "ca.crt")
-        ca = (ca_file, os.path.join(cert_dir(config), "bundle.pem")) if not os.path.isfile(ca_file) \
-            else ca_bundle(config)
+        if HAVE_TRUSTME or os.path.isfile(os.path.join(cert_dir(config), "ca.key")):
+            ca = ca_bundle(config)  # creates the local CA the proxy will serve with, if needed
+        else:
+            _err("init: no local CA (install the TLS extra); the CA variables are left out")
     env = client_env(url, token, args.provider, ca, insecure=args.insecure and url.startswith("https"))
     if args.output == "json":
         text = json.dumps(env, indent=2)
@@ -7827,7 +9742,7 @@ def cmd_doctor(args) -> int:
         else:
             check("tls", "ok", "a local CA and certificate are generated in " + cert_dir(config))
         info = _read_pid(config)
-        if info and _process_alive(info["pid"]) and info.get("url"):
+        if _proxy_alive(info) and info.get("url"):
             status, _ = _http_get(info["url"] + "/health")
             check("proxy", "ok" if status == 200 else "fail",
                   f"{info['url']} answers" if status == 200 else f"{info['url']} does not answer")
