@@ -3207,6 +3207,9 @@ _CHARS_PER_TOKEN = 4  # the usual rule of thumb for English prose and code; sett
 # config `pricing:` overrides and extends this table. Where a vendor has no cached-input price,
 # the input price is repeated. DeepSeek V4 bills peak hours at the rate shown (off-peak is half).
 PRICES: dict[str, tuple[float, float, float]] = {
+    # The built-in mock provider: nominal prices so the demo and offline tests show a cost.
+    "mock-1": (1.00, 0.50, 2.00),
+    "mock-mini": (0.10, 0.05, 0.20),
     # OpenAI
     "gpt-3.5-turbo": (0.50, 0.50, 1.50),
     "gpt-4": (30.00, 30.00, 60.00),
@@ -6942,7 +6945,7 @@ class Pipeline:
         self.records.metrics.inflight(+1)
         record = self.authenticate(req, ex)
         body = self.parse_body(req.body)
-        model = dialect.model(body)
+        ex.model = model = dialect.model(body)
         ex.stream = dialect.is_stream(body)
         list(dialect.input_slots(body))  # shape check: malformed messages are a 400 here, not upstream
         models = (model,) + tuple(m for m in record.policy.retry.fallbacks if m != model)
@@ -7208,7 +7211,8 @@ class Pipeline:
         now = self.clock()
         policy = route.policy
         key = record.hash[:16]
-        estimate = estimate_tokens(body_len)
+        # The policy's prompts are injected after admission: count them in the estimate too.
+        estimate = estimate_tokens(body_len + sum(len(p.content) + 32 for p in route.prompts))
         if policy.rate_rules:
             self.state.admit(key, policy.rate_rules, now, tokens=estimate)
         admission = Admission(self, route.model, key if policy.max_parallel is not None else None, ex)
@@ -10001,12 +10005,14 @@ def cmd_demo(args) -> int:
                 _out(f"   request {i}: HTTP {status} {error['code']}: {error['message']}")
                 break
             _out(f"   request {i}: HTTP {status}")
-        totals = proxy.pipeline.records.totals
-        _out("\n7. Ledger summary")
-        _out(f"   requests {totals.requests}, tokens in {totals.input_tokens:,}, out {totals.output_tokens:,}, "
-             f"cost ${totals.cost_usd:.4f}, blocked {totals.blocked}")
-    finally:
         background.stop()
+        background = None
+        _out("\n7. The ledger (what `tokenomics ledger summary` shows)")
+        for line in render_summary(summarize(load_sessions(work))).splitlines():
+            _out("   " + line)
+    finally:
+        if background is not None:
+            background.stop()
         shutil.rmtree(work, ignore_errors=True)
     _out("\nDone. Next: `tokenomics token create --policy '{...}'`, `tokenomics serve`, `tokenomics run -- <agent>`.")
     return 0

@@ -746,3 +746,29 @@ def test_console_script_installed(tmp_path):
                           env=base_env(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert "serve" in proc.stdout
+
+
+# --- the demo -------------------------------------------------------------------------------------
+
+def test_demo_walkthrough_exits_0_and_shows_each_step(cli):
+    proc = cli("demo", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "HTTP 200: 'Mock reply: What is the capital of France?'" in out
+    assert "chunks" in out and "provider saw: 'Email <EMAIL_1> about card <CREDIT_CARD_1>.'" in out
+    assert "HTTP 403 rule_violation" in out and "HTTP 403 model_not_allowed" in out
+    assert "HTTP 429 budget_exceeded" in out
+    assert "Ledger summary: 1 session(s)" in out
+    assert "jane.doe@example.com" in out.split("provider saw")[0]  # restored for the client
+    assert list(cli.data_dir.iterdir()) == []  # the demo works in its own temporary data dir
+
+
+def test_demo_runs_from_the_zipapp_without_site_packages(tmp_path, cli):
+    import subprocess
+    import sys
+    import tokenomics
+    target = tokenomics.build_zipapp(str(tmp_path / "tokenomics.pyz"))
+    proc = subprocess.run([sys.executable, "-S", target, "demo"], capture_output=True, text=True, timeout=60,
+                          env=cli.env, cwd=cli.cwd)
+    assert proc.returncode == 0, proc.stderr
+    assert "HTTP 429 budget_exceeded" in proc.stdout
