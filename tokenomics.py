@@ -6434,6 +6434,7 @@ class StreamRelay:
         self.last_seq = 0
         self.sent_any = False
         self.released_text = False
+        self.collected: list | None = [] if ex.memory is not None else None
 
     async def run(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         # While output rules apply, events are held until the first text passes them, so that a
@@ -6462,6 +6463,8 @@ class StreamRelay:
             if self.translator is not None:
                 self.usage = self.translator.usage
             self.ex.usage = self.usage
+            if self.collected is not None:
+                self.ex.memory_entries.append(("assistant", "".join(self.collected)))
             if self.usage.total_tokens:
                 self.ex.provider_meta.update(usage_meta(self.usage))
 
@@ -6529,11 +6532,15 @@ class StreamRelay:
         if self.translator is None:
             self.usage = dialect.stream_usage(name, payload, self.usage)
         changed, out = raw is None, b""
+        if self.collected is not None and self.channel is None:
+            self.collected.extend(holder[key] for _, holder, key in dialect.stream_deltas(name, payload))
         if self.channel is not None or self.full_text is not None:
             ends = dialect.stream_ends(name, payload)
             if ends:
                 out = self._flush(ends, payload, name)
             for ch, holder, key in dialect.stream_deltas(name, payload):
+                if self.collected is not None:
+                    self.collected.append(holder[key])
                 guard = self.channels.get(ch)
                 if guard is None:
                     guard = self.channels[ch] = self.channel()
@@ -6586,6 +6593,8 @@ class Exchange:
     provider_meta: dict = field(default_factory=dict)
     rule_matches: list = field(default_factory=list)
     events: list = field(default_factory=list)      # (type, data) raised along the way
+    memory: dict | None = None                      # the memory spec, when this conversation is logged
+    memory_entries: list = field(default_factory=list)  # (role, text) as sent upstream / received
     request_body: bytes | None = None               # kept only when body logging is on
     response_body: bytes | None = None
     governed: bool = False
@@ -6993,6 +7002,10 @@ class Pipeline:
             ex.rule_matches.clear()  # a fallback rescans the same content: count it once
             anonymizer = Anonymizer()
             changed |= self.guard_input(Guard(route.rules, "input", anonymizer, ex.rule_matches), dialect, body)
+            spec = route.policy.memory or self.config.ledger.memory
+            if spec and spec.get("enabled", True):
+                ex.memory = spec
+                ex.memory_entries = [("user", dialect.last_user_text(body))]
             if route.prompts:
                 dialect.inject_prompts(body, route.prompts)
                 changed = True
@@ -7128,6 +7141,8 @@ class Pipeline:
         if ex.usage is not None:
             ex.provider_meta.update(usage_meta(ex.usage))
         admission.close(ex.usage, self.clock())  # the tokens were spent, whatever the output rules say
+        if ex.memory is not None and isinstance(answer, dict):
+            ex.memory_entries.append(("assistant", "".join(h[k] for h, k in dialect.output_slots(answer))))
         if whole is not None and isinstance(answer, dict):
             changed = False
             guard = attempt.guard_out if attempt.guard_out.active else None
@@ -8916,6 +8931,30 @@ class Records:
         self.logger = logger
         self.dispatcher = dispatcher
         self.clock = clock
+        self.data_dir = ""
+        self._memory: dict[str, MemoryWriter | None] = {}
+
+    def memory_writer(self, spec: dict) -> "MemoryWriter | None":
+        key = json.dumps(spec, sort_keys=True)
+        if key not in self._memory:
+            try:
+                self._memory[key] = MemoryWriter(self.data_dir, spec)
+            except TokenomicsError as exc:
+                log.error("memory log disabled for a policy: %s", exc)
+                self._memory[key] = None
+        return self._memory[key]
+
+    def write_memory(self, ex: "Exchange", now: float) -> None:
+        writer = self.memory_writer(ex.memory)
+        if writer is None or not writer.enabled:
+            return
+        entries = [(role, text) for role, text in ex.memory_entries if text]
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            writer.append(ex.token_hash, ex.model, entries, now)
+        else:  # rotation may gzip: keep it off the event loop
+            loop.run_in_executor(None, writer.append, ex.token_hash, ex.model, entries, now)
 
     def emit(self, type_: str, data: dict) -> None:
         if self.dispatcher is not None:
@@ -8939,6 +8978,8 @@ class Records:
             self.metrics.inc_rejection(ex.error)
         if self.logger is not None:
             self.logger.log(rec, ex.key_env, ex.request_body, ex.response_body)
+        if ex.memory is not None and ex.memory_entries and self.data_dir:
+            self.write_memory(ex, now)
         if self.dispatcher is not None:
             base = {"token_hash": ex.token_hash[:16], "request_id": ex.request_id, "model": ex.model,
                     "metadata": ex.metadata}
@@ -9057,6 +9098,7 @@ class Proxy:
         options = LogOptions.from_config(config.logging, config.dir)
         self.records = Records(self.ledger, None if options.disable_request else RequestLogger(options),
                                self.dispatcher)
+        self.records.data_dir = config.dir
         if self.dispatcher is not None:
             self.dispatcher.on_drop = self.records.metrics.inc_dropped_events
         self.pipeline = Pipeline(config, self.store, self.catalog, self.client, self.state, self.journal,
