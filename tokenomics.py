@@ -1144,10 +1144,10 @@ def _check_type(value, tp, path: str, what: str):
 
 
 def _compile_go_regex(pattern: str, path: str) -> "re.Pattern":
-    """Python `re` with Go's habits accepted: leading `(?i)`-style flag groups."""
+    """A policy regex in Go (RE2) or Python syntax, compiled with Python `re`."""
     try:
-        return re.compile(pattern)
-    except re.error as exc:
+        return re.compile(_translate_go_regex(pattern))
+    except (re.error, ValueError) as exc:
         _fail(path, f"invalid regular expression ({exc})")
 
 
@@ -1263,6 +1263,14 @@ _POLICY_FIELDS = _PROVIDER_POLICY_FIELDS + ("providers", "provider", "rate_limit
 
 def parse_policy(raw, path: str = "", catalog: "Catalog | None" = None) -> Policy:
     """Validate a policy document and compile it. Errors name the JSON path of the bad field."""
+    try:
+        return _parse_policy(raw, path, catalog)
+    except UsageError as exc:
+        text = str(exc)
+        raise UsageError(text if text.startswith("policy:") else f"policy: {text}") from None
+
+
+def _parse_policy(raw, path: str, catalog: "Catalog | None") -> Policy:
     if not isinstance(raw, dict):
         raise UsageError("policy: expected a JSON object")
     for key in raw:
@@ -4346,6 +4354,9 @@ class Catalog:
         for overlay in overlays:
             for name, entry in overlay.items():
                 entries[name] = {**entries.get(name, {}), **{k: v for k, v in entry.items() if v is not None}}
+        if config is not None and config.default_provider and config.default_provider not in entries:
+            raise UsageError(f"config: default_provider: unknown provider '{config.default_provider}'; known: "
+                             f"{', '.join(sorted(entries))}")
         self._providers = {
             name: Provider(name=name, **{**spec, "models": tuple(spec.get("models", ())),
                                          "headers": dict(spec.get("headers", {}))}, environ=self.environ)
@@ -6422,8 +6433,10 @@ class StreamRelay:
 
     def __init__(self, dialect: Dialect, ex: "Exchange", channel: Callable[[], Any] | None = None,
                  full_text: Callable[[str], str] | None = None, strip_usage: bool = False,
-                 translator: Any = None, meta_dialect: Dialect | None = None):
+                 translator: Any = None, meta_dialect: Dialect | None = None,
+                 log_text: Callable[[str], str] | None = None):
         self.dialect, self.ex = dialect, ex
+        self.log_text = log_text or (lambda text: text)
         self.meta_dialect = meta_dialect or dialect
         self.channel, self.full_text, self.strip_usage = channel, full_text, strip_usage
         self.translator = translator
@@ -6464,7 +6477,7 @@ class StreamRelay:
                 self.usage = self.translator.usage
             self.ex.usage = self.usage
             if self.collected is not None:
-                self.ex.memory_entries.append(("assistant", "".join(self.collected)))
+                self.ex.memory_entries.append(("assistant", self.log_text("".join(self.collected))))
             if self.usage.total_tokens:
                 self.ex.provider_meta.update(usage_meta(self.usage))
 
@@ -6699,6 +6712,17 @@ class Attempt:
     guard_out: "Guard"
 
 
+async def _tap(chunks: AsyncIterator[bytes], ex: "Exchange") -> AsyncIterator[bytes]:
+    """Keep a copy of a streamed upstream body for the request log (only when it logs bodies)."""
+    kept = []
+    try:
+        async for chunk in chunks:
+            kept.append(chunk)
+            yield chunk
+    finally:
+        ex.response_body = b"".join(kept)
+
+
 async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     try:
         yield first
@@ -6756,6 +6780,7 @@ class Pipeline:
         self.records = records if records is not None else Records()
         self.log_bodies = (config.logging.request_body, config.logging.response_body)
         self._expired_seen: set = set()
+        self._unpriced: set = set()
         self.mock = MockProvider()
 
     async def __call__(self, req: Request) -> Response:
@@ -6814,6 +6839,11 @@ class Pipeline:
         """Hand a finished exchange to the records; a failing record never fails the request."""
         if ex.usage is not None:
             ex.cost_usd = cost_usd(ex.model, ex.usage, self.pricing)
+            if ex.usage.total_tokens and ex.model not in self._unpriced and price_for(ex.model, self.pricing) is None:
+                if len(self._unpriced) < 1000:
+                    self._unpriced.add(ex.model)
+                    log.warning("model %r has no price: its requests count 0 USD; add it under `pricing:` in the "
+                                "config", ex.model)
         try:
             self.records.complete(ex, self.clock())
         except Exception:
@@ -7043,6 +7073,20 @@ class Pipeline:
                 changed = True
         return changed
 
+    @staticmethod
+    def masked_output(attempt: "Attempt") -> Callable[[str], str]:
+        """What the conversation log keeps of an answer: output rules applied, placeholders kept."""
+        if not attempt.guard_out.active:
+            return lambda text: text
+        quiet = Guard(attempt.route.rules, "output", attempt.anonymizer, [])
+
+        def mask(text: str) -> str:
+            try:
+                return quiet.scan(text)
+            except ProxyError:
+                return "[withheld: an output rule blocked this answer]"
+        return mask
+
     def output_guards(self, attempt: "Attempt", ex: Exchange):
         """(stream channel factory, whole-text transformer) for output rules and restoration,
         or (None, None) when the answer passes untouched."""
@@ -7112,7 +7156,8 @@ class Pipeline:
                 translator = MessagesToChatStream(model, attempt.wants_usage) if dialect is CHAT \
                     else ChatToMessagesStream(model)
             relay = StreamRelay(dialect, ex, channel=channel, full_text=whole, strip_usage=attempt.strip_usage,
-                                translator=translator, meta_dialect=upstream_dialect)
+                                translator=translator, meta_dialect=upstream_dialect,
+                                log_text=self.masked_output(attempt))
             stream = self._finish_stream(relay, upstream, admission, len(attempt.payload))
             if channel is None:
                 return Response(200, headers, stream=stream)
@@ -7141,18 +7186,19 @@ class Pipeline:
         if ex.usage is not None:
             ex.provider_meta.update(usage_meta(ex.usage))
         admission.close(ex.usage, self.clock())  # the tokens were spent, whatever the output rules say
-        if ex.memory is not None and isinstance(answer, dict):
-            ex.memory_entries.append(("assistant", "".join(h[k] for h, k in dialect.output_slots(answer))))
-        if whole is not None and isinstance(answer, dict):
-            changed = False
+        if isinstance(answer, dict) and (whole is not None or ex.memory is not None):
+            changed, said = False, []
             guard = attempt.guard_out if attempt.guard_out.active else None
             for holder, key in dialect.output_slots(answer):
                 text = holder[key]
-                new = guard.scan(text) if guard is not None else text
-                new = attempt.anonymizer.restore(new)
+                scanned = guard.scan(text) if guard is not None else text
+                said.append(scanned)  # the conversation log keeps masks and placeholders
+                new = attempt.anonymizer.restore(scanned)
                 if new != text:
                     holder[key] = new
                     changed = True
+            if ex.memory is not None:
+                ex.memory_entries.append(("assistant", "".join(said)))
             if changed:
                 data = json.dumps(answer, ensure_ascii=False).encode("utf-8")
         return Response(200, headers, data)
@@ -7197,17 +7243,26 @@ class Pipeline:
     async def _finish_stream(self, relay: "StreamRelay", upstream: UpstreamResponse, admission: "Admission",
                              sent_bytes: int) -> AsyncIterator[bytes]:
         """The client's stream; the reservation is settled (and journaled) before it ends."""
-        usage = None
+        chunks = upstream.chunks()
+        if self.log_bodies[1]:
+            chunks = _tap(chunks, relay.ex)
+        run = relay.run(chunks)
         try:
-            async for out in relay.run(upstream.chunks()):
+            async for out in run:
                 yield out
-            usage = relay.usage if relay.usage.total_tokens else None
         finally:
+            await run.aclose()  # its own finally (usage into the exchange) must run now, not at GC
             upstream.close()
-            if usage is None and relay.sent_any:
-                # Cut short before the provider reported usage: count what was surely spent.
-                usage = Usage(input_tokens=estimate_tokens(sent_bytes), output_tokens=1)
-            admission.close(usage, self.clock())
+            usage = relay.usage
+            if relay.sent_any and not usage.output_tokens:
+                # Cut short before the provider reported (all of) its usage: count what was surely
+                # spent, the input as reported or estimated and the output text seen so far.
+                seen = sum(len(t) for t in relay.collected or ()) if relay.collected is not None else 0
+                usage = dataclasses.replace(
+                    usage, input_tokens=usage.input_tokens or estimate_tokens(sent_bytes),
+                    output_tokens=max(1, estimate_tokens(seen)))
+                relay.ex.usage = usage
+            admission.close(usage if usage.total_tokens else None, self.clock())
 
     def budget_lines(self, record: TokenRecord, route: ResolvedPolicy) -> list:
         key = record.hash[:16]
@@ -9080,12 +9135,29 @@ def server_tls_context(config: Config) -> ssl.SSLContext | None:
 # Proxy — assembles store, catalog, client, pipeline and listeners; runs until a signal
 ###############################################################################
 
+def _lock_data_dir(directory: str) -> int:
+    """One proxy per data dir: its budgets and usage journal live in this process's memory, so a
+    second proxy on the same dir could not enforce them. The lock dies with the process."""
+    fd = os.open(os.path.join(ensure_data_dir(directory), "proxy.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeFailure(f"another tokenomics proxy is serving the data dir {directory} (see `tokenomics "
+                             "status`); point clients at it (`tokenomics run --proxy-url URL`) or give this "
+                             "proxy its own --dir") from None
+    return fd
+
+
 class Proxy:
     """A running proxy: the collaborators built from config and the listeners serving them."""
 
     def __init__(self, config: Config, environ=None):
+        if config.session.backend != "memory":
+            raise UsageError("config: session.backend: only 'memory' is available in this version")
         self.config = config
         self.environ = os.environ if environ is None else environ
+        self._lock_fd = _lock_data_dir(config.dir)
         self.catalog = Catalog(config, self.environ)
         self.store = TokenStore(config, self.catalog, self.environ)
         self.client = UpstreamClient()
@@ -9155,6 +9227,7 @@ class Proxy:
                 await task
         if self.ledger is not None:
             self.ledger.close()
+        os.close(self._lock_fd)
         self.journal.commit(self.state)
         self.journal.compact(self.state)
         self.journal.close()
@@ -9395,6 +9468,9 @@ def cmd_serve(args) -> int:
     if getattr(args, "workers", 1) and args.workers > 1 and config.session.backend == "memory":
         raise UsageError("--workers: more than one worker needs session.backend: redis, because budgets and "
                          "rate limits must be shared by all workers")
+    if args.workers > 1:
+        raise UsageError("--workers: several worker processes need the shared Redis backend, which is not "
+                         "available in this version; run one process per data dir")
     proxy = Proxy(config)
 
     def ready(urls):
@@ -9425,8 +9501,9 @@ def ca_bundle(config: Config) -> tuple[str, str]:
 
 
 _PROVIDER_ENV = {
-    "google_gemini": lambda url, token: {"GEMINI_API_KEY": token, "GOOGLE_API_KEY": token,
-                                         "GOOGLE_GEMINI_BASE_URL": url, "GEMINI_BASE_URL": url + "/v1"},
+    # Gemini's OpenAI-compatible endpoint is what the proxy serves (through OPENAI_BASE_URL);
+    # native Gemini clients get the token as their key and so cannot bypass the proxy with it.
+    "google_gemini": lambda url, token: {"GEMINI_API_KEY": token, "GOOGLE_API_KEY": token},
     "azure_openai": lambda url, token: {"AZURE_OPENAI_API_KEY": token, "AZURE_OPENAI_ENDPOINT": url,
                                         "AZURE_API_KEY": token, "AZURE_API_BASE": url},
 }
@@ -9502,6 +9579,10 @@ def cmd_run(args) -> int:
     config = _load(args, _serve_overrides(args))
     provider = args.provider or config.cli_maps.get(os.path.basename(command[0]))
     background = None
+    daemon = _read_pid(config)
+    if not args.proxy_url and not args.tls and _proxy_alive(daemon) and daemon.get("url"):
+        _err(f"tokenomics: using the proxy already running for this data dir at {daemon['url']}")
+        args.proxy_url = daemon["url"]
     if args.proxy_url:
         _check_token(None, token, args.proxy_url)
         url, ca = args.proxy_url, None
@@ -9515,7 +9596,7 @@ def cmd_run(args) -> int:
     if args.print_env:
         for key, value in env.items():
             _err(f"export {key}={_mask(value) if value == token else value}")
-    child_env = {**os.environ, **env}
+    child_env = {**_scrubbed_environ(config), **env}
     try:
         child = subprocess.Popen(command, env=child_env)
     except OSError as exc:
@@ -9540,6 +9621,19 @@ def cmd_run(args) -> int:
             background.stop()
             _err(background.proxy.pipeline.records.totals.line())
     return _exit_code(returncode)
+
+
+def _scrubbed_environ(config: Config) -> dict:
+    """The wrapped command's environment without the secrets the proxy holds for it: provider
+    keys (catalog and every stored policy's base_key_env) and the store's hash/encryption keys."""
+    secret = {config.security.hash_key_env, config.security.encryption_key_env}
+    with contextlib.suppress(TokenomicsError):
+        catalog = Catalog(config)
+        secret |= {p.api_key_env for p in catalog.all() if p.api_key_env}
+        stored = os.path.isfile(os.path.join(config.dir, "tokens.json"))
+        for record in TokenStore(config, catalog).records() if stored else ():
+            secret |= {pp.base_key_env for pp in (record.policy,) + record.policy.providers if pp.base_key_env}
+    return {k: v for k, v in os.environ.items() if k not in secret}
 
 
 def _pid_path(config: Config) -> str:
@@ -10238,6 +10332,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `tokenomics ... | head`: the reader left; that is not an error
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
