@@ -1,0 +1,1103 @@
+#!/usr/bin/env python3
+"""Benchmark the tokenomics proxy against a local nginx stub upstream (issue 8, SPEC §14).
+
+Usage:
+    python tests/benchmarks/bench.py [--rounds N] [--duration S] [--soak N] [--json PATH] [--quick]
+                                     [--profile PATH] [--keep]
+
+What it needs: `nginx` and `wrk` from the distribution's packages (Debian/Ubuntu:
+`apt-get install -y nginx-light wrk`, or `nginx wrk` where nginx-light does not exist). It
+installs nothing itself: when either tool is missing it prints the install command and exits 2.
+Standard library only, Python 3.10+. Everything listens on 127.0.0.1; every process it starts is
+killed on exit; every step is bounded in time.
+
+What it does:
+  1. Starts an nginx stub upstream on a free loopback port (own temp prefix and config,
+     `daemon off`, one worker, logs in the temp dir):
+       POST /v1/chat/completions         -> a fixed chat.completion JSON with usage;
+       POST /stream/v1/chat/completions  -> a fixed SSE stream of 20 chat.completion.chunk
+                                            events (the last one carries usage) + `data: [DONE]`.
+     nginx cannot branch on the body's "stream" field, so streamed traffic goes to its own
+     location, reached through the policy's `upstream_url` (an OpenAI-style base with a path,
+     http://127.0.0.1:P/stream/v1, replaces the client's leading /v1).
+  2. Creates five wrapper tokens with `tokenomics.py token create --json` (minimal and typical
+     policy, each for the plain and the streaming upstream; plus "guard", below) and starts
+     `python tokenomics.py serve --no-tls` on a free port, with OPENAI_API_KEY=sk-bench and
+     TOKENOMICS_HASH_KEY=bench, in a temp data dir.
+       minimal: {"upstream_url": ...}
+       typical: PII `mask` on all types (scope both), a `jailbreak` fail rule, a regex fail rule,
+                a system prompt, a token budget (total 10**12), two rate-limit rules with huge
+                limits (10**9 per 1m sliding, 10**9 per 1h bucket); ledger and /metrics on
+                (the defaults).
+  3. Warms every target up, then measures three targets -- the upstream hit directly, the proxy
+     with the minimal policy, the proxy with the typical policy -- interleaved round-robin over
+     --rounds rounds (the order rotates every round) so machine drift hits all alike; after
+     every wrk run it waits 1 s, so that the next measurement does not queue behind requests
+     the proxy is still answering (up to 64 in flight when wrk stops):
+       (a) 1 connection (wrk -t1 -c1 --latency, --duration s): latency p50/p99 and req/s;
+           "added" = proxy minus direct, the median of the per-round differences;
+       (b) 64 connections (wrk -t2 -c64, --duration s): req/s and p99, non-streamed;
+       (c) streamed, 1 connection: time to the first body byte and total time per request, from
+           a raw-socket keep-alive client (--stream-requests per target per round, after 2
+           uncounted ones);
+           a fourth, streamed-only target, "guard" (a policy with nothing but the typical policy's
+           output rule: PII `mask` on all types, scope output), gives "output guard per chunk" =
+           (total of guard - total of minimal) / 20 chunks, an upper bound of what the output guard
+           costs per streamed chunk (it includes the guard's fixed per-request cost).
+     The request is a realistic ~1.2 KB chat request (a system message and a user paragraph).
+  4. RSS of the proxy process (VmRSS from /proc/PID/status) after the measurements and after a
+     soak of --soak requests (default 200,000) sent by wrk -t2 -c64 in chunks that rotate over
+     typical, minimal and typical-streamed traffic until the count is reached. One proxy process
+     serves both policies, so the RSS and start-up rows show the same figure in both columns.
+  5. Time from process start to /health answering 200 (polled every 5 ms), median of --starts
+     starts, for `python tokenomics.py serve` (the module is compiled on every start) and for the
+     installed console-script style `import tokenomics` (cached bytecode, in a temp pycache).
+  6. Optionally (--profile PATH, needs `py-spy` on PATH): samples the proxy with
+     `py-spy record --format raw --function` while wrk drives the typical policy at 64
+     connections, writes the folded stacks to PATH and prints the top 20 functions by self time.
+
+Output: machine info (CPU model, cores, load, Python, uvloop, nginx/wrk versions, date), one
+table (metric, direct, minimal, typical, minimal vs direct, typical vs direct), the issue-8
+targets as PASS/MISS lines, and, with --json PATH, the same figures (plus per-round values) as
+JSON. Exit status: 0 done, 1 a step failed (e.g. a target answered non-200), 2 usage/missing tools.
+
+Not a test: pytest does not collect this file (its name does not start with test_ and it
+defines no test functions). Other load on the machine skews the figures; the load average at
+start and end is reported so a noisy run can be recognised.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HOST = "127.0.0.1"
+CHAT_PATH = "/v1/chat/completions"
+STREAM_PREFIX = "/stream"
+STREAM_CHUNKS = 20
+MODEL = "gpt-4o-mini"
+
+SYSTEM_TEXT = ("You are a concise assistant that summarises engineering documents for a busy product team. "
+               "Answer in plain English, use short paragraphs and never add facts that are not in the text.")
+USER_TEXT = ("Please summarise the following design note in three sentences. The storage team proposes moving "
+             "the nightly batch export from a single large job to a series of smaller incremental jobs that "
+             "run every hour. The current job takes about four hours, frequently overlaps with the morning "
+             "traffic peak, and when it fails the whole export has to be repeated from the start. Incremental "
+             "jobs would each handle only the records changed since the previous run, which keeps every run "
+             "short and makes a failure cheap to retry. The main risks are the extra bookkeeping needed to "
+             "track which records were exported, a small increase in total compute cost, and the need to "
+             "update two downstream dashboards that currently assume a single daily snapshot. The team "
+             "suggests a two-week trial on the staging cluster before any change reaches production.")
+REPLY_TEXT = ("The storage team wants to replace the four-hour nightly export with small hourly incremental "
+              "jobs. This shortens each run, avoids the morning traffic peak and makes failures cheap to "
+              "retry. The costs are extra bookkeeping, slightly higher compute and two dashboards to update, "
+              "so a two-week trial on staging is proposed first.")
+USAGE = {"prompt_tokens": 268, "completion_tokens": 62, "total_tokens": 330}
+
+
+def request_body(stream: bool) -> bytes:
+    body = {"model": MODEL, "messages": [{"role": "system", "content": SYSTEM_TEXT},
+                                         {"role": "user", "content": USER_TEXT}],
+            "max_tokens": 256, "temperature": 0.2}
+    if stream:
+        body["stream"] = True
+    return json.dumps(body).encode()
+
+
+def completion_json() -> str:
+    return json.dumps({
+        "id": "chatcmpl-bench0001", "object": "chat.completion", "created": 1700000000,
+        "model": "gpt-4o-mini-2024-07-18", "system_fingerprint": "fp_bench",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": REPLY_TEXT, "refusal": None},
+                     "logprobs": None, "finish_reason": "stop"}],
+        "usage": dict(USAGE, prompt_tokens_details={"cached_tokens": 0},
+                      completion_tokens_details={"reasoning_tokens": 0})}, separators=(",", ":"))
+
+
+def sse_events() -> list[str]:
+    """20 chat.completion.chunk events: role, 17 content deltas, finish, usage; then [DONE]."""
+    words = REPLY_TEXT.split(" ")
+    n_content = STREAM_CHUNKS - 3
+    per = math.ceil(len(words) / n_content)
+    pieces = [" ".join(words[i:i + per]) for i in range(0, len(words), per)]
+    pieces = [p if i == 0 else " " + p for i, p in enumerate(pieces)]
+    while len(pieces) < n_content:
+        pieces.append("")
+    head = {"id": "chatcmpl-bench0002", "object": "chat.completion.chunk", "created": 1700000000,
+            "model": "gpt-4o-mini-2024-07-18"}
+
+    def chunk(delta, finish=None, usage=None, choices=True):
+        d = dict(head, choices=[{"index": 0, "delta": delta, "finish_reason": finish}] if choices else [])
+        if usage is not None:
+            d["usage"] = usage
+        return "data: " + json.dumps(d, separators=(",", ":")) + "\n\n"
+
+    events = [chunk({"role": "assistant", "content": ""})]
+    events += [chunk({"content": p}) for p in pieces]
+    events.append(chunk({}, finish="stop"))
+    events.append(chunk(None, usage=USAGE, choices=False))
+    assert len(events) == STREAM_CHUNKS
+    return events + ["data: [DONE]\n\n"]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+class BenchError(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def find_tool(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in ("/usr/sbin", "/usr/local/sbin", "/sbin"):
+        p = os.path.join(d, name)
+        if os.access(p, os.X_OK):
+            return p
+    return None
+
+
+def install_hint() -> str:
+    """`apt-get install -y nginx-light wrk` when the distribution still has nginx-light."""
+    if shutil.which("apt-cache"):
+        try:
+            out = subprocess.run(["apt-cache", "policy", "nginx-light"], capture_output=True, text=True,
+                                 timeout=20).stdout
+            if "Candidate:" in out and "Candidate: (none)" not in out:
+                return "apt-get install -y nginx-light wrk"
+        except (OSError, subprocess.SubprocessError):
+            pass
+        return "apt-get install -y nginx wrk"
+    return "install nginx and wrk with your package manager (Debian/Ubuntu: apt-get install -y nginx wrk)"
+
+
+def pct(values: list[float], p: float) -> float:
+    """Percentile with linear interpolation (p in 0..100)."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * p / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def med(values: list[float]) -> float:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(vals) if vals else float("nan")
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def dir_size_mb(path: Path) -> float:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total / 1e6
+
+
+def stop_process(p: subprocess.Popen | None, sig=signal.SIGTERM, grace: float = 10.0) -> None:
+    """Signal the process group we created (start_new_session=True), then SIGKILL after `grace`."""
+    if p is None or p.poll() is not None:
+        return
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        p.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        p.wait(timeout=5)
+
+
+# ---------------------------------------------------------------------------------------------- raw HTTP client
+
+class HttpConn:
+    """A minimal keep-alive HTTP/1.1 client on a raw socket that times the first body byte."""
+
+    def __init__(self, port: int, timeout: float = 15.0):
+        self.port, self.timeout = port, timeout
+        self.sock: socket.socket | None = None
+        self.buf = b""
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.sock, self.buf = None, b""
+
+    def _connect(self) -> None:
+        self.close()
+        s = socket.create_connection((HOST, self.port), timeout=self.timeout)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = s
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("connection closed by peer")
+        return data
+
+    def request(self, method: str, path: str, body: bytes = b"", headers: dict | None = None):
+        """-> (status, headers, body, seconds to first body byte, seconds to end)."""
+        for attempt in (0, 1):
+            fresh = self.sock is None
+            if fresh:
+                self._connect()
+            try:
+                return self._request(method, path, body, headers or {})
+            except (ConnectionError, BrokenPipeError) as exc:
+                self.close()
+                if fresh or attempt:
+                    raise BenchError(f"request to port {self.port} failed: {exc}") from None
+        raise AssertionError("unreachable")
+
+    def _request(self, method, path, body, headers):
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{self.port}"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        if body or method == "POST":
+            lines.append(f"Content-Length: {len(body)}")
+        raw = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+        t0 = time.perf_counter()
+        self.sock.sendall(raw)
+        buf = self.buf
+        while b"\r\n\r\n" not in buf:
+            buf += self._recv()
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        t_first = time.perf_counter() if buf else None
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        status = int(status_line.split()[1])
+        hdrs = {}
+        for h in header_lines:
+            k, _, v = h.partition(":")
+            hdrs[k.strip().lower()] = v.strip()
+        out = bytearray()
+        if method == "HEAD" or status in (204, 304):
+            pass
+        elif "content-length" in hdrs:
+            n = int(hdrs["content-length"])
+            while len(buf) < n:
+                buf += self._recv()
+                t_first = t_first or time.perf_counter()
+            out += buf[:n]
+            buf = buf[n:]
+        elif "chunked" in hdrs.get("transfer-encoding", "").lower():
+            while True:
+                while b"\r\n" not in buf:
+                    buf += self._recv()
+                    t_first = t_first or time.perf_counter()
+                size_line, _, buf = buf.partition(b"\r\n")
+                size = int(size_line.split(b";")[0], 16)
+                if size == 0:
+                    while b"\r\n" not in buf:   # trailers end with an empty line
+                        buf += self._recv()
+                    while not buf.startswith(b"\r\n"):
+                        _, _, buf = buf.partition(b"\r\n")
+                        while b"\r\n" not in buf:
+                            buf += self._recv()
+                    buf = buf[2:]
+                    break
+                while len(buf) < size + 2:
+                    buf += self._recv()
+                out += buf[:size]
+                buf = buf[size + 2:]
+        else:  # body until close
+            try:
+                while True:
+                    data = self.sock.recv(65536)
+                    if not data:
+                        break
+                    t_first = t_first or time.perf_counter()
+                    buf += data
+            finally:
+                out += buf
+                buf = b""
+                self.close()
+        t_end = time.perf_counter()
+        self.buf = buf
+        if hdrs.get("connection", "").lower() == "close" and self.sock is not None:
+            self.close()
+        t_first = t_first or t_end
+        return status, hdrs, bytes(out), t_first - t0, t_end - t0
+
+
+def get_health(port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout) as s:
+            s.sendall(f"GET /health HTTP/1.1\r\nHost: {HOST}:{port}\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while b"\r\n" not in data:
+                chunk = s.recv(4096)
+                if not chunk:
+                    return False
+                data += chunk
+            return data.split(b" ", 2)[1] == b"200"
+    except (OSError, IndexError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- nginx stub
+
+def nginx_quote(text: str) -> str:
+    if "$" in text:
+        raise ValueError("nginx would expand '$' in a return text")
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def nginx_return(name: str, text: str, piece: int = 1500) -> str:
+    """`set` pieces + `return 200 "$a$b..."`: one config token must stay under nginx's 4 KB buffer."""
+    parts, cur = [], ""
+    for ev in text.splitlines(keepends=True):
+        if cur and len(cur) + len(ev) > piece:
+            parts.append(cur)
+            cur = ""
+        cur += ev
+    parts.append(cur)
+    sets = "".join(f"            set ${name}_{i} {nginx_quote(p)};\n" for i, p in enumerate(parts))
+    return sets + "            return 200 \"" + "".join(f"${name}_{i}" for i in range(len(parts))) + "\";\n"
+
+
+def start_nginx(nginx: str, tmp: Path) -> tuple[subprocess.Popen, int]:
+    prefix = tmp / "nginx"
+    prefix.mkdir()
+    port = free_port()
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    temps = "".join(f"    {k}_temp_path {prefix}/{k};\n" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    conf = f"""# tokenomics benchmark stub upstream (generated)
+{user}worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+{temps}    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    client_max_body_size 4m;
+    client_body_buffer_size 64k;
+    server_tokens off;
+    server {{
+        listen {HOST}:{port} backlog=1024;
+        location = {CHAT_PATH} {{
+            default_type application/json;
+{nginx_return('bench_json', completion_json())}        }}
+        location = {STREAM_PREFIX}{CHAT_PATH} {{
+            default_type text/event-stream;
+{nginx_return('bench_sse', ''.join(sse_events()))}        }}
+        location / {{
+            return 404 '{{"error":{{"message":"not found","type":"invalid_request_error"}}}}';
+        }}
+    }}
+}}
+"""
+    (prefix / "nginx.conf").write_text(conf)
+    out = open(prefix / "stdout.log", "wb")
+    p = subprocess.Popen([nginx, "-p", str(prefix) + "/", "-c", str(prefix / "nginx.conf"),
+                          "-e", str(prefix / "error.log")],
+                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            err = prefix / "error.log"
+            raise BenchError(f"nginx exited with {p.returncode}:\n" + (prefix / "stdout.log").read_text()
+                             + (err.read_text() if err.exists() else ""))
+        try:
+            socket.create_connection((HOST, port), timeout=0.2).close()
+            return p, port
+        except OSError:
+            time.sleep(0.02)
+    stop_process(p)
+    raise BenchError("nginx did not start listening within 10 s")
+
+
+# ---------------------------------------------------------------------------------------------- tokenomics
+
+def proxy_env(tmp: Path, data: Path) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TOKENOMICS_", "OPENAI_", "ANTHROPIC_")) and k != "PYTHONDONTWRITEBYTECODE"}
+    env.update({"OPENAI_API_KEY": "sk-bench", "TOKENOMICS_HASH_KEY": "bench", "TOKENOMICS_DIR": str(data),
+                "PYTHONPYCACHEPREFIX": str(tmp / "pycache")})
+    return env
+
+
+def create_token(python: str, script: str, data: Path, env: dict, cwd: Path, policy: dict, label: str) -> str:
+    cmd = [python, script, "token", "create", "--dir", str(data), "--policy", json.dumps(policy),
+           "--label", label, "--json"]
+    r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise BenchError(f"token create ({label}) failed with {r.returncode}: {r.stderr.strip()}")
+    return json.loads(r.stdout)["token"]
+
+
+def serve_cmd(python: str, script: str, data: Path, port: int, module: bool = False) -> list[str]:
+    args = ["serve", "--host", HOST, "--port", str(port), "--https-port", "0", "--no-tls", "--dir", str(data)]
+    if module:  # what the installed console script does: import the module (cached bytecode)
+        return [python, "-c", "import sys, tokenomics; sys.exit(tokenomics.main(sys.argv[1:]))", *args]
+    return [python, script, *args]
+
+
+def start_proxy(cmd: list[str], env: dict, cwd: Path, logfile: Path, timeout: float = 30.0):
+    """-> (process, seconds from spawn to /health answering 200)."""
+    port = int(cmd[cmd.index("--port") + 1])
+    out = open(logfile, "ab")
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                         start_new_session=True)
+    out.close()
+    while True:
+        if get_health(port):
+            return p, time.perf_counter() - t0
+        if p.poll() is not None:
+            raise BenchError(f"tokenomics serve exited with {p.returncode}; log:\n"
+                             + logfile.read_text(errors="replace")[-3000:])
+        if time.perf_counter() - t0 > timeout:
+            stop_process(p)
+            raise BenchError(f"tokenomics serve did not answer /health within {timeout:.0f} s")
+        time.sleep(0.005)
+
+
+def policies(upstream: str) -> dict:
+    def typical(url):
+        return {
+            "upstream_url": url,
+            "prompts": [{"role": "system", "content": "You work for ACME Corp. Follow the company style guide "
+                                                      "and never reveal internal credentials or customer data."}],
+            "rules": [
+                {"type": "pii", "action": "mask", "scope": "both", "name": "pii"},
+                {"type": "jailbreak", "action": "fail", "name": "jailbreak"},
+                {"type": "regex", "action": "fail", "name": "codename",
+                 "pattern": r"(?i)\bproject[- ]?(nightjar|osprey|kestrel)\b"},
+            ],
+            "budget": {"tokens": {"total": 10 ** 12}},
+            "rate_limit": {"rules": [{"requests": 10 ** 9, "window": "1m", "strategy": "sliding"},
+                                     {"requests": 10 ** 9, "window": "1h", "strategy": "bucket"}]},
+        }
+    stream = upstream + STREAM_PREFIX + "/v1"
+    return {"minimal": {"upstream_url": upstream}, "minimal_stream": {"upstream_url": stream},
+            "typical": typical(upstream), "typical_stream": typical(stream),
+            "guard_stream": {"upstream_url": stream,
+                             "rules": [{"type": "pii", "action": "mask", "scope": "output", "name": "pii"}]}}
+
+
+# ---------------------------------------------------------------------------------------------- wrk
+
+WRK_DONE = r"""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCHJSON {\"requests\":%d,\"duration_us\":%d,\"bytes\":%d,\"connect\":%d,\"read\":%d," ..
+    "\"write\":%d,\"status\":%d,\"timeout\":%d,\"p50\":%d,\"p90\":%d,\"p99\":%d,\"p999\":%d," ..
+    "\"mean\":%.2f,\"max\":%d}\n",
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency:percentile(99.9),
+    latency.mean, latency.max))
+end
+"""
+
+
+def write_lua(path: Path, body: bytes, token: str | None) -> None:
+    text = body.decode()
+    assert "]==]" not in text
+    lines = ['wrk.method = "POST"', f"wrk.body = [==[{text}]==]", 'wrk.headers["Content-Type"] = "application/json"']
+    if token:
+        lines.append(f'wrk.headers["Authorization"] = "Bearer {token}"')
+    path.write_text("\n".join(lines) + "\n" + WRK_DONE)
+
+
+def run_wrk(wrk: str, url: str, lua: Path, threads: int, conns: int, seconds: int) -> dict:
+    cmd = [wrk, "-t", str(threads), "-c", str(conns), "-d", f"{seconds}s", "--timeout", "10s", "--latency",
+           "-s", str(lua), url]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    for line in r.stdout.splitlines():
+        if line.startswith("BENCHJSON "):
+            d = json.loads(line[len("BENCHJSON "):])
+            d["rps"] = d["requests"] / (d["duration_us"] / 1e6) if d["duration_us"] else 0.0
+            d["errors"] = d["connect"] + d["read"] + d["write"] + d["status"] + d["timeout"]
+            return d
+    raise BenchError(f"wrk gave no result (exit {r.returncode}): {r.stdout[-800:]} {r.stderr[-800:]}")
+
+
+# ---------------------------------------------------------------------------------------------- profile
+
+def summarize_profile(raw_path: Path, top: int = 20) -> tuple[str, list[dict]]:
+    """Self and inclusive sample counts per function from py-spy's folded stacks."""
+    self_c: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw_path.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        n = int(n)
+        total += n
+        frames = [f for f in stack.split(";") if f and not f.startswith("process ")]
+        if not frames:
+            continue
+        self_c[frames[-1]] = self_c.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+    rows = []
+    for f, n in sorted(self_c.items(), key=lambda kv: -kv[1])[:top]:
+        rows.append({"function": f, "self_pct": 100.0 * n / total, "incl_pct": 100.0 * incl[f] / total,
+                     "samples": n})
+    lines = [f"top {top} functions by self time ({total} samples on CPU):",
+             f"{'self%':>6} {'incl%':>6}  function"]
+    lines += [f"{r['self_pct']:6.1f} {r['incl_pct']:6.1f}  {r['function']}" for r in rows]
+    return "\n".join(lines), rows
+
+
+# ---------------------------------------------------------------------------------------------- machine info
+
+def machine_info(python: str, script: str, nginx: str, wrk: str, env: dict, cwd: Path) -> dict:
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 1048576:.1f} GiB"
+    except OSError:
+        pass
+    probe = subprocess.run([python, "-c", "import sys, importlib.util as u; print(sys.version.split()[0]); "
+                            "print(bool(u.find_spec('uvloop'))); print(sys.executable)"],
+                           capture_output=True, text=True, timeout=30, env=env, cwd=cwd).stdout.split("\n")
+    ver = subprocess.run([python, script, "version"], capture_output=True, text=True, timeout=30, env=env,
+                         cwd=cwd).stdout.strip()
+    nginx_v = subprocess.run([nginx, "-v"], capture_output=True, text=True, timeout=10).stderr.strip()
+    wrk_v = subprocess.run([wrk, "-v"], capture_output=True, text=True, timeout=10).stdout.strip().split("\n")[0].split(" Copyright")[0]
+    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "cpu": cpu, "cores": os.cpu_count(), "cores_available": len(os.sched_getaffinity(0)),
+            "memory": mem, "kernel": platform.release(), "python": probe[0] if probe else "",
+            "python_executable": probe[2] if len(probe) > 2 else python,
+            "uvloop": probe[1] == "True" if len(probe) > 1 else False, "tokenomics": ver,
+            "tokenomics_sha256": hashlib.sha256(Path(script).read_bytes()).hexdigest()[:12],
+            "nginx": nginx_v.replace("nginx version: ", ""), "wrk": wrk_v,
+            "loadavg_start": os.getloadavg()}
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+TARGETS = ("direct", "minimal", "typical")
+# streamed only: a policy with nothing but the typical policy's output rule (PII mask on all types),
+# so that (its total time - minimal's) / chunks estimates the output guard's cost per streamed chunk
+STREAM_TARGETS = TARGETS + ("guard",)
+# seconds to wait after each wrk run: when wrk stops, the proxy is still answering the requests that
+# were in flight (up to 64, each up to the p99), and the next measurement must not queue behind them
+SETTLE = 1.0
+STREAM_DISCARD = 2   # streamed requests sent and not counted before each target's series
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.procs: list[subprocess.Popen] = []
+        self.results: dict = {"lat1": {t: [] for t in TARGETS}, "conc64": {t: [] for t in TARGETS},
+                              "stream": {t: {"ttfb": [], "total": [], "rounds": []} for t in STREAM_TARGETS}}
+        self.errors: list[str] = []
+
+    def setup(self):
+        a = self.args
+        self.nginx, self.wrk = find_tool("nginx"), find_tool("wrk")
+        self.tmp = Path(tempfile.mkdtemp(prefix="tokenomics-bench-"))
+        self.data = self.tmp / "data"
+        self.data.mkdir()
+        self.work = self.tmp / "cwd"   # no config.yaml or .env of the repo leaks in
+        self.work.mkdir()
+        self.env = proxy_env(self.tmp, self.data)
+        self.info = machine_info(a.python, a.tokenomics, self.nginx, self.wrk, self.env, self.work)
+        log(f"temp dir {self.tmp}")
+        ng, self.up_port = start_nginx(self.nginx, self.tmp)
+        self.procs.append(ng)
+        upstream = f"http://{HOST}:{self.up_port}"
+        log(f"nginx stub upstream on {upstream}")
+        self.tokens = {name: create_token(a.python, a.tokenomics, self.data, self.env, self.work, pol, "bench-" + name)
+                       for name, pol in policies(upstream).items()}
+        self.px_port = free_port()
+        self.proxy, t = start_proxy(serve_cmd(a.python, a.tokenomics, self.data, self.px_port), self.env,
+                                    self.work, self.tmp / "proxy.log")
+        self.procs.append(self.proxy)
+        log(f"tokenomics serve on http://{HOST}:{self.px_port} (pid {self.proxy.pid}, ready in {t * 1000:.0f} ms)")
+        body, sbody = request_body(False), request_body(True)
+        # target -> (port, path, token, body) for non-streamed and streamed traffic
+        self.plain = {"direct": (self.up_port, CHAT_PATH, None, body),
+                      "minimal": (self.px_port, CHAT_PATH, self.tokens["minimal"], body),
+                      "typical": (self.px_port, CHAT_PATH, self.tokens["typical"], body)}
+        self.streamed = {"direct": (self.up_port, STREAM_PREFIX + CHAT_PATH, None, sbody),
+                         "minimal": (self.px_port, CHAT_PATH, self.tokens["minimal_stream"], sbody),
+                         "typical": (self.px_port, CHAT_PATH, self.tokens["typical_stream"], sbody),
+                         "guard": (self.px_port, CHAT_PATH, self.tokens["guard_stream"], sbody)}
+        self.lua = {}
+        for kind, table in (("plain", self.plain), ("stream", self.streamed)):
+            for t, (port, path, token, b) in table.items():
+                p = self.tmp / f"{kind}-{t}.lua"
+                write_lua(p, b, token)
+                self.lua[(kind, t)] = (p, f"http://{HOST}:{port}{path}")
+        self.conns = {t: HttpConn(self.streamed[t][0]) for t in STREAM_TARGETS}
+
+    def sanity(self):
+        """One request per target and kind; anything but a well-formed 200 stops the run."""
+        for kind, table in (("plain", self.plain), ("stream", self.streamed)):
+            for t, (port, path, token, body) in table.items():
+                c = HttpConn(port)
+                hdrs = {"Content-Type": "application/json"}
+                if token:
+                    hdrs["Authorization"] = f"Bearer {token}"
+                try:
+                    status, h, out, _, _ = c.request("POST", path, body, hdrs)
+                finally:
+                    c.close()
+                if status != 200:
+                    raise BenchError(f"{kind} {t}: HTTP {status}: {out[:500]!r}")
+                if kind == "plain":
+                    doc = json.loads(out)
+                    if doc["choices"][0]["message"]["content"] != REPLY_TEXT:
+                        raise BenchError(f"{kind} {t}: unexpected reply {out[:300]!r}")
+                else:
+                    events = [e for e in out.split(b"\n\n") if e.startswith(b"data:")]
+                    if not events or events[-1].strip() != b"data: [DONE]" or len(events) < STREAM_CHUNKS - 1:
+                        raise BenchError(f"{kind} {t}: unexpected stream ({len(events)} events): {out[:300]!r}")
+
+    def stream_once(self, t: str, n: int) -> tuple[list[float], list[float]]:
+        port, path, token, body = self.streamed[t]
+        hdrs = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if token:
+            hdrs["Authorization"] = f"Bearer {token}"
+        c = self.conns[t]
+        ttfb, total = [], []
+        for _ in range(STREAM_DISCARD):  # the first requests after an idle spell are slower everywhere
+            c.request("POST", path, body, hdrs)
+        for _ in range(n):
+            status, _, out, tf, te = c.request("POST", path, body, hdrs)
+            if status != 200 or not out.rstrip().endswith(b"data: [DONE]"):
+                self.errors.append(f"stream {t}: HTTP {status}")
+                continue
+            ttfb.append(tf * 1000)
+            total.append(te * 1000)
+        return ttfb, total
+
+    def warmup(self):
+        a = self.args
+        for t in TARGETS:
+            for kind in ("plain", "stream"):
+                lua, url = self.lua[(kind, t)]
+                run_wrk(self.wrk, url, lua, 2, 16, max(1, a.duration // 5))
+        for t in STREAM_TARGETS:
+            self.stream_once(t, 20)
+
+    def note_errors(self, what: str, d: dict):
+        if d["errors"]:
+            self.errors.append(f"{what}: {d['status']} non-2xx, {d['connect']} connect, {d['read']} read, "
+                               f"{d['write']} write, {d['timeout']} timeout errors of {d['requests']} requests")
+
+    def rounds(self):
+        a = self.args
+        for r in range(a.rounds):
+            order = TARGETS[r % 3:] + TARGETS[:r % 3]
+            log(f"round {r + 1}/{a.rounds} (order {', '.join(order)})")
+            for t in order:
+                lua, url = self.lua[("plain", t)]
+                d = run_wrk(self.wrk, url, lua, 1, 1, a.duration)
+                time.sleep(SETTLE)
+                self.note_errors(f"1 conn {t}", d)
+                self.results["lat1"][t].append(d)
+            for t in order:
+                lua, url = self.lua[("plain", t)]
+                d = run_wrk(self.wrk, url, lua, 2, 64, a.duration)
+                time.sleep(SETTLE)
+                self.note_errors(f"64 conn {t}", d)
+                self.results["conc64"][t].append(d)
+            for t in STREAM_TARGETS[r % 4:] + STREAM_TARGETS[:r % 4]:
+                ttfb, total = self.stream_once(t, a.stream_requests)
+                s = self.results["stream"][t]
+                s["ttfb"] += ttfb
+                s["total"] += total
+                s["rounds"].append({"ttfb_p50": med(ttfb), "total_p50": med(total), "n": len(ttfb),
+                                    "slowest_total": sorted(total)[-5:]})
+            lat = {t: self.results["lat1"][t][-1]["p50"] for t in TARGETS}
+            c64 = {t: self.results["conc64"][t][-1]["rps"] for t in TARGETS}
+            log("  1 conn p50 us " + ", ".join(f"{t} {lat[t]}" for t in TARGETS)
+                + " | 64 conn req/s " + ", ".join(f"{t} {c64[t]:.0f}" for t in TARGETS))
+
+    def profile(self):
+        a = self.args
+        pyspy = shutil.which("py-spy")
+        if not pyspy:
+            self.errors.append("--profile: py-spy not on PATH (pip install py-spy); skipped")
+            return None
+        secs = max(5, a.profile_seconds)
+        lua, url = self.lua[("plain", "typical")]
+        raw = Path(a.profile)
+        log(f"profiling the proxy with py-spy for {secs} s under typical policy at 64 connections")
+        load = subprocess.Popen([self.wrk, "-t", "2", "-c", "64", "-d", f"{secs + 4}s", "--timeout", "10s",
+                                 "-s", str(lua), url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        self.procs.append(load)
+        try:
+            time.sleep(1.5)
+            r = subprocess.run([pyspy, "record", "--pid", str(self.proxy.pid), "--duration", str(secs),
+                                "--rate", "250", "--format", "raw", "--function", "--nonblocking",
+                                "-o", str(raw)], capture_output=True, text=True, timeout=secs + 60)
+        finally:
+            stop_process(load, grace=15)
+        if r.returncode != 0 or not raw.exists():
+            self.errors.append(f"py-spy failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+            return None
+        text, rows = summarize_profile(raw)
+        raw.with_name(raw.name + ".top.txt").write_text(text + "\n")
+        return {"raw": str(raw), "seconds": secs, "top": rows, "text": text}
+
+    def soak(self) -> dict:
+        a = self.args
+        pid = self.proxy.pid
+        rate = {t: med([d["rps"] for d in self.results["conc64"]["typical"]]) or 1000.0
+                for t in ("typical", "minimal", "typical-stream")}
+        cycle = [("plain", "typical"), ("plain", "minimal"), ("stream", "typical")]
+        done, i, trace = 0, 0, [(0, rss_mb(pid))]
+        t0 = time.monotonic()
+        cap = max(600.0, a.soak / 100.0)   # seconds: bounded even if the proxy crawls
+        errors = 0
+        log(f"soak: {a.soak} requests at 64 connections (typical, minimal, typical streamed in turn)")
+        while done < a.soak and time.monotonic() - t0 < cap:
+            kind, t = cycle[i % len(cycle)]
+            key = t if kind == "plain" else "typical-stream"
+            remaining = a.soak - done
+            secs = int(min(20, max(1, math.ceil(remaining / max(rate[key], 1.0)))))
+            lua, url = self.lua[(kind, t)]
+            d = run_wrk(self.wrk, url, lua, 2, 64, secs)
+            done += d["requests"]
+            errors += d["errors"]
+            rate[key] = d["rps"] or rate[key]
+            self.note_errors(f"soak {kind} {t}", d)
+            trace.append((done, rss_mb(pid)))
+            i += 1
+        elapsed = time.monotonic() - t0
+        if done < a.soak:
+            self.errors.append(f"soak stopped at {done} of {a.soak} requests after {elapsed:.0f} s (time cap)")
+        log(f"soak done: {done} requests in {elapsed:.0f} s")
+        return {"requests": done, "seconds": elapsed, "rps": done / elapsed if elapsed else 0.0,
+                "errors": errors, "rss_trace": trace}
+
+    def startups(self) -> dict:
+        a = self.args
+        out = {}
+        for variant, module in (("script", False), ("module", True)):
+            times = []
+            env = dict(self.env)
+            if module:
+                env["PYTHONPATH"] = str(Path(a.tokenomics).resolve().parent) + (
+                    os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            for i in range(a.starts + (1 if module else 0)):   # module: one extra start fills the pycache
+                cmd = serve_cmd(a.python, a.tokenomics, self.data, free_port(), module=module)
+                p, t = start_proxy(cmd, env, self.work, self.tmp / f"start-{variant}.log")
+                self.procs.append(p)
+                stop_process(p, grace=10)
+                if module and i == 0:
+                    continue
+                times.append(t * 1000)
+            out[variant] = {"median_ms": med(times), "all_ms": times}
+            log(f"start to /health ({variant}): median {med(times):.0f} ms of {times}")
+        return out
+
+    def run(self) -> dict:
+        a = self.args
+        started = time.monotonic()
+        self.setup()
+        self.sanity()
+        log("warm-up")
+        self.warmup()
+        self.rounds()
+        for c in self.conns.values():
+            c.close()
+        time.sleep(1.0)
+        rss_run = rss_mb(self.proxy.pid)
+        prof = self.profile() if a.profile else None
+        soak = self.soak() if a.soak > 0 else None
+        time.sleep(1.0)
+        rss_soak = rss_mb(self.proxy.pid)
+        data_mb = dir_size_mb(self.data)
+        stop_process(self.proxy, grace=30)
+        starts = self.startups()
+        self.info["loadavg_end"] = os.getloadavg()
+        return self.report(rss_run, rss_soak, soak, starts, prof, data_mb, time.monotonic() - started)
+
+    # ------------------------------------------------------------------------------------------ report
+
+    def report(self, rss_run, rss_soak, soak, starts, prof, data_mb, elapsed) -> dict:
+        a = self.args
+        R = self.results
+
+        def per_round(section, key):
+            return {t: [d[key] for d in R[section][t]] for t in TARGETS}
+
+        def added(section, key, scale):   # median over rounds of (proxy - direct)
+            vals = per_round(section, key)
+            return {t: med([(v - d) * scale for v, d in zip(vals[t], vals["direct"])]) for t in ("minimal", "typical")}
+
+        lat50, lat99 = per_round("lat1", "p50"), per_round("lat1", "p99")
+        rps1, rps64, p99_64 = per_round("lat1", "rps"), per_round("conc64", "rps"), per_round("conc64", "p99")
+        S = R["stream"]
+        stream = {t: {"ttfb_p50": med(S[t]["ttfb"]), "ttfb_p99": pct(S[t]["ttfb"], 99),
+                      "total_p50": med(S[t]["total"]), "total_p99": pct(S[t]["total"], 99), "n": len(S[t]["ttfb"])}
+                  for t in STREAM_TARGETS}
+        # output guard per chunk: (total of the output-rule-only policy - total of minimal) / chunks; an upper
+        # bound, as it includes the guard's fixed per-request cost
+        guard_chunk_us = (stream["guard"]["total_p50"] - stream["minimal"]["total_p50"]) * 1000 / STREAM_CHUNKS
+
+        rows = []
+
+        def row(metric, unit, vals, cmp):
+            rows.append({"metric": metric, "unit": unit, **vals, **cmp})
+
+        def ms(us_list):
+            return med(us_list) / 1000.0
+
+        def addfmt(x, unit="ms"):
+            return {"value": x, "text": f"{x:+.3f} {unit}"}
+
+        def ratio(t, vals):
+            r = med(vals[t]) / med(vals["direct"]) if med(vals["direct"]) else float("nan")
+            return {"value": r, "text": f"{r * 100:.1f}% of direct"}
+
+        a50, a99 = added("lat1", "p50", 1e-3), added("lat1", "p99", 1e-3)
+        row("1 conn latency p50", "ms", {t: ms(lat50[t]) for t in TARGETS},
+            {"minimal_vs_direct": addfmt(a50["minimal"]), "typical_vs_direct": addfmt(a50["typical"])})
+        row("1 conn latency p99", "ms", {t: ms(lat99[t]) for t in TARGETS},
+            {"minimal_vs_direct": addfmt(a99["minimal"]), "typical_vs_direct": addfmt(a99["typical"])})
+        row("1 conn throughput", "req/s", {t: med(rps1[t]) for t in TARGETS},
+            {"minimal_vs_direct": ratio("minimal", rps1), "typical_vs_direct": ratio("typical", rps1)})
+        row("64 conn throughput", "req/s", {t: med(rps64[t]) for t in TARGETS},
+            {"minimal_vs_direct": ratio("minimal", rps64), "typical_vs_direct": ratio("typical", rps64)})
+        a6499 = added("conc64", "p99", 1e-3)
+        row("64 conn latency p99", "ms", {t: ms(p99_64[t]) for t in TARGETS},
+            {"minimal_vs_direct": addfmt(a6499["minimal"]), "typical_vs_direct": addfmt(a6499["typical"])})
+        for key, label in (("ttfb_p50", "stream first byte p50"), ("ttfb_p99", "stream first byte p99"),
+                           ("total_p50", "stream total p50"), ("total_p99", "stream total p99")):
+            row(label, "ms", {t: stream[t][key] for t in TARGETS},
+                {f"{t}_vs_direct": addfmt(stream[t][key] - stream["direct"][key]) for t in ("minimal", "typical")})
+        row("stream output guard per chunk (est.)", "us", {"direct": None, "minimal": None, "typical": guard_chunk_us},
+            {"minimal_vs_direct": None, "typical_vs_direct": {
+                "value": None, "text": f"output PII mask only vs minimal, /{STREAM_CHUNKS}"}})
+        same = "one process serves both policies"
+        row("proxy RSS after the run", "MB", {"direct": None, "minimal": rss_run, "typical": rss_run},
+            {"minimal_vs_direct": None, "typical_vs_direct": {"value": None, "text": same}})
+        if soak:
+            label = f"proxy RSS after {soak['requests']:,}-req soak"
+            row(label, "MB", {"direct": None, "minimal": rss_soak, "typical": rss_soak},
+                {"minimal_vs_direct": None,
+                 "typical_vs_direct": {"value": rss_soak - rss_run, "text": f"{rss_soak - rss_run:+.1f} MB over soak"}})
+            row("soak throughput (mixed)", "req/s", {"direct": None, "minimal": soak["rps"], "typical": soak["rps"]},
+                {"minimal_vs_direct": None, "typical_vs_direct": None})
+        row("start to /health, tokenomics.py", "ms",
+            {"direct": None, "minimal": starts["script"]["median_ms"], "typical": starts["script"]["median_ms"]},
+            {"minimal_vs_direct": None, "typical_vs_direct": {"value": None, "text": f"median of {a.starts}"}})
+        row("start to /health, import (cached)", "ms",
+            {"direct": None, "minimal": starts["module"]["median_ms"], "typical": starts["module"]["median_ms"]},
+            {"minimal_vs_direct": None, "typical_vs_direct": {"value": None, "text": f"median of {a.starts}"}})
+
+        targets = [
+            ("typical 64 conn >= 1500 req/s", med(rps64["typical"]) >= 1500, f"{med(rps64['typical']):.0f} req/s"),
+            ("minimal added p50 <= 0.5 ms", a50["minimal"] <= 0.5, f"{a50['minimal']:+.3f} ms"),
+            ("typical added p50 <= 1 ms", a50["typical"] <= 1.0, f"{a50['typical']:+.3f} ms"),
+            ("stream added first byte <= 1 ms (typical)",
+             stream["typical"]["ttfb_p50"] - stream["direct"]["ttfb_p50"] <= 1.0,
+             f"{stream['typical']['ttfb_p50'] - stream['direct']['ttfb_p50']:+.3f} ms"),
+            ("output guard <= 30 us/chunk (estimate)", guard_chunk_us <= 30, f"{guard_chunk_us:.1f} us"),
+            ("start to ready <= 300 ms", starts["script"]["median_ms"] <= 300,
+             f"{starts['script']['median_ms']:.0f} ms (script), {starts['module']['median_ms']:.0f} ms (import)"),
+        ]
+        if soak:
+            targets += [("RSS after soak <= 60 MB", rss_soak <= 60, f"{rss_soak:.1f} MB"),
+                        ("RSS growth over soak < 10 MB", rss_soak - rss_run < 10, f"{rss_soak - rss_run:+.1f} MB")]
+        return {
+            "machine": self.info,
+            "settings": {"rounds": a.rounds, "duration_s": a.duration, "stream_requests": a.stream_requests,
+                         "soak": a.soak, "starts": a.starts, "quick": a.quick,
+                         "request_bytes": len(request_body(False)), "stream_chunks": STREAM_CHUNKS},
+            "table": rows,
+            "targets": [{"target": n, "pass": bool(ok), "value": v} for n, ok, v in targets],
+            "raw": {"lat1": R["lat1"], "conc64": R["conc64"],
+                    "stream": {t: {"summary": stream[t], "rounds": S[t]["rounds"]} for t in STREAM_TARGETS},
+                    "stream_output_guard_per_chunk_us": guard_chunk_us,
+                    "rss_after_run_mb": rss_run, "rss_after_soak_mb": rss_soak if soak else None,
+                    "soak": soak, "startup": starts, "data_dir_mb_after": data_mb},
+            "profile": prof,
+            "errors": self.errors,
+            "elapsed_s": elapsed,
+        }
+
+    def cleanup(self):
+        for p in reversed(self.procs):
+            try:
+                stop_process(p, grace=10)
+            except Exception as exc:  # keep killing the rest
+                log(f"cleanup: {exc}")
+        for c in getattr(self, "conns", {}).values():
+            c.close()
+        if getattr(self, "tmp", None) and not self.args.keep:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        elif getattr(self, "tmp", None):
+            log(f"kept {self.tmp}")
+
+
+def fmt(v, unit: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if unit == "req/s":
+        return f"{v:,.0f}"
+    if unit == "MB":
+        return f"{v:.1f}"
+    if unit == "us":
+        return f"{v:.1f}"
+    if unit == "ms" and v >= 100:
+        return f"{v:.0f}"
+    return f"{v:.3f}"
+
+
+def print_report(res: dict) -> None:
+    m = res["machine"]
+    print(f"tokenomics benchmark  {m['date']}")
+    print(f"machine: {m['cpu']}, {m['cores']} cores ({m['cores_available']} available), {m['memory']} RAM, "
+          f"Linux {m['kernel']}")
+    print(f"python {m['python']} ({m['python_executable']}), uvloop {'present' if m['uvloop'] else 'absent'}, "
+          f"{m['tokenomics']} (sha256 {m['tokenomics_sha256']}), nginx {m['nginx']}, {m['wrk']}")
+    la0, la1 = m["loadavg_start"], m.get("loadavg_end", (float("nan"),) * 3)
+    s = res["settings"]
+    print(f"load average at start {la0[0]:.2f} {la0[1]:.2f} {la0[2]:.2f}, at end {la1[0]:.2f} {la1[1]:.2f} {la1[2]:.2f}; "
+          f"{s['rounds']} rounds x {s['duration_s']} s, {s['stream_requests']} streamed req/target/round, "
+          f"request {s['request_bytes']} B, stream {s['stream_chunks']} chunks")
+    print()
+    header = ("metric", "direct", "minimal", "typical", "minimal vs direct", "typical vs direct")
+    table = []
+    for r in res["table"]:
+        name = f"{r['metric']} ({r['unit']})"
+        cmp = [(r[k] or {}).get("text", "") if r[k] else "" for k in ("minimal_vs_direct", "typical_vs_direct")]
+        table.append((name, fmt(r["direct"], r["unit"]), fmt(r["minimal"], r["unit"]), fmt(r["typical"], r["unit"]),
+                      *cmp))
+    widths = [max(len(str(x[i])) for x in [header] + table) for i in range(len(header))]
+    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 or i >= 4 else str(c).rjust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    print(line(header))
+    print("  ".join("-" * w for w in widths))
+    for t in table:
+        print(line(t))
+    print()
+    for t in res["targets"]:
+        print(f"{'PASS' if t['pass'] else 'MISS'}  {t['target']}: {t['value']}")
+    if res.get("profile"):
+        print()
+        print(res["profile"]["text"])
+    if res["errors"]:
+        print()
+        for e in res["errors"]:
+            print(f"WARNING: {e}")
+    print(f"\nelapsed {res['elapsed_s']:.0f} s")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="bench.py", description=__doc__,
+        epilog="Needs nginx and wrk (Debian: apt-get install -y nginx-light wrk, or nginx wrk). "
+               "See the module docstring for what is measured and how.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=None, help="interleaved measurement rounds (default 3, quick 1)")
+    p.add_argument("--duration", type=int, default=None, help="seconds per wrk run (default 5, quick 1)")
+    p.add_argument("--stream-requests", type=int, default=None,
+                   help="streamed requests per target per round (default 200, quick 30)")
+    p.add_argument("--soak", type=int, default=None, help="requests in the RSS soak, 0 to skip (default 200000, "
+                                                          "quick 3000)")
+    p.add_argument("--starts", type=int, default=None, help="process starts timed per variant (default 5, quick 3)")
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON to PATH")
+    p.add_argument("--quick", action="store_true", help="a short smoke run (about a minute)")
+    p.add_argument("--profile", metavar="PATH", help="run py-spy (must be on PATH) against the proxy under the "
+                                                     "typical policy at 64 connections; folded stacks to PATH")
+    p.add_argument("--profile-seconds", type=int, default=10, help="py-spy sampling time (default 10)")
+    p.add_argument("--python", default=sys.executable, help="interpreter that runs tokenomics (default: this one)")
+    p.add_argument("--tokenomics", default=str(REPO / "tokenomics.py"), help="path to tokenomics.py")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, data) for inspection")
+    a = p.parse_args(argv)
+    defaults = dict(rounds=(1, 3), duration=(1, 5), stream_requests=(30, 200), soak=(3000, 200_000), starts=(3, 5))
+    for k, (quick, full) in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, quick if a.quick else full)
+    for k in ("rounds", "duration", "stream_requests", "starts"):
+        if getattr(a, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be at least 1")
+    if a.soak < 0:
+        p.error("--soak must be 0 or more")
+    if not os.path.isfile(a.tokenomics):
+        p.error(f"--tokenomics: {a.tokenomics} does not exist")
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    missing = [name for name in ("nginx", "wrk") if not find_tool(name)]
+    if missing:
+        print(f"bench.py: {' and '.join(missing)} not found; install with:\n  {install_hint()}", file=sys.stderr)
+        return 2
+
+    def on_signal(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_signal)
+    bench = Bench(args)
+    try:
+        res = bench.run()
+    except BenchError as exc:
+        print(f"bench.py: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bench.py: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        bench.cleanup()
+    print_report(res)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2, default=str) + "\n")
+        print(f"JSON written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
