@@ -9161,14 +9161,29 @@ def server_tls_context(config: Config) -> ssl.SSLContext | None:
 # Proxy — assembles store, catalog, client, pipeline and listeners; runs until a signal
 ###############################################################################
 
+MEMORY_TRIM_INTERVAL = 30.0   # seconds between returning freed heap to the OS (~1 ms each)
+
+
 def _release_startup_memory() -> None:
     """Compiling this module from source (script, zipapp, no bytecode cache) leaves ~20 MB of
     freed heap that glibc keeps; hand it back so a long-running proxy stays small."""
     import gc
     gc.collect()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
     with contextlib.suppress(Exception):
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+async def _trim_heap_periodically() -> None:
+    """Bursts of concurrent requests leave freed heap that glibc keeps; give it back now and
+    then so the resident size follows the load down (SPEC §14: memory flat over a long run)."""
+    while True:
+        await asyncio.sleep(MEMORY_TRIM_INTERVAL)
+        _trim_heap()
 
 
 def _lock_data_dir(directory: str) -> int:
@@ -9225,6 +9240,7 @@ class Proxy:
             self._tasks.append(loop.create_task(self.ledger.run_flusher()))
         if self.dispatcher is not None:
             self._tasks.append(loop.create_task(self.dispatcher.run()))
+        self._tasks.append(loop.create_task(_trim_heap_periodically()))
         self.records.emit("server.start", {"version": __version__,
                                            "session_id": self.ledger.session_id if self.ledger else ""})
         _release_startup_memory()
