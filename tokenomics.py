@@ -8951,7 +8951,7 @@ def deliver_once(webhooks: list, event: dict, timeout: float = 5.0) -> int:
 
 
 ###############################################################################
-# Records — what happened: session totals, ledger, stats, metrics, logs, events
+# Records — the fan-out: every finished exchange to the totals, ledger, stats, metrics, logs, events
 ###############################################################################
 
 BLOCKING_CODES = frozenset({"rule_violation", "output_rule_violation", "budget_exceeded", "rate_limited",
@@ -9629,6 +9629,8 @@ def cmd_run(args) -> int:
     token = args.token or os.environ.get("TOKENOMICS_KEY", "")
     if not token:
         raise UsageError("--token: no token given; pass --token tkn_... or set TOKENOMICS_KEY")
+    if args.admin:
+        _err("tokenomics: the admin UI is not available in this version; --admin is ignored")
     config = _load(args, _serve_overrides(args))
     provider = args.provider or config.cli_maps.get(os.path.basename(command[0]))
     background = None

@@ -4,7 +4,6 @@ import base64
 import collections
 import json
 import pathlib
-import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st

@@ -2,7 +2,6 @@
 an Anthropic-SDK client reaching an OpenAI-dialect upstream, through real sockets and the real SDKs."""
 import json
 
-import anthropic
 import openai
 import pytest
 
