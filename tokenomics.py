@@ -8107,6 +8107,48 @@ def render_session(session: dict) -> str:
 
 # --- conversation memory ----------------------------------------------------------------------------
 
+class RedisMemory:
+    """The Redis list backend of the conversation log (`memory.redis: true`): the same markdown
+    entries, RPUSHed to `tokenomics:memory:<session_id>` on the server in `session.redis`.
+    Blocking (call it off the event loop) and never raising, like MemoryWriter."""
+
+    enabled = True
+
+    def __init__(self, config: "RedisConfig", session_id: str):
+        self.key = f"tokenomics:memory:{session_id}"
+        self.config = config
+        self._client = None
+        self._lock = threading.Lock()
+        self._failing = False
+
+    def _connect(self):
+        import redis  # the `redis` extra; a missing package is reported like any other failure
+        addr = self.config.addr
+        if "://" in addr:
+            return redis.Redis.from_url(addr, socket_timeout=2, socket_connect_timeout=2)
+        host, _, port = addr.rpartition(":")
+        return redis.Redis(host=host or "127.0.0.1", port=int(port or 6379), db=self.config.db,
+                           password=self.config.password or None, socket_timeout=2, socket_connect_timeout=2)
+
+    def append(self, token_hash: str, model: str, entries: list[tuple[str, str]], now: float) -> None:
+        if not entries:
+            return
+        stamp, who = utc_iso(now), (token_hash or "")[:_HASH_PREFIX] or "-"
+        items = [f"## {stamp} | {who} | {role} | {model or '-'}\n\n{content}\n" for role, content in entries]
+        try:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._connect()
+                self._client.rpush(self.key, *items)
+            self._failing = False
+        except Exception as exc:  # a conversation log must never fail the request it records
+            self._client = None
+            if not self._failing:
+                self._failing = True
+                log.error("memory log: cannot write to Redis (session.redis.addr): %s; conversation entries "
+                          "are dropped until it works again", exc.__class__.__name__)
+
+
 class MemoryWriter:
     """Conversation log as markdown: `## <time> | <token hash prefix> | <role> | <model>`, a blank
     line, the content, a blank line. `file_path` (relative to the data dir when relative) is a
@@ -8119,8 +8161,8 @@ class MemoryWriter:
     `<stem>.<YYYYmmddTHHMMSS>.<ext>` first and gzipped when `compress_old`. append() is
     blocking (rotation gzips) and thread-safe: call it through asyncio.to_thread. It never raises:
     a failure is logged once (until a write succeeds again) and the entries are dropped. It only
-    ever sees role/content pairs, so no header or key can reach the file. `redis` is accepted
-    for the Redis list backend and ignored here."""
+    ever sees role/content pairs, so no header or key can reach the file. With `redis: true`
+    the Redis list backend (RedisMemory) is used instead."""
 
     def __init__(self, data_dir: str, spec: dict):
         spec = dict(spec or {})
@@ -9012,13 +9054,16 @@ class Records:
         self.dispatcher = dispatcher
         self.clock = clock
         self.data_dir = ""
-        self._memory: dict[str, MemoryWriter | None] = {}
+        self.redis = RedisConfig()
+        self.session_id = secrets.token_hex(4)
+        self._memory: dict[str, MemoryWriter | RedisMemory | None] = {}
 
-    def memory_writer(self, spec: dict) -> "MemoryWriter | None":
+    def memory_writer(self, spec: dict) -> "MemoryWriter | RedisMemory | None":
         key = json.dumps(spec, sort_keys=True)
         if key not in self._memory:
             try:
-                self._memory[key] = MemoryWriter(self.data_dir, spec)
+                self._memory[key] = RedisMemory(self.redis, self.session_id) if spec.get("redis") \
+                    else MemoryWriter(self.data_dir, spec)
             except TokenomicsError as exc:
                 log.error("memory log disabled for a policy: %s", exc)
                 self._memory[key] = None
@@ -9222,6 +9267,9 @@ class Proxy:
         self.records = Records(self.ledger, None if options.disable_request else RequestLogger(options),
                                self.dispatcher)
         self.records.data_dir = config.dir
+        self.records.redis = config.session.redis
+        if self.ledger is not None:
+            self.records.session_id = self.ledger.session_id
         if self.dispatcher is not None:
             self.dispatcher.on_drop = self.records.metrics.inc_dropped_events
         self.pipeline = Pipeline(config, self.store, self.catalog, self.client, self.state, self.journal,

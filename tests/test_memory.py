@@ -1,5 +1,6 @@
 """Conversation memory logs end to end: what the model was sent and answered, masked, rotated."""
 import gzip
+import json
 import time
 
 from test_proxy import an, oa
@@ -41,3 +42,40 @@ def test_memory_log_records_masked_turns_and_rotates(cli, stub, start_proxy, dat
     assert token not in text
     prefix = files[0].relative_to(root).parts[0]
     assert len(prefix) == 16 and all(c in "0123456789abcdef" for c in prefix)
+
+
+def test_memory_redis_list_backend(cli, stub, start_proxy, redis_server):
+    import redis
+    token = cli.token({"rules": [{"type": "pii", "detect": ["email"], "action": "mask"}],
+                       "memory": {"enabled": True, "redis": True}})
+    proxy = start_proxy(upstream_url=stub.url, config={"session": {"redis": {"addr": f"127.0.0.1:{redis_server}"}}})
+    oa(proxy, token).chat.completions.create(model="gpt-4o", messages=[
+        {"role": "user", "content": "mail zoe@example.com please"}])
+    client = redis.Redis(port=redis_server)
+    deadline = time.monotonic() + 5
+    keys = []
+    while time.monotonic() < deadline and not keys:
+        keys = client.keys("tokenomics:memory:*")
+        time.sleep(0.02)
+    assert len(keys) == 1
+    session_id = keys[0].decode().rsplit(":", 1)[1]
+    assert len(session_id) == 8
+    entries = [e.decode() for e in client.lrange(keys[0], 0, -1)]
+    assert len(entries) == 2
+    assert "| user | gpt-4o" in entries[0] and "[REDACTED:EMAIL]" in entries[0]
+    assert "zoe@example.com" not in "".join(entries) and token not in "".join(entries)
+    assert "| assistant | gpt-4o" in entries[1]
+    assert proxy.stop() == 0
+    sessions = json.loads(cli("ledger", "sessions", "--json", check=True).stdout)
+    assert sessions[-1]["session_id"] == session_id  # the list is named after the ledger session
+
+
+def test_memory_redis_unreachable_never_fails_requests(cli, stub, start_proxy):
+    from conftest import free_port
+    token = cli.token({"memory": {"redis": True}})
+    proxy = start_proxy(upstream_url=stub.url, config={"session": {"redis": {"addr": f"127.0.0.1:{free_port()}"}}})
+    for _ in range(2):
+        out = oa(proxy, token).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+        assert out.choices[0].message.content
+    proxy.stop()
+    assert proxy.stderr.count("cannot write to Redis") == 1
