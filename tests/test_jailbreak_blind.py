@@ -1,0 +1,30 @@
+"""The jailbreak detector on a blind set: written by someone who never saw the detector, and never
+used to tune it. It measures generalisation to unseen phrasings, not the tuned corpus."""
+import collections
+import json
+from pathlib import Path
+
+import tokenomics
+
+BLIND = Path(__file__).parent / "data" / "jailbreak_holdout_blind.jsonl"
+
+
+def test_blind_set_recall_and_false_positive_rate():
+    rows = [json.loads(line) for line in BLIND.read_text(encoding="utf-8").splitlines() if line.strip()]
+    attacks = [r for r in rows if r["label"] == "attack"]
+    benign = [r for r in rows if r["label"] == "benign"]
+    assert len(attacks) >= 120 and len(benign) >= 120
+
+    def flagged(text):
+        return tokenomics.jailbreak_score(text)[0] >= tokenomics.JAILBREAK_THRESHOLD
+
+    caught = collections.Counter(r["family"] for r in attacks if flagged(r["text"]))
+    total = collections.Counter(r["family"] for r in attacks)
+    recall = sum(caught.values()) / len(attacks)
+    fpr = sum(flagged(r["text"]) for r in benign) / len(benign)
+    print(f"\nblind jailbreak set: recall {recall:.3f} ({sum(caught.values())}/{len(attacks)}), "
+          f"FPR {fpr:.3f}; by family: " + ", ".join(f"{f} {caught[f]}/{n}" for f, n in sorted(total.items())))
+    # Floors at the measured level, to catch regressions: the detector is a heuristic first line
+    # of defence, and this set shows how much it misses (indirect injections above all).
+    assert fpr <= 0.05
+    assert recall >= 0.60
