@@ -9920,9 +9920,14 @@ def _pid_path(config: Config) -> str:
 
 
 def _self_command() -> list[str]:
-    """How to start this same program again (source file, installed module or zipapp)."""
+    """How to start this same program again (source file, installed module or zipapp). It is
+    imported rather than run as a script: Python keeps a script's whole syntax tree (~20 MB for
+    this module) alive while it runs, an imported module's is freed after compiling."""
     here = os.path.abspath(__file__)
-    return [sys.executable, here if os.path.isfile(here) else os.path.dirname(here)]
+    if not os.path.isfile(here):  # inside the zipapp: its __main__ imports the module
+        return [sys.executable, os.path.dirname(here)]
+    return [sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); import tokenomics; "
+            "sys.exit(tokenomics.main())", os.path.dirname(here)]
 
 
 def _process_start(pid: int) -> str | None:

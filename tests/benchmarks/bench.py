@@ -467,8 +467,9 @@ def create_token(python: str, script: str, data: Path, env: dict, cwd: Path, pol
 
 def serve_cmd(python: str, script: str, data: Path, port: int, module: bool = False) -> list[str]:
     args = ["serve", "--host", HOST, "--port", str(port), "--https-port", "0", "--no-tls", "--dir", str(data)]
-    if module:  # what the installed console script does: import the module (cached bytecode)
-        return [python, "-c", "import sys, tokenomics; sys.exit(tokenomics.main(sys.argv[1:]))", *args]
+    if module:  # what the installed console script and `tokenomics start` do: import the module
+        return [python, "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); import tokenomics; "
+                "sys.exit(tokenomics.main(sys.argv[1:]))", str(Path(script).resolve().parent), *args]
     return [python, script, *args]
 
 
@@ -655,7 +656,8 @@ class Bench:
         self.tokens = {name: create_token(a.python, a.tokenomics, self.data, self.env, self.work, pol, "bench-" + name)
                        for name, pol in policies(upstream).items()}
         self.px_port = free_port()
-        self.proxy, t = start_proxy(serve_cmd(a.python, a.tokenomics, self.data, self.px_port), self.env,
+        self.proxy, t = start_proxy(serve_cmd(a.python, a.tokenomics, self.data, self.px_port,
+                                              module=a.serve_as == "module"), self.env,
                                     self.work, self.tmp / "proxy.log")
         self.procs.append(self.proxy)
         log(f"tokenomics serve on http://{HOST}:{self.px_port} (pid {self.proxy.pid}, ready in {t * 1000:.0f} ms)")
@@ -952,7 +954,8 @@ class Bench:
                         ("RSS growth over soak < 10 MB", rss_soak - rss_run < 10, f"{rss_soak - rss_run:+.1f} MB")]
         return {
             "machine": self.info,
-            "settings": {"rounds": a.rounds, "duration_s": a.duration, "stream_requests": a.stream_requests,
+            "settings": {"serve_as": a.serve_as, "rounds": a.rounds, "duration_s": a.duration,
+                         "stream_requests": a.stream_requests,
                          "soak": a.soak, "starts": a.starts, "quick": a.quick,
                          "request_bytes": len(request_body(False)), "stream_chunks": STREAM_CHUNKS},
             "table": rows,
@@ -1006,7 +1009,8 @@ def print_report(res: dict) -> None:
     s = res["settings"]
     print(f"load average at start {la0[0]:.2f} {la0[1]:.2f} {la0[2]:.2f}, at end {la1[0]:.2f} {la1[1]:.2f} {la1[2]:.2f}; "
           f"{s['rounds']} rounds x {s['duration_s']} s, {s['stream_requests']} streamed req/target/round, "
-          f"request {s['request_bytes']} B, stream {s['stream_chunks']} chunks")
+          f"request {s['request_bytes']} B, stream {s['stream_chunks']} chunks, proxy run as "
+          f"{'an imported module' if s.get('serve_as', 'module') == 'module' else 'a script'}")
     print()
     header = ("metric", "direct", "minimal", "typical", "minimal vs direct", "typical vs direct")
     table = []
@@ -1055,6 +1059,9 @@ def parse_args(argv=None):
     p.add_argument("--profile-seconds", type=int, default=10, help="py-spy sampling time (default 10)")
     p.add_argument("--python", default=sys.executable, help="interpreter that runs tokenomics (default: this one)")
     p.add_argument("--tokenomics", default=str(REPO / "tokenomics.py"), help="path to tokenomics.py")
+    p.add_argument("--serve-as", choices=("module", "script"), default="module",
+                   help="run the measured proxy as an imported module, as the installed `tokenomics "
+                        "serve` and `tokenomics start` do (default), or as `python tokenomics.py serve`")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, data) for inspection")
     a = p.parse_args(argv)
     defaults = dict(rounds=(1, 3), duration=(1, 5), stream_requests=(30, 200), soak=(3000, 200_000), starts=(3, 5))
