@@ -26,21 +26,12 @@ import pytest
 import tokenomics
 from conftest import ANTHROPIC_KEY, OPENAI_KEY, TOKENOMICS, base_env, free_port
 from stub_upstream import DEFAULT_REPLY
+from test_cli import ok, one_json
 
 MOCK = {"provider": "mock"}
 SUMMARY = re.compile(r"^tokenomics: (\d+) requests, ([\d,]+) tokens in / ([\d,]+) out, \$(\d+\.\d+), (\d+) blocked$",
                      re.MULTILINE)
 UNKNOWN_TOKEN = "tkn_" + "0123456789abcdef" * 2
-
-
-def ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
-    return proc
-
-
-def one_json(proc):
-    ok(proc)
-    return json.loads(proc.stdout)
 
 
 def script(tmp_path: Path, name: str, body: str, executable: bool = False) -> Path:

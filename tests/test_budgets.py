@@ -207,19 +207,12 @@ def test_daily_budget_resets_at_utc_midnight(tmp_path):
 
 
 def test_abandoned_stream_is_charged_what_was_surely_spent(cli, stub, start_proxy):
-    import socket
+    from test_proxy import stream_then_hang_up
     token = cli.token({"budget": {"tokens": {"total": 100000}}})
     proxy = start_proxy(upstream_url=stub.url)
-    stub.event_delay = 0.2
-    stub.set_stream_chunks([f"w{i} " for i in range(30)])
-    body = json.dumps({**BODY, "stream": True}).encode()
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token.encode()
-                  + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-        assert s.recv(65536).startswith(b"HTTP/1.1 200")
-    assert stub.wait_for(lambda: stub.disconnects >= 1, timeout=5)
+    stream_then_hang_up(proxy, token, BODY, stub)
     assert proxy.stop() == 0
     sessions = json.loads(cli("ledger", "sessions", "--json", check=True).stdout)
     entry = json.loads(cli("ledger", "show", sessions[-1]["session_id"], "--json", check=True).stdout)["requests"][0]
     assert entry["stream"] is True
-    assert entry["input_tokens"] >= len(body) // 4 and entry["output_tokens"] >= 1
+    assert entry["input_tokens"] >= len(json.dumps(BODY)) // 4 and entry["output_tokens"] >= 1

@@ -425,17 +425,22 @@ def test_keep_alive_reuses_one_connection(setup, stub):
 
 # --- streams: disconnects and shutdown ---------------------------------------------------------
 
-def test_client_disconnect_cancels_upstream_stream(setup, stub):
-    proxy, token = setup
+def stream_then_hang_up(proxy, token: str, body: dict, stub) -> None:
+    """Start a streamed request over a raw socket, read the first bytes, close the connection,
+    and wait (bounded) until the stub saw its stream abandoned."""
     stub.event_delay = 0.2
     stub.set_stream_chunks([f"w{i} " for i in range(40)])
-    body = json.dumps({**CHAT, "stream": True}).encode()
+    data = json.dumps({**body, "stream": True}).encode()
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + token.encode()
-                  + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-        first = s.recv(65536)
-        assert first.startswith(b"HTTP/1.1 200")
+                  + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
     assert stub.wait_for(lambda: stub.disconnects >= 1, timeout=5), "upstream stream was not cancelled"
+
+
+def test_client_disconnect_cancels_upstream_stream(setup, stub):
+    proxy, token = setup
+    stream_then_hang_up(proxy, token, CHAT, stub)
 
 
 def test_sigterm_finishes_in_flight_request(setup, stub):
