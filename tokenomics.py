@@ -9312,7 +9312,7 @@ def ensure_local_ca(config: Config) -> tuple[str, str, str]:
     folder = cert_dir(config)
     os.makedirs(folder, mode=0o700, exist_ok=True)
     paths = {name: os.path.join(folder, name) for name in ("ca.crt", "ca.key", "server.crt", "server.key")}
-    if all(os.path.isfile(p) for p in paths.values()):
+    if all(os.path.isfile(p) for p in paths.values()) and not _expires_soon(paths["server.crt"]):
         return paths["ca.crt"], paths["server.crt"], paths["server.key"]
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -9352,6 +9352,21 @@ def ensure_local_ca(config: Config) -> tuple[str, str, str]:
     write_private(paths["server.crt"], b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
     os.chmod(paths["server.crt"], 0o644)
     return paths["ca.crt"], paths["server.crt"], paths["server.key"]
+
+
+CERT_RENEW_DAYS = 30    # a server certificate this close to expiry is reissued from the local CA
+
+
+def _expires_soon(cert_path: str) -> bool:
+    """Whether a PEM certificate expires within CERT_RENEW_DAYS (or cannot be read)."""
+    try:
+        from cryptography import x509
+        with open(cert_path, "rb") as fh:
+            cert = x509.load_pem_x509_certificate(fh.read())
+        not_after = cert.not_valid_after_utc
+    except Exception:
+        return True
+    return not_after - _dt.datetime.now(_dt.timezone.utc) < _dt.timedelta(days=CERT_RENEW_DAYS)
 
 
 def server_tls_context(config: Config) -> ssl.SSLContext | None:

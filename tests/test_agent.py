@@ -763,3 +763,21 @@ def test_demo_runs_from_the_zipapp_without_site_packages(tmp_path, cli):
                           env=cli.env, cwd=cli.cwd)
     assert proc.returncode == 0, proc.stderr
     assert "HTTP 429 budget_exceeded" in proc.stdout
+
+
+def test_local_server_certificate_is_reissued_before_it_expires(tmp_path):
+    import datetime
+    import trustme
+    config = tokenomics.load_config(None, str(tmp_path), environ={})
+    ca_file, cert_file, key_file = tokenomics.ensure_local_ca(config)
+    ca_before = open(ca_file, "rb").read()
+    # replace the server certificate with one that expires in 10 days, issued by the same CA
+    ca = trustme.CA.from_pem(ca_before, open(tmp_path / "certs" / "ca.key", "rb").read())
+    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=10)
+    leaf = ca.issue_cert("localhost", not_after=soon)
+    (tmp_path / "certs" / "server.crt").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    assert tokenomics._expires_soon(cert_file)
+    tokenomics.ensure_local_ca(config)
+    assert not tokenomics._expires_soon(cert_file)
+    assert open(ca_file, "rb").read() == ca_before  # the CA clients trust is kept
+    assert os.stat(key_file).st_mode & 0o777 == 0o600
