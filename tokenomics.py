@@ -84,6 +84,8 @@ POOL_MAX_IDLE_PER_ORIGIN = 32           # idle keep-alive connections kept per u
 POOL_IDLE_SECONDS = 50.0                # providers close idle connections after ~60 s; stay below
 DEFAULT_OUTPUT_ALLOWANCE = 8192         # output tokens reserved when the client names no limit
 TOKEN_PREFIX = "tkn_"
+HASH_PREFIX = 16                        # hex chars of a token hash in records, events and limit keys:
+                                        # unique in practice, short enough for tables
 REQUEST_ID_PREFIX = "tkn_"
 
 HOP_BY_HOP = frozenset({
@@ -151,6 +153,12 @@ def _json_type(value: Any) -> str:
 def utc_iso(ts: float) -> str:
     """Unix seconds -> RFC 3339 UTC with a Z, second precision."""
     return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def rfc3339_ms(ts: float) -> str:
+    """Unix seconds -> RFC 3339 UTC with milliseconds (request times need sub-second order)."""
+    d = _dt.datetime.fromtimestamp(ts, _dt.timezone.utc)
+    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
 
 
 def parse_rfc3339(text: str) -> float:
@@ -3620,10 +3628,6 @@ def window_bounds(period: str, now: float) -> tuple[float, float]:
     raise ValueError(f"unknown budget period {period!r} (expected hourly, daily, monthly or total)")
 
 
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
-
-
 @dataclass(frozen=True, slots=True)
 class BudgetLine:
     """One cap on one counter. `key` names who is counted (token hash prefix + scope, built by
@@ -3749,7 +3753,7 @@ def budget_event(line: BudgetLine, used: float, cap: float, now: float) -> dict:
     return {"key": line.key, "unit": line.unit, "period": line.period,
             "used": used, "cap": cap, "remaining": max(0, cap - used),
             "percent": round(100.0 * used / cap, 1) if cap else 100.0,
-            "window_start": _iso(start), "resets_at": None if end == math.inf else _iso(end)}
+            "window_start": utc_iso(start), "resets_at": None if end == math.inf else utc_iso(end)}
 
 
 def rate_event(key: str, rule: RateRule | None, retry_after: int, limit: int | None = None) -> dict:
@@ -4107,7 +4111,7 @@ class MemoryState(State):
             head = f"{what} has {show(left)} left, this request needs at least {wanted} ({status})"
         else:
             head = f"{what} exhausted ({status})"
-        tail = "it does not reset; ask for a higher cap" if end == math.inf else f"it resets at {_iso(end)}"
+        tail = "it does not reset; ask for a higher cap" if end == math.inf else f"it resets at {utc_iso(end)}"
         scale = 1 if tokens else _NANO
         err = ProxyError(429, "budget_exceeded", f"{head}; {tail}")
         err.event = ("budget.exceeded", budget_event(line, (c[1] + c[2]) / scale, cap / scale, now))
@@ -6288,7 +6292,6 @@ class Request:
     headers: dict               # lower-case name -> value (repeated names joined with ", ")
     body: bytes = b""
     client: str = ""
-    disconnected: "asyncio.Future | None" = None
 
 
 @dataclass(slots=True)
@@ -6353,7 +6356,7 @@ class HTTPServer:
         self._servers.append(server)
         return server
 
-    async def _read_request(self, conn: h11.Connection, reader, writer, first: bool) -> Request | None:
+    async def _read_request(self, conn: h11.Connection, reader, writer) -> Request | None:
         """Next request on the connection, or None when the client closed it cleanly."""
         loop = asyncio.get_running_loop()
         deadline = None
@@ -6434,12 +6437,11 @@ class HTTPServer:
         peer = writer.get_extra_info("peername")
         client = peer[0] if isinstance(peer, tuple) else "local"
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
-        first = True
         try:
             while not self._closing:
                 self._idle[task] = writer
                 try:
-                    request = await self._read_request(conn, reader, writer, first)
+                    request = await self._read_request(conn, reader, writer)
                 except h11.RemoteProtocolError as exc:
                     self._idle.pop(task, None)
                     status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
@@ -6456,7 +6458,6 @@ class HTTPServer:
                 self._idle.pop(task, None)
                 if request is None:
                     break
-                first = False
                 request.client = client
                 self._busy.add(task)
                 try:
@@ -6502,7 +6503,6 @@ class HTTPServer:
         """Run the handler while watching for the client going away; write the response."""
         loop = asyncio.get_running_loop()
         gone = loop.create_future()
-        request.disconnected = gone
         watcher = loop.create_task(self._watch(reader, gone, conn))
         try:
             handler = loop.create_task(self.handler(request))
@@ -6719,15 +6719,13 @@ class StreamRelay:
         if self.translator is None:
             self.usage = dialect.stream_usage(name, payload, self.usage)
         changed, out = raw is None, b""
-        if self.collected is not None and self.channel is None:
+        if self.collected is not None:  # the model's own text, before guards rewrite it
             self.collected.extend(holder[key] for _, holder, key in dialect.stream_deltas(name, payload))
         if self.channel is not None or self.full_text is not None:
             ends = dialect.stream_ends(name, payload)
             if ends:
                 out = self._flush(ends, payload, name)
             for ch, holder, key in dialect.stream_deltas(name, payload):
-                if self.collected is not None:
-                    self.collected.append(holder[key])
                 guard = self.channels.get(ch)
                 if guard is None:
                     guard = self.channels[ch] = self.channel()
@@ -7054,7 +7052,7 @@ class Pipeline:
         if record.expired(now):
             if record.hash not in self._expired_seen and len(self._expired_seen) < 100_000:
                 self._expired_seen.add(record.hash)
-                self.records.emit("token.expired", {"token_hash": record.hash[:16],
+                self.records.emit("token.expired", {"token_hash": record.hash[:HASH_PREFIX],
                                                     "expires_at": utc_iso(record.expires_at)})
             raise ProxyError(401, "token_expired", f"this token expired at {utc_iso(record.expires_at)}; "
                                                    "ask its owner to renew it")
@@ -7466,7 +7464,7 @@ class Pipeline:
                     waiter.set_result(None)
 
     def budget_lines(self, record: TokenRecord, route: ResolvedPolicy) -> list:
-        key = record.hash[:16]
+        key = record.hash[:HASH_PREFIX]
         lines = []
         if route.max_tokens is not None:
             scoped = route.matched is not None and route.matched.max_tokens is not None
@@ -7481,7 +7479,7 @@ class Pipeline:
         Lowers the request's output cap to what the budget (or the policy) allows."""
         now = self.clock()
         policy = route.policy
-        key = record.hash[:16]
+        key = record.hash[:HASH_PREFIX]
         # The policy's prompts are injected after admission: count them in the estimate too.
         estimate = estimate_tokens(body_len + sum(len(p.content) + 32 for p in route.prompts))
         if policy.rate_rules:
@@ -7571,8 +7569,6 @@ GIT_TIMEOUT = 1.0               # seconds for all git calls of one git_context()
 LEDGER_FLUSH_INTERVAL = 0.2     # seconds between journal flushes: the most a kill -9 can lose
 _LEDGER_MAX_PENDING = 100_000   # journal lines held while the disk refuses writes (~50 MB); beyond
                                 # this the oldest are dropped and counted, so memory stays bounded
-_HASH_PREFIX = 16               # hex chars of a token hash shown in records: unique in practice,
-                                # and short enough for tables
 _SESSION_ID_RE = re.compile(r"[0-9a-f]{8}")
 _SESSION_FILE_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})_([0-9a-f]{8})\.(jsonl|json)$")
 _SESSION_PREFIX_MIN = 4         # chars of a session id `ledger show` needs: 65,536 ids per prefix
@@ -7619,12 +7615,6 @@ class RequestRecord:
     rule_matches: list = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
     provider_meta: dict = field(default_factory=dict)
-
-
-def _iso_ms(ts: float) -> str:
-    """Unix seconds -> RFC 3339 UTC with milliseconds (request times need sub-second order)."""
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="milliseconds") \
-        .replace("+00:00", "Z")
 
 
 def _when(value: Any) -> float | None:
@@ -7730,8 +7720,8 @@ class _Tally:
         out["cost_usd"] = self.sums[-1] / _NANO
         if self.models is not None:
             out["models_used"] = sorted(self.models)
-            out["first_seen"] = _iso_ms(self.first) if self.first is not None else ""
-            out["last_seen"] = _iso_ms(self.last) if self.last is not None else ""
+            out["first_seen"] = rfc3339_ms(self.first) if self.first is not None else ""
+            out["last_seen"] = rfc3339_ms(self.last) if self.last is not None else ""
         return out
 
 
@@ -7773,9 +7763,9 @@ class _Rollups:
 def _request_row(rec: RequestRecord) -> dict:
     """The §9 fields of one request as written to the journal and the summary's requests[]."""
     return {
-        "timestamp": _iso_ms(rec.timestamp),
+        "timestamp": rfc3339_ms(rec.timestamp),
         "request_id": rec.request_id,
-        "token_hash": (rec.token_hash or "")[:_HASH_PREFIX],
+        "token_hash": (rec.token_hash or "")[:HASH_PREFIX],
         "model": rec.model, "provider": rec.provider, "endpoint": rec.endpoint,
         "input_tokens": _int(rec.input_tokens), "output_tokens": _int(rec.output_tokens),
         "cached_input_tokens": _int(rec.cached_input_tokens),
@@ -7832,7 +7822,7 @@ class Ledger:
         self._write_lock = threading.Lock()     # one flush at a time, so batches land in order
         self._failing = False
         self._summary: dict | None = None
-        header = {"type": "session", "session_id": session_id, "started_at": _iso_ms(self.started_at),
+        header = {"type": "session", "session_id": session_id, "started_at": rfc3339_ms(self.started_at),
                   "git": {"branch": self.git_start["branch"], "commit_start": self.git_start["commit"],
                           "repo_root": self.git_start["repo_root"]},
                   "pid": os.getpid()}
@@ -7941,8 +7931,8 @@ class Ledger:
         git_end = git_context(self.cwd)
         head = {
             "session_id": self.session_id,
-            "started_at": _iso_ms(self.started_at),
-            "ended_at": _iso_ms(ended_at),
+            "started_at": rfc3339_ms(self.started_at),
+            "ended_at": rfc3339_ms(ended_at),
             "duration_ms": round((ended_at - self.started_at) * 1000, 3),
             "git": {"branch": self.git_start["branch"], "commit_start": self.git_start["commit"],
                     "commit_end": git_end["commit"], "repo_root": self.git_start["repo_root"]},
@@ -8035,7 +8025,7 @@ def _rebuild_session(path: str, date: str, session_id: str) -> dict:
     git = header.get("git") or {}
     return {
         "session_id": header.get("session_id") or session_id,
-        "started_at": _iso_ms(started), "ended_at": _iso_ms(ended),
+        "started_at": rfc3339_ms(started), "ended_at": rfc3339_ms(ended),
         "duration_ms": round((ended - started) * 1000, 3),
         "git": {"branch": git.get("branch", ""), "commit_start": git.get("commit_start", ""),
                 "commit_end": "", "repo_root": git.get("repo_root", "")},
@@ -8106,8 +8096,8 @@ def summarize(sessions: list, since: float | None = None, until: float | None = 
         count += used or (not requests and inside(_when(session.get("started_at"))))
     return {
         "sessions": count,
-        "filters": {"since": _iso_ms(since) if since is not None else None,
-                    "until": _iso_ms(until) if until is not None else None,
+        "filters": {"since": rfc3339_ms(since) if since is not None else None,
+                    "until": rfc3339_ms(until) if until is not None else None,
                     "branch": branch},
         **rollups.as_dict(with_branch=True),
     }
@@ -8283,6 +8273,13 @@ def render_session(session: dict) -> str:
 
 # --- conversation memory ----------------------------------------------------------------------------
 
+def memory_entry(token_hash: str, model: str, role: str, content: str, now: float) -> str:
+    """One conversation-log entry: `## <time> | <token hash prefix> | <role> | <model>`, a blank
+    line, the content."""
+    who = (token_hash or "")[:HASH_PREFIX] or "-"
+    return f"## {utc_iso(now)} | {who} | {role} | {model or '-'}\n\n{content}\n"
+
+
 class RedisMemory:
     """The Redis list backend of the conversation log (`memory.redis: true`): the same markdown
     entries, RPUSHed to `tokenomics:memory:<session_id>` on the server in `session.redis`.
@@ -8309,8 +8306,7 @@ class RedisMemory:
     def append(self, token_hash: str, model: str, entries: list[tuple[str, str]], now: float) -> None:
         if not entries:
             return
-        stamp, who = utc_iso(now), (token_hash or "")[:_HASH_PREFIX] or "-"
-        items = [f"## {stamp} | {who} | {role} | {model or '-'}\n\n{content}\n" for role, content in entries]
+        items = [memory_entry(token_hash, model, role, content, now) for role, content in entries]
         try:
             with self._lock:
                 if self._client is None:
@@ -8376,7 +8372,7 @@ class MemoryWriter:
         """The file this token's entries go to at `now`."""
         if self.single_file:
             return self.single_file
-        name = self.file_name.replace("{token_hash}", (token_hash or "")[:_HASH_PREFIX] or "unknown") \
+        name = self.file_name.replace("{token_hash}", (token_hash or "")[:HASH_PREFIX] or "unknown") \
             .replace("{date}", time.strftime("%Y-%m-%d", time.gmtime(now)))
         path = os.path.normpath(os.path.join(self.directory, name))
         if os.path.commonpath([self.directory, path]) != self.directory or path == self.directory:
@@ -8388,10 +8384,8 @@ class MemoryWriter:
         pass max_size_mb. Never raises."""
         if not self.enabled or not entries:
             return
-        stamp, who = utc_iso(now), (token_hash or "")[:_HASH_PREFIX] or "-"
-        text = "".join(f"## {stamp} | {who} | {role} | {model or '-'}\n\n{content}\n\n"
-                       for role, content in entries)
-        data = text.encode("utf-8", "replace")
+        data = "".join(memory_entry(token_hash, model, role, content, now) + "\n"
+                       for role, content in entries).encode("utf-8", "replace")
         path = ""
         try:
             path = self.path_for(token_hash, now)
@@ -8404,9 +8398,7 @@ class MemoryWriter:
                             self._rotate(path, now)
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
                 try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    _write_all(fd, data)
                 finally:
                     os.close(fd)
         except Exception as exc:  # a conversation log must never fail the request it records
@@ -8467,7 +8459,6 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
                                 # ms, a hosted reasoning model can take a minute
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LOG_TOKEN_PREFIX = 12           # chars of the token hash in log lines: enough to tell tokens apart
-STATS_TOKEN_PREFIX = 16         # chars of the token hash in /stats, as in the ledger
 LOG_BODY_MAX_BYTES = 1 * MiB    # logged bodies are cut here: agents send ~100 KB, but one base64
                                 # image must not turn a log line into tens of megabytes
 WEBHOOK_QUEUE_SIZE = 1_000      # events waiting per webhook; when full the oldest is dropped
@@ -8508,12 +8499,6 @@ def scrub(text: str, keep: frozenset | tuple = ()) -> str:
     if not keep:
         return _SECRET_RE.sub(REDACTED, text)
     return _SECRET_RE.sub(lambda m: m.group(0) if m.group(0) in keep else REDACTED, text)
-
-
-def rfc3339_ms(ts: float) -> str:
-    """Unix seconds -> RFC 3339 UTC with milliseconds, e.g. 2025-01-02T03:04:05.678Z."""
-    d = _dt.datetime.fromtimestamp(ts, _dt.timezone.utc)
-    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
 
 
 def _is_error(rec: "RequestRecord") -> bool:
@@ -8583,7 +8568,7 @@ class Stats:
         self._totals.add(rec, error)
         self._bucket(self._by_model, rec.model or "unknown", self.max_models).add(rec, error)
         self._bucket(self._by_key_env, key_env or "none", self.max_models).add(rec, error)
-        token = rec.token_hash[:STATS_TOKEN_PREFIX] or "anonymous"
+        token = rec.token_hash[:HASH_PREFIX] or "anonymous"
         self._bucket(self._by_token, token, self.max_tokens).add(rec, error)
 
     def snapshot(self) -> dict:
@@ -9282,7 +9267,7 @@ class Records:
         if ex.memory is not None and ex.memory_entries and self.data_dir:
             self.write_memory(ex, now)
         if self.dispatcher is not None:
-            base = {"token_hash": ex.token_hash[:16], "request_id": ex.request_id, "model": ex.model,
+            base = {"token_hash": ex.token_hash[:HASH_PREFIX], "request_id": ex.request_id, "model": ex.model,
                     "metadata": ex.metadata}
             for match in rec.rule_matches:
                 self.emit(_RULE_EVENTS.get(match["action"], "rule.match"), {**base, **match})
@@ -9659,7 +9644,7 @@ def _token_event(config: Config, type_: str, record: TokenRecord) -> None:
     """The CLI emits token.* itself (SPEC §9): best effort, bounded wait."""
     webhooks = validate_webhooks(config.events.webhooks)
     if webhooks:
-        deliver_once(webhooks, make_event(type_, {"token_hash": record.hash[:16], "label": record.label,
+        deliver_once(webhooks, make_event(type_, {"token_hash": record.hash[:HASH_PREFIX], "label": record.label,
                                                   "expires_at": utc_iso(record.expires_at) if record.expires_at
                                                   else None, "metadata": record.policy.metadata}, time.time()),
                      timeout=3.0)
