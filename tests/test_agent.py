@@ -237,7 +237,6 @@ TLS_SCRIPT = """
 
 
 def test_run_tls_sdk_verifies_generated_ca(cli, tmp_path):
-    pytest.importorskip("trustme")
     token = cli.token(MOCK)
     path = script(tmp_path, "tls.py", TLS_SCRIPT)
     proc = ok(cli("run", "--tls", "--token", token, "--", sys.executable, str(path), timeout=40))

@@ -257,11 +257,13 @@ def bash(script: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
 
 def test_readme_offline_quick_start_runs_verbatim(tmp_path):
     """The quick start's own-script block: a mock token, agent.py on the OpenAI SDK, `run`."""
-    pytest.importorskip("openai")
     block = next(b for b in readme_shell_blocks() if "tokenomics run -- python3 agent.py" in b and '"mock"' in b)
     shims = tmp_path / "bin"  # `python3` in the block is the interpreter running the tests
     shims.mkdir()
-    (shims / "python3").symlink_to(sys.executable)
+    # A wrapper, not a symlink: a symlinked venv interpreter no longer finds its pyvenv.cfg
+    # and loses the venv's packages.
+    (shims / "python3").write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    (shims / "python3").chmod(0o755)
     env = clean_env(tmp_path / "data")
     env["PATH"] = f"{shims}{os.pathsep}{env.get('PATH', '')}"
     proc = bash(block, tmp_path, env)

@@ -18,9 +18,9 @@ from tokenomics import (
     chat_to_messages_request, chat_to_messages_response, messages_to_chat_request, messages_to_chat_response,
 )
 
-pydantic = pytest.importorskip("pydantic")
-anthropic_types = pytest.importorskip("anthropic.types")
-openai_chat = pytest.importorskip("openai.types.chat")
+import anthropic.types as anthropic_types  # noqa: E402
+import openai.types.chat as openai_chat  # noqa: E402
+import pydantic  # noqa: E402
 from anthropic.lib.streaming._messages import accumulate_event  # noqa: E402
 from anthropic.types import message_create_params  # noqa: E402
 from openai.lib.streaming.chat import ChatCompletionStreamState  # noqa: E402
