@@ -20,6 +20,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime as _dt
+import errno
 import fcntl
 import functools
 import gzip
@@ -83,7 +84,10 @@ FD_HEADROOM = 128                       # descriptors kept back from the client-
                                         # journal, ledger, logs, idle upstream pool
 OVERLOAD_LOG_INTERVAL = 1.0             # seconds between "connection limit reached" log lines
 OVERLOAD_LINGER = 1.0                   # seconds a refused connection may drain before it is closed
-OVERLOAD_MAX_LINGERING = 64             # refused connections draining at once; beyond, closed at once
+OVERLOAD_MAX_LINGERING = 128            # refused connections draining that long at once (within the
+                                        # descriptors the cap leaves); beyond, OVERLOAD_BRIEF_LINGER
+OVERLOAD_BRIEF_LINGER = 0.05            # enough to read a request already sent, so that closing does not
+                                        # reset the connection before the client read the 503
 MAX_HEADER_BYTES = 64 * 1024            # h11's 16 KiB default is too tight for long anthropic-beta lists
 HEADER_TIMEOUT = 10.0                   # seconds from the first byte of a request to its last header
 IDLE_TIMEOUT = 75.0                     # keep-alive connections idle longer than this are closed
@@ -6486,19 +6490,28 @@ class _ClientGone(Exception):
     """The client closed its connection; nothing more can be sent."""
 
 
+def _fd_limit() -> int:
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 4096
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
+
+
 def default_max_connections() -> int:
     """The client-connection cap when server.max_connections is 0: half of what the
     file-descriptor limit leaves after FD_HEADROOM, since a busy client connection holds an
     upstream connection too. Past the cap new connections get a 503 instead of starving the
     process of descriptors (accept failing, nobody served, a traceback per attempt)."""
-    try:
-        import resource
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    except (ImportError, OSError, ValueError):
-        return 1024
-    if soft == resource.RLIM_INFINITY:
-        soft = 1 << 20
-    return max(8, (soft - FD_HEADROOM) // 2)
+    return max(8, (_fd_limit() - FD_HEADROOM) // 2)
+
+
+def _accept_backlog(max_connections: int) -> int:
+    """asyncio accepts up to `backlog` connections in one go, before any of them is looked at:
+    that burst must fit in the descriptors the cap and the refused-but-draining leave free."""
+    spare = _fd_limit() - FD_HEADROOM - max_connections - OVERLOAD_MAX_LINGERING
+    return max(16, min(1024, spare // 2))
 
 
 def _overloaded_response() -> bytes:
@@ -6536,11 +6549,15 @@ class HTTPServer:
         self._lingering = 0
         self._refused = 0               # refused since the last log line
         self._refused_logged_at = -math.inf
+        self._fd_logged_at = -math.inf
         self._closing = False
 
     async def listen(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None):
-        server = await asyncio.start_server(self._connection, host, port, ssl=ssl_context,
-                                            limit=1 << 20, backlog=1024, reuse_address=True)
+        loop = asyncio.get_running_loop()
+        if loop.get_exception_handler() is None:
+            loop.set_exception_handler(self._loop_exception)
+        server = await asyncio.start_server(self._connection, host, port, ssl=ssl_context, limit=1 << 20,
+                                            backlog=_accept_backlog(self.max_connections), reuse_address=True)
         self._servers.append(server)
         return server
 
@@ -6620,6 +6637,19 @@ class HTTPServer:
         request.body = b"".join(body)
         return request
 
+    def _loop_exception(self, loop, context: dict) -> None:
+        """Out of descriptors, asyncio reports every failed accept with a traceback; one line per
+        OVERLOAD_LOG_INTERVAL says it all. Anything else goes to asyncio's own handler."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            now = time.monotonic()
+            if now - self._fd_logged_at >= OVERLOAD_LOG_INTERVAL:
+                self._fd_logged_at = now
+                log.warning("out of file descriptors (%s); new connections wait; lower server.max_connections "
+                            "or raise the limit (ulimit -n)", exc.strerror or exc)
+            return
+        loop.default_exception_handler(context)
+
     async def _refuse(self, reader, writer) -> None:
         """503 to a connection over the cap; logged at most once per OVERLOAD_LOG_INTERVAL."""
         self._refused += 1
@@ -6635,17 +6665,15 @@ class HTTPServer:
                     idle_writer.close()
                 self._idle.pop(task, None)
                 break
+        long = self._lingering < OVERLOAD_MAX_LINGERING
+        self._lingering += long
         try:
-            writer.write(_overloaded_response())
-            if self._lingering < OVERLOAD_MAX_LINGERING:
-                self._lingering += 1
-                try:
-                    with contextlib.suppress(Exception):
-                        writer.write_eof()
-                        await self._linger(reader, OVERLOAD_LINGER)
-                finally:
-                    self._lingering -= 1
+            with contextlib.suppress(Exception):
+                writer.write(_overloaded_response())
+                writer.write_eof()
+                await self._linger(reader, OVERLOAD_LINGER if long else OVERLOAD_BRIEF_LINGER)
         finally:
+            self._lingering -= long
             with contextlib.suppress(Exception):
                 writer.close()
 
