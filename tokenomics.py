@@ -83,6 +83,8 @@ DEFAULT_WRITE_TIMEOUT = 60.0            # seconds a client may leave a response 
 FD_HEADROOM = 128                       # descriptors kept back from the client-connection cap: listeners,
                                         # journal, ledger, logs, idle upstream pool
 OVERLOAD_LOG_INTERVAL = 1.0             # seconds between "connection limit reached" log lines
+OVERLOAD_RECLAIM_IDLE = 1.0             # an idle connection this old may be closed to make room; a younger
+                                        # one may have its first request in flight
 OVERLOAD_LINGER = 1.0                   # seconds a refused connection may drain before it is closed
 OVERLOAD_MAX_LINGERING = 128            # refused connections draining that long at once (within the
                                         # descriptors the cap leaves); beyond, OVERLOAD_BRIEF_LINGER
@@ -6514,10 +6516,10 @@ def _accept_backlog(max_connections: int) -> int:
     return max(16, min(1024, spare // 2))
 
 
-def _overloaded_response() -> bytes:
-    """The whole 503 sent to a connection over the cap, before any request was read (the client's
-    request has not been parsed, so the error is in the OpenAI shape every SDK reads)."""
-    body = json.dumps(error_body("openai", 503, "overloaded", "the proxy is at its connection limit "
+def _overloaded_response(family: str) -> bytes:
+    """The whole 503 sent to a connection over the cap, without h11: no request is parsed (only
+    its request line is peeked at, for the dialect of its path)."""
+    body = json.dumps(error_body(family, 503, "overloaded", "the proxy is at its connection limit "
                                  "(server.max_connections); retry in a moment"), separators=(",", ":")).encode()
     return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
             b"x-tokenomics-error-code: overloaded\r\nretry-after: 1\r\nconnection: close\r\n"
@@ -6545,7 +6547,8 @@ class HTTPServer:
         self._servers: list[asyncio.base_events.Server] = []
         self._open: set[asyncio.Task] = set()
         self._busy: set[asyncio.Task] = set()
-        self._idle: dict[asyncio.Task, asyncio.StreamWriter] = {}  # insertion order: longest idle first
+        self._idle: dict[asyncio.Task, asyncio.StreamWriter] = {}
+        self._idle_since: dict[asyncio.Task, float] = {}  # insertion order: longest idle first
         self._lingering = 0
         self._refused = 0               # refused since the last log line
         self._refused_logged_at = -math.inf
@@ -6659,23 +6662,39 @@ class HTTPServer:
                         "with 503 overloaded; raise server.max_connections or the file-descriptor limit "
                         "(ulimit -n)", self.max_connections, self._refused)
             self._refused, self._refused_logged_at = 0, now
-        for task, idle_writer in self._idle.items():  # the longest-idle first
-            if task not in self._busy:
+        for task, since in self._idle_since.items():  # the longest-idle first
+            if now - since >= OVERLOAD_RECLAIM_IDLE and task in self._idle:
                 with contextlib.suppress(Exception):
-                    idle_writer.close()
-                self._idle.pop(task, None)
-                break
+                    self._idle.pop(task).close()
+                del self._idle_since[task]
+            break
         long = self._lingering < OVERLOAD_MAX_LINGERING
         self._lingering += long
+        loop = asyncio.get_running_loop()
+        end = loop.time() + (OVERLOAD_LINGER if long else OVERLOAD_BRIEF_LINGER)
         try:
+            head = b""
             with contextlib.suppress(Exception):
-                writer.write(_overloaded_response())
+                async with _deadline(end - loop.time()):
+                    while b"\n" not in head and len(head) < 8192:
+                        piece = await reader.read(8192)
+                        if not piece:
+                            break
+                        head += piece
+            target = head.split(b"\n", 1)[0].split(b" ")
+            path = target[1].decode("latin-1").partition("?")[0] if len(target) > 1 else ""
+            with contextlib.suppress(Exception):
+                writer.write(_overloaded_response(dialect_family(path)))
                 writer.write_eof()
-                await self._linger(reader, OVERLOAD_LINGER if long else OVERLOAD_BRIEF_LINGER)
+                await self._linger(reader, max(0.0, end - loop.time()))
         finally:
             self._lingering -= long
             with contextlib.suppress(Exception):
                 writer.close()
+
+    def _not_idle(self, task) -> None:
+        self._idle.pop(task, None)
+        self._idle_since.pop(task, None)
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         task = asyncio.current_task()
@@ -6688,23 +6707,23 @@ class HTTPServer:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         try:
             while not self._closing:
-                self._idle[task] = writer
+                self._idle[task], self._idle_since[task] = writer, time.monotonic()
                 try:
                     request = await self._read_request(conn, reader, writer)
                 except h11.RemoteProtocolError as exc:
-                    self._idle.pop(task, None)
+                    self._not_idle(task)
                     status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
                     await self._send_error(conn, writer, ProxyError(
                         status, "invalid_request", "malformed HTTP request; check the request line and headers"))
                     await self._linger(reader)
                     break
                 except ProxyError as exc:
-                    self._idle.pop(task, None)
+                    self._not_idle(task)
                     await self._send_error(conn, writer, exc, family=dialect_family(
                         getattr(exc, "path", "") or ""))
                     await self._linger(reader)
                     break
-                self._idle.pop(task, None)
+                self._not_idle(task)
                 if request is None:
                     break
                 request.client = client
@@ -6726,7 +6745,7 @@ class HTTPServer:
         except Exception:  # the connection dies, the server lives
             log.exception("connection handler failed")
         finally:
-            self._idle.pop(task, None)
+            self._not_idle(task)
             self._busy.discard(task)
             self._open.discard(task)
             with contextlib.suppress(Exception):
