@@ -409,3 +409,20 @@ def test_client_that_stops_reading_is_cut_after_write_timeout_and_upstream_relea
         s.close()
     assert raw(proxy, "GET", "/health")[0] == 200
     assert "Traceback" not in proxy.stderr
+
+
+def test_key_redaction_holds_for_any_chunking():
+    """Property: however the upstream cuts its bytes, the key never passes and nothing else changes."""
+    from hypothesis import given, settings, strategies as st
+    key = OPENAI_KEY.encode()
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.sampled_from([key, key[:5], key[5:], b"s", b"sk-", b"\n\n", b"data: x", b""]), max_size=12),
+           st.lists(st.integers(min_value=0, max_value=200), max_size=8))
+    def check(parts, cuts):
+        wire = b"".join(parts)
+        bounds = sorted({min(c, len(wire)) for c in cuts} | {0, len(wire)})
+        redactor = tokenomics._Redactor(key)
+        out = b"".join(redactor.feed(wire[a:b]) for a, b in zip(bounds, bounds[1:])) + redactor.flush()
+        assert out == wire.replace(key, b"[REDACTED]")
+    check()
