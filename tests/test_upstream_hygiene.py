@@ -135,6 +135,7 @@ def test_key_echoed_in_a_200_body_and_in_a_gzipped_passthrough_is_redacted(setup
     if headers.get("content-encoding") == "gzip":
         body = zlib.decompress(body, 16 + zlib.MAX_WBITS)
     assert json.loads(body) == {"input_tokens": 3, "echo": "[REDACTED]"}
+    assert stub.last.headers["accept-encoding"] == "identity"  # asked for bytes the proxy can inspect
 
 
 def test_key_split_across_stream_chunks_is_redacted(setup, stub):
