@@ -20,6 +20,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime as _dt
+import errno
 import fcntl
 import functools
 import gzip
@@ -73,6 +74,22 @@ __version__ = "0.1.0"
 
 MiB = 1024 * 1024
 DEFAULT_MAX_BODY_BYTES = 10 * MiB       # agents send 75-115 KB; 10 MiB leaves room for images
+DEFAULT_MAX_RESPONSE_BYTES = 64 * MiB   # an upstream answer, after decompression: the largest real
+                                        # answers (embeddings of 2,048 inputs) are ~30 MB
+MAX_SSE_EVENT_BYTES = 1 * MiB           # one streamed event: real ones are < 64 KiB; a bigger one is a
+                                        # hostile or broken upstream (and would stall the relay)
+INFLATE_STEP_BYTES = 64 * 1024          # decompressed bytes produced per zlib call: a bomb grows by steps
+DEFAULT_WRITE_TIMEOUT = 60.0            # seconds a client may leave a response unread before it is cut
+FD_HEADROOM = 128                       # descriptors kept back from the client-connection cap: listeners,
+                                        # journal, ledger, logs, idle upstream pool
+OVERLOAD_LOG_INTERVAL = 1.0             # seconds between "connection limit reached" log lines
+OVERLOAD_RECLAIM_IDLE = 1.0             # an idle connection this old may be closed to make room; a younger
+                                        # one may have its first request in flight
+OVERLOAD_LINGER = 1.0                   # seconds a refused connection may drain before it is closed
+OVERLOAD_MAX_LINGERING = 128            # refused connections draining that long at once (within the
+                                        # descriptors the cap leaves); beyond, OVERLOAD_BRIEF_LINGER
+OVERLOAD_BRIEF_LINGER = 0.05            # enough to read a request already sent, so that closing does not
+                                        # reset the connection before the client read the 503
 MAX_HEADER_BYTES = 64 * 1024            # h11's 16 KiB default is too tight for long anthropic-beta lists
 HEADER_TIMEOUT = 10.0                   # seconds from the first byte of a request to its last header
 IDLE_TIMEOUT = 75.0                     # keep-alive connections idle longer than this are closed
@@ -193,6 +210,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     upstream_url: str = ""
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    max_connections: int = 0        # 0: derived from the file-descriptor limit (default_max_connections)
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT
     header_timeout: float = HEADER_TIMEOUT
     grace_period: float = GRACE_PERIOD
     tls: TLSConfig = TLSConfig()
@@ -414,6 +434,19 @@ def default_data_dir(environ) -> str:
     return environ.get("TOKENOMICS_DIR") or os.path.join(os.path.expanduser("~"), ".tokenomics")
 
 
+def _validate_server_limits(server: ServerConfig) -> None:
+    """Ranges the type check cannot express; the message names the key and what it accepts."""
+    if server.max_response_bytes < 1:
+        raise UsageError(f"config: server.max_response_bytes: must be a positive number of bytes, "
+                         f"got {server.max_response_bytes}")
+    if server.max_connections < 0:
+        raise UsageError(f"config: server.max_connections: must be 0 (derived from the file-descriptor "
+                         f"limit) or a positive number, got {server.max_connections}")
+    if not server.write_timeout > 0:
+        raise UsageError(f"config: server.write_timeout: must be a positive number of seconds, "
+                         f"got {server.write_timeout:g}")
+
+
 def load_config(config_path: str | None = None, data_dir: str | None = None,
                 environ=None, overrides: dict | None = None) -> Config:
     """Find and validate the configuration. `overrides` are CLI flags as a nested mapping."""
@@ -441,6 +474,7 @@ def load_config(config_path: str | None = None, data_dir: str | None = None,
     resolved_dir = data_dir or config.dir or early_dir
     config = dataclasses.replace(config, dir=os.path.abspath(os.path.expanduser(resolved_dir)),
                                  source=source)
+    _validate_server_limits(config.server)
     for name, entry in config.providers.items():
         _validate_provider_entry(name, entry, f"providers.{name}")
     try:
@@ -6043,26 +6077,47 @@ _SSE_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
 
 class SSEParser:
-    """Incremental SSE framing: feed bytes in any chunking, get whole events out."""
+    """Incremental SSE framing: feed bytes in any chunking, get whole events out.
 
-    def __init__(self):
-        self._buf = b""
+    Linear in the bytes fed, however they are chunked: the buffer grows in place and each feed
+    searches only the new bytes (plus the 3 before them, where a boundary may have started).
+    An event over `max_event_bytes` is a 502 `upstream_response_too_large`."""
+
+    def __init__(self, max_event_bytes: int = MAX_SSE_EVENT_BYTES):
+        self._buf = bytearray()
+        self._scanned = 0          # bytes of _buf already searched for a boundary
+        self.max_event_bytes = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
-        buf = self._buf + chunk if self._buf else chunk
+        buf = self._buf
+        buf += chunk
         events, start = [], 0
+        pos = max(0, self._scanned - 3)  # the longest boundary is 4 bytes
         while True:
-            m = _SSE_BOUNDARY.search(buf, start)
+            m = _SSE_BOUNDARY.search(buf, pos)
             if m is None:
                 break
-            events.append(self._parse(buf[start:m.end()]))
-            start = m.end()
-        self._buf = buf[start:]
+            if m.end() - start > self.max_event_bytes:
+                self._too_large()
+            events.append(self._parse(bytes(buf[start:m.end()])))
+            start = pos = m.end()
+        if start:
+            del buf[:start]
+        self._scanned = len(buf)
+        if len(buf) > self.max_event_bytes:
+            self._too_large()
         return events
 
     def flush(self) -> list[SSEEvent]:
-        rest, self._buf = self._buf, b""
+        rest = bytes(self._buf)
+        self._buf, self._scanned = bytearray(), 0
         return [self._parse(rest)] if rest.strip() else []
+
+    def _too_large(self):
+        self._buf, self._scanned = bytearray(), 0
+        raise ProxyError(502, "upstream_response_too_large",
+                         f"the upstream sent a stream event over {self.max_event_bytes // MiB} MiB; the stream "
+                         "was ended (events are bounded to protect the proxy); check the provider")
 
     @staticmethod
     def _parse(raw: bytes) -> SSEEvent:
@@ -6103,14 +6158,65 @@ class _UpstreamConnection:
             self.writer.close()
 
 
+_REDACTED_BYTES = b"[REDACTED]"   # what replaces the injected key in upstream answers
+
+
+def _partial_suffix(data: bytes, secret: bytes) -> int:
+    """Length of the longest tail of `data` that is a proper prefix of `secret` (0 if none)."""
+    first = secret[:1]
+    i = data.find(first, max(0, len(data) - len(secret) + 1))
+    while i != -1:
+        if secret.startswith(data[i:]):
+            return len(data) - i
+        i = data.find(first, i + 1)
+    return 0
+
+
+class _Redactor:
+    """Replaces the injected key in a byte stream with [REDACTED], also when the upstream splits it
+    across chunks: the tail of a chunk that could begin the key waits for the next chunk. Only
+    such a tail waits, so an SSE event (which ends in a newline) is never held back."""
+    __slots__ = ("secret", "_tail")
+
+    def __init__(self, secret: bytes):
+        self.secret, self._tail = secret, b""
+
+    def feed(self, data: bytes) -> bytes:
+        if self._tail:
+            data = self._tail + data
+        data = data.replace(self.secret, _REDACTED_BYTES)
+        keep = _partial_suffix(data, self.secret)
+        self._tail = data[len(data) - keep:] if keep else b""
+        return data[:len(data) - keep] if keep else data
+
+    def flush(self) -> bytes:
+        tail, self._tail = self._tail, b""
+        return tail
+
+
+def _stream_buffered(reader: asyncio.StreamReader) -> bool:
+    """Whether bytes wait unread in the stream. StreamReader has no public way to ask; its buffer
+    is `_buffer` in every CPython since 3.4 (and under uvloop, which reuses the class)."""
+    return bool(getattr(reader, "_buffer", b""))
+
+
 class UpstreamResponse:
     """Status and headers of an upstream answer; the body is pulled with `read` or `chunks`.
-    The connection goes back to the pool only after the body was read to the end."""
+    The connection goes back to the pool only after the body was read to the end.
+
+    Hygiene on the way in: `secret` (the key the proxy injected) is replaced by [REDACTED] in
+    the headers and the body; the body is decompressed in bounded steps and may not exceed
+    `max_bytes` after decompression (502 `upstream_response_too_large`)."""
 
     def __init__(self, status: int, headers: list, conn: "_UpstreamConnection | None", pool: "UpstreamClient | None",
-                 timeout: float, body: bytes | list | None = None):
+                 timeout: float, body: bytes | list | None = None, secret: str = "",
+                 max_bytes: int = DEFAULT_MAX_RESPONSE_BYTES):
+        self._secret = secret.encode("latin-1", "replace") if secret else b""
+        if self._secret and headers and isinstance(headers[0][0], bytes):
+            headers = [(k, v.replace(self._secret, _REDACTED_BYTES)) for k, v in headers]
         self.status, self.headers, self._conn, self._pool, self._timeout = status, headers, conn, pool, timeout
         self._static = body
+        self.max_bytes = max_bytes
         self.decode = True
         self.header_map = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in headers} \
             if headers and isinstance(headers[0][0], bytes) else {k.lower(): v for k, v in headers}
@@ -6120,8 +6226,9 @@ class UpstreamResponse:
             for piece in (self._static if isinstance(self._static, list) else [self._static]):
                 yield piece
             return
-        conn, done = self._conn, False
+        conn, done, size = self._conn, False, 0
         decoder = _decoder_for(self.header_map.get("content-encoding", "")) if self.decode else None
+        redactor = _Redactor(self._secret) if self._secret else None
         try:
             while True:
                 try:
@@ -6132,18 +6239,26 @@ class UpstreamResponse:
                     raise ProxyError(502, "upstream_unreachable",
                                      f"the upstream connection broke mid-response ({type(exc).__name__})") from None
                 if type(event) is h11.Data:
-                    data = bytes(event.data)
-                    if decoder is not None:
-                        data = decoder.decompress(data)
-                    if data:
-                        yield data
+                    pieces = _inflate(decoder, bytes(event.data)) if decoder is not None else (bytes(event.data),)
                 elif type(event) is h11.EndOfMessage:
                     done = True
-                    if decoder is not None and (tail := decoder.flush()):
-                        yield tail
-                    return
+                    pieces = (_inflate_tail(decoder),) if decoder is not None else ()
                 else:
                     raise ProxyError(502, "upstream_unreachable", "the upstream closed the connection mid-response")
+                for data in pieces:
+                    size += len(data)
+                    if size > self.max_bytes:
+                        raise ProxyError(502, "upstream_response_too_large",
+                                         f"the upstream's answer is over {self.max_bytes} bytes (after "
+                                         "decompression); it was dropped (server.max_response_bytes)")
+                    if redactor is not None:
+                        data = redactor.feed(data)
+                    if data:
+                        yield data
+                if done:
+                    if redactor is not None and (tail := redactor.flush()):
+                        yield tail
+                    return
         finally:
             self._conn = None
             if done and self._pool is not None:
@@ -6173,11 +6288,35 @@ def _decoder_for(encoding: str):
     return None
 
 
+def _inflate(decoder, data: bytes) -> Iterator[bytes]:
+    """Decompress in steps of at most INFLATE_STEP_BYTES, so that a 1,000:1 bomb is counted
+    against the response limit as it grows instead of being inflated whole in one call."""
+    try:
+        out = decoder.decompress(data, INFLATE_STEP_BYTES)
+        while True:
+            if out:
+                yield out
+            if not decoder.unconsumed_tail and len(out) < INFLATE_STEP_BYTES:
+                return
+            out = decoder.decompress(decoder.unconsumed_tail, INFLATE_STEP_BYTES)
+    except zlib.error:
+        raise ProxyError(502, "upstream_unreachable", "the upstream sent a body that does not decompress "
+                                                      "(content-encoding does not match the bytes)") from None
+
+
+def _inflate_tail(decoder) -> bytes:
+    try:
+        return decoder.flush(INFLATE_STEP_BYTES)
+    except zlib.error:
+        return b""
+
+
 class UpstreamClient:
     """Outbound HTTP/1.1 with h11 over asyncio streams, keep-alive pooling per origin and
     verified TLS by default (`insecure` per provider for self-hosted endpoints)."""
 
-    def __init__(self):
+    def __init__(self, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES):
+        self.max_response_bytes = max_response_bytes
         self._idle: dict[tuple, list[_UpstreamConnection]] = {}
         self._ssl_verified: ssl.SSLContext | None = None
         self._ssl_insecure: ssl.SSLContext | None = None
@@ -6215,14 +6354,22 @@ class UpstreamClient:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
+            # Bytes that arrived while the connection sat idle answer no request of ours: a
+            # connection that has them would hand them to the next request as its answer.
             if now - conn.idle_since < POOL_IDLE_SECONDS and not conn.reader.at_eof() \
-                    and not conn.writer.is_closing():
+                    and not conn.writer.is_closing() and not _stream_buffered(conn.reader) \
+                    and not conn.h11.trailing_data[0]:
                 return conn
             conn.close()
         return None
 
     def release(self, conn: _UpstreamConnection) -> None:
-        if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
+        """Pool a connection only after a cleanly framed, fully read exchange with nothing left
+        over: bytes past the end of an answer (a wrong Content-Length, a body after a 204, a
+        second response) would be read as the answer to another client's request."""
+        leftover, closed = conn.h11.trailing_data
+        if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE and not leftover \
+                and not closed and not _stream_buffered(conn.reader):
             try:
                 conn.h11.start_next_cycle()
             except h11.LocalProtocolError:
@@ -6236,7 +6383,10 @@ class UpstreamClient:
         conn.close()
 
     async def request(self, method: str, url: str, headers: list, body: bytes, timeout: float,
-                      insecure: bool = False) -> UpstreamResponse:
+                      insecure: bool = False, secret: str = "") -> UpstreamResponse:
+        """One exchange; `secret` is the key injected in `headers`, redacted from the answer.
+        A redirect is never returned: following it would re-send the body elsewhere, and
+        relaying it would make the client's SDK do so."""
         parts = urllib.parse.urlsplit(url)
         scheme = parts.scheme
         port = parts.port or (443 if scheme == "https" else 80)
@@ -6272,7 +6422,14 @@ class UpstreamClient:
             except BaseException:
                 conn.close()
                 raise
-            return UpstreamResponse(event.status_code, list(event.headers), conn, self, timeout)
+            if 300 <= event.status_code < 400:
+                conn.close()
+                raise ProxyError(502, "upstream_redirect",
+                                 f"the upstream answered with a redirect ({event.status_code}); the proxy does not "
+                                 "follow or relay redirects, so nothing was re-sent; check the provider's base "
+                                 "URL (upstream_url)")
+            return UpstreamResponse(event.status_code, list(event.headers), conn, self, timeout, secret=secret,
+                                    max_bytes=self.max_response_bytes)
         raise AssertionError("unreachable")
 
     def close(self) -> None:
@@ -6335,24 +6492,75 @@ class _ClientGone(Exception):
     """The client closed its connection; nothing more can be sent."""
 
 
+def _fd_limit() -> int:
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return 4096
+    return 1 << 20 if soft == resource.RLIM_INFINITY else soft
+
+
+def default_max_connections() -> int:
+    """The client-connection cap when server.max_connections is 0: half of what the
+    file-descriptor limit leaves after FD_HEADROOM, since a busy client connection holds an
+    upstream connection too. Past the cap new connections get a 503 instead of starving the
+    process of descriptors (accept failing, nobody served, a traceback per attempt)."""
+    return max(8, (_fd_limit() - FD_HEADROOM) // 2)
+
+
+def _accept_backlog(max_connections: int) -> int:
+    """asyncio accepts up to `backlog` connections in one go, before any of them is looked at:
+    that burst must fit in the descriptors the cap and the refused-but-draining leave free."""
+    spare = _fd_limit() - FD_HEADROOM - max_connections - OVERLOAD_MAX_LINGERING
+    return max(16, min(1024, spare // 2))
+
+
+def _overloaded_response(family: str) -> bytes:
+    """The whole 503 sent to a connection over the cap, without h11: no request is parsed (only
+    its request line is peeked at, for the dialect of its path)."""
+    body = json.dumps(error_body(family, 503, "overloaded", "the proxy is at its connection limit "
+                                 "(server.max_connections); retry in a moment"), separators=(",", ":")).encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            b"x-tokenomics-error-code: overloaded\r\nretry-after: 1\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body))
+
+
 class HTTPServer:
     """asyncio + h11 server: keep-alive, bounded header and body reads, one handler call per
-    request, graceful shutdown that lets in-flight requests finish."""
+    request, graceful shutdown that lets in-flight requests finish.
+
+    Load: at most `max_connections` client connections; one more gets a 503 `overloaded` and is
+    closed, and the longest-idle keep-alive connection is closed to make room (a client
+    reconnects at no cost), so a flood of idle connections cannot lock everyone out. A client
+    that leaves a response unread for `write_timeout` seconds is cut."""
 
     def __init__(self, handler: Callable[[Request], Any], max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 header_timeout: float = HEADER_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT):
+                 header_timeout: float = HEADER_TIMEOUT, idle_timeout: float = IDLE_TIMEOUT,
+                 max_connections: int = 1024, write_timeout: float = DEFAULT_WRITE_TIMEOUT):
         self.handler = handler
         self.max_body_bytes = max_body_bytes
         self.header_timeout = header_timeout
         self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.write_timeout = write_timeout
         self._servers: list[asyncio.base_events.Server] = []
+        self._open: set[asyncio.Task] = set()
         self._busy: set[asyncio.Task] = set()
         self._idle: dict[asyncio.Task, asyncio.StreamWriter] = {}
+        self._idle_since: dict[asyncio.Task, float] = {}  # insertion order: longest idle first
+        self._lingering = 0
+        self._refused = 0               # refused since the last log line
+        self._refused_logged_at = -math.inf
+        self._fd_logged_at = -math.inf
         self._closing = False
 
     async def listen(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None):
-        server = await asyncio.start_server(self._connection, host, port, ssl=ssl_context,
-                                            limit=1 << 20, backlog=1024, reuse_address=True)
+        loop = asyncio.get_running_loop()
+        if loop.get_exception_handler() is None:
+            loop.set_exception_handler(self._loop_exception)
+        server = await asyncio.start_server(self._connection, host, port, ssl=ssl_context, limit=1 << 20,
+                                            backlog=_accept_backlog(self.max_connections), reuse_address=True)
         self._servers.append(server)
         return server
 
@@ -6432,30 +6640,90 @@ class HTTPServer:
         request.body = b"".join(body)
         return request
 
+    def _loop_exception(self, loop, context: dict) -> None:
+        """Out of descriptors, asyncio reports every failed accept with a traceback; one line per
+        OVERLOAD_LOG_INTERVAL says it all. Anything else goes to asyncio's own handler."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            now = time.monotonic()
+            if now - self._fd_logged_at >= OVERLOAD_LOG_INTERVAL:
+                self._fd_logged_at = now
+                log.warning("out of file descriptors (%s); new connections wait; lower server.max_connections "
+                            "or raise the limit (ulimit -n)", exc.strerror or exc)
+            return
+        loop.default_exception_handler(context)
+
+    async def _refuse(self, reader, writer) -> None:
+        """503 to a connection over the cap; logged at most once per OVERLOAD_LOG_INTERVAL."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= OVERLOAD_LOG_INTERVAL:
+            log.warning("connection limit reached (server.max_connections = %d): refused %d connection(s) "
+                        "with 503 overloaded; raise server.max_connections or the file-descriptor limit "
+                        "(ulimit -n)", self.max_connections, self._refused)
+            self._refused, self._refused_logged_at = 0, now
+        for task, since in self._idle_since.items():  # the longest-idle first
+            if now - since >= OVERLOAD_RECLAIM_IDLE and task in self._idle:
+                with contextlib.suppress(Exception):
+                    self._idle.pop(task).close()
+                del self._idle_since[task]
+            break
+        long = self._lingering < OVERLOAD_MAX_LINGERING
+        self._lingering += long
+        loop = asyncio.get_running_loop()
+        end = loop.time() + (OVERLOAD_LINGER if long else OVERLOAD_BRIEF_LINGER)
+        try:
+            head = b""
+            with contextlib.suppress(Exception):
+                async with _deadline(end - loop.time()):
+                    while b"\n" not in head and len(head) < 8192:
+                        piece = await reader.read(8192)
+                        if not piece:
+                            break
+                        head += piece
+            target = head.split(b"\n", 1)[0].split(b" ")
+            path = target[1].decode("latin-1").partition("?")[0] if len(target) > 1 else ""
+            with contextlib.suppress(Exception):
+                writer.write(_overloaded_response(dialect_family(path)))
+                writer.write_eof()
+                await self._linger(reader, max(0.0, end - loop.time()))
+        finally:
+            self._lingering -= long
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    def _not_idle(self, task) -> None:
+        self._idle.pop(task, None)
+        self._idle_since.pop(task, None)
+
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         task = asyncio.current_task()
+        if len(self._open) >= self.max_connections:
+            await self._refuse(reader, writer)
+            return
+        self._open.add(task)
         peer = writer.get_extra_info("peername")
         client = peer[0] if isinstance(peer, tuple) else "local"
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         try:
             while not self._closing:
-                self._idle[task] = writer
+                self._idle[task], self._idle_since[task] = writer, time.monotonic()
                 try:
                     request = await self._read_request(conn, reader, writer)
                 except h11.RemoteProtocolError as exc:
-                    self._idle.pop(task, None)
+                    self._not_idle(task)
                     status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
                     await self._send_error(conn, writer, ProxyError(
                         status, "invalid_request", "malformed HTTP request; check the request line and headers"))
                     await self._linger(reader)
                     break
                 except ProxyError as exc:
-                    self._idle.pop(task, None)
+                    self._not_idle(task)
                     await self._send_error(conn, writer, exc, family=dialect_family(
                         getattr(exc, "path", "") or ""))
                     await self._linger(reader)
                     break
-                self._idle.pop(task, None)
+                self._not_idle(task)
                 if request is None:
                     break
                 request.client = client
@@ -6477,17 +6745,18 @@ class HTTPServer:
         except Exception:  # the connection dies, the server lives
             log.exception("connection handler failed")
         finally:
-            self._idle.pop(task, None)
+            self._not_idle(task)
             self._busy.discard(task)
+            self._open.discard(task)
             with contextlib.suppress(Exception):
                 writer.close()
 
     @staticmethod
-    async def _linger(reader) -> None:
+    async def _linger(reader, seconds: float = 1.0) -> None:
         """Read and drop what the client is still sending (bounded), so closing the socket does
         not reset the connection before the client has read our error response."""
         with contextlib.suppress(Exception):
-            async with _deadline(1.0):
+            async with _deadline(seconds):
                 for _ in range(256):
                     if not await reader.read(65536):
                         break
@@ -6546,24 +6815,41 @@ class HTTPServer:
                 out += conn.send(h11.Data(data=response.body))
             out += conn.send(h11.EndOfMessage())
             writer.write(out)
-            await writer.drain()
+            await self._drain(writer)
             return
         stream = response.stream
         try:
             writer.write(conn.send(h11.Response(status_code=response.status, headers=headers,
                                                 reason=_REASONS.get(response.status, b""))))
-            await writer.drain()
-            async for chunk in stream:
-                if gone is not None and gone.done():
-                    raise _ClientGone()
-                if chunk:
-                    writer.write(conn.send(h11.Data(data=chunk)))
-                    await writer.drain()
+            await self._drain(writer)
+            try:
+                async for chunk in stream:
+                    if gone is not None and gone.done():
+                        raise _ClientGone()
+                    if chunk:
+                        writer.write(conn.send(h11.Data(data=chunk)))
+                        await self._drain(writer)
+            except ProxyError as err:
+                # The status line is out: the only honest signal left is a body cut short.
+                log.warning("response to the client cut short: %s (%s)", err.message, err.code)
+                raise _ClientGone() from None
             writer.write(conn.send(h11.EndOfMessage()))
-            await writer.drain()
+            await self._drain(writer)
         finally:
             with contextlib.suppress(Exception):
                 await stream.aclose()
+
+    async def _drain(self, writer) -> None:
+        """Wait for the client to take what was written, at most `write_timeout` seconds: a
+        client that stops reading must not hold its upstream (and a connection slot) forever."""
+        try:
+            async with _deadline(self.write_timeout):
+                await writer.drain()
+        except TimeoutError:
+            log.info("client stopped reading for %g s (server.write_timeout); connection closed",
+                     self.write_timeout)
+            writer.transport.abort()
+            raise _ClientGone() from None
 
     async def shutdown(self, grace: float) -> None:
         """Stop accepting, close idle connections, give in-flight requests `grace` seconds."""
@@ -7085,7 +7371,7 @@ class Pipeline:
         sent = set()
         for name, value in req.raw_headers:
             lower = name.lower()
-            if lower in _NOT_FORWARDED or (governed and lower == b"accept-encoding"):
+            if lower in _NOT_FORWARDED or lower == b"accept-encoding":
                 continue
             if translated and lower.startswith((b"anthropic-", b"openai-")):
                 continue  # the other provider's protocol headers mean nothing (or harm) upstream
@@ -7098,8 +7384,9 @@ class Pipeline:
             headers.append(("authorization", f"Bearer {key}"))
         elif key and provider.auth_scheme == "header":
             headers.append((provider.auth_header or "x-api-key", key))
-        if governed:
-            headers.append(("accept-encoding", "identity"))
+        # Uncompressed answers only (passthrough too): the key is redacted from, and the size limit
+        # applies to, bytes the proxy can read; a body it cannot decode could hide either.
+        headers.append(("accept-encoding", "identity"))
         headers.append(("x-client-request-id", ex.request_id))
         headers.append(("content-length", str(body_len)))
         return headers
@@ -7134,7 +7421,8 @@ class Pipeline:
         host = urllib.parse.urlsplit(url).netloc
         headers = self.upstream_headers(req, provider, key, ex, len(body), host, governed=dialect is not None,
                                         translated=path != req.path)
-        return await self.client.request(req.method, url, headers, body, timeout, insecure=provider.insecure)
+        return await self.client.request(req.method, url, headers, body, timeout, insecure=provider.insecure,
+                                         secret=key)
 
     def client_headers(self, upstream: UpstreamResponse, ex: Exchange, decoded: bool) -> list:
         out = []
@@ -7331,10 +7619,8 @@ class Pipeline:
                                 translator=translator, meta_dialect=upstream_dialect,
                                 log_text=self.masked_output(attempt))
             stream = self._finish_stream(relay, upstream, admission, len(attempt.payload))
-            if channel is None:
-                return Response(200, headers, stream=stream)
             # Pull the first bytes before answering, so that an output rule that fails this early
-            # is a plain 403 rather than an error event inside a 200 stream.
+            # (or an oversized first event) is a plain error rather than an error event in a 200 stream.
             try:
                 first = await stream.__anext__()
             except StopAsyncIteration:
@@ -7525,8 +7811,7 @@ class Pipeline:
         key_env = record.policy.base_key_env or provider.api_key_env
         upstream = await self.send(req, provider, base_url, key_env, req.body,
                                    record.policy.timeout or DEFAULT_UPSTREAM_TIMEOUT, ex)
-        upstream.decode = False
-        headers = self.client_headers(upstream, ex, decoded=False)
+        headers = self.client_headers(upstream, ex, decoded=upstream.decoded)
         ex.status = upstream.status
         return Response(upstream.status, headers, stream=upstream.chunks())
 
@@ -9432,7 +9717,7 @@ class Proxy:
         self._lock_fd = _lock_data_dir(config.dir)
         self.catalog = Catalog(config, self.environ)
         self.store = TokenStore(config, self.catalog, self.environ)
-        self.client = UpstreamClient()
+        self.client = UpstreamClient(max_response_bytes=config.server.max_response_bytes)
         self.state = MemoryState()
         self.journal = UsageJournal(os.path.join(config.dir, "usage.journal"))
         self.journal.replay(self.state)
@@ -9452,7 +9737,9 @@ class Proxy:
                                  self.environ, records=self.records)
         self._tasks: list[asyncio.Task] = []
         self.server = HTTPServer(self.pipeline, max_body_bytes=config.server.max_body_bytes,
-                                 header_timeout=config.server.header_timeout)
+                                 header_timeout=config.server.header_timeout,
+                                 max_connections=config.server.max_connections or default_max_connections(),
+                                 write_timeout=config.server.write_timeout)
         self.urls: list[str] = []
 
     async def start(self, ephemeral_tls: bool | None = None) -> list[str]:

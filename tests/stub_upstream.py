@@ -88,6 +88,7 @@ class _Script:
     close_mid_stream: bool
     path: str | None
     method: str | None
+    trailing: bytes = b""     # sent right after a Content-Length body, on a connection kept open
 
     def matches(self, method: str, path: str) -> bool:
         return ((self.path is None or self.path == path)
@@ -227,7 +228,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header(name, str(value))
 
     def _send_full(self, status: int, body: bytes, headers: dict, n: int, anthropic: bool,
-                   cut: bool = False) -> None:
+                   cut: bool = False, trailing: bytes = b"") -> None:
         headers = dict(headers)
         if not any(k.lower() == "content-type" for k in headers):
             headers["content-type"] = "application/json"
@@ -241,7 +242,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body[: len(body) // 2])
             self._reset_connection()
             return
-        self.wfile.write(body)
+        self.wfile.write(body + trailing)  # one write: the extra bytes arrive with the body
 
     def _send_stream(self, status: int, events: list, headers: dict, n: int, anthropic: bool,
                      event_delay: float, cut_after: int | None) -> None:
@@ -333,7 +334,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 headers["content-type"] = ("application/json" if text[:1] in (b"{", b"[")
                                            else "text/plain; charset=utf-8")
             self._send_full(script.status, _to_bytes(body), headers, n, anthropic,
-                            cut=script.close_mid_stream)
+                            cut=script.close_mid_stream, trailing=script.trailing)
             return
         if script.status >= 400:
             err = _error_body(script.status, anthropic, n)
@@ -348,7 +349,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send_stream(script.status, answer, headers, n, anthropic, event_delay, cut)
         else:
             self._send_full(script.status, json.dumps(answer).encode(), headers, n, anthropic,
-                            cut=script.close_mid_stream)
+                            cut=script.close_mid_stream, trailing=script.trailing)
 
 
 # -- default answers --------------------------------------------------------------------------
@@ -661,17 +662,23 @@ class StubUpstream:
                headers: dict | None = None, delay: float = 0.0, hang: bool = False,
                stream_events: Iterable[str | bytes] | None = None, event_delay: float = 0.0,
                reply_text: str | None = None, close_mid_stream: bool = False,
-               path: str | None = None, method: str | None = None, times: int = 1) -> None:
+               path: str | None = None, method: str | None = None, times: int = 1,
+               trailing: bytes = b"") -> None:
         """Queue an override for the next `times` requests matching `path`/`method` (None: any).
 
         Precedence when answering: `stream_events` (raw SSE chunks, sent as given) > `body`
         (sent as given with `status`) > status >= 400 (a provider-shaped error body) > the
         default answer (with `reply_text` if given). `close_mid_stream` sends part of the
         answer (half the default events, all of `stream_events`, half a body) then an RST.
+        `trailing` (misbehaviour) is written right after a Content-Length body, beyond its
+        length, and the connection is kept open: e.g. a whole second HTTP response.
+        Other misbehaviours need no mode of their own: a redirect or a key echoed back is
+        `status`/`headers`/`body`; a gzip bomb is `body` with `content-encoding: gzip`; a
+        boundary-less SSE event is one `stream_events` item without a blank line.
         """
         entry = _Script(status, body, dict(headers or {}), float(delay), bool(hang),
                         None if stream_events is None else list(stream_events), float(event_delay),
-                        reply_text, bool(close_mid_stream), path, method)
+                        reply_text, bool(close_mid_stream), path, method, bytes(trailing))
         with self._lock:
             for _ in range(max(1, times)):
                 self._scripts.append(dataclasses.replace(entry))
