@@ -3,7 +3,6 @@ labels, model names and other client-chosen strings are shown escaped (never for
 driving the terminal); memory logs stay inside the data dir and never hold a token or a key."""
 import json
 import logging
-import os
 import time
 
 import pytest
