@@ -99,13 +99,17 @@ def test_ledger_tables_escape_model_provider_and_branch(cli, data_dir, tmp_path,
         assert data["requests"][0]["model"] == "m" + EVIL
 
 
-def test_provider_tables_escape_catalog_strings(cli, data_dir):
+def test_provider_and_status_output_escape_catalog_strings(cli, data_dir):
     (data_dir / "providers.yaml").write_text(yaml.safe_dump(
-        {"local": {"upstream_url": "http://127.0.0.1:9/" + EVIL, "models": ["model" + EVIL]}}))
+        {"local": {"upstream_url": "http://127.0.0.1:9/" + EVIL, "models": ["model" + EVIL]},
+         "odd" + EVIL: {"upstream_url": "http://127.0.0.1:9", "api_key_env": "ODD_KEY"}}))
     listing = ok(cli("provider", "list")).stdout
     assert_shown_escaped(listing)
     models = ok(cli("provider", "models", "local")).stdout
     assert_shown_escaped(models, rows=2)
+    status = ok(cli("status")).stdout
+    assert_shown_escaped(status, rows=3)
+    assert json.loads(ok(cli("status", "--json")).stdout)["providers"]["odd" + EVIL] is False
 
 
 # --- memory log confinement -----------------------------------------------------------------------
