@@ -480,6 +480,11 @@ def load_config(config_path: str | None = None, data_dir: str | None = None,
     try:
         parse_pricing(config.pricing)
         validate_webhooks(config.events.webhooks)
+        memory = config.ledger.memory
+        if isinstance(memory, dict) and memory and not memory.get("redis"):  # SPEC §9: confined
+            memory_file_path(memory, config.dir, "ledger.memory")
+            if memory.get("file_name"):
+                check_memory_file_name(str(memory["file_name"]), "ledger.memory")
     except UsageError as exc:
         raise UsageError(f"config: {exc}") from None
     return config
@@ -1049,7 +1054,7 @@ class TokenStore:
         return result
 
     def create(self, raw_policy: dict, expires_at: float | None = None, label: str = "") -> tuple[str, TokenRecord]:
-        parse_policy(raw_policy, catalog=self.catalog)
+        parse_policy(raw_policy, catalog=self.catalog, data_dir=self.config.dir)
         token = new_token()
         token_hash = hash_token(self.hash_key, token)
 
@@ -1071,7 +1076,7 @@ class TokenStore:
         """`expires_at=None` clears the expiry; leaving it `...` keeps it."""
         token_hash = self.find(prefix).hash
         if raw_policy is not None:
-            parse_policy(raw_policy, catalog=self.catalog)
+            parse_policy(raw_policy, catalog=self.catalog, data_dir=self.config.dir)
 
         def change(entries, cipher):
             for entry in entries:
@@ -1114,6 +1119,9 @@ RULE_ACTIONS = ("fail", "warn", "log", "mask", "anonymize")
 RULE_SCOPES = ("input", "output", "both")
 _MEMORY_FIELDS = {"enabled": bool, "file_path": str, "file_name": str, "redis": bool,
                   "max_size_mb": (int, float), "compress_old": bool}
+_MEMORY_DEFAULT_DIR = "memory"  # under the data dir, when a memory spec names no file_path
+_MEMORY_PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
+_MEMORY_PLACEHOLDERS = ("token_hash", "date")
 _RETRY_FIELDS = ("max_retries", "fallbacks", "retry_on", "backoff")
 
 
@@ -1281,7 +1289,55 @@ def _parse_memory(raw, path: str) -> dict:
             _fail(f"{path}.{key}", f"unknown field; memory has {', '.join(_MEMORY_FIELDS)}")
         tp = _MEMORY_FIELDS[key]
         _check_type(value, tp, f"{path}.{key}", "a number" if tp == (int, float) else _type_name(tp))
+    if not raw.get("redis"):
+        memory_file_path(raw, None, path)
+        if raw.get("file_name"):
+            check_memory_file_name(raw["file_name"], path)
     return dict(raw)
+
+
+def _inside(root: str, path: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def memory_file_path(spec: dict, data_dir: str | None, where: str = "memory") -> str:
+    """The absolute `file_path` of a memory spec, confined to the data dir (SPEC §9): relative
+    means relative to the data dir; `~`, any `..` and (given `data_dir`) an absolute path
+    elsewhere or one that a symlink takes elsewhere are refused, naming `{where}.file_path`.
+    Without `data_dir` only what can be told from the text is checked. The writer checks the
+    resolved path again before each write: a symlink made later must not let writes out."""
+    raw = str(spec.get("file_path") or _MEMORY_DEFAULT_DIR)
+    field_ = f"{where}.file_path"
+    if raw.startswith("~"):
+        raise UsageError(f"{field_}: '~' is not allowed; give a path relative to the data dir")
+    if ".." in re.split(r"[\\/]", raw):
+        raise UsageError(f"{field_}: '..' is not allowed; the memory log stays inside the data dir")
+    if "\0" in raw:
+        raise UsageError(f"{field_}: contains a NUL character")
+    if data_dir is None:
+        return raw
+    root = os.path.realpath(data_dir)
+    path = os.path.normpath(raw if os.path.isabs(raw) else os.path.join(data_dir, raw))
+    # Compare both the path as written and as resolved: an absolute path into the data dir is
+    # fine, one elsewhere is not, and neither is a symlink inside the data dir pointing out.
+    if not (_inside(os.path.normpath(os.path.abspath(data_dir)), path) or _inside(root, path)) \
+            or not _inside(root, os.path.realpath(path)):
+        raise UsageError(f"{field_}: {raw!r} resolves outside the data dir {data_dir}; the memory log "
+                         "must stay inside it (use a relative path)")
+    return path
+
+
+def check_memory_file_name(pattern: str, where: str = "memory") -> None:
+    """`file_name`: a relative name under file_path with only the known placeholders."""
+    for name in _MEMORY_PLACEHOLDER_RE.findall(pattern):
+        if name not in _MEMORY_PLACEHOLDERS:
+            raise UsageError(f"{where}.file_name: unknown placeholder {{{name}}}; use {{token_hash}} "
+                             "and {date}")
+    parts = re.split(r"[\\/]", pattern)
+    if os.path.isabs(pattern) or pattern.startswith("~") or ".." in parts or parts[-1] in ("", ".") \
+            or "\0" in pattern:
+        raise UsageError(f"{where}.file_name: must be a relative file name under {where}.file_path "
+                         "(subdirectories are fine; no absolute path, no `..`)")
 
 
 def _parse_metadata(raw, path: str) -> dict:
@@ -1296,10 +1352,14 @@ _POLICY_FIELDS = _PROVIDER_POLICY_FIELDS + ("providers", "provider", "rate_limit
                                             "memory", "budget")
 
 
-def parse_policy(raw, path: str = "", catalog: "Catalog | None" = None) -> Policy:
-    """Validate a policy document and compile it. Errors name the JSON path of the bad field."""
+def parse_policy(raw, path: str = "", catalog: "Catalog | None" = None, data_dir: str | None = None) -> Policy:
+    """Validate a policy document and compile it. Errors name the JSON path of the bad field.
+    With `data_dir`, the memory log's file_path is also checked against it (§9 confinement)."""
     try:
-        return _parse_policy(raw, path, catalog)
+        policy = _parse_policy(raw, path, catalog)
+        if data_dir is not None and policy.memory and not policy.memory.get("redis"):
+            memory_file_path(policy.memory, data_dir)
+        return policy
     except UsageError as exc:
         text = str(exc)
         raise UsageError(text if text.startswith("policy:") else f"policy: {text}") from None
@@ -7865,10 +7925,7 @@ _ROLLUP_COUNTS = ("request_count", "input_tokens", "output_tokens", "total_token
                   "cached_input_tokens", "cache_creation_tokens", "reasoning_tokens", "error_count",
                   "retry_count", "rule_violation_count", "rate_limit_count")
 _NONE_KEY = "(none)"            # rollup key for an empty model, provider, token or branch
-_MEMORY_DEFAULT_DIR = "memory"  # under the data dir, when a memory spec names no file_path
 _MEMORY_DEFAULT_FILE = "memory.md"
-_MEMORY_PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
-_MEMORY_PLACEHOLDERS = ("token_hash", "date")
 
 
 @dataclass(slots=True)
@@ -8433,9 +8490,33 @@ def parse_when(text: str, now: float, *, flag: str = "", end_of_day: bool = Fals
 
 # --- tables for people ------------------------------------------------------------------------------
 
+# What a terminal would act on rather than show: C0 controls (newline forges a row, ESC starts an
+# ANSI sequence), DEL, C1 controls (0x9b is a one-byte CSI), bidi embeddings, overrides, isolates
+# and marks (reorder what follows), the Unicode line and paragraph separators, and lone
+# surrogates (from JSON `\ud800` or undecodable argv bytes; stdout could not even encode them).
+_UNPRINTABLE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e"
+                             "\u2066-\u2069\ud800-\udfff]")
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(m: "re.Match") -> str:
+    ch = m.group(0)
+    code = ord(ch)
+    return _NAMED_ESCAPES.get(ch) or (f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}")
+
+
+def printable(value: Any) -> str:
+    """`value` as text a terminal shows but never acts on: control characters, bidi controls
+    and line separators are written as escapes (`\\n`, `\\x1b`, `\\u202e`). Every table and
+    every client-chosen string the CLI prints (labels, model names, branches) goes through it."""
+    text = value if isinstance(value, str) else str(value)
+    return _UNPRINTABLE_RE.sub(_escape_char, text) if _UNPRINTABLE_RE.search(text) else text
+
+
 def _table(headers: list[str], rows: list[list], numeric: set[int]) -> str:
-    """Fixed-width columns: text left-aligned, numbers right-aligned, two spaces apart."""
-    cells = [[str(c) for c in row] for row in rows]
+    """Fixed-width columns: text left-aligned, numbers right-aligned, two spaces apart. Cells
+    are printable(): a label or model name cannot add a row or move the cursor."""
+    cells = [[printable(c) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
 
     def line(row: list[str]) -> str:
@@ -8490,7 +8571,7 @@ def render_summary(summary: dict) -> str:
     lines = [f"Ledger summary: {summary.get('sessions', 0)} session(s)"]
     shown = [f"{name} {f[name]}" for name in ("since", "until", "branch") if f.get(name) is not None]
     if shown:
-        lines.append("filters: " + ", ".join(shown))
+        lines.append("filters: " + printable(", ".join(shown)))
     lines += ["", "Totals: " + _totals_line(summary.get("totals") or {})]
     for title, key in (("MODEL", "by_model"), ("PROVIDER", "by_provider"), ("TOKEN", "by_token"),
                        ("BRANCH", "by_branch")):
@@ -8533,11 +8614,11 @@ def render_session(session: dict) -> str:
     where = git.get("branch") or "-"
     if git.get("repo_root"):
         where += f" @ {_commits(git)} in {git['repo_root']}"
-    lines = [
-        f"Session {session.get('session_id', '?')} ({state})",
-        f"started   {session.get('started_at', '-')}",
-        f"ended     {session.get('ended_at', '-')}  ({_span(session.get('duration_ms'))})",
-        f"git       {where}",
+    lines = [  # a journal is data anyone with the data dir could have edited: show it, never run it
+        f"Session {printable(session.get('session_id', '?'))} ({state})",
+        f"started   {printable(session.get('started_at', '-'))}",
+        f"ended     {printable(session.get('ended_at', '-'))}  ({_span(session.get('duration_ms'))})",
+        f"git       {printable(where)}",
         f"totals    {_totals_line(t)}",
     ]
     if session.get("by_model"):
@@ -8560,9 +8641,11 @@ def render_session(session: dict) -> str:
 
 def memory_entry(token_hash: str, model: str, role: str, content: str, now: float) -> str:
     """One conversation-log entry: `## <time> | <token hash prefix> | <role> | <model>`, a blank
-    line, the content."""
+    line, the content. The content is scrubbed of token and key shapes as request logs are
+    (Records also removes the configured keys' exact values); the client-chosen model name is
+    printable(), so it cannot start a forged entry."""
     who = (token_hash or "")[:HASH_PREFIX] or "-"
-    return f"## {utc_iso(now)} | {who} | {role} | {model or '-'}\n\n{content}\n"
+    return f"## {utc_iso(now)} | {who} | {role} | {printable(scrub(model or '-'))}\n\n{scrub(content)}\n"
 
 
 class RedisMemory:
@@ -8624,14 +8707,12 @@ class MemoryWriter:
     def __init__(self, data_dir: str, spec: dict):
         spec = dict(spec or {})
         self.enabled = bool(spec.get("enabled", bool(spec)))
-        file_path = os.path.expanduser(str(spec.get("file_path") or _MEMORY_DEFAULT_DIR))
-        if not os.path.isabs(file_path):
-            file_path = os.path.join(data_dir, file_path)
-        file_path = os.path.normpath(file_path)
+        self.data_dir = os.path.abspath(data_dir)
+        file_path = memory_file_path(spec, self.data_dir)
         self.file_name = str(spec.get("file_name") or "")
         if self.file_name:
             self.directory = file_path
-            self._check_pattern(self.file_name)
+            check_memory_file_name(self.file_name)
             self.single_file = ""
         elif os.path.splitext(file_path)[1] and not os.path.isdir(file_path):
             self.directory, self.single_file = os.path.dirname(file_path), file_path
@@ -8642,16 +8723,6 @@ class MemoryWriter:
         self.compress_old = bool(spec.get("compress_old", False))
         self._lock = threading.Lock()
         self._failing = False
-
-    def _check_pattern(self, pattern: str) -> None:
-        for name in _MEMORY_PLACEHOLDER_RE.findall(pattern):
-            if name not in _MEMORY_PLACEHOLDERS:
-                raise UsageError(f"memory.file_name: unknown placeholder {{{name}}}; use {{token_hash}} "
-                                 "and {date}")
-        parts = re.split(r"[\\/]", pattern)
-        if os.path.isabs(pattern) or pattern.startswith("~") or ".." in parts or parts[-1] in ("", "."):
-            raise UsageError("memory.file_name: must be a relative file name under memory.file_path "
-                             "(subdirectories are fine; no absolute path, no `..`)")
 
     def path_for(self, token_hash: str, now: float) -> str:
         """The file this token's entries go to at `now`."""
@@ -8675,13 +8746,19 @@ class MemoryWriter:
         try:
             path = self.path_for(token_hash, now)
             with self._lock:
+                self._confine(os.path.dirname(path))
                 os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+                self._confine(os.path.dirname(path))  # again: the tree may have changed meanwhile
+                if os.path.islink(path):
+                    raise PermissionError(errno.EPERM, "it is a symlink; the memory log writes only regular files")
                 if self.max_bytes:
                     with contextlib.suppress(FileNotFoundError):
-                        size = os.stat(path).st_size
+                        size = os.lstat(path).st_size
                         if size and size + len(data) > self.max_bytes:
                             self._rotate(path, now)
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+                # O_NOFOLLOW: a symlink put where the log file goes is refused, not followed.
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW,
+                             0o600)
                 try:
                     _write_all(fd, data)
                 finally:
@@ -8694,6 +8771,14 @@ class MemoryWriter:
                           "it works again", path or self.directory, reason)
             return
         self._failing = False
+
+    def _confine(self, directory: str) -> None:
+        """Refuse a write whose directory resolves outside the data dir: validation ran when the
+        policy was stored, but a symlink made since (by anyone who can write below the data
+        dir) must not carry conversation text elsewhere."""
+        if not _inside(os.path.realpath(self.data_dir), os.path.realpath(directory)):
+            raise PermissionError(errno.EPERM, "it resolves outside the data dir (a symlink?); "
+                                  "refusing to write there")
 
     def _rotate(self, path: str, now: float) -> None:
         stem, ext = os.path.splitext(path)
@@ -9482,6 +9567,17 @@ def request_record(ex: "Exchange", now: float) -> RequestRecord:
         metadata=ex.metadata, provider_meta=ex.provider_meta)
 
 
+_MIN_SCRUBBED_KEY = 8            # chars: a provider key shorter than this is not scrubbed by value
+
+
+def _without(text: str, secrets_: list[str]) -> str:
+    """`text` with each of `secrets_` (exact values, longest first) replaced by [REDACTED]."""
+    for value in secrets_:
+        if value in text:
+            text = text.replace(value, REDACTED)
+    return text
+
+
 _RULE_EVENTS = {"fail": "rule.violation", "warn": "rule.warning", "log": "rule.match", "mask": "rule.mask",
                 "anonymize": "rule.mask"}
 
@@ -9503,6 +9599,17 @@ class Records:
         self.redis = RedisConfig()
         self.session_id = secrets.token_hex(4)
         self._memory: dict[str, MemoryWriter | RedisMemory | None] = {}
+        # Where the provider keys live (the proxy sets both): their exact values are scrubbed
+        # from memory logs too, since a key need not have any shape scrub() knows.
+        self.environ: Any = {}
+        self.key_envs: frozenset = frozenset()
+
+    def key_values(self, key_env: str = "") -> list[str]:
+        """The values of the configured provider key env vars (and `key_env`), longest first;
+        values shorter than _MIN_SCRUBBED_KEY are left alone (they would shred ordinary text)."""
+        names = self.key_envs | {key_env} if key_env else self.key_envs
+        values = {self.environ.get(name) or "" for name in names}
+        return sorted((v for v in values if len(v) >= _MIN_SCRUBBED_KEY), key=len, reverse=True)
 
     def memory_writer(self, spec: dict) -> "MemoryWriter | RedisMemory | None":
         key = json.dumps(spec, sort_keys=True)
@@ -9519,7 +9626,8 @@ class Records:
         writer = self.memory_writer(ex.memory)
         if writer is None or not writer.enabled:
             return
-        entries = [(role, text) for role, text in ex.memory_entries if text]
+        keys = self.key_values(ex.key_env)
+        entries = [(role, _without(text, keys)) for role, text in ex.memory_entries if text]
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -9729,6 +9837,8 @@ class Proxy:
                                self.dispatcher)
         self.records.data_dir = config.dir
         self.records.redis = config.session.redis
+        self.records.environ = self.environ
+        self.records.key_envs = frozenset(p.api_key_env for p in self.catalog.all() if p.api_key_env)
         if self.ledger is not None:
             self.records.session_id = self.ledger.session_id
         if self.dispatcher is not None:
@@ -9976,7 +10086,7 @@ def cmd_token(args) -> int:
         else:
             data = record.to_json(now)
             for key in ("hash", "label", "created_at", "expires_at"):
-                _out(f"{key.replace('_', ' ').capitalize() + ':':12} {data[key] or '-'}")
+                _out(f"{key.replace('_', ' ').capitalize() + ':':12} {printable(data[key] or '-')}")
             _out(f"{'Status:':12} {'EXPIRED' if data['expired'] else 'active'}")
             _out("Policy:")
             _out(json.dumps(record.policy.raw, indent=2))
@@ -10007,9 +10117,12 @@ def cmd_token(args) -> int:
 
 
 def _print_table(rows: list[tuple]) -> None:
-    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    """Left-aligned columns of printable() cells: labels, model names and upstream details
+    are chosen by clients or providers, and must neither add rows nor drive the terminal."""
+    rows = [tuple(printable(cell) for cell in row) for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        _out("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
+        _out("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def _serve_overrides(args) -> dict:
@@ -10346,10 +10459,11 @@ def cmd_status(args) -> int:
     if args.json:
         _print_json(status)
         return 0
-    _out(f"tokenomics is {'running' if running else 'stopped'}" + (f" at {url} (pid {status['pid']})" if running else ""))
+    _out(f"tokenomics is {'running' if running else 'stopped'}" +
+         (f" at {printable(url)} (pid {status['pid']})" if running else ""))
     _out(f"tokens: {tokens if tokens is not None else 'unreadable (check the encryption key)'}")
     keys = ", ".join(f"{name} {'set' if ok else 'missing'}" for name, ok in sorted(status["providers"].items()))
-    _out(f"provider keys: {keys}")
+    _out(f"provider keys: {printable(keys)}")
     return 0
 
 
@@ -10464,7 +10578,7 @@ def cmd_doctor(args) -> int:
         _print_json({"ok": not failed, "checks": checks})
     else:
         for c in checks:
-            _out(f"{c['status'].upper():5} {c['name']}: {c['detail']}")
+            _out(f"{c['status'].upper():5} {printable(c['name'])}: {printable(c['detail'])}")
     return 1 if failed else 0
 
 
