@@ -86,7 +86,9 @@ DEFAULT_OUTPUT_ALLOWANCE = 8192         # output tokens reserved when the client
 TOKEN_PREFIX = "tkn_"
 HASH_PREFIX = 16                        # hex chars of a token hash in records, events and limit keys:
                                         # unique in practice, short enough for tables
-REQUEST_ID_PREFIX = "tkn_"
+REQUEST_ID_PREFIX = "req_"                # never the tkn_ shape of a token: secret scanners flag those
+MAX_JSON_DEPTH = 128                    # nesting levels in a request body; tool schemas use < 20, and
+                                        # deeper bodies would exhaust the recursion of later walks
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -8483,9 +8485,9 @@ _EVENT_FAMILIES = frozenset(t.split(".", 1)[0] for t in EVENT_TYPES)
 # Belt and braces: records are built from hashes, names and counts and never receive a key or a
 # raw token, but a log line can also carry free text (metadata, bodies, exception messages). So
 # every line is scrubbed of the shapes of wrapper tokens and common provider keys before it is
-# written. Request ids share the token shape (`tkn_` + 32 hex); a line's own request id is kept.
+# written. Request ids (`req_` + 32 hex) do not have the token shape; `keep` spares a line's own id.
 _SECRET_RE = re.compile(
-    r"tkn_[0-9a-fA-F]{32}"            # wrapper tokens (and request ids: see `keep`)
+    r"tkn_[0-9a-fA-F]{32}"            # wrapper tokens
     r"|sk-[A-Za-z0-9_-]{16,}"         # OpenAI, Anthropic (sk-ant-...), DeepSeek, OpenRouter, ...
     r"|AKIA[0-9A-Z]{16}"              # AWS access key ids (Bedrock)
     r"|AIza[0-9A-Za-z_-]{35}"         # Google API keys (Gemini)
