@@ -145,8 +145,9 @@ def test_completions_and_embeddings_governed(setup, stub):
     assert stub.last.headers["authorization"] == f"Bearer {OPENAI_KEY}"
 
 
-def test_passthrough_swaps_key(setup, stub):
-    proxy, token = setup
+def test_passthrough_swaps_key(cli, setup, stub):
+    proxy, _ = setup
+    token = cli.token({"endpoints": ["/v1/files"]})  # a path beyond the governed ones must be listed
     status, _, body = raw(proxy, "GET", "/v1/files?purpose=batch", None, {"Authorization": f"Bearer {token}"})
     assert status == 200
     assert stub.last.path == "/v1/files" and stub.last.query == "purpose=batch"
