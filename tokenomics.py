@@ -4678,7 +4678,7 @@ class Dialect:
     cap_fields: tuple = ("max_tokens",)
     # Other top-level fields the proxy reads: name -> (JSON types allowed, how to say so); null
     # counts as absent.
-    field_types: dict = {}
+    field_types: dict = {"stream_options": (dict, 'an object such as {"include_usage": true}')}
 
     def model(self, body: dict) -> str:
         return check_model_name(body.get("model"))
@@ -4765,7 +4765,6 @@ class Dialect:
 class ChatDialect(Dialect):
     name = "chat"
     cap_fields = ("max_completion_tokens", "max_tokens")
-    field_types = {"stream_options": (dict, 'an object such as {"include_usage": true}')}
 
     def check(self, body):
         for msg in body.get("messages") if isinstance(body.get("messages"), list) else ():
@@ -6933,14 +6932,22 @@ def credential(req: Request) -> str:
     return ""
 
 
+# What reading a body of a shape no adapter foresaw (a number where a list goes) raises: still
+# the client's mistake, so a 400, never a 500.
+_SHAPE_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ValueError)
+
+
+def shape_error(dialect: Dialect) -> ProxyError:
+    return ProxyError(400, "invalid_request", f"the request body does not have the shape of a {dialect.name} "
+                                              "request; check its field types against the API reference")
+
+
 def check_request(dialect: Dialect, body: dict) -> None:
-    """The adapter's shape check; a shape no adapter foresaw (a number where a list goes) is
-    still the client's mistake: a 400, never a 500."""
+    """The adapter's shape check, before anything is decided."""
     try:
         dialect.check(body)
-    except (TypeError, AttributeError, KeyError, IndexError, ValueError):
-        raise ProxyError(400, "invalid_request", f"the request body does not have the shape of a {dialect.name} "
-                                                 "request; check its field types against the API reference") from None
+    except _SHAPE_ERRORS:
+        raise shape_error(dialect) from None
 
 
 def _strip_query_key(query: str) -> str:
@@ -7561,9 +7568,12 @@ class Pipeline:
 
     @staticmethod
     def translate_request(dialect: Dialect, body: dict, route: ResolvedPolicy) -> dict:
+        try:
+            out = chat_to_messages_request(body) if dialect is CHAT else messages_to_chat_request(body)
+        except _SHAPE_ERRORS:
+            raise shape_error(dialect) from None
         if dialect is CHAT:
-            return chat_to_messages_request(body)
-        out = messages_to_chat_request(body)
+            return out
         if route.provider.name in ("openai", "azure_openai") and "max_tokens" in out:
             out["max_completion_tokens"] = out.pop("max_tokens")  # o-series and gpt-5 refuse max_tokens
         return out

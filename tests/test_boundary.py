@@ -400,3 +400,20 @@ def test_request_ids_have_the_req_shape_and_reach_the_upstream(boundary, stub):
     assert_refused(refused, 403, "model_not_allowed")
     assert re.fullmatch(r"req_[0-9a-f]{32}", refused.headers["x-tokenomics-request-id"])
     assert not refused.headers["x-tokenomics-request-id"].startswith("tkn_")
+
+
+@pytest.mark.parametrize("path,body", [
+    # translated to the OpenAI-dialect upstream of gpt models: a block the translator cannot read
+    ("/v1/messages", {**MESSAGES, "model": "gpt-4o-mini",
+                      "messages": [{"role": "user", "content": [{"type": "image", "source": 5}]}]}),
+    ("/v1/responses", {"model": "gpt-4o-mini", "input": "hi", "stream_options": 5}),
+    ("/v1/chat/completions", {**CHAT, "stream": True, "stream_options": [True]}),
+])
+def test_a_shape_no_adapter_foresaw_is_400_never_500(cli, stub, start_proxy, path, body):
+    token = cli.token({"providers": {"anthropic": [{"model_regex": "^claude", "upstream_url": stub.url}],
+                                     "openai": [{"model_regex": "^gpt", "upstream_url": stub.url}]}})
+    proxy = start_proxy()
+    answer = request(proxy.port, "POST", path, body,
+                     {"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    assert_refused(answer, 400, "invalid_request", anthropic=path == "/v1/messages")
+    assert stub.requests == []
