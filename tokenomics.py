@@ -86,7 +86,7 @@ DEFAULT_OUTPUT_ALLOWANCE = 8192         # output tokens reserved when the client
 TOKEN_PREFIX = "tkn_"
 HASH_PREFIX = 16                        # hex chars of a token hash in records, events and limit keys:
                                         # unique in practice, short enough for tables
-REQUEST_ID_PREFIX = "req_"                # never the tkn_ shape of a token: secret scanners flag those
+REQUEST_ID_PREFIX = "req_"              # never the tkn_ shape of a token: secret scanners flag those
 MAX_JSON_DEPTH = 128                    # nesting levels in a request body; tool schemas use < 20, and
                                         # deeper bodies would exhaust the recursion of later walks
 
@@ -7701,9 +7701,10 @@ class Pipeline:
         self.records.metrics.inflight(+1)
         record = self.authenticate(req, ex)
         policy, path = record.policy, req.path
-        if path != COUNT_TOKENS_PATH and (path.rstrip("/").lower() in ROUTE_METHODS
-                                          or not endpoint_listed(policy.endpoints, path)):
-            # (a spelling of a governed path never passes through, whatever a pattern covers)
+        # Another spelling of a fixed path (a trailing '/', capitals, a ';param' some servers drop)
+        # never passes through, whatever pattern covers it.
+        spelled = path.partition(";")[0].rstrip("/").lower()
+        if path != COUNT_TOKENS_PATH and (spelled in ROUTE_METHODS or not endpoint_listed(policy.endpoints, path)):
             raise ProxyError(403, "endpoint_not_allowed", "this token may not call this path: beyond the governed "
                              "endpoints, /v1/models and /v1/messages/count_tokens it reaches only the paths its "
                              "policy lists in `endpoints`; ask the token's owner to add it")

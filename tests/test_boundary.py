@@ -264,7 +264,8 @@ def test_a_pattern_never_reaches_a_governed_path(cli, stub, start_proxy):
     proxy = start_proxy(upstream_url=stub.url)
     auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
     forbidden = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}
-    for target in ("/v1/chat/completions/", "/v1/Chat/Completions", "/v1/MESSAGES", "/v1/models/"):
+    for target in ("/v1/chat/completions/", "/v1/Chat/Completions", "/v1/MESSAGES", "/v1/models/",
+                   "/v1/chat/completions;x=1", "/v1/messages/count_tokens/"):
         assert_refused(request(proxy.port, "POST", target, forbidden, auth), 403, "endpoint_not_allowed",
                        anthropic=target.startswith("/v1/messages"))
     assert stub.requests == []
