@@ -28,10 +28,6 @@ class Answer:
     def json(self):
         return json.loads(self.body)
 
-    def code(self) -> str:
-        doc = self.json
-        return doc["error"]["code"]
-
 
 def exchange(port: int, head: bytes, body: bytes = b"", wait_close: bool = False) -> Answer:
     """Send `head` + `body` as is on a fresh connection and read one response (framed by its
@@ -116,8 +112,8 @@ def stats(proxy) -> dict:
 
 @pytest.fixture
 def boundary(cli, stub, start_proxy):
-    """A proxy in front of the stub; a token allowed only gpt-4o-mini and claude models, whose
-    budget would be exhausted by one answered request."""
+    """A proxy in front of the stub; a token allowed only gpt-4o-mini and claude models, with a
+    token budget (a refused request must leave it untouched)."""
     token = cli.token({"model_regex": "^(gpt-4o-mini|claude-)", "budget": {"tokens": {"total": 100000}}})
     proxy = start_proxy(upstream_url=stub.url)
     return proxy, token
@@ -154,7 +150,7 @@ def test_non_canonical_target_is_400_before_anything(boundary, stub, target):
                      {"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     anthropic = target.startswith("/v1/messages")
     assert_refused(answer, 400, "invalid_request", anthropic=anthropic)
-    message = (answer.json["error"]["message"])
+    message = answer.json["error"]["message"]
     assert "canonical" in message and token not in message
     time.sleep(0.05)
     assert stub.requests == []
@@ -257,6 +253,20 @@ def test_listed_passthrough_is_model_checked_rate_limited_and_recorded(cli, stub
     assert totals["requests"] == 6 and totals["errors"] == 4
     by_model = stats(proxy)["by_model"]
     assert by_model["gpt-image-1"]["requests"] == 1
+    # and in the ledger, like every other request (the journal is flushed in batches: wait, bounded)
+    deadline = time.monotonic() + 5
+    rows = []
+    while time.monotonic() < deadline:
+        rows = [json.loads(line) for path in (cli.data_dir / "sessions").glob("*.jsonl")
+                for line in path.read_text().splitlines() if line.strip()]
+        rows = [r for r in rows if r.get("type") == "request"]
+        if len(rows) >= 6:
+            break
+        time.sleep(0.05)
+    ok = [r for r in rows if r["status_code"] == 200]
+    assert {(r["endpoint"], r["model"]) for r in ok} == {("/v1/images/generations", "gpt-image-1"),
+                                                         ("/v1/files/file-abc", "")}
+    assert {r["error"] for r in rows} >= {"model_not_allowed", "endpoint_not_allowed", "rate_limited"}
 
 
 def test_a_pattern_never_reaches_a_governed_path(cli, stub, start_proxy):
