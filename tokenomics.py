@@ -103,7 +103,9 @@ DEFAULT_OUTPUT_ALLOWANCE = 8192         # output tokens reserved when the client
 TOKEN_PREFIX = "tkn_"
 HASH_PREFIX = 16                        # hex chars of a token hash in records, events and limit keys:
                                         # unique in practice, short enough for tables
-REQUEST_ID_PREFIX = "tkn_"
+REQUEST_ID_PREFIX = "req_"              # never the tkn_ shape of a token: secret scanners flag those
+MAX_JSON_DEPTH = 128                    # nesting levels in a request body; tool schemas use < 20, and
+                                        # deeper bodies would exhaust the recursion of later walks
 
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -188,6 +190,31 @@ def parse_rfc3339(text: str) -> float:
 
 def new_id(prefix: str = "") -> str:
     return prefix + secrets.token_hex(16)
+
+
+# A percent-escape of '/', '\\' or an unreserved character (RFC 3986: ALPHA DIGIT - . _ ~), or a
+# '%' that starts no escape: a server that decodes these sees another path than the router did.
+_DISGUISED_ESCAPE = re.compile(r"%(?:2[d-fD-F]|3[0-9]|4[1-9a-fA-F]|5[0-9aAcCfF]|6[1-9a-fA-F]|7[0-9aAeE])"
+                               r"|%(?![0-9a-fA-F]{2})")
+
+
+def non_canonical(path: str, query: str = "") -> str:
+    """Why a request target is not in canonical form, or "" when it is. Routing and the endpoint
+    allowlist match the path as sent, so any spelling an upstream could read as another path
+    (a fragment, an escaped '/' or letter, dot or empty segments, a backslash) is refused."""
+    if "#" in path or "#" in query:
+        return "has a fragment (#)"
+    if "\\" in path or "\\" in query:
+        return "has a backslash"
+    if _DISGUISED_ESCAPE.search(path):
+        return "has a percent-escape an upstream could decode into another path (%2F, %5C, an escaped " \
+               "letter, digit or -._~, or a stray %)"
+    segments = path.split("/")[1:]
+    if any(seg in (".", "..") for seg in segments):
+        return "has a '.' or '..' segment"
+    if "" in segments[:-1]:
+        return "has an empty segment (//)"
+    return ""
 
 
 ###############################################################################
@@ -1173,6 +1200,7 @@ class Policy(ProviderPolicy):
     metadata: dict = field(default_factory=dict)
     memory: dict = field(default_factory=dict)
     budget: tuple = ()               # (unit, period, cap)
+    endpoints: tuple = ()            # passthrough paths this token may reach: exact, or "prefix/*"
 
 
 def _fail(path: str, message: str):
@@ -1348,8 +1376,39 @@ def _parse_metadata(raw, path: str) -> dict:
     return dict(raw)
 
 
+def _parse_endpoints(raw, path: str) -> tuple:
+    """`endpoints`: the /v1 paths beyond the governed ones a token may reach (passed through).
+    Each entry is an exact canonical path, or `prefix/*` for every path below prefix/."""
+    _check_type(raw, list, path, 'a list of paths such as "/v1/files" or "/v1/files/*"')
+    out = []
+    for i, entry in enumerate(raw):
+        p = f"{path}[{i}]"
+        _check_type(entry, str, p, 'a path such as "/v1/files" or "/v1/files/*"')
+        base = entry[:-2] if entry.endswith("/*") else entry
+        if not base.startswith("/v1/") and base != "/v1":
+            _fail(p, 'must be a path under /v1/, such as "/v1/files" or "/v1/files/*"')
+        if "*" in base or "?" in base:
+            _fail(p, 'a * may only end an entry, as in "/v1/files/*"; a query string is not part of a path')
+        why = non_canonical(base) or ("has an empty segment (a trailing /)" if base.endswith("/") else "")
+        if why:
+            _fail(p, f"{why}; write the path in canonical form, as clients send it")
+        out.append(entry)
+    return tuple(out)
+
+
+def endpoint_listed(endpoints: tuple, path: str) -> bool:
+    """Whether a policy's `endpoints` reach `path`: equal to an entry, or below a `prefix/*` one."""
+    for entry in endpoints:
+        if entry.endswith("/*"):
+            if path.startswith(entry[:-1]) and len(path) > len(entry) - 1:
+                return True
+        elif path == entry:
+            return True
+    return False
+
+
 _POLICY_FIELDS = _PROVIDER_POLICY_FIELDS + ("providers", "provider", "rate_limit", "retry", "metadata",
-                                            "memory", "budget")
+                                            "memory", "budget", "endpoints")
 
 
 def parse_policy(raw, path: str = "", catalog: "Catalog | None" = None, data_dir: str | None = None) -> Policy:
@@ -1405,6 +1464,8 @@ def _parse_policy(raw, path: str, catalog: "Catalog | None") -> Policy:
         fields_["metadata"] = _parse_metadata(raw["metadata"], "metadata")
     if raw.get("memory") is not None:
         fields_["memory"] = _parse_memory(raw["memory"], "memory")
+    if raw.get("endpoints") is not None:
+        fields_["endpoints"] = _parse_endpoints(raw["endpoints"], "endpoints")
     return Policy(name="", raw=raw, providers=tuple(providers), **fields_)
 
 
@@ -4690,6 +4751,17 @@ def _bad(message: str):
     raise ProxyError(400, "invalid_request", message)
 
 
+def check_model_name(model: Any) -> str:
+    """A model name the proxy can match, log and echo in a header: a non-empty string without
+    control characters or surrounding whitespace (which would match no rule as the client meant)."""
+    if not isinstance(model, str) or not model:
+        _bad("the request body needs a 'model' string")
+    if not model.isprintable() or model != model.strip():
+        _bad("'model' must be a plain model name, without control characters or leading or trailing "
+             "spaces; send the name as /v1/models lists it")
+    return model
+
+
 class Dialect:
     """Adapter for one endpoint's wire format. The pipeline talks to this, never to raw JSON.
 
@@ -4698,12 +4770,24 @@ class Dialect:
     name = ""
     family = "openai"          # error shape, and the provider that speaks it natively
     cap_fields: tuple = ("max_tokens",)
+    # Other top-level fields the proxy reads: name -> (JSON types allowed, how to say so); null
+    # counts as absent.
+    field_types: dict = {"stream_options": (dict, 'an object such as {"include_usage": true}')}
 
     def model(self, body: dict) -> str:
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            _bad("the request body needs a 'model' string")
-        return model
+        return check_model_name(body.get("model"))
+
+    def check(self, body: dict) -> None:
+        """The types of everything the proxy reads or bounds, before anything is decided: a
+        wrong one is a 400 here, never a 500 later nor a cap forwarded unbounded ("ten", -1)."""
+        for name in self.cap_fields:
+            value = body.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                _bad(f"'{name}' must be a whole number of at least 1")
+        for name, (types, what) in self.field_types.items():
+            if body.get(name) is not None and not isinstance(body[name], types):
+                _bad(f"'{name}' must be {what}")
+        list(self.input_slots(body))
 
     def is_stream(self, body: dict) -> bool:
         value = body.get("stream", False)
@@ -4775,6 +4859,13 @@ class Dialect:
 class ChatDialect(Dialect):
     name = "chat"
     cap_fields = ("max_completion_tokens", "max_tokens")
+
+    def check(self, body):
+        for msg in body.get("messages") if isinstance(body.get("messages"), list) else ():
+            calls = msg.get("tool_calls") if isinstance(msg, dict) else None
+            if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
+                _bad("'tool_calls' must be a list of tool call objects")
+        super().check(body)
 
     def input_slots(self, body):
         messages = body.get("messages")
@@ -6525,11 +6616,11 @@ def json_response(status: int, payload: Any, headers: list | None = None) -> Res
 
 
 _OPENAI_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                       404: "not_found_error", 408: "invalid_request_error", 413: "invalid_request_error",
-                       429: "rate_limit_error"}
+                       404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+                       413: "invalid_request_error", 429: "rate_limit_error"}
 _ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                          404: "not_found_error", 408: "invalid_request_error", 413: "request_too_large",
-                          429: "rate_limit_error"}
+                          404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error",
+                          413: "request_too_large", 429: "rate_limit_error"}
 
 
 def error_body(family: str, status: int, code: str, message: str) -> dict:
@@ -6665,6 +6756,12 @@ class HTTPServer:
         target = event.target.decode("latin-1")
         path, _, query = target.partition("?")
         request = Request(event.method.decode("ascii"), path, query, raw_headers, headers)
+        if "transfer-encoding" in headers and "content-length" in headers:
+            # Request smuggling: a server on the way could frame the body by the other header.
+            err = ProxyError(400, "invalid_request", "the request has both Content-Length and Transfer-Encoding; "
+                                                     "send one of them")
+            err.path = path  # (the connection is closed after this answer, as after any framing error)
+            raise err
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             err = ProxyError(413, "request_too_large", f"the request body is over the {self.max_body_bytes} "
@@ -7128,7 +7225,40 @@ class Exchange:
     memory_entries: list = field(default_factory=list)  # (role, text) as sent upstream / received
     request_body: bytes | None = None               # kept only when body logging is on
     response_body: bytes | None = None
-    governed: bool = False
+    governed: bool = False                          # recorded: past routing, governed or passed through
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object in a request body names the same key twice."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _DuplicateKey()
+    return obj
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _json_tree_problem(value: Any) -> str:
+    """What makes a parsed body unusable (too deep, a lone surrogate), or "". Iterative: the
+    depth it is checking for must not cost a recursion of its own."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return f"nests deeper than {MAX_JSON_DEPTH} levels; flatten it"
+        for key, item in (node.items() if isinstance(node, dict) else enumerate(node)):
+            if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
+                return "has a lone UTF-16 surrogate (\\ud800-\\udfff) in a key; send valid Unicode"
+            if isinstance(item, str):
+                if not item.isascii() and _SURROGATE.search(item):
+                    return "has a lone UTF-16 surrogate (\\ud800-\\udfff) in a string; send valid Unicode"
+            elif isinstance(item, (dict, list)):
+                stack.append((item, depth + 1))
+    return ""
 
 
 def credential(req: Request) -> str:
@@ -7146,6 +7276,24 @@ def credential(req: Request) -> str:
             if name == "key":
                 return value.strip()
     return ""
+
+
+# What reading a body of a shape no adapter foresaw (a number where a list goes) raises: still
+# the client's mistake, so a 400, never a 500.
+_SHAPE_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ValueError)
+
+
+def shape_error(dialect: Dialect) -> ProxyError:
+    return ProxyError(400, "invalid_request", f"the request body does not have the shape of a {dialect.name} "
+                                              "request; check its field types against the API reference")
+
+
+def check_request(dialect: Dialect, body: dict) -> None:
+    """The adapter's shape check, before anything is decided."""
+    try:
+        dialect.check(body)
+    except _SHAPE_ERRORS:
+        raise shape_error(dialect) from None
 
 
 def _strip_query_key(query: str) -> str:
@@ -7176,6 +7324,11 @@ def upstream_url_for(base: str, provider: Provider, path: str, query: str, model
     query = "&".join(q for q in (parts.query, extra, query) if q)
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, target, query, ""))
 
+
+COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
+# Paths with a fixed treatment (SPEC §5) -> the methods they answer; another method is a 405.
+ROUTE_METHODS = {**{path: ("POST",) for path in GOVERNED}, COUNT_TOKENS_PATH: ("POST",),
+                 "/v1/models": ("GET", "HEAD")}
 
 _NOT_FORWARDED = frozenset(n.encode() for n in HOP_BY_HOP | AUTH_HEADERS | {"host", "content-length"})
 _NOT_RELAYED = HOP_BY_HOP | {"content-length"}
@@ -7303,6 +7456,11 @@ class Pipeline:
 
     async def __call__(self, req: Request) -> Response:
         path = req.path
+        why = non_canonical(path, req.query)
+        if why:  # before anything else: no route, no auth, no upstream, no charge
+            return error_response(dialect_family(path), ProxyError(
+                400, "invalid_request", f"the request target {why}; send the path in canonical form "
+                                        "(as the API reference spells it, query string after '?')"))
         if path in ("/health", "/ping"):
             return json_response(200, {"status": "ok"})
         if path in ("/stats", "/metrics") and req.method == "GET":
@@ -7320,10 +7478,15 @@ class Pipeline:
         family = dialect_family(path)
         ex = Exchange(request_id=new_id(REQUEST_ID_PREFIX), endpoint=path, started=self.clock())
         try:
+            methods = ROUTE_METHODS.get(path)
+            if methods is not None and req.method not in methods:
+                allow = ", ".join(methods)
+                raise ProxyError(405, "method_not_allowed", f"{path} accepts {allow} only; send the request "
+                                                            f"with {methods[0]}", headers={"Allow": allow})
             dialect = GOVERNED.get(path)
-            if dialect is not None and req.method == "POST":
+            if dialect is not None:
                 response = await self.governed(req, dialect, ex)
-            elif path == "/v1/models" and req.method == "GET":
+            elif path == "/v1/models":
                 response = self.models(req)
             else:
                 response = await self.passthrough(req, ex)
@@ -7408,12 +7571,24 @@ class Pipeline:
 
     @staticmethod
     def parse_body(raw: bytes) -> dict:
+        """The body as one JSON object, or a 400. Refused as well: a key repeated in an object
+        (the upstream might read another copy than the guard did), a lone UTF-16 surrogate (it
+        cannot be re-encoded for the upstream) and nesting deeper than MAX_JSON_DEPTH."""
         try:
-            body = json.loads(raw)
+            body = json.loads(raw, object_pairs_hook=_unique_keys)
+        except _DuplicateKey:
+            raise ProxyError(400, "invalid_request", "the request body repeats a key inside one JSON object; "
+                                                     "send each key once") from None
+        except RecursionError:
+            raise ProxyError(400, "invalid_request", f"the request body nests deeper than {MAX_JSON_DEPTH} "
+                                                     "levels; flatten it") from None
         except (ValueError, UnicodeDecodeError):
             raise ProxyError(400, "invalid_request", "the request body is not valid JSON (UTF-8)") from None
         if not isinstance(body, dict):
             raise ProxyError(400, "invalid_request", "the request body must be a JSON object")
+        problem = _json_tree_problem(body)
+        if problem:
+            raise ProxyError(400, "invalid_request", f"the request body {problem}")
         return body
 
     def upstream_key(self, key_env: str) -> str:
@@ -7506,7 +7681,7 @@ class Pipeline:
         body = self.parse_body(req.body)
         ex.model = model = dialect.model(body)
         ex.stream = dialect.is_stream(body)
-        list(dialect.input_slots(body))  # shape check: malformed messages are a 400 here, not upstream
+        check_request(dialect, body)
         models = (model,) + tuple(m for m in record.policy.retry.fallbacks if m != model)
         for index, candidate in enumerate(models):
             last = index == len(models) - 1
@@ -7739,9 +7914,12 @@ class Pipeline:
 
     @staticmethod
     def translate_request(dialect: Dialect, body: dict, route: ResolvedPolicy) -> dict:
+        try:
+            out = chat_to_messages_request(body) if dialect is CHAT else messages_to_chat_request(body)
+        except _SHAPE_ERRORS:
+            raise shape_error(dialect) from None
         if dialect is CHAT:
-            return chat_to_messages_request(body)
-        out = messages_to_chat_request(body)
+            return out
         if route.provider.name in ("openai", "azure_openai") and "max_tokens" in out:
             out["max_completion_tokens"] = out.pop("max_tokens")  # o-series and gpt-5 refuse max_tokens
         return out
@@ -7862,18 +8040,46 @@ class Pipeline:
         return admission
 
     async def passthrough(self, req: Request, ex: Exchange) -> Response:
+        """Any other /v1 path: only count_tokens and what the token's policy lists in `endpoints`;
+        model-checked when a JSON body names a model, rate-limited, recorded, and forwarded
+        with the real key swapped in."""
+        ex.governed = True
+        self.records.metrics.inflight(+1)
         record = self.authenticate(req, ex)
-        family = dialect_family(req.path)
-        provider, base_url = select_upstream(record.policy, None, self.catalog, self.config,
-                                             "anthropic" if family == "anthropic" else "openai")
+        policy, path = record.policy, req.path
+        # Another spelling of a fixed path (a trailing '/', capitals, a ';param' some servers drop)
+        # never passes through, whatever pattern covers it.
+        spelled = path.partition(";")[0].rstrip("/").lower()
+        if path != COUNT_TOKENS_PATH and (spelled in ROUTE_METHODS or not endpoint_listed(policy.endpoints, path)):
+            raise ProxyError(403, "endpoint_not_allowed", "this token may not call this path: beyond the governed "
+                             "endpoints, /v1/models and /v1/messages/count_tokens it reaches only the paths its "
+                             "policy lists in `endpoints`; ask the token's owner to add it")
+        native = "anthropic" if dialect_family(path) == "anthropic" else "openai"
+        body = self.passthrough_json(req)
+        if body is not None and "model" in body:
+            ex.model = check_model_name(body["model"])
+            resolve_policy(policy, ex.model, self.catalog, self.config, native_provider=native)
+        request_rules = tuple(rule for rule in policy.rate_rules if rule.kind == "requests")
+        if request_rules:
+            self.state.admit(record.hash[:HASH_PREFIX], request_rules, self.clock())
+        provider, base_url = select_upstream(policy, None, self.catalog, self.config, native)
         if base_url.startswith("mock://"):
             raise ProxyError(404, "not_found", f"the mock provider does not serve {req.path}")
         key_env = record.policy.base_key_env or provider.api_key_env
+        ex.provider, ex.key_env = provider.name, key_env
         upstream = await self.send(req, provider, base_url, key_env, req.body,
                                    record.policy.timeout or DEFAULT_UPSTREAM_TIMEOUT, ex)
         headers = self.client_headers(upstream, ex, decoded=upstream.decoded)
         ex.status = upstream.status
         return Response(upstream.status, headers, stream=upstream.chunks())
+
+    def passthrough_json(self, req: Request) -> dict | None:
+        """A passthrough body the upstream may read as JSON (declared so, or shaped so), parsed as
+        strictly as a governed one; None for other bodies (multipart uploads, audio)."""
+        declared = "json" in req.headers.get("content-type", "").lower() and req.body.strip()
+        if not declared and req.body.lstrip()[:1] != b"{":
+            return None
+        return self.parse_body(req.body)
 
     def models(self, req: Request) -> Response:
         record = self.authenticate(req)
@@ -8853,9 +9059,9 @@ _EVENT_FAMILIES = frozenset(t.split(".", 1)[0] for t in EVENT_TYPES)
 # Belt and braces: records are built from hashes, names and counts and never receive a key or a
 # raw token, but a log line can also carry free text (metadata, bodies, exception messages). So
 # every line is scrubbed of the shapes of wrapper tokens and common provider keys before it is
-# written. Request ids share the token shape (`tkn_` + 32 hex); a line's own request id is kept.
+# written. Request ids (`req_` + 32 hex) do not have the token shape; `keep` spares a line's own id.
 _SECRET_RE = re.compile(
-    r"tkn_[0-9a-fA-F]{32}"            # wrapper tokens (and request ids: see `keep`)
+    r"tkn_[0-9a-fA-F]{32}"            # wrapper tokens
     r"|sk-[A-Za-z0-9_-]{16,}"         # OpenAI, Anthropic (sk-ant-...), DeepSeek, OpenRouter, ...
     r"|AKIA[0-9A-Z]{16}"              # AWS access key ids (Bedrock)
     r"|AIza[0-9A-Za-z_-]{35}"         # Google API keys (Gemini)

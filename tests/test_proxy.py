@@ -1,6 +1,7 @@
 """End to end through real sockets: the official SDKs -> `tokenomics serve` -> a recording stub."""
 import http.client
 import json
+import re
 import signal
 import socket
 import threading
@@ -64,7 +65,7 @@ def test_chat_completion_forwarded_with_real_key(setup, stub):
     assert rec.headers["authorization"] == f"Bearer {OPENAI_KEY}"
     assert rec.json["messages"] == [{"role": "user", "content": "hello"}]
     request_id = resp.headers["x-tokenomics-request-id"]
-    assert request_id.startswith("tkn_") and len(request_id) == 36
+    assert re.fullmatch(r"req_[0-9a-f]{32}", request_id)
     assert rec.headers["x-client-request-id"] == request_id
     assert resp.headers["x-tokenomics-model"] == "gpt-4o-mini"
     assert_token_never_upstream(stub, token)
@@ -144,8 +145,9 @@ def test_completions_and_embeddings_governed(setup, stub):
     assert stub.last.headers["authorization"] == f"Bearer {OPENAI_KEY}"
 
 
-def test_passthrough_swaps_key(setup, stub):
-    proxy, token = setup
+def test_passthrough_swaps_key(cli, setup, stub):
+    proxy, _ = setup
+    token = cli.token({"endpoints": ["/v1/files"]})  # a path beyond the governed ones must be listed
     status, _, body = raw(proxy, "GET", "/v1/files?purpose=batch", None, {"Authorization": f"Bearer {token}"})
     assert status == 200
     assert stub.last.path == "/v1/files" and stub.last.query == "purpose=batch"

@@ -304,7 +304,7 @@ def test_graceful_session_totals_git_and_ledger_summary(cli, stub, start_proxy):
     assert ids <= {r["request_id"] for r in rows}
     for row in rows + journal:
         assert REQUEST_FIELDS <= set(row), REQUEST_FIELDS - set(row)
-        assert re.fullmatch(r"tkn_[0-9a-f]{32}", row["request_id"])
+        assert re.fullmatch(r"req_[0-9a-f]{32}", row["request_id"])
         assert len(row["token_hash"]) == 16
         assert RFC3339.match(row["timestamp"])
     assert sum(r["stream"] for r in rows) == 3
