@@ -6670,35 +6670,36 @@ _OUTPUT_META_KEYS = frozenset({"type", "role", "id", "object", "status", "index"
 _OUTPUT_WALK_DEPTH = 16  # answers nest a handful of levels; deeper is not model output worth a walk
 
 
-def output_chars(value: Any, depth: int = 0) -> int:
-    """Characters of model output in `value` (an answer's choices / content / output, or a
+def output_bytes(value: Any, depth: int = 0) -> int:
+    """UTF-8 bytes of model output in `value` (an answer's choices / content / output, or a
     stream event's delta): every string leaf except the protocol's own labels and ids. Generic
     on purpose: text, tool-call arguments, reasoning and refusals are all output the upstream
-    produced and charged for, whichever dialect or part type carries them."""
+    produced and charged for, whichever dialect or part type carries them. Bytes rather than
+    characters, so that bytes / 4 stays near the token count for CJK text too."""
     if isinstance(value, str):
-        return len(value)
+        return len(value) if value.isascii() else len(value.encode("utf-8", "replace"))
     if depth >= _OUTPUT_WALK_DEPTH:
         return 0
     if isinstance(value, dict):
-        return sum(output_chars(v, depth + 1) for k, v in value.items() if k not in _OUTPUT_META_KEYS)
+        return sum(output_bytes(v, depth + 1) for k, v in value.items() if k not in _OUTPUT_META_KEYS)
     if isinstance(value, list):
-        return sum(output_chars(v, depth + 1) for v in value)
+        return sum(output_bytes(v, depth + 1) for v in value)
     return 0
 
 
-def event_output_chars(payload: dict) -> int:
-    """Characters of model output in one upstream stream event: chat and completions
+def event_output_bytes(payload: dict) -> int:
+    """UTF-8 bytes of model output in one upstream stream event: chat and completions
     `choices[].delta` / `choices[].text`, Anthropic and Responses `delta`."""
-    total = output_chars(payload.get("delta"))
+    total = output_bytes(payload.get("delta"))
     for choice in payload.get("choices") or ():
         if isinstance(choice, dict):
-            total += output_chars(choice.get("delta")) + output_chars(choice.get("text"))
+            total += output_bytes(choice.get("delta")) + output_bytes(choice.get("text"))
     return total
 
 
-def answer_output_chars(answer: dict) -> int:
-    """Characters of model output in a whole (non-stream) answer of any dialect."""
-    return sum(output_chars(answer.get(k)) for k in ("choices", "content", "output"))
+def answer_output_bytes(answer: dict) -> int:
+    """UTF-8 bytes of model output in a whole (non-stream) answer of any dialect."""
+    return sum(output_bytes(answer.get(k)) for k in ("choices", "content", "output"))
 
 
 def stream_error_event(dialect: Dialect, err: ProxyError, sequence: int | None = None) -> bytes:
@@ -6736,7 +6737,7 @@ class StreamRelay:
         self.sent_any = False
         self.released_text = False
         self.complete = False   # the upstream's stream ended and every event passed through
-        self.output_chars = 0   # model output received from the upstream, relayed or not
+        self.output_bytes = 0   # model output received from the upstream, relayed or not
         self.collected: list | None = [] if ex.memory is not None else None
 
     async def run(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -6806,7 +6807,7 @@ class StreamRelay:
         """Served model, finish reason, the upstream's completion id and the amount of output,
         from the upstream's events."""
         if isinstance(payload, dict):
-            self.output_chars += event_output_chars(payload)
+            self.output_bytes += event_output_bytes(payload)
         meta = self.meta_dialect.response_meta(payload)
         if meta:
             self.ex.provider_meta.update(meta)
@@ -7507,7 +7508,7 @@ class Pipeline:
             ex.provider_meta.update(usage_meta(ex.usage))
         # An answer without usage is charged the proxy's own count of the text in and out.
         ex.usage = charged_usage(ex.usage or Usage(), estimate_tokens(len(attempt.payload)),
-                                 estimate_tokens(answer_output_chars(answer) if isinstance(answer, dict)
+                                 estimate_tokens(answer_output_bytes(answer) if isinstance(answer, dict)
                                                  else len(data)), complete=True)
         admission.close(ex.usage, self.clock())  # the tokens were spent, whatever the output rules say
         if isinstance(answer, dict) and (whole is not None or ex.memory is not None):
@@ -7583,7 +7584,7 @@ class Pipeline:
             # the larger of what it reported so far and the proxy's own count of the input and
             # of every output text received (relayed to the client or not).
             relay.ex.usage = usage = charged_usage(relay.usage, estimate_tokens(sent_bytes),
-                                                   estimate_tokens(relay.output_chars), relay.complete)
+                                                   estimate_tokens(relay.output_bytes), relay.complete)
             admission.close(usage, self.clock())
 
     @staticmethod

@@ -88,6 +88,7 @@ class _Script:
     close_mid_stream: bool
     path: str | None
     method: str | None
+    no_usage: bool = False
 
     def matches(self, method: str, path: str) -> bool:
         return ((self.path is None or self.path == path)
@@ -267,6 +268,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 data = _to_bytes(event)
                 if data:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    stub._count("events_sent")
             if cut_after is not None:
                 self._reset_connection()
                 return
@@ -343,6 +345,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
         text, pieces = stub._reply(script.reply_text)
         answer = _default_answer(rec, n, text, pieces)
+        if script.no_usage:
+            answer = _without_usage(answer)
         if isinstance(answer, list):  # a stream
             cut = max(1, len(answer) // 2) if script.close_mid_stream else None
             self._send_stream(script.status, answer, headers, n, anthropic, event_delay, cut)
@@ -389,6 +393,32 @@ def _default_answer(rec: Recorded, n: int, text: str, pieces: list[str]) -> dict
     if rec.method == "GET" and path == "/v1/models":
         return _models(now, "anthropic-version" in rec.headers)
     return {"path": rec.path, "method": rec.method}
+
+
+def _strip_usage(obj: dict) -> dict:
+    obj.pop("usage", None)
+    for key in ("message", "response"):
+        if isinstance(obj.get(key), dict):
+            obj[key].pop("usage", None)
+    return obj
+
+
+def _without_usage(answer: dict | list) -> dict | list | None:
+    """The answer as an upstream that reports no usage at all would send it (no `usage`
+    anywhere; a chat stream without its usage chunk)."""
+    if isinstance(answer, dict):
+        return _strip_usage(answer)
+    events = []
+    for raw in answer:
+        head, _, data = raw.decode().rstrip("\n").rpartition("data: ")
+        if not data.startswith("{"):
+            events.append(raw)
+            continue
+        obj = _strip_usage(json.loads(data))
+        if obj.get("choices") == [] or (obj.get("type") == "message_delta" and not obj.get("delta")):
+            continue
+        events.append(head.encode() + _sse(obj))
+    return events
 
 
 def _chat_usage(in_tok: int, out_tok: int) -> dict:
@@ -583,7 +613,8 @@ class StubUpstream:
 
     Attributes: `url`, `requests` (list of Recorded, append-only; copy via `requests[:]`),
     `disconnects` (streams whose client left before the end), `abandoned` (requests whose client
-    left while the stub was still delaying/hanging), `errors` (unexpected handler exceptions),
+    left while the stub was still delaying/hanging), `events_sent` (stream events written),
+    `errors` (unexpected handler exceptions),
     `event_delay` (default seconds between stream events, 0).
     """
 
@@ -601,6 +632,7 @@ class StubUpstream:
         self.requests: list[Recorded] = []
         self.disconnects = 0
         self.abandoned = 0
+        self.events_sent = 0  # stream events written to clients (all requests)
         self.errors: list[str] = []
         self.event_delay = 0.0
         self.url = ""
@@ -661,17 +693,19 @@ class StubUpstream:
                headers: dict | None = None, delay: float = 0.0, hang: bool = False,
                stream_events: Iterable[str | bytes] | None = None, event_delay: float = 0.0,
                reply_text: str | None = None, close_mid_stream: bool = False,
-               path: str | None = None, method: str | None = None, times: int = 1) -> None:
+               path: str | None = None, method: str | None = None, times: int = 1,
+               no_usage: bool = False) -> None:
         """Queue an override for the next `times` requests matching `path`/`method` (None: any).
 
         Precedence when answering: `stream_events` (raw SSE chunks, sent as given) > `body`
         (sent as given with `status`) > status >= 400 (a provider-shaped error body) > the
         default answer (with `reply_text` if given). `close_mid_stream` sends part of the
         answer (half the default events, all of `stream_events`, half a body) then an RST.
+        `no_usage` sends the default answer without any usage figures (as some upstreams do).
         """
         entry = _Script(status, body, dict(headers or {}), float(delay), bool(hang),
                         None if stream_events is None else list(stream_events), float(event_delay),
-                        reply_text, bool(close_mid_stream), path, method)
+                        reply_text, bool(close_mid_stream), path, method, bool(no_usage))
         with self._lock:
             for _ in range(max(1, times)):
                 self._scripts.append(dataclasses.replace(entry))
@@ -704,6 +738,7 @@ class StubUpstream:
             self.requests.clear()
             self.disconnects = 0
             self.abandoned = 0
+            self.events_sent = 0
             self.errors.clear()
 
     def reset(self) -> None:
