@@ -161,8 +161,8 @@ def test_in_process_early_close_charges_the_usage_already_on_the_wire(tmp_path):
     token, _ = store.create({"provider": "mock", "budget": {"tokens": {"total": 100000}}})
     line = BudgetLine(store.lookup(token).hash[:tokenomics.HASH_PREFIX], "tokens", "total", 100000)
     pipeline = tokenomics.Pipeline(config, store, catalog, tokenomics.UpstreamClient(), environ={})
-    body = json.dumps({"model": "mock-1", "stream": True, "max_tokens": 200,
-                       "messages": [{"role": "user", "content": "tell me a long story " * 5}]}).encode()
+    body = json.dumps({"model": "mock-1", "stream": True, "max_tokens": 1000,  # the mock echoes the prompt
+                       "messages": [{"role": "user", "content": "tell me a long story " * 40}]}).encode()
 
     def request():
         return tokenomics.Request("POST", "/v1/chat/completions", "", [(b"authorization", f"Bearer {token}".encode())],
