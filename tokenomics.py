@@ -6904,6 +6904,7 @@ class Exchange:
     request_body: bytes | None = None               # kept only when body logging is on
     response_body: bytes | None = None
     governed: bool = False
+    end_stream: Any = None                          # async: settles a streamed answer however it ends
 
 
 def credential(req: Request) -> str:
@@ -7076,6 +7077,39 @@ class Admission:
                 self.ex.events.append(("budget.update", budget_event(line, used, line.cap, now)))
 
 
+class _CompletingStream:
+    """The client's stream with the exchange's ending attached: however it ends (read to the end,
+    the client leaving mid-way, or never started because the client left first, when an async
+    generator's own `finally` would never run), the answer is settled, recorded and made
+    durable exactly once, before the stream's last chunk goes out."""
+
+    def __init__(self, pipeline: "Pipeline", inner: AsyncIterator[bytes], ex: Exchange):
+        self.pipeline, self.inner, self.ex = pipeline, inner, ex
+        self.closed = False
+
+    def __aiter__(self) -> "_CompletingStream":
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self.inner.__anext__()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(Exception):
+            await self.inner.aclose()
+        if self.ex.end_stream is not None:
+            with contextlib.suppress(Exception):
+                await self.ex.end_stream()
+        self.pipeline.complete(self.ex)
+        await self.pipeline.sync_journal()  # before the last chunk: kill -9 loses no answered request
+
+
 class Pipeline:
     """The proxy's request handler. It receives its collaborators (store, catalog, upstream
     client, mock provider) and owns no I/O of its own beyond calling them."""
@@ -7138,18 +7172,8 @@ class Pipeline:
             self.complete(ex)
             await self.sync_journal()  # settlement and ledger line on disk before the answer leaves
         else:
-            response.stream = self._completing(response.stream, ex)
+            response.stream = _CompletingStream(self, response.stream, ex)
         return response
-
-    async def _completing(self, stream: AsyncIterator[bytes], ex: Exchange) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in stream:
-                yield chunk
-        finally:
-            with contextlib.suppress(Exception):
-                await stream.aclose()
-            self.complete(ex)
-            await self.sync_journal()  # before the stream's last chunk: kill -9 loses no answered request
 
     def complete(self, ex: Exchange) -> None:
         """Hand a finished exchange to the records; a failing record never fails the request."""
@@ -7480,6 +7504,11 @@ class Pipeline:
                                 translator=translator, meta_dialect=upstream_dialect,
                                 log_text=self.masked_output(attempt))
             stream = self._finish_stream(relay, upstream, admission, len(attempt.payload))
+
+            async def end_stream() -> None:
+                await stream.aclose()  # runs its ending if it started ...
+                self._settle_stream(relay, upstream, admission, len(attempt.payload))  # ... else this does
+            ex.end_stream = end_stream
             if channel is None:
                 return Response(200, headers, stream=stream)
             # Pull the first bytes before answering, so that an output rule that fails this early
@@ -7579,13 +7608,20 @@ class Pipeline:
             if not relay.complete:
                 await self._read_what_was_sent(run)
             await run.aclose()  # its own finally (usage into the exchange) must run now, not at GC
-            upstream.close()  # cancels the upstream request when its stream had not ended
-            # Charged what the upstream produced: its usage when the stream ended with one, else
-            # the larger of what it reported so far and the proxy's own count of the input and
-            # of every output text received (relayed to the client or not).
-            relay.ex.usage = usage = charged_usage(relay.usage, estimate_tokens(sent_bytes),
-                                                   estimate_tokens(relay.output_bytes), relay.complete)
-            admission.close(usage, self.clock())
+            self._settle_stream(relay, upstream, admission, sent_bytes)
+
+    def _settle_stream(self, relay: "StreamRelay", upstream: UpstreamResponse, admission: "Admission",
+                       sent_bytes: int) -> None:
+        """Cancel the upstream if its stream had not ended and settle, once. Charged what the
+        upstream produced: its usage when the stream ended with one, else the larger of what it
+        reported so far and the proxy's own count of the input and of every output text
+        received (relayed to the client or not)."""
+        upstream.close()
+        if admission.closed:
+            return
+        relay.ex.usage = usage = charged_usage(relay.usage, estimate_tokens(sent_bytes),
+                                               estimate_tokens(relay.output_bytes), relay.complete)
+        admission.close(usage, self.clock())
 
     @staticmethod
     async def _read_what_was_sent(run: AsyncIterator[bytes]) -> None:

@@ -344,6 +344,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
 
         text, pieces = stub._reply(script.reply_text)
+        if stub.honor_max_tokens and isinstance(rec.json, dict):
+            limit = next((v for k in ("max_completion_tokens", "max_tokens", "max_output_tokens")
+                          if isinstance(v := rec.json.get(k), int) and v > 0), None)
+            if limit is not None and len(pieces) > limit:
+                pieces = pieces[:limit]  # one piece is one word, one output token
+                text = "".join(pieces)
         answer = _default_answer(rec, n, text, pieces)
         if script.no_usage:
             answer = _without_usage(answer)
@@ -635,6 +641,7 @@ class StubUpstream:
         self.events_sent = 0  # stream events written to clients (all requests)
         self.errors: list[str] = []
         self.event_delay = 0.0
+        self.honor_max_tokens = False  # cut the reply to the request's output limit, as providers do
         self.url = ""
 
     # -- lifecycle --------------------------------------------------------------------------

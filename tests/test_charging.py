@@ -183,6 +183,32 @@ def test_in_process_early_close_charges_the_usage_already_on_the_wire(tmp_path):
     assert used == 2 * whole  # the early leaver paid exactly what the full reader paid
 
 
+def test_in_process_stream_closed_before_its_first_byte_is_settled(tmp_path):
+    """The client left between the answer's headers and its first chunk: nothing reads the stream,
+    yet the hold is settled (the input was spent) and the request is recorded, not held forever."""
+    config = tokenomics.load_config(None, str(tmp_path), environ={})
+    catalog = tokenomics.Catalog(config, environ={})
+    store = tokenomics.TokenStore(config, catalog, environ={})
+    token, _ = store.create({"provider": "mock", "budget": {"tokens": {"total": 100000}}})
+    line = BudgetLine(store.lookup(token).hash[:tokenomics.HASH_PREFIX], "tokens", "total", 100000)
+    records = tokenomics.Records()
+    pipeline = tokenomics.Pipeline(config, store, catalog, tokenomics.UpstreamClient(), environ={}, records=records)
+    body = json.dumps({"model": "mock-1", "stream": True, "max_tokens": 50,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    req = tokenomics.Request("POST", "/v1/chat/completions", "", [(b"authorization", f"Bearer {token}".encode())],
+                             {"authorization": f"Bearer {token}"}, body)
+
+    async def scenario():
+        response = await pipeline(req)
+        assert response.status == 200
+        await response.stream.aclose()  # what the server does when the client is gone
+
+    asyncio.run(scenario())
+    used, held = pipeline.state.usage(line, time.time())
+    assert held == 0 and used >= math.ceil(len(body) / 4)
+    assert records.totals.requests == 1
+
+
 # --- answers without usage ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
