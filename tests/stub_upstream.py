@@ -268,7 +268,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 data = _to_bytes(event)
                 if data:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                    stub._count("events_sent")
+                    stub._sent_event(n)
             if cut_after is not None:
                 self._reset_connection()
                 return
@@ -639,6 +639,7 @@ class StubUpstream:
         self.disconnects = 0
         self.abandoned = 0
         self.events_sent = 0  # stream events written to clients (all requests)
+        self.sent_by_request: dict[int, int] = {}  # request number (from 1) -> stream events written
         self.errors: list[str] = []
         self.event_delay = 0.0
         self.honor_max_tokens = False  # cut the reply to the request's output limit, as providers do
@@ -746,6 +747,7 @@ class StubUpstream:
             self.disconnects = 0
             self.abandoned = 0
             self.events_sent = 0
+            self.sent_by_request.clear()
             self.errors.clear()
 
     def reset(self) -> None:
@@ -787,6 +789,11 @@ class StubUpstream:
                 return "".join(self._stream_chunks), list(self._stream_chunks)
             text = self._reply_text if self._reply_text is not None else DEFAULT_REPLY
             return text, _split_pieces(text)
+
+    def _sent_event(self, n: int) -> None:
+        with self._lock:
+            self.events_sent += 1
+            self.sent_by_request[n] = self.sent_by_request.get(n, 0) + 1
 
     def _count(self, name: str) -> None:
         with self._lock:
