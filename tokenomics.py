@@ -7107,7 +7107,8 @@ class _CompletingStream:
             with contextlib.suppress(Exception):
                 await self.ex.end_stream()
         self.pipeline.complete(self.ex)
-        await self.pipeline.sync_journal()  # before the last chunk: kill -9 loses no answered request
+        if self.ex.governed:
+            await self.pipeline.sync_journal()  # before the last chunk: kill -9 loses no answered request
 
 
 class Pipeline:
@@ -7170,7 +7171,8 @@ class Pipeline:
         response.headers.append(("x-tokenomics-request-id", ex.request_id))
         if response.stream is None:
             self.complete(ex)
-            await self.sync_journal()  # settlement and ledger line on disk before the answer leaves
+            if ex.governed:
+                await self.sync_journal()  # settlement and ledger line on disk before the answer leaves
         else:
             response.stream = _CompletingStream(self, response.stream, ex)
         return response
