@@ -3674,6 +3674,17 @@ class Usage:
         return self.input_tokens + self.output_tokens
 
 
+def charged_usage(reported: Usage, own_input: int, own_output: int, complete: bool) -> Usage:
+    """What one answered request is charged (SPEC §7: what the upstream produced, whatever the
+    client does). An answer that completed with usage is charged that usage. Otherwise (the
+    client left, the stream broke, the provider reported nothing) each side is the larger of
+    what the provider reported so far and the proxy's own count, so it is never 0."""
+    if complete and reported.total_tokens:
+        return reported
+    return dataclasses.replace(reported, input_tokens=max(reported.input_tokens, own_input, 1),
+                               output_tokens=max(reported.output_tokens, own_output, 0))
+
+
 def _model_candidates(model: str) -> Iterator[str]:
     """Names to try for a price, most specific first: as given, without provider prefix, then
     with date/version suffixes stripped one at a time, then shorter `-` prefixes."""
@@ -3896,6 +3907,7 @@ class Reservation:
     usd_nano: int
     created: float
     done: bool = False
+    held: tuple = ()  # journal rows [key, unit, period, window_start, hold]: its charge after a crash
 
     @property
     def usd(self) -> float:
@@ -4081,7 +4093,9 @@ class MemoryState(State):
     Budget counters are [window_start, used, reserved] per (key, unit, period), in tokens or
     nano-dollars. When a window rolls over, `used` restarts at 0 and `reserved` carries over
     (the requests holding it are still running). Settled deltas queue in a pending list that
-    UsageJournal.commit() drains; reservations are never persisted.
+    UsageJournal.commit() drains. Once a journal has replayed into it (`write_ahead`), opened
+    and closed reservations queue too, and the open ones are part of every snapshot, so a
+    reservation that was never settled can be charged in full after a crash.
 
     Memory stays bounded: rate states idle for a whole window (hence indistinguishable from
     fresh ones) and counters of windows that have passed with nothing reserved are swept
@@ -4094,6 +4108,10 @@ class MemoryState(State):
         self._parallel: dict[str, int] = {}
         self._pending: list[list] = []
         self._next_id = 0
+        self.write_ahead = False                     # set by UsageJournal.replay()
+        self._open: dict[int, Reservation] = {}      # journaled reservations not yet settled
+        self._opened: list[list] = []                # [id, rows] not yet drained to the journal
+        self._closed: list[int] = []                 # ids settled or released, not yet drained
         self._next_sweep = -math.inf
         self._month = (0.0, 0.0)
 
@@ -4247,8 +4265,17 @@ class MemoryState(State):
             for c, cap, line in plan.values():
                 c[2] += granted if line.unit == "tokens" else hold_usd
             self._next_id += 1
-            res = Reservation(self._next_id, tuple(p[2] for p in plan.values()), granted, hold_usd, now)
+            held = tuple([line.key, line.unit, line.period, c[0], granted if line.unit == "tokens" else hold_usd]
+                         for c, cap, line in plan.values())
+            res = Reservation(self._next_id, tuple(p[2] for p in plan.values()), granted, hold_usd, now, held=held)
+            if self.write_ahead:
+                self._open[res.id] = res
+                self._opened.append([res.id, [row for row in held if row[4]]])
             return res, granted
+
+    def _closing(self, reservation: Reservation) -> None:
+        if self._open.pop(reservation.id, None) is not None:
+            self._closed.append(reservation.id)
 
     def _worse(self, blocked, line: BudgetLine, c: list, cap: int, left: int, floor_: int, now: float):
         """Keep the refusal whose window resets last: naming the daily budget when the monthly
@@ -4281,6 +4308,7 @@ class MemoryState(State):
             if reservation.done:
                 return
             reservation.done = True
+            self._closing(reservation)
             for line in reservation.lines:
                 cid = (line.key, line.unit, line.period)
                 c = self._counter(cid, now)
@@ -4296,6 +4324,7 @@ class MemoryState(State):
             if reservation.done:
                 return
             reservation.done = True
+            self._closing(reservation)
             for line in reservation.lines:
                 c = self._counters.get((line.key, line.unit, line.period))
                 if c is not None:
@@ -4316,8 +4345,30 @@ class MemoryState(State):
     # -- persistence (UsageJournal) ------------------------------------------------------------
 
     def has_pending(self) -> bool:
-        """Whether settled deltas wait for the journal."""
-        return bool(self._pending)
+        """Whether settled deltas (or opened / closed reservations) wait for the journal."""
+        return bool(self._pending or self._opened or self._closed)
+
+    def drain_journal(self) -> dict:
+        """Everything the journal has not seen yet, as one journal record: settled deltas "d",
+        reservations opened "o" ([id, rows]) and closed "c" (ids). A reservation opened and closed
+        within the same batch needs no record of its own: its deltas say it all."""
+        with self._lock:
+            deltas, opened, closed = self._pending, self._opened, self._closed
+            self._pending, self._opened, self._closed = [], [], []
+        both = {rid for rid, _ in opened} & set(closed)
+        out: dict = {}
+        if deltas:
+            out["d"] = deltas
+        if opened := [o for o in opened if o[0] not in both]:
+            out["o"] = opened
+        if closed := [rid for rid in closed if rid not in both]:
+            out["c"] = closed
+        return out
+
+    def skip_ids(self, last: int) -> None:
+        """Number new reservations after `last` (the highest id a replayed journal holds)."""
+        with self._lock:
+            self._next_id = max(self._next_id, last)
 
     def drain(self) -> list[list]:
         """Settled deltas not yet journaled: [key, unit, period, window_start, amount] with
@@ -4327,14 +4378,18 @@ class MemoryState(State):
             return out
 
     def export(self, drain: bool = False) -> dict:
-        """Settled counters as JSON-ready data (reservations are never exported). With
-        drain=True, the pending deltas are dropped in the same atomic step, because the
-        export already contains them (that is what a journal snapshot needs)."""
+        """Settled counters as JSON-ready data, and under "open" the journaled reservations not
+        settled yet (as [id, rows]; their holds are not counters). With drain=True, the pending
+        journal records are dropped in the same atomic step, because the export already
+        contains them (that is what a journal snapshot needs)."""
         with self._lock:
             rows = [[k, u, p, c[0], c[1]] for (k, u, p), c in self._counters.items() if c[1]]
             if drain:
-                self._pending = []
-            return {"version": 1, "counters": rows}
+                self._pending, self._opened, self._closed = [], [], []
+            out: dict = {"version": 1, "counters": rows}
+            if self._open:
+                out["open"] = [[rid, [row for row in res.held if row[4]]] for rid, res in self._open.items()]
+            return out
 
     def load(self, data: dict) -> None:
         """Restore counters from export() output (a journal snapshot). ValueError if malformed."""
@@ -4402,20 +4457,25 @@ def _fsync_dir(path: str) -> None:
 class UsageJournal:
     """Crash-safe persistence of settled usage in the data dir.
 
-    `path` is an append-only log: one JSON line {"s": seq, "d": [deltas]} per commit, written
-    with one write() and fsync'ed before the response completes. `path + ".snapshot"` holds
-    the counters as of sequence number `seq`, replaced atomically (temp file, fsync, rename)
-    when the log grows past `compact_bytes`; the log is then truncated. Replay loads the
-    snapshot and applies only log lines with s > seq, so a crash between the rename and the
-    truncation counts nothing twice. A torn last line (kill -9 mid-write) is cut off at replay.
-    Both files are created 0600. In-flight reservations are never journaled: after a crash,
-    requests that had not finished simply count nothing."""
+    `path` is an append-only log: one JSON line {"s": seq, "d": [deltas], "o": [[id, rows]],
+    "c": [ids]} per commit (empty parts left out), written with one write() and fsync'ed:
+    write-ahead, a reservation is opened ("o") on disk before its request is forwarded, and
+    its settlement ("d" and "c") is on disk before the response completes. `path + ".snapshot"`
+    holds the counters and the open reservations as of sequence number `seq`, replaced
+    atomically (temp file, fsync, rename) when the log grows past `compact_bytes`; the log is
+    then truncated. Replay loads the snapshot and applies only log lines with s > seq, so a
+    crash between the rename and the truncation counts nothing twice. A reservation still
+    open at the end of the replay belonged to a request in flight at a crash: it is charged in
+    full (its hold, in the window it was taken in), so a crash never hands out unbilled
+    tokens, and a snapshot makes that charge durable at once. A torn last line (kill -9
+    mid-write) is cut off at replay. Both files are created 0600."""
 
     def __init__(self, path: str, compact_bytes: int = _JOURNAL_COMPACT_BYTES):
         self.path = os.fspath(path)
         self.snapshot_path = self.path + ".snapshot"
         self.compact_bytes = compact_bytes
         self.skipped = 0  # complete lines that could not be read at replay (disk damage); log it
+        self.charged_in_flight: tuple[int, int] = (0, 0)  # (requests, tokens) charged in full at replay
         self._fd: int | None = None
         self._seq = 0
         self._size = 0
@@ -4425,6 +4485,7 @@ class UsageJournal:
         """Load the snapshot and the log into `state`; call once at start, before commits."""
         with self._lock:
             snap_seq = 0
+            orphans: dict = {}  # reservation id -> rows, opened and not (yet) closed
             raw = _read_optional(self.snapshot_path)
             if raw is not None:
                 try:
@@ -4433,6 +4494,8 @@ class UsageJournal:
                     if not _is_count(snap_seq):
                         raise ValueError("bad seq")
                     state.load(snap)
+                    for rid, rows in snap.get("open") or ():
+                        orphans[int(rid)] = _check_rows(rows)
                 except (ValueError, KeyError, TypeError) as exc:
                     raise RuntimeFailure(f"usage snapshot {self.snapshot_path} is unreadable ({exc}); "
                                          "move it aside to start with empty usage counters") from None
@@ -4448,7 +4511,12 @@ class UsageJournal:
                     if not _is_count(seq):
                         raise ValueError("bad seq")
                     if seq > snap_seq:
-                        state.apply(rec["d"])
+                        opened = [(int(rid), _check_rows(rows)) for rid, rows in rec.get("o") or ()]
+                        closed = [int(rid) for rid in rec.get("c") or ()]
+                        state.apply(rec.get("d") or [])
+                        orphans.update(opened)
+                        for rid in closed:
+                            orphans.pop(rid, None)
                 except (ValueError, KeyError, TypeError):
                     self.skipped += 1
                     continue
@@ -4461,12 +4529,21 @@ class UsageJournal:
             if self._fd is not None:
                 os.close(self._fd)
             self._fd, self._seq, self._size = fd, last, end
+            state.write_ahead = True
+            if orphans:
+                state.skip_ids(max(orphans))
+                tokens = 0
+                for rows in orphans.values():
+                    state.apply(rows)
+                    tokens += max((r[4] for r in rows if r[1] == "tokens"), default=0)
+                self.charged_in_flight = (len(orphans), tokens)
+                self._compact(state)  # the charge is durable now, and the orphans leave the log
 
     def append(self, entries: list) -> None:
         """Durably add one batch of settled deltas (one line, one write, one fsync)."""
         if entries:
             with self._lock:
-                self._append(entries)
+                self._append({"d": entries})
 
     def commit(self, state: MemoryState) -> None:
         """Make every delta settled so far durable: drain `state` into one appended line, and
@@ -4474,9 +4551,9 @@ class UsageJournal:
         a commit that finds nothing pending returns only after the commit that took its delta
         has fsync'ed. Blocking I/O: run it in a worker thread if the event loop must not wait."""
         with self._lock:
-            entries = state.drain()
-            if entries:
-                self._append(entries)
+            record = state.drain_journal()
+            if record:
+                self._append(record)
             if self._size > self.compact_bytes:
                 self._compact(state)
 
@@ -4491,10 +4568,10 @@ class UsageJournal:
                 os.close(self._fd)
                 self._fd = None
 
-    def _append(self, entries: list) -> None:
+    def _append(self, record: dict) -> None:
         if self._fd is None:
             raise RuntimeFailure("usage journal written before replay(); call replay() at start")
-        line = (json.dumps({"s": self._seq + 1, "d": entries}, separators=(",", ":")) + "\n").encode()
+        line = (json.dumps({"s": self._seq + 1, **record}, separators=(",", ":")) + "\n").encode()
         try:
             _write_all(self._fd, line)
             os.fsync(self._fd)
@@ -7030,6 +7107,44 @@ class HTTPServer:
 # Streams — the SSE relay as a transformer over events: output guard, usage, error events
 ###############################################################################
 
+_OUTPUT_META_KEYS = frozenset({"type", "role", "id", "object", "status", "index", "finish_reason", "stop_reason",
+                               "stop_sequence", "logprobs", "annotations", "system_fingerprint", "service_tier",
+                               "model", "created", "created_at", "usage", "signature", "encrypted_content"})
+_OUTPUT_WALK_DEPTH = 16  # answers nest a handful of levels; deeper is not model output worth a walk
+
+
+def output_bytes(value: Any, depth: int = 0) -> int:
+    """UTF-8 bytes of model output in `value` (an answer's choices / content / output, or a
+    stream event's delta): every string leaf except the protocol's own labels and ids. Generic
+    on purpose: text, tool-call arguments, reasoning and refusals are all output the upstream
+    produced and charged for, whichever dialect or part type carries them. Bytes rather than
+    characters, so that bytes / 4 stays near the token count for CJK text too."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode("utf-8", "replace"))
+    if depth >= _OUTPUT_WALK_DEPTH:
+        return 0
+    if isinstance(value, dict):
+        return sum(output_bytes(v, depth + 1) for k, v in value.items() if k not in _OUTPUT_META_KEYS)
+    if isinstance(value, list):
+        return sum(output_bytes(v, depth + 1) for v in value)
+    return 0
+
+
+def event_output_bytes(payload: dict) -> int:
+    """UTF-8 bytes of model output in one upstream stream event: chat and completions
+    `choices[].delta` / `choices[].text`, Anthropic and Responses `delta`."""
+    total = output_bytes(payload.get("delta"))
+    for choice in payload.get("choices") or ():
+        if isinstance(choice, dict):
+            total += output_bytes(choice.get("delta")) + output_bytes(choice.get("text"))
+    return total
+
+
+def answer_output_bytes(answer: dict) -> int:
+    """UTF-8 bytes of model output in a whole (non-stream) answer of any dialect."""
+    return sum(output_bytes(answer.get(k)) for k in ("choices", "content", "output"))
+
+
 def stream_error_event(dialect: Dialect, err: ProxyError, sequence: int | None = None) -> bytes:
     """The event that ends a stream with an error, in the stream's own dialect."""
     if dialect.family == "anthropic":
@@ -7064,6 +7179,8 @@ class StreamRelay:
         self.last_seq = 0
         self.sent_any = False
         self.released_text = False
+        self.complete = False   # the upstream's stream ended and every event passed through
+        self.output_bytes = 0   # model output received from the upstream, relayed or not
         self.collected: list | None = [] if ex.memory is not None else None
 
     async def run(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -7081,6 +7198,7 @@ class StreamRelay:
                     yield pending + out
                     pending = b""
             tail = pending + self.finish()
+            self.complete = True
             if tail:
                 self.sent_any = True
                 yield tail
@@ -7129,7 +7247,10 @@ class StreamRelay:
                         self._translated(self.translator.feed(ev.event, payload)))
 
     def _observe(self, payload: dict) -> None:
-        """Served model, finish reason and the upstream's completion id, from the upstream's events."""
+        """Served model, finish reason, the upstream's completion id and the amount of output,
+        from the upstream's events."""
+        if isinstance(payload, dict):
+            self.output_bytes += event_output_bytes(payload)
         meta = self.meta_dialect.response_meta(payload)
         if meta:
             self.ex.provider_meta.update(meta)
@@ -7226,6 +7347,7 @@ class Exchange:
     request_body: bytes | None = None               # kept only when body logging is on
     response_body: bytes | None = None
     governed: bool = False                          # recorded: past routing, governed or passed through
+    end_stream: Any = None                          # async: settles a streamed answer however it ends
 
 
 class _DuplicateKey(ValueError):
@@ -7336,6 +7458,9 @@ _NOT_RELAYED = HOP_BY_HOP | {"content-length"}
 
 _RETRYABLE_CODES = frozenset({"upstream_unreachable", "upstream_timeout"})
 MAX_RETRY_AFTER = 20.0      # seconds: a longer Retry-After is better answered by a fallback or the client
+STREAM_LEFT_READ = 0.05     # seconds a stream whose client left is still read (not relayed) before the
+                            # upstream is cancelled: what it already sent (often its usage event) is on
+                            # the wire within a round trip; longer would pay for output nobody reads
 
 
 def retry_delay(backoff: float, attempt: int, retry_after: str | None) -> float:
@@ -7394,13 +7519,30 @@ async def _tap(chunks: AsyncIterator[bytes], ex: "Exchange") -> AsyncIterator[by
         ex.response_body = b"".join(kept)
 
 
-async def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    try:
-        yield first
-        async for chunk in rest:
-            yield chunk
-    finally:
-        await rest.aclose()
+class _Prepended:
+    """`first`, then the rest of a stream whose first chunk was pulled early. A class rather
+    than an async generator: closing one that never started must still close (and so settle)
+    the stream behind it."""
+
+    def __init__(self, first: bytes, rest: AsyncIterator[bytes]):
+        self._first, self._rest = first, rest
+
+    def __aiter__(self) -> "_Prepended":
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await self._rest.__anext__()
+
+    async def aclose(self) -> None:
+        self._first = None
+        await self._rest.aclose()
+
+
+def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> _Prepended:
+    return _Prepended(first, rest)
 
 
 class Admission:
@@ -7427,10 +7569,62 @@ class Admission:
             p.state.release(self.reservation)
             return
         p.state.settle(self.reservation, usage.total_tokens, cost_usd(self.model, usage, p.pricing), now)
+        self._budget_events(now)
+
+    def abandon(self, err: BaseException, now: float) -> None:
+        """Close after a failure once the request may have reached the upstream. Cancelled (the
+        client left, the proxy is stopping) the outcome is unknown: charged in full, as after a
+        crash; any other failure (nothing was answered) releases the hold."""
+        if not isinstance(err, asyncio.CancelledError) or self.closed or self.reservation is None:
+            self.close(None, now)
+            return
+        self.closed = True
+        p = self.pipeline
+        if self.parallel_key is not None:
+            p.state.leave(self.parallel_key)
+        p.state.settle(self.reservation, self.reservation.tokens, self.reservation.usd, now)
+        self._budget_events(now)
+
+    def _budget_events(self, now: float) -> None:
+        p = self.pipeline
         if p.records.dispatcher is not None:
             for line in self.lines:
                 used, _ = p.state.usage(line, now)
                 self.ex.events.append(("budget.update", budget_event(line, used, line.cap, now)))
+
+
+class _CompletingStream:
+    """The client's stream with the exchange's ending attached: however it ends (read to the end,
+    the client leaving mid-way, or never started because the client left first, when an async
+    generator's own `finally` would never run), the answer is settled, recorded and made
+    durable exactly once, before the stream's last chunk goes out."""
+
+    def __init__(self, pipeline: "Pipeline", inner: AsyncIterator[bytes], ex: Exchange):
+        self.pipeline, self.inner, self.ex = pipeline, inner, ex
+        self.closed = False
+
+    def __aiter__(self) -> "_CompletingStream":
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self.inner.__anext__()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(Exception):
+            await self.inner.aclose()
+        if self.ex.end_stream is not None:
+            with contextlib.suppress(Exception):
+                await self.ex.end_stream()
+        self.pipeline.complete(self.ex)
+        if self.ex.governed:
+            await self.pipeline.sync_journal()  # before the last chunk: kill -9 loses no answered request
 
 
 class Pipeline:
@@ -7503,18 +7697,11 @@ class Pipeline:
         response.headers.append(("x-tokenomics-request-id", ex.request_id))
         if response.stream is None:
             self.complete(ex)
+            if ex.governed:
+                await self.sync_journal()  # settlement and ledger line on disk before the answer leaves
         else:
-            response.stream = self._completing(response.stream, ex)
+            response.stream = _CompletingStream(self, response.stream, ex)
         return response
-
-    async def _completing(self, stream: AsyncIterator[bytes], ex: Exchange) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in stream:
-                yield chunk
-        finally:
-            with contextlib.suppress(Exception):
-                await stream.aclose()
-            self.complete(ex)
 
     def complete(self, ex: Exchange) -> None:
         """Hand a finished exchange to the records; a failing record never fails the request."""
@@ -7694,9 +7881,14 @@ class Pipeline:
                 continue  # this fallback is not allowed or has no budget left: try the next one
             ex.fallback_model = candidate if index else ""
             try:
+                await self.sync_journal()  # write-ahead: the reservation is on disk before anything leaves
+            except BaseException:
+                attempt.admission.close(None, self.clock())
+                raise
+            try:
                 upstream = await self.forward(req, attempt, ex)
             except BaseException as err:
-                attempt.admission.close(None, self.clock())
+                attempt.admission.abandon(err, self.clock())
                 if isinstance(err, ProxyError) and err.code in _RETRYABLE_CODES and not last:
                     continue
                 raise
@@ -7706,8 +7898,8 @@ class Pipeline:
                 continue
             try:
                 return await self.respond(attempt, upstream, dialect, ex)
-            except BaseException:
-                attempt.admission.close(None, self.clock())
+            except BaseException as err:
+                attempt.admission.abandon(err, self.clock())
                 raise
         raise AssertionError("unreachable: the last model always returns or raises")
 
@@ -7854,6 +8046,11 @@ class Pipeline:
                                 translator=translator, meta_dialect=upstream_dialect,
                                 log_text=self.masked_output(attempt))
             stream = self._finish_stream(relay, upstream, admission, len(attempt.payload))
+
+            async def end_stream() -> None:
+                await stream.aclose()  # runs its ending if it started ...
+                self._settle_stream(relay, upstream, admission, len(attempt.payload))  # ... else this does
+            ex.end_stream = end_stream
             # Pull the first bytes before answering, so that an output rule that fails this early
             # (or an oversized first event) is a plain error rather than an error event in a 200 stream.
             try:
@@ -7878,8 +8075,11 @@ class Pipeline:
                 data = json.dumps(answer, ensure_ascii=False).encode("utf-8")
         if ex.usage is not None:
             ex.provider_meta.update(usage_meta(ex.usage))
+        # An answer without usage is charged the proxy's own count of the text in and out.
+        ex.usage = charged_usage(ex.usage or Usage(), estimate_tokens(len(attempt.payload)),
+                                 estimate_tokens(answer_output_bytes(answer) if isinstance(answer, dict)
+                                                 else len(data)), complete=True)
         admission.close(ex.usage, self.clock())  # the tokens were spent, whatever the output rules say
-        await self.sync_journal()
         if isinstance(answer, dict) and (whole is not None or ex.memory is not None):
             changed, said = False, []
             guard = attempt.guard_out if attempt.guard_out.active else None
@@ -7948,25 +8148,45 @@ class Pipeline:
             async for out in run:
                 yield out
         finally:
+            if not relay.complete:
+                await self._read_what_was_sent(run)
             await run.aclose()  # its own finally (usage into the exchange) must run now, not at GC
-            upstream.close()
-            usage = relay.usage
-            if relay.sent_any and not usage.output_tokens:
-                # Cut short before the provider reported (all of) its usage: count what was surely
-                # spent, the input as reported or estimated and the output text seen so far.
-                seen = sum(len(t) for t in relay.collected or ()) if relay.collected is not None else 0
-                usage = dataclasses.replace(
-                    usage, input_tokens=usage.input_tokens or estimate_tokens(sent_bytes),
-                    output_tokens=max(1, estimate_tokens(seen)))
-                relay.ex.usage = usage
-            admission.close(usage if usage.total_tokens else None, self.clock())
-            await self.sync_journal()
+            self._settle_stream(relay, upstream, admission, sent_bytes)
+
+    def _settle_stream(self, relay: "StreamRelay", upstream: UpstreamResponse, admission: "Admission",
+                       sent_bytes: int) -> None:
+        """Cancel the upstream if its stream had not ended and settle, once. Charged what the
+        upstream produced: its usage when the stream ended with one, else the larger of what it
+        reported so far and the proxy's own count of the input and of every output text
+        received (relayed to the client or not)."""
+        upstream.close()
+        if admission.closed:
+            return
+        relay.ex.usage = usage = charged_usage(relay.usage, estimate_tokens(sent_bytes),
+                                               estimate_tokens(relay.output_bytes), relay.complete)
+        admission.close(usage, self.clock())
+
+    @staticmethod
+    async def _read_what_was_sent(run: AsyncIterator[bytes]) -> None:
+        """The client left (or the relay failed) before the upstream's stream ended: take in, without
+        relaying, what the upstream has already sent (its usage event is often among it), for at
+        most STREAM_LEFT_READ seconds, so the charge is the upstream's own figure where it can be."""
+        with contextlib.suppress(Exception):  # TimeoutError, the upstream breaking, an output rule
+            async with _deadline(STREAM_LEFT_READ):
+                async for _ in run:
+                    pass
 
     async def sync_journal(self) -> None:
-        """Group commit: a settled request waits for one write + fsync that covers it (so its usage
-        survives a crash before the response ends); concurrent requests share that fsync, and the
-        disk wait happens in a worker thread, off the event loop."""
-        if self.journal is None or not self.state.has_pending():
+        """Group commit of the usage journal (reservations opened, settlements) and the ledger's
+        request lines: a request waits for one write + fsync of each file that covers it, so its
+        reservation is on disk before it is forwarded and its settlement and ledger line before
+        its response ends. Concurrent requests share those fsyncs; the disk waits happen in
+        worker threads, off the event loop. A commit already running may hold this request's
+        records without having fsync'ed them yet: then the request waits for the next one."""
+        ledger = self.records.ledger
+        pending = (self.journal is not None and self.state.has_pending()) or \
+            (ledger is not None and ledger.has_pending())
+        if not pending and (self._journal_task is None or self._journal_task.done()):
             return
         loop = asyncio.get_running_loop()
         done = loop.create_future()
@@ -7977,12 +8197,17 @@ class Pipeline:
 
     async def _journal_writer(self) -> None:
         loop = asyncio.get_running_loop()
+        ledger = self.records.ledger
         while self._journal_waiters:
             waiters, self._journal_waiters = self._journal_waiters, []
-            try:
-                await loop.run_in_executor(None, self.journal.commit, self.state)
-            except Exception:
-                log.exception("writing the usage journal failed; settled usage stays in memory")
+            jobs = []
+            if self.journal is not None:
+                jobs.append(loop.run_in_executor(None, self.journal.commit, self.state))
+            if ledger is not None:
+                jobs.append(loop.run_in_executor(None, ledger.flush))  # never raises; logs its own failures
+            for result in await asyncio.gather(*jobs, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    log.error("writing the usage journal failed (%s); settled usage stays in memory", result)
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
@@ -8112,12 +8337,15 @@ class Pipeline:
 # tables, git context, conversation memory logs
 ###############################################################################
 # The journal is the source of truth: one JSON line per governed request, appended in batches
-# (one write + fsync per batch) so the event loop never waits on the disk. The summary JSON is
-# a convenience written on graceful shutdown; every reader also works from journals alone.
+# (one write + fsync per batch, in a worker thread, group-committed with the usage journal
+# before the request's response completes) so the event loop never waits on the disk. The
+# summary JSON is a convenience written on graceful shutdown; every reader also works from
+# journals alone.
 
 GIT_TIMEOUT = 1.0               # seconds for all git calls of one git_context(): a hung NFS mount or
                                 # a huge repo must not hold up the proxy's start or its shutdown
-LEDGER_FLUSH_INTERVAL = 0.2     # seconds between journal flushes: the most a kill -9 can lose
+LEDGER_FLUSH_INTERVAL = 0.2     # seconds between background flushes of lines no response waits for
+                                # (answered requests are flushed before their response completes)
 _LEDGER_MAX_PENDING = 100_000   # journal lines held while the disk refuses writes (~50 MB); beyond
                                 # this the oldest are dropped and counted, so memory stays bounded
 _SESSION_ID_RE = re.compile(r"[0-9a-f]{8}")
@@ -8339,11 +8567,11 @@ class Ledger:
     (a `session` line with the git context, then one `request` line per governed request) and,
     on close(), the summary `<date>_<id>.json`. <date> is the UTC date the session started.
 
-    record() only serialises and appends to an in-memory batch (no disk I/O); run_flusher()
-    writes the batch every `flush_interval` seconds with one write and one fsync, in a worker
-    thread. Loss bound: a kill -9 loses at most the requests acknowledged in the last
-    `flush_interval` seconds plus one write+fsync (a few ms); a graceful stop (cancel the
-    flusher, then close()) loses nothing. A journal write that fails keeps the batch and
+    record() only serialises and appends to an in-memory batch (no disk I/O); flush() writes the
+    batch with one write and one fsync. The pipeline calls flush() in a worker thread, in the
+    same group commit as the usage journal, before a request's response completes, so a kill -9
+    loses no answered request; run_flusher() flushes whatever else is pending every
+    `flush_interval` seconds; a graceful stop (cancel the flusher, then close()) loses nothing. A journal write that fails keeps the batch and
     retries it on the next flush (logging once), holding at most _LEDGER_MAX_PENDING lines."""
 
     def __init__(self, data_dir: str, session_id: str | None = None, cwd: str | None = None,
@@ -8404,6 +8632,10 @@ class Ledger:
             if len(self._pending) > _LEDGER_MAX_PENDING:
                 self._drop_oldest()
         self._rollups.add(row, _num(rec.timestamp))
+
+    def has_pending(self) -> bool:
+        """Whether recorded lines wait for flush()."""
+        return bool(self._pending)
 
     def _drop_oldest(self) -> None:
         # Index 0 may be the unwritten tail of a half-written line: keep it, or the line tears.
@@ -10035,6 +10267,10 @@ class Proxy:
         self.state = MemoryState()
         self.journal = UsageJournal(os.path.join(config.dir, "usage.journal"))
         self.journal.replay(self.state)
+        if self.journal.charged_in_flight[0]:
+            log.warning("usage journal: %d requests were in flight when the proxy last stopped without "
+                        "settling them; charged their full reservations (%d tokens in all)",
+                        *self.journal.charged_in_flight)
         self.ledger = Ledger(config.dir, cwd=os.getcwd()) if config.ledger.enabled else None
         webhooks = validate_webhooks(config.events.webhooks)
         self.dispatcher = WebhookDispatcher(webhooks) if webhooks else None

@@ -89,6 +89,7 @@ class _Script:
     path: str | None
     method: str | None
     trailing: bytes = b""     # sent right after a Content-Length body, on a connection kept open
+    no_usage: bool = False
 
     def matches(self, method: str, path: str) -> bool:
         return ((self.path is None or self.path == path)
@@ -268,6 +269,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 data = _to_bytes(event)
                 if data:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                    stub._sent_event(n)
             if cut_after is not None:
                 self._reset_connection()
                 return
@@ -343,7 +345,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
 
         text, pieces = stub._reply(script.reply_text)
+        if stub.honor_max_tokens and isinstance(rec.json, dict):
+            limit = next((v for k in ("max_completion_tokens", "max_tokens", "max_output_tokens")
+                          if isinstance(v := rec.json.get(k), int) and v > 0), None)
+            if limit is not None and len(pieces) > limit:
+                pieces = pieces[:limit]  # one piece is one word, one output token
+                text = "".join(pieces)
         answer = _default_answer(rec, n, text, pieces)
+        if script.no_usage:
+            answer = _without_usage(answer)
         if isinstance(answer, list):  # a stream
             cut = max(1, len(answer) // 2) if script.close_mid_stream else None
             self._send_stream(script.status, answer, headers, n, anthropic, event_delay, cut)
@@ -390,6 +400,32 @@ def _default_answer(rec: Recorded, n: int, text: str, pieces: list[str]) -> dict
     if rec.method == "GET" and path == "/v1/models":
         return _models(now, "anthropic-version" in rec.headers)
     return {"path": rec.path, "method": rec.method}
+
+
+def _strip_usage(obj: dict) -> dict:
+    obj.pop("usage", None)
+    for key in ("message", "response"):
+        if isinstance(obj.get(key), dict):
+            obj[key].pop("usage", None)
+    return obj
+
+
+def _without_usage(answer: dict | list) -> dict | list | None:
+    """The answer as an upstream that reports no usage at all would send it (no `usage`
+    anywhere; a chat stream without its usage chunk)."""
+    if isinstance(answer, dict):
+        return _strip_usage(answer)
+    events = []
+    for raw in answer:
+        head, _, data = raw.decode().rstrip("\n").rpartition("data: ")
+        if not data.startswith("{"):
+            events.append(raw)
+            continue
+        obj = _strip_usage(json.loads(data))
+        if obj.get("choices") == [] or (obj.get("type") == "message_delta" and not obj.get("delta")):
+            continue
+        events.append(head.encode() + _sse(obj))
+    return events
 
 
 def _chat_usage(in_tok: int, out_tok: int) -> dict:
@@ -584,7 +620,8 @@ class StubUpstream:
 
     Attributes: `url`, `requests` (list of Recorded, append-only; copy via `requests[:]`),
     `disconnects` (streams whose client left before the end), `abandoned` (requests whose client
-    left while the stub was still delaying/hanging), `errors` (unexpected handler exceptions),
+    left while the stub was still delaying/hanging), `events_sent` (stream events written),
+    `errors` (unexpected handler exceptions),
     `event_delay` (default seconds between stream events, 0).
     """
 
@@ -602,8 +639,11 @@ class StubUpstream:
         self.requests: list[Recorded] = []
         self.disconnects = 0
         self.abandoned = 0
+        self.events_sent = 0  # stream events written to clients (all requests)
+        self.sent_by_request: dict[int, int] = {}  # request number (from 1) -> stream events written
         self.errors: list[str] = []
         self.event_delay = 0.0
+        self.honor_max_tokens = False  # cut the reply to the request's output limit, as providers do
         self.url = ""
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -663,7 +703,7 @@ class StubUpstream:
                stream_events: Iterable[str | bytes] | None = None, event_delay: float = 0.0,
                reply_text: str | None = None, close_mid_stream: bool = False,
                path: str | None = None, method: str | None = None, times: int = 1,
-               trailing: bytes = b"") -> None:
+               trailing: bytes = b"", no_usage: bool = False) -> None:
         """Queue an override for the next `times` requests matching `path`/`method` (None: any).
 
         Precedence when answering: `stream_events` (raw SSE chunks, sent as given) > `body`
@@ -672,13 +712,14 @@ class StubUpstream:
         answer (half the default events, all of `stream_events`, half a body) then an RST.
         `trailing` (misbehaviour) is written right after a Content-Length body, beyond its
         length, and the connection is kept open: e.g. a whole second HTTP response.
+        `no_usage` sends the default answer without any usage figures (as some upstreams do).
         Other misbehaviours need no mode of their own: a redirect or a key echoed back is
         `status`/`headers`/`body`; a gzip bomb is `body` with `content-encoding: gzip`; a
         boundary-less SSE event is one `stream_events` item without a blank line.
         """
         entry = _Script(status, body, dict(headers or {}), float(delay), bool(hang),
                         None if stream_events is None else list(stream_events), float(event_delay),
-                        reply_text, bool(close_mid_stream), path, method, bytes(trailing))
+                        reply_text, bool(close_mid_stream), path, method, bytes(trailing), bool(no_usage))
         with self._lock:
             for _ in range(max(1, times)):
                 self._scripts.append(dataclasses.replace(entry))
@@ -711,6 +752,8 @@ class StubUpstream:
             self.requests.clear()
             self.disconnects = 0
             self.abandoned = 0
+            self.events_sent = 0
+            self.sent_by_request.clear()
             self.errors.clear()
 
     def reset(self) -> None:
@@ -752,6 +795,11 @@ class StubUpstream:
                 return "".join(self._stream_chunks), list(self._stream_chunks)
             text = self._reply_text if self._reply_text is not None else DEFAULT_REPLY
             return text, _split_pieces(text)
+
+    def _sent_event(self, n: int) -> None:
+        with self._lock:
+            self.events_sent += 1
+            self.sent_by_request[n] = self.sent_by_request.get(n, 0) + 1
 
     def _count(self, name: str) -> None:
         with self._lock:

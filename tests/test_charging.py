@@ -1,0 +1,420 @@
+"""Charging what the upstream produced (SPEC §7, §9): clients that leave streams early, answers
+without usage, write-ahead reservations across kill -9, ledger lines durable before the answer."""
+import asyncio
+import concurrent.futures
+import http.client
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import tokenomics
+from tokenomics import BudgetLine, MemoryState, Usage, UsageJournal, charged_usage
+from test_proxy import oa, raw
+
+BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 500}
+WORD = "abcdefg "  # one stub "token" (a word) of 8 bytes: the proxy's own count (bytes / 4) is 2 per word
+PIECES = [WORD] * 60
+# Text pieces the stub sends before the first delta, per endpoint (role chunk; message_start,
+# content_block_start, ping; created, in_progress, output_item.added, content_part.added).
+HEAD_EVENTS = {"/v1/chat/completions": 1, "/v1/messages": 3, "/v1/responses": 4}
+ENDPOINT_BODY = {
+    "/v1/chat/completions": BODY,
+    "/v1/messages": {"model": "claude-sonnet-4-5", "max_tokens": 500,
+                     "messages": [{"role": "user", "content": "hello there"}]},
+    "/v1/responses": {"model": "gpt-4.1", "input": "hello there", "max_output_tokens": 500},
+}
+DEADLINE = 10.0  # seconds any poll below waits at most
+
+
+def poll(predicate, timeout: float = DEADLINE, interval: float = 0.02):
+    """predicate() once truthy (returned), or its last value after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= end:
+            return value
+        time.sleep(interval)
+
+
+def charged(data_dir: Path) -> int:
+    """Tokens on the lifetime token counters, as the usage journal on disk holds them (snapshot +
+    complete log lines), read without touching the files a running proxy owns."""
+    seq, total = 0, 0
+    snap = data_dir / "usage.journal.snapshot"
+    if snap.exists():
+        data = json.loads(snap.read_bytes())
+        seq = data["seq"]
+        total += sum(r[4] for r in data["counters"] if r[1] == "tokens" and r[2] == "total")
+    log = data_dir / "usage.journal"
+    raw_log = log.read_bytes() if log.exists() else b""
+    for line in raw_log[:raw_log.rfind(b"\n") + 1].splitlines():
+        rec = json.loads(line)
+        if rec["s"] > seq:
+            total += sum(r[4] for r in rec.get("d", ()) if r[1] == "tokens" and r[2] == "total")
+    return total
+
+
+def stub_input_tokens(stub) -> int:
+    return max(1, math.ceil(len(stub.last.body) / 4))
+
+
+def hang_up_after(proxy, token: str, path: str, body: dict, deltas: int = 3) -> bytes:
+    """A raw-socket streaming client that reads until `deltas` text deltas arrived, then closes.
+    A refusal (not 200) is read to its end and returned."""
+    data = json.dumps({**body, "stream": True}).encode()
+    auth = b"x-api-key: " + token.encode() if path == "/v1/messages" else b"Authorization: Bearer " + token.encode()
+    got = b""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=DEADLINE) as s:
+        s.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n" + auth
+                  + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+        for _ in range(1000):  # bounded; each recv waits at most the socket timeout
+            chunk = s.recv(65536)
+            got += chunk
+            if not chunk or got.count(WORD.strip().encode()) >= deltas:
+                break
+            head, sep, rest = got.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: *(\d+)", head)
+            if sep and not head.startswith(b"HTTP/1.1 200") and length and len(rest) >= int(length.group(1)):
+                break
+    return got
+
+
+# --- clients that leave a stream early ------------------------------------------------------------
+
+def test_sdk_client_closing_a_stream_early_is_charged_what_the_upstream_sent(cli, stub, start_proxy, data_dir):
+    """The red-team case: read a few deltas, close before the usage chunk. Charged at least the
+    upstream's input and every word it streamed before the proxy cancelled it."""
+    token = cli.token({"budget": {"tokens": {"total": 1_000_000}}})
+    proxy = start_proxy(upstream_url=stub.url)
+    stub.event_delay = 0.03
+    stub.set_stream_chunks(PIECES)
+    stream = oa(proxy, token).chat.completions.create(**BODY, stream=True)
+    seen = 0
+    for chunk in stream:  # bounded by the stub's 60 pieces
+        if chunk.choices and chunk.choices[0].delta.content:
+            seen += 1
+            if seen == 3:
+                break
+    stream.close()
+    assert stub.wait_for(lambda: stub.disconnects >= 1, timeout=DEADLINE), "the upstream was not cancelled"
+    words_sent = stub.events_sent - HEAD_EVENTS["/v1/chat/completions"]
+    assert 3 <= words_sent < len(PIECES)
+    spent = poll(lambda: charged(data_dir))
+    assert spent >= stub_input_tokens(stub) + words_sent, (spent, words_sent)
+    assert spent <= stub_input_tokens(stub) + 2 * len(PIECES)  # nothing made up beyond what was received
+
+
+@pytest.mark.parametrize("path", sorted(HEAD_EVENTS))
+def test_raw_client_leaving_a_stream_is_charged_in_every_dialect(cli, stub, start_proxy, data_dir, path):
+    token = cli.token({"budget": {"tokens": {"total": 1_000_000}}})
+    proxy = start_proxy(upstream_url=stub.url)
+    stub.event_delay = 0.03
+    stub.set_stream_chunks(PIECES)
+    assert hang_up_after(proxy, token, path, ENDPOINT_BODY[path]).startswith(b"HTTP/1.1 200")
+    assert stub.wait_for(lambda: stub.disconnects >= 1, timeout=DEADLINE), "the upstream was not cancelled"
+    words_sent = stub.events_sent - HEAD_EVENTS[path]
+    assert 3 <= words_sent < len(PIECES)
+    spent = poll(lambda: charged(data_dir))
+    assert spent >= stub_input_tokens(stub) + words_sent, (spent, words_sent)
+
+
+def test_leaving_clients_cannot_spend_past_the_budget(cli, stub, start_proxy, data_dir):
+    """Streams abandoned one after another: the budget runs out after what the upstream really
+    sent, not after input estimates plus one token each (which would admit all 40)."""
+    cap = 600
+    token = cli.token({"budget": {"tokens": {"total": cap}}})
+    proxy = start_proxy(upstream_url=stub.url)
+    stub.event_delay = 0.02
+    stub.set_stream_chunks(PIECES)
+    real = 0
+    for _ in range(40):  # bounded
+        before_events, before_disc = stub.events_sent, stub.disconnects
+        got = hang_up_after(proxy, token, "/v1/chat/completions", {**BODY, "max_tokens": 20}, deltas=3)
+        if not got.startswith(b"HTTP/1.1 200"):
+            assert got.startswith(b"HTTP/1.1 429") and b"budget_exceeded" in got, got[:300]
+            break
+        assert stub.wait_for(lambda: stub.disconnects > before_disc, timeout=DEADLINE)
+        real += stub_input_tokens(stub) + max(0, stub.events_sent - before_events - 1)
+        assert poll(lambda: charged(data_dir) >= real)
+    else:
+        pytest.fail("the budget never ran out")
+    assert real <= cap + 60  # what was served stays within the cap, but for the last stream's overrun
+
+
+def test_in_process_early_close_charges_the_usage_already_on_the_wire(tmp_path):
+    """A client that closes after the first event, while the rest of the answer (usage included)
+    has already arrived: the proxy reads what was sent and charges the upstream's own figure."""
+    config = tokenomics.load_config(None, str(tmp_path), environ={})
+    catalog = tokenomics.Catalog(config, environ={})
+    store = tokenomics.TokenStore(config, catalog, environ={})
+    token, _ = store.create({"provider": "mock", "budget": {"tokens": {"total": 100000}}})
+    line = BudgetLine(store.lookup(token).hash[:tokenomics.HASH_PREFIX], "tokens", "total", 100000)
+    pipeline = tokenomics.Pipeline(config, store, catalog, tokenomics.UpstreamClient(), environ={})
+    body = json.dumps({"model": "mock-1", "stream": True, "max_tokens": 1000,  # the mock echoes the prompt
+                       "messages": [{"role": "user", "content": "tell me a long story " * 40}]}).encode()
+
+    def request():
+        return tokenomics.Request("POST", "/v1/chat/completions", "", [(b"authorization", f"Bearer {token}".encode())],
+                                  {"authorization": f"Bearer {token}"}, body)
+
+    async def scenario():
+        full = await pipeline(request())
+        async for _ in full.stream:
+            pass
+        whole = pipeline.state.usage(line, time.time())[0]
+        early = await pipeline(request())
+        assert await early.stream.__anext__()
+        await early.stream.aclose()
+        return whole, pipeline.state.usage(line, time.time())
+
+    whole, (used, held) = asyncio.run(scenario())
+    assert whole > 0 and held == 0
+    assert used == 2 * whole  # the early leaver paid exactly what the full reader paid
+
+
+def test_in_process_stream_closed_before_its_first_byte_is_settled(tmp_path):
+    """The client left before reading any of the answer: nothing reads the stream, yet the hold is
+    settled (what the upstream reported, since its stream is taken in to the end) and the request
+    is recorded, not held forever."""
+    config = tokenomics.load_config(None, str(tmp_path), environ={})
+    catalog = tokenomics.Catalog(config, environ={})
+    store = tokenomics.TokenStore(config, catalog, environ={})
+    token, _ = store.create({"provider": "mock", "budget": {"tokens": {"total": 100000}}})
+    line = BudgetLine(store.lookup(token).hash[:tokenomics.HASH_PREFIX], "tokens", "total", 100000)
+    records = tokenomics.Records()
+    pipeline = tokenomics.Pipeline(config, store, catalog, tokenomics.UpstreamClient(), environ={}, records=records)
+    body = json.dumps({"model": "mock-1", "stream": True, "max_tokens": 50,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    req = tokenomics.Request("POST", "/v1/chat/completions", "", [(b"authorization", f"Bearer {token}".encode())],
+                             {"authorization": f"Bearer {token}"}, body)
+
+    async def scenario():
+        response = await pipeline(req)
+        assert response.status == 200
+        await response.stream.aclose()  # what the server does when the client is gone
+
+    asyncio.run(scenario())
+    used, held = pipeline.state.usage(line, time.time())
+    assert held == 0 and used > 0
+    assert records.totals.requests == 1
+
+
+# --- answers without usage ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("path", sorted(HEAD_EVENTS))
+def test_answers_without_usage_are_charged_the_proxys_own_count(cli, stub, start_proxy, data_dir, path, stream):
+    token = cli.token({"budget": {"tokens": {"total": 1_000_000}}})
+    proxy = start_proxy(upstream_url=stub.url)
+    stub.set_stream_chunks(PIECES)
+    stub.script(no_usage=True)
+    headers = {"x-api-key": token} if path == "/v1/messages" else {"Authorization": f"Bearer {token}"}
+    status, _, answer = raw(proxy, "POST", path, {**ENDPOINT_BODY[path], "stream": stream}, headers)
+    assert status == 200 and b"usage\":{" not in answer.replace(b" ", b"")
+    own_output = math.ceil(len(WORD) * len(PIECES) / 4)
+    spent = poll(lambda: charged(data_dir))
+    assert spent >= stub_input_tokens(stub) + own_output, spent
+    assert spent <= stub_input_tokens(stub) + own_output + 16  # the own count, not a guess
+
+
+# --- write-ahead reservations across kill -9 -------------------------------------------------------
+
+def test_requests_in_flight_at_kill_9_are_charged_in_full_after_restart(cli, stub, start_proxy, data_dir):
+    body = json.dumps({**BODY, "max_tokens": 1000}).encode()
+    hold = math.ceil(len(body) / 4) + 1000  # input estimate + output allowance
+    cap = 3 * hold + 5
+    token = cli.token({"budget": {"tokens": {"total": cap}}})
+    proxy = start_proxy(upstream_url=stub.url)
+    stub.script(hang=True, times=3)  # the upstream stalls: the three requests stay in flight
+
+    def call():
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=DEADLINE)
+        try:
+            conn.request("POST", "/v1/chat/completions", body=body, headers={"Authorization": f"Bearer {token}"})
+            return conn.getresponse().status
+        except (OSError, http.client.HTTPException):
+            return None  # the proxy died under it
+        finally:
+            conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        calls = [pool.submit(call) for _ in range(3)]
+        assert stub.wait_for(lambda: len(stub.requests) == 3, timeout=DEADLINE)
+        proxy.stop(signal.SIGKILL)
+        assert [c.result(DEADLINE) for c in calls] == [None] * 3
+    proxy = start_proxy(upstream_url=stub.url)
+    assert poll(lambda: "were in flight" in proxy.stderr, timeout=2), proxy.stderr  # and it says so
+    status, _, answer = raw(proxy, "POST", "/v1/chat/completions", BODY, {"Authorization": f"Bearer {token}"})
+    assert status == 429, answer
+    message = json.loads(answer)["error"]["message"]
+    assert f"used {3 * hold:,} of {cap:,}" in message, message
+    assert charged(data_dir) == 3 * hold
+    # a second restart counts nothing twice
+    proxy.stop(signal.SIGKILL)
+    proxy = start_proxy(upstream_url=stub.url)
+    assert charged(data_dir) == 3 * hold
+
+
+def test_streams_cut_by_kill_9_leave_nothing_unbilled(cli, stub, start_proxy, data_dir):
+    token = cli.token({"budget": {"tokens": {"total": 1_000_000}}})
+    proxy = start_proxy(upstream_url=stub.url)
+    stub.event_delay = 0.05
+    stub.set_stream_chunks(PIECES)
+    got = hang_up_after(proxy, token, "/v1/chat/completions", BODY, deltas=5)  # reads 5, then ...
+    assert got.startswith(b"HTTP/1.1 200")
+    proxy.stop(signal.SIGKILL)  # ... the proxy dies (the client's close may race it: either way)
+    served_words = got.count(WORD.strip().encode())
+    start_proxy(upstream_url=stub.url)
+    assert charged(data_dir) >= stub_input_tokens(stub) + served_words
+
+
+# --- the ledger line is on disk before the answer ---------------------------------------------------
+
+def test_kill_9_right_after_answers_loses_no_ledger_line(cli, stub, start_proxy, data_dir):
+    token = cli.token({})
+    proxy = start_proxy(upstream_url=stub.url)
+    auth = {"Authorization": f"Bearer {token}"}
+    ids = []
+    for body in (BODY, {**BODY, "stream": True}, BODY):
+        status, headers, _ = raw(proxy, "POST", "/v1/chat/completions", body, auth)
+        assert status == 200
+        ids.append(headers["x-tokenomics-request-id"])
+    status, headers, _ = raw(proxy, "POST", "/v1/chat/completions", {**BODY, "model": 3}, auth)
+    assert status == 400  # refusals are answered requests too
+    ids.append(headers["x-tokenomics-request-id"])
+    proxy.stop(signal.SIGKILL)
+    rows = []
+    for path in (data_dir / "sessions").glob("*.jsonl"):
+        for line in path.read_bytes().splitlines():
+            row = json.loads(line)
+            if row.get("type") == "request":
+                rows.append(row)
+    assert [r["request_id"] for r in rows] == ids
+    assert all(r["input_tokens"] > 0 for r in rows[:3])
+
+
+# --- the arithmetic -------------------------------------------------------------------------------
+
+counts = st.integers(0, 10**7)
+usages = st.builds(Usage, counts, counts, counts, counts, counts)
+
+
+@settings(max_examples=500, deadline=None)
+@given(reported=usages, own_in=counts, own_out=counts, complete=st.booleans())
+def test_charged_usage_is_the_report_or_the_larger_count_never_zero(reported, own_in, own_out, complete):
+    got = charged_usage(reported, own_in, own_out, complete)
+    assert got.total_tokens >= 1
+    assert (got.cached_input_tokens, got.cache_creation_tokens, got.reasoning_tokens) == \
+        (reported.cached_input_tokens, reported.cache_creation_tokens, reported.reasoning_tokens)
+    if complete and reported.total_tokens:
+        assert got == reported
+    else:
+        assert got.input_tokens == max(reported.input_tokens, own_in, 1)
+        assert got.output_tokens == max(reported.output_tokens, own_out)
+        assert got.total_tokens >= max(reported.total_tokens, own_in + own_out)
+
+
+@settings(max_examples=200, deadline=None)
+@given(pieces=st.lists(st.text(max_size=20), max_size=12))
+def test_output_counts_every_text_of_every_dialect(pieces):
+    size = sum(len(p.encode("utf-8", "replace")) for p in pieces)
+    text = "".join(pieces)
+    chat = {"id": "x", "object": "chat.completion", "model": "m",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                "role": "assistant", "content": text, "refusal": None,
+                "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "", "arguments": text}}]}}]}
+    messages = {"id": "x", "type": "message", "role": "assistant", "stop_reason": "end_turn",
+                "content": [{"type": "thinking", "thinking": text, "signature": "sig" * 30},
+                            {"type": "tool_use", "id": "t", "name": "", "input": {"q": text}}]}
+    responses = {"id": "x", "object": "response", "status": "completed",
+                 "output": [{"type": "reasoning", "id": "r", "encrypted_content": "e" * 90, "summary": []},
+                            {"type": "message", "id": "m", "role": "assistant", "status": "completed",
+                             "content": [{"type": "output_text", "text": text, "annotations": []}]}]}
+    assert tokenomics.answer_output_bytes(chat) == 2 * size
+    assert tokenomics.answer_output_bytes(messages) == 2 * size
+    assert tokenomics.answer_output_bytes(responses) == size
+    events = []
+    for p in pieces:
+        events += [{"choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]},
+                   {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": p}},
+                   {"type": "response.function_call_arguments.delta", "item_id": "i", "delta": p}]
+    events += [{"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}},
+               {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": "stop"}]}]
+    assert sum(tokenomics.event_output_bytes(e) for e in events) == 3 * size
+
+
+TOTAL = BudgetLine("k", "tokens", "total", 10**12)
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("reserve"), st.integers(1, 5000)),
+    st.tuples(st.just("settle"), st.integers(0, 50), st.integers(0, 9000)),
+    st.tuples(st.just("release"), st.integers(0, 50)),
+    st.tuples(st.just("commit")), st.tuples(st.just("compact"))), max_size=30)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=OPS)
+def test_a_crash_charges_settled_usage_and_open_reservations_exactly_once(ops):
+    """Whatever was durable at the crash (the last commit or compaction): settled usage, plus the
+    full hold of every reservation opened and not settled by then; nothing twice on a second start."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "usage.journal")
+        j, s = UsageJournal(path, compact_bytes=400), MemoryState()
+        j.replay(s)
+        open_, used, durable, durable_open, durable_holds = [], 0, 0, 0, 0
+        for op in ops:
+            if op[0] == "reserve":
+                open_.append(s.reserve([TOTAL], op[1], 0.0, 0.0)[0])
+            elif op[0] in ("settle", "release") and open_:
+                res = open_.pop(op[1] % len(open_))
+                if op[0] == "settle":
+                    s.settle(res, op[2], 0.0, 0.0)
+                    used += op[2]
+                else:
+                    s.release(res)
+            elif op[0] in ("commit", "compact"):
+                (j.commit if op[0] == "commit" else j.compact)(s)
+                durable, durable_open = used, len(open_)
+                durable_holds = sum(r.tokens for r in open_)
+        expected = durable + durable_holds  # the files as a kill -9 leaves them: no close()
+        crashed = os.path.join(tmp, "after")
+        os.mkdir(crashed)
+        for name in os.listdir(tmp):
+            if name.startswith("usage.journal"):
+                shutil.copy(os.path.join(tmp, name), crashed)
+        for attempt in range(2):  # the first start charges the orphans; the second must not again
+            j2, s2 = UsageJournal(os.path.join(crashed, "usage.journal")), MemoryState()
+            j2.replay(s2)
+            assert s2.usage(TOTAL, 0.0) == (expected, 0), attempt
+            assert j2.charged_in_flight[0] == (durable_open if attempt == 0 else 0)
+            j2.close()
+        j.close()
+
+
+def test_reservation_opened_and_settled_in_one_batch_writes_only_its_usage(tmp_path):
+    j, s = UsageJournal(tmp_path / "usage.journal"), MemoryState()
+    j.replay(s)
+    res, _ = s.reserve([TOTAL], 100, 0.0, 0.0)
+    s.settle(res, 40, 0.0, 0.0)
+    j.commit(s)
+    (line,) = (tmp_path / "usage.journal").read_bytes().splitlines()
+    assert json.loads(line) == {"s": 1, "d": [["k", "tokens", "total", 0.0, 40]]}
+    res, _ = s.reserve([TOTAL], 100, 0.0, 0.0)
+    j.commit(s)  # write-ahead: the open reservation is on disk ...
+    s.release(res)
+    j.commit(s)  # ... and so is its release: it will not be charged after a crash
+    recs = [json.loads(x) for x in (tmp_path / "usage.journal").read_bytes().splitlines()]
+    assert recs[1]["o"] == [[res.id, [["k", "tokens", "total", 0.0, 100]]]] and recs[2]["c"] == [res.id]
+    s2 = MemoryState()
+    UsageJournal(tmp_path / "usage.journal").replay(s2)
+    assert s2.usage(TOTAL, 0.0) == (40, 0)
