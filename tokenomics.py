@@ -28,6 +28,7 @@ import hmac
 import http
 import importlib.util
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -1448,6 +1449,8 @@ class RuleMatch:
 # the text (bounded memory; results are deterministic, so a hit changes nothing but the cost).
 
 _SCAN_CACHE: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+# Big texts are scanned in worker threads (see _OFF_LOOP_CHARS): one lock keeps the LRU whole.
+_SCAN_CACHE_LOCK = threading.Lock()
 
 
 def _text_key(text: str) -> bytes:
@@ -1455,16 +1458,18 @@ def _text_key(text: str) -> bytes:
 
 
 def _cache_get(key: tuple) -> Any:
-    value = _SCAN_CACHE.get(key)
-    if value is not None:
-        _SCAN_CACHE.move_to_end(key)
-    return value
+    with _SCAN_CACHE_LOCK:
+        value = _SCAN_CACHE.get(key)
+        if value is not None:
+            _SCAN_CACHE.move_to_end(key)
+        return value
 
 
 def _cache_put(key: tuple, value: Any) -> None:
-    _SCAN_CACHE[key] = value
-    if len(_SCAN_CACHE) > _SCAN_CACHE_SIZE:
-        _SCAN_CACHE.popitem(last=False)
+    with _SCAN_CACHE_LOCK:
+        _SCAN_CACHE[key] = value
+        if len(_SCAN_CACHE) > _SCAN_CACHE_SIZE:
+            _SCAN_CACHE.popitem(last=False)
 
 # ---------------------------------------------------------------------------- PII detectors
 # Each detector: a candidate regex (ASCII digits only, anchored by look-arounds so it starts
@@ -1914,7 +1919,12 @@ _JB_SPELL_WORDS = ("ignore", "disregard", "previous", "instructions", "instructi
                    "unfiltered", "uncensored", "developer", "filters", "safety")
 _JB_SPELL_MAX_TEXT = 2000          # chars; longer texts are not spell-corrected (cost)
 _JB_WINDOW = 120                   # chars analysed on each side of a trigger word
-_LEET_CAND_RE = re.compile(r"(?<![a-z0-9@$])(?=[a-z0-9@$|!]*[a-z])(?=[a-z0-9@$|!]*[0-9@$])[a-z0-9@$|!]{3,}")
+_JB_MAX_WINDOW = 4096              # chars; overlapping trigger windows merge up to this size, so
+                                   # the per-window work (not linear in the window) stays bounded
+                                   # and a text dense with trigger words is scanned in linear time
+# The look-aheads are bounded: unbounded, "|a|a|a..." made every position rescan the whole run.
+_LEET_CAND_RE = re.compile(
+    r"(?<![a-z0-9@$])(?=[a-z0-9@$|!]{0,64}[a-z])(?=[a-z0-9@$|!]{0,64}[0-9@$])[a-z0-9@$|!]{3,}")
 # Words that, written in leetspeak, mark a place worth analysing (their plain forms may be too
 # common to be triggers on their own, e.g. "without", "content").
 _LEET_WORDS = frozenset(
@@ -2531,7 +2541,21 @@ class _JbPositions(dict):
 def _jb_near(spans: list[tuple[int, int]], a: int, b: int, k: int) -> list[tuple[int, int]]:
     """Spans within k words of the word range [a, b] (spans are sorted by start)."""
     lo = bisect.bisect_left(spans, (a - k - 8, -1))
-    return [s for s in spans[lo:] if s[0] <= b + k and s[1] >= a - k and s[0] - k <= b][:64]
+    out = []
+    for s in itertools.islice(spans, lo, None):
+        if s[0] > b + k:
+            break                                    # sorted by start: nothing further is near
+        if s[1] >= a - k:
+            out.append(s)
+            if len(out) == 64:
+                break
+    return out
+
+
+def _jb_starts_in(spans: list[tuple[int, int]], lo: int, hi: int) -> bool:
+    """Whether a span starts at a word index in [lo, hi] (spans are sorted by start)."""
+    i = bisect.bisect_left(spans, (lo, -1))
+    return lo <= hi and i < len(spans) and spans[i][0] <= hi
 
 
 def _jb_concept_hits(v: str, hits: set) -> None:
@@ -2548,7 +2572,7 @@ def _jb_concept_hits(v: str, hits: set) -> None:
                     v[starts[x]:starts[x] + 4] == "your" for x, _ in _jb_near(c["anchor"], a, b, 3)):
                 hits.add(("c-changed", "override", 0.5))
             continue
-        owned = any(a - 2 <= x < a for x, _ in c["user_owned"])
+        owned = _jb_starts_in(c["user_owned"], a - 2, a - 1)
         anchors = _jb_near(c["anchor"], a, b, 3)
         anchored = anchors and (
             _jb_near(c["you"], a, b, 8) or _JB_CORE_DIRECTIVE_RE.match(v, starts[a]) is not None
@@ -2574,7 +2598,7 @@ def _jb_concept_hits(v: str, hits: set) -> None:
             hits.add(("c-persona-bad", "persona", 0.6))
     for a, b in c["secret"]:
         for x, _ in _jb_near(c["reveal"], a, b, 8):
-            if not any(a - 3 <= n < x for n, _ in c["negation"]):
+            if not _jb_starts_in(c["negation"], a - 3, x - 1):
                 hits.add(("c-extract", "prompt_extraction", 1.0))
                 break
     # A note addressed to an AI reader that asks for secrecy, exfiltration or a new task is an
@@ -2678,7 +2702,7 @@ def _jb_windows(lower: str) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     for p in pos:
         s, e = max(0, p - _JB_WINDOW), min(len(lower), p + _JB_WINDOW)
-        if out and s <= out[-1][1]:
+        if out and s <= out[-1][1] and e - out[-1][0] <= _JB_MAX_WINDOW:
             out[-1] = (out[-1][0], e)
         else:
             out.append((s, e))
@@ -4556,30 +4580,179 @@ class Catalog:
 # Dialects — one adapter per wire format: where the text is, prompts, output caps, usage, streams
 ###############################################################################
 
-def _parts_slots(content) -> Iterator[tuple[Any, Any]]:
-    """Text slots of a content value that may be a string or a list of typed parts/blocks."""
+# Where the text is. Known part/block/item types are read field by field; any other is walked
+# and every string leaf is a text, except the keys below, which carry structure, not content
+# (ids, roles, types, opaque signatures). Base64 payloads are decoded when their media type
+# says text, and skipped otherwise (an image or a PDF is not text a rule can read).
+_STRUCTURAL_KEYS = frozenset((
+    "type", "id", "role", "name", "tool_call_id", "tool_use_id", "call_id", "item_id", "file_id",
+    "index", "status", "media_type", "mime_type", "format", "detail", "cache_control", "signature",
+    "encrypted_content", "model", "object", "finish_reason", "stop_reason", "output_index",
+    "content_index", "summary_index", "sequence_number"))
+_TEXT_PART_TYPES = frozenset(("text", "input_text", "output_text"))
+_TEXT_MEDIA_RE = re.compile(r"(?i)(?:text/[\w.+-]+|application/(?:json|xml|x-yaml|yaml|csv|x-ndjson"
+                            r"|javascript|x-sh|sql|[\w.+-]*\+(?:json|xml)))(?:;.*)?")
+_DATA_URL_RE = re.compile(r"data:([^,;]*)((?:;[^,;]*)*?);base64,", re.IGNORECASE)
+
+
+class _DecodedSlot:
+    """A base64 text payload (a data: URL, a base64 document source) as the text it encodes:
+    rules read what the model reads, and a rewritten text is encoded back in place."""
+    __slots__ = ("_holder", "_key", "_prefix", "_text")
+
+    def __init__(self, holder: Any, key: Any, prefix: str, text: str) -> None:
+        self._holder, self._key, self._prefix, self._text = holder, key, prefix, text
+
+    def __getitem__(self, _key: Any) -> str:
+        return self._text
+
+    def __setitem__(self, _key: Any, text: str) -> None:
+        self._text = text
+        self._holder[self._key] = self._prefix + base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def _decoded_slot(holder: Any, key: Any, prefix: str, payload: str) -> tuple[Any, Any] | None:
+    try:
+        text = base64.b64decode(payload, validate=False).decode("utf-8")
+    except ValueError:                                         # binascii.Error, UnicodeDecodeError
+        return None
+    return (_DecodedSlot(holder, key, prefix, text), 0) if text else None
+
+
+def _string_slot(holder: Any, key: Any) -> tuple[Any, Any] | None:
+    """The slot of one string leaf: itself, its decoded text, or None for a binary payload."""
+    value = holder[key]
+    if value.startswith(("data:", "DATA:")):
+        m = _DATA_URL_RE.match(value)
+        if m:
+            if not _TEXT_MEDIA_RE.fullmatch(m.group(1)):
+                return None
+            return _decoded_slot(holder, key, value[:m.end()], value[m.end():])
+    return holder, key
+
+
+def _walk_slots(value: Any, skip: frozenset = _STRUCTURAL_KEYS) -> Iterator[tuple[Any, Any]]:
+    """Every string leaf of a JSON value in document order (keys in `skip` left out).
+    Iterative, so nesting depth costs memory, not the interpreter's stack."""
+    stack: list = [(None, None, value)]
+    while stack:
+        holder, key, node = stack.pop()
+        if isinstance(node, str):
+            if node:
+                slot = _string_slot(holder, key)
+                if slot:
+                    yield slot
+            continue
+        children: list = []
+        if isinstance(node, dict):
+            # base64 sources, input_audio {"data", "format"}, output audio {"data", "transcript"}
+            binary_source = "data" in node and (node.get("type") == "base64" or "format" in node
+                                                or "transcript" in node)
+            if binary_source and isinstance(node.get("data"), str):
+                media = node.get("media_type") or node.get("mime_type") or ""
+                if isinstance(media, str) and _TEXT_MEDIA_RE.fullmatch(media):
+                    slot = _decoded_slot(node, "data", "", node["data"])
+                    if slot:
+                        yield slot
+            children = [(node, k, v) for k, v in node.items()
+                        if k not in skip and not (binary_source and k == "data")]
+        elif isinstance(node, list):
+            children = [(node, i, v) for i, v in enumerate(node)]
+        stack.extend(c for c in reversed(children) if isinstance(c[2], (str, dict, list)))
+
+
+def _field_groups(holder: dict, key: Any) -> Iterator[list]:
+    """One group per text found in holder[key] (a string, or any JSON value walked)."""
+    value = holder.get(key) if isinstance(holder, dict) else None
+    if isinstance(value, str):
+        slot = _string_slot(holder, key) if value else None
+        if slot:
+            yield [slot]
+    elif isinstance(value, (dict, list)):
+        for slot in _walk_slots(value):
+            yield [slot]
+
+
+def _block_groups(part: dict) -> Iterator[list]:
+    """The texts of one non-text part or block: tool results recursively, a tool call's input
+    entirely (its keys are the tool's own, not structure), anything else walked."""
+    kind = part.get("type")
+    if kind == "tool_result":
+        inner = part.get("content")
+        if isinstance(inner, str):
+            yield [(part, "content")]
+        else:
+            yield from _parts_groups(inner)
+        for key in part:
+            if key not in ("content", "tool_use_id", "type", "is_error", "cache_control"):
+                yield from _field_groups(part, key)
+    elif kind in ("tool_use", "server_tool_use") and isinstance(part.get("input"), (dict, list)):
+        for slot in _walk_slots(part["input"], frozenset()):
+            yield [slot]
+    elif kind == "redacted_thinking":
+        return                                  # encrypted by the provider: nothing readable
+    else:
+        for slot in _walk_slots(part):
+            yield [slot]
+
+
+def _parts_groups(content: Any) -> Iterator[list]:
+    """Text slots of a list of typed parts/blocks, grouped: adjacent text parts form one group
+    (scanned as one text, so a value split across them is still caught)."""
     if not isinstance(content, list):
         return
-    for part in content:
-        if not isinstance(part, dict):
+    run: list = []
+    for i, part in enumerate(content):
+        if isinstance(part, dict) and part.get("type") in _TEXT_PART_TYPES and isinstance(part.get("text"), str):
+            run.append((part, "text"))
             continue
-        kind = part.get("type")
-        if kind in ("text", "input_text", "output_text") and isinstance(part.get("text"), str):
-            yield part, "text"
-        elif kind == "tool_result":
-            inner = part.get("content")
-            if isinstance(inner, str):
-                yield part, "content"
-            else:
-                yield from _parts_slots(inner)
+        if run:
+            yield run
+            run = []
+        if isinstance(part, str):
+            if part:
+                yield [(content, i)]
+        elif isinstance(part, dict):
+            yield from _block_groups(part)
+    if run:
+        yield run
 
 
-def _content_slots(holder: dict, key: str = "content") -> Iterator[tuple[Any, Any]]:
+def _content_groups(holder: dict, key: str = "content") -> Iterator[list]:
     value = holder.get(key)
     if isinstance(value, str):
-        yield holder, key
+        yield [(holder, key)]
     else:
-        yield from _parts_slots(value)
+        yield from _parts_groups(value)
+
+
+def _parts_slots(content: Any) -> Iterator[tuple[Any, Any]]:
+    """Every text slot of a list of parts/blocks (see _parts_groups), ungrouped."""
+    for group in _parts_groups(content):
+        yield from group
+
+
+def _description_groups(value: Any) -> Iterator[list]:
+    """Descriptions and titles anywhere in tool/function definitions or schemas (the model
+    reads them; names and schema structure are left alone)."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key in ("description", "title"):
+                if isinstance(node.get(key), str) and node[key]:
+                    yield [(node, key)]
+            stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))
+
+
+def _message_extra_groups(msg: dict, known: tuple) -> Iterator[list]:
+    """Every other field of a message (refusal, tool_calls and legacy function_call arguments,
+    reasoning_content, fields not yet documented), structural keys left out."""
+    for key in msg:
+        if key not in known and key not in _STRUCTURAL_KEYS:
+            yield from _field_groups(msg, key)
 
 
 def _list_slots(holder: dict, key: str) -> Iterator[tuple[Any, Any]]:
@@ -4620,6 +4793,12 @@ class Dialect:
     def input_slots(self, body: dict) -> Iterator[tuple[Any, Any]]:
         return iter(())
 
+    def input_groups(self, body: dict) -> Iterator[list]:
+        """The input slots in groups; the slots of one group are scanned as one text (adjacent
+        text parts of a message), each other slot is a group of its own."""
+        for slot in self.input_slots(body):
+            yield [slot]
+
     def output_slots(self, body: dict) -> Iterator[tuple[Any, Any]]:
         return iter(())
 
@@ -4653,7 +4832,8 @@ class Dialect:
         return []
 
     def stream_ends(self, event: str | None, payload: dict) -> list:
-        """Channels whose text is complete once this event is reached (flushed before it)."""
+        """Channels whose text is complete once this event is reached (flushed before it); a
+        tuple also closes every channel it is a prefix of (all channels of a choice, a block)."""
         return []
 
     def stream_full_texts(self, event: str | None, payload: dict) -> list[tuple[Any, Any]]:
@@ -4683,23 +4863,27 @@ class ChatDialect(Dialect):
     cap_fields = ("max_completion_tokens", "max_tokens")
 
     def input_slots(self, body):
+        for group in self.input_groups(body):
+            yield from group
+
+    def input_groups(self, body):
         messages = body.get("messages")
         if not isinstance(messages, list):
             _bad("'messages' must be a list of messages")
+        for key in ("tools", "functions", "response_format"):   # definitions the model reads
+            yield from _description_groups(body.get(key))
         for msg in messages:
             if not isinstance(msg, dict):
                 _bad("each message must be an object")
-            yield from _content_slots(msg)
-            for call in msg.get("tool_calls") or ():
-                fn = call.get("function") if isinstance(call, dict) else None
-                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                    yield fn, "arguments"
+            yield from _content_groups(msg)
+            yield from _message_extra_groups(msg, ("content",))
 
     def output_slots(self, body):
         for choice in body.get("choices") or ():
             message = choice.get("message") if isinstance(choice, dict) else None
             if isinstance(message, dict):
-                yield from _content_slots(message)
+                for group in itertools.chain(_content_groups(message), _message_extra_groups(message, ("content",))):
+                    yield from group
 
     def usage(self, body):
         u = body.get("usage") or {}
@@ -4720,21 +4904,44 @@ class ChatDialect(Dialect):
         else:
             body["max_tokens"] = limit
 
+    # Channels: (choice, field) for content, refusal and reasoning text; (choice, "tool_calls",
+    # call index) and (choice, "function_call") for arguments.
+    _DELTA_TEXT_FIELDS = ("content", "refusal", "reasoning_content", "reasoning")
+
     def stream_deltas(self, event, payload):
         out = []
         for choice in payload.get("choices") or ():
             delta = choice.get("delta") if isinstance(choice, dict) else None
-            if isinstance(delta, dict) and isinstance(delta.get("content"), str):
-                out.append((choice.get("index", 0), delta, "content"))
+            if not isinstance(delta, dict):
+                continue
+            index = choice.get("index", 0)
+            for key in self._DELTA_TEXT_FIELDS:
+                if isinstance(delta.get(key), str):
+                    out.append(((index, key), delta, key))
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    out.append(((index, "tool_calls", call.get("index", 0)), fn, "arguments"))
+            fn = delta.get("function_call")
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                out.append(((index, "function_call"), fn, "arguments"))
         return out
 
     def stream_ends(self, event, payload):
-        return [c.get("index", 0) for c in payload.get("choices") or ()
+        return [(c.get("index", 0),) for c in payload.get("choices") or ()
                 if isinstance(c, dict) and c.get("finish_reason")]
 
     def tail_event(self, channel, text, payload, event):
+        index, kind = channel[0], channel[1]
+        if kind == "tool_calls":
+            delta = {"tool_calls": [{"index": channel[2], "function": {"arguments": text}}]}
+        elif kind == "function_call":
+            delta = {"function_call": {"arguments": text}}
+        else:
+            delta = {kind: text}
         return event, {k: payload[k] for k in ("id", "object", "created", "model") if k in payload} | {
-            "choices": [{"index": channel, "delta": {"content": text}, "finish_reason": None}]}
+            "choices": [{"index": index, "delta": delta, "finish_reason": None}]}
 
     def stream_usage(self, event, payload, usage):
         return self.usage(payload) if payload.get("usage") else usage
@@ -4743,6 +4950,8 @@ class ChatDialect(Dialect):
 class CompletionsDialect(ChatDialect):
     name = "completions"
     cap_fields = ("max_tokens",)
+
+    input_groups = Dialect.input_groups
 
     def input_slots(self, body):
         if not isinstance(body.get("prompt"), (str, list)):
@@ -4768,6 +4977,10 @@ class CompletionsDialect(ChatDialect):
         return [(c.get("index", 0), c, "text") for c in payload.get("choices") or ()
                 if isinstance(c, dict) and isinstance(c.get("text"), str)]
 
+    def stream_ends(self, event, payload):
+        return [c.get("index", 0) for c in payload.get("choices") or ()
+                if isinstance(c, dict) and c.get("finish_reason")]
+
     def tail_event(self, channel, text, payload, event):
         return event, {k: payload[k] for k in ("id", "object", "created", "model") if k in payload} | {
             "choices": [{"index": channel, "text": text, "finish_reason": None}]}
@@ -4776,6 +4989,8 @@ class CompletionsDialect(ChatDialect):
 class EmbeddingsDialect(ChatDialect):
     name = "embeddings"
     cap_fields = ()
+
+    input_groups = Dialect.input_groups
 
     def input_slots(self, body):
         if not isinstance(body.get("input"), (str, list)):
@@ -4800,28 +5015,46 @@ class ResponsesDialect(Dialect):
     cap_fields = ("max_output_tokens",)
 
     def input_slots(self, body):
+        for group in self.input_groups(body):
+            yield from group
+
+    def input_groups(self, body):
         if isinstance(body.get("instructions"), str):
-            yield body, "instructions"
+            yield [(body, "instructions")]
         items = body.get("input")
-        if isinstance(items, str):
-            yield body, "input"
-            return
-        if items is not None and not isinstance(items, list):
+        if items is not None and not isinstance(items, (str, list)):
             _bad("'input' must be a string or a list of items")
-        for item in items or ():
+        yield from _description_groups(body.get("tools"))
+        if isinstance(items, str):
+            yield [(body, "input")]
+            return
+        yield from self._item_groups(items or ())
+
+    @staticmethod
+    def _item_groups(items) -> Iterator[list]:
+        """Messages by their content parts; tool outputs as strings or lists of parts; any
+        other item (function and custom tool calls, reasoning, unknown types) walked."""
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                if item:
+                    yield [(items, i)]
+                continue
             if not isinstance(item, dict):
                 continue
-            if "content" in item:
-                yield from _content_slots(item)
-            if item.get("type") == "function_call_output" and isinstance(item.get("output"), str):
-                yield item, "output"
-            if item.get("type") == "function_call" and isinstance(item.get("arguments"), str):
-                yield item, "arguments"
+            kind = item.get("type")
+            if "content" in item and kind in (None, "message"):
+                yield from _content_groups(item)
+                yield from _message_extra_groups(item, ("content",))
+            elif kind in ("function_call_output", "custom_tool_call_output") and isinstance(item.get("output"), list):
+                yield from _parts_groups(item["output"])
+                yield from _message_extra_groups(item, ("output",))
+            else:
+                for slot in _walk_slots(item):
+                    yield [slot]
 
     def output_slots(self, body):
-        for item in body.get("output") or ():
-            if isinstance(item, dict) and item.get("type") == "message":
-                yield from _parts_slots(item.get("content"))
+        for group in self._item_groups(body.get("output") or ()):
+            yield from group
 
     def usage(self, body):
         u = body.get("usage") or {}
@@ -4835,33 +5068,55 @@ class ResponsesDialect(Dialect):
             items = [{"role": "user", "content": items}]
         body["input"] = [{"role": p.role, "content": p.content} for p in prompts] + list(items or [])
 
+    # Every `response.*.delta` with a text delta is a channel (item, event family, index field,
+    # index): output text, refusals, function and custom tool arguments, reasoning text and
+    # summaries. Audio deltas are base64 sound, not text.
+    @staticmethod
+    def _channel(family: str, payload: dict) -> tuple:
+        field_name = next((f for f in ("content_index", "summary_index") if f in payload), None)
+        return (payload.get("item_id"), family, field_name, payload.get(field_name, 0) if field_name else 0)
+
     def stream_deltas(self, event, payload):
-        if payload.get("type") == "response.output_text.delta" and isinstance(payload.get("delta"), str):
-            return [((payload.get("item_id"), payload.get("content_index", 0)), payload, "delta")]
+        kind = payload.get("type")
+        if (isinstance(kind, str) and kind.startswith("response.") and kind.endswith(".delta")
+                and not kind.endswith("audio.delta") and isinstance(payload.get("delta"), str)):
+            return [(self._channel(kind[:-len(".delta")], payload), payload, "delta")]
         return []
 
     def stream_ends(self, event, payload):
-        if payload.get("type") == "response.output_text.done":
-            return [(payload.get("item_id"), payload.get("content_index", 0))]
+        kind = payload.get("type")
+        if not isinstance(kind, str):
+            return []
+        if kind == "response.output_item.done" and isinstance(payload.get("item"), dict):
+            return [(payload["item"].get("id"),)]
+        if kind.startswith("response.") and kind.endswith(".done"):
+            return [self._channel(kind[:-len(".done")], payload)]
         return []
+
+    _DONE_TEXT_FIELDS = ("text", "refusal", "arguments", "input", "transcript")
 
     def stream_full_texts(self, event, payload):
         kind = payload.get("type")
-        if kind == "response.output_text.done" and isinstance(payload.get("text"), str):
-            return [(payload, "text")]
-        if kind == "response.content_part.done":
-            return list(_parts_slots([payload.get("part")]))
-        if kind == "response.output_item.done" and isinstance(payload.get("item"), dict):
-            return list(self.output_slots({"output": [payload["item"]]}))
-        if kind in ("response.completed", "response.incomplete") and isinstance(payload.get("response"), dict):
-            return list(self.output_slots(payload["response"]))
-        return []
+        if not isinstance(kind, str):
+            return []
+        out = []
+        if kind.endswith(".done"):
+            out.extend((payload, k) for k in self._DONE_TEXT_FIELDS if isinstance(payload.get(k), str))
+        if isinstance(payload.get("part"), dict):
+            out.extend(_parts_slots([payload["part"]]))
+        if isinstance(payload.get("item"), dict):
+            out.extend(self.output_slots({"output": [payload["item"]]}))
+        if isinstance(payload.get("response"), dict):
+            out.extend(self.output_slots(payload["response"]))
+        return out
 
     def tail_event(self, channel, text, payload, event):
-        item_id, content_index = channel
-        return "response.output_text.delta", {
-            "type": "response.output_text.delta", "item_id": item_id,
-            "output_index": payload.get("output_index", 0), "content_index": content_index, "delta": text}
+        item_id, family, field_name, index = channel
+        out = {"type": family + ".delta", "item_id": item_id, "output_index": payload.get("output_index", 0)}
+        if field_name:
+            out[field_name] = index
+        out["delta"] = text
+        return family + ".delta", out
 
     def stream_usage(self, event, payload, usage):
         response = payload.get("response")
@@ -4885,20 +5140,25 @@ class MessagesDialect(Dialect):
     cap_fields = ("max_tokens",)
 
     def input_slots(self, body):
+        for group in self.input_groups(body):
+            yield from group
+
+    def input_groups(self, body):
         system = body.get("system")
         if isinstance(system, str):
-            yield body, "system"
+            yield [(body, "system")]
         elif system is not None and not isinstance(system, list):
             _bad("'system' must be a string or a list of text blocks")
         else:
-            yield from _parts_slots(system)
+            yield from _parts_groups(system)
         messages = body.get("messages")
         if not isinstance(messages, list):
             _bad("'messages' must be a list of messages")
+        yield from _description_groups(body.get("tools"))
         for msg in messages:
             if not isinstance(msg, dict):
                 _bad("each message must be an object")
-            yield from _content_slots(msg)
+            yield from _content_groups(msg)
 
     def output_slots(self, body):
         return _parts_slots(body.get("content"))
@@ -4923,19 +5183,37 @@ class MessagesDialect(Dialect):
         if turns:
             body["messages"] = turns + body["messages"]
 
+    # Channels: (block index, delta type, field): text_delta text, input_json_delta
+    # partial_json (a tool call's input), thinking_delta thinking, and the string fields of any
+    # delta type not known here. Signatures are opaque, citations point at input already read.
+    _DELTA_SKIP = frozenset(("signature_delta", "citations_delta"))
+
     def stream_deltas(self, event, payload):
-        if payload.get("type") == "content_block_delta":
-            delta = payload.get("delta") or {}
-            if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
-                return [(payload.get("index", 0), delta, "text")]
-        return []
+        if payload.get("type") != "content_block_delta":
+            return []
+        delta = payload.get("delta")
+        kind = delta.get("type") if isinstance(delta, dict) else None
+        if not isinstance(kind, str) or kind in self._DELTA_SKIP:
+            return []
+        index = payload.get("index", 0)
+        return [((index, kind, key), delta, key) for key, value in delta.items()
+                if key != "type" and isinstance(value, str)]
 
     def stream_ends(self, event, payload):
-        return [payload.get("index", 0)] if payload.get("type") == "content_block_stop" else []
+        return [(payload.get("index", 0),)] if payload.get("type") == "content_block_stop" else []
+
+    def stream_full_texts(self, event, payload):
+        kind = payload.get("type")
+        if kind == "content_block_start" and isinstance(payload.get("content_block"), dict):
+            return list(_parts_slots([payload["content_block"]]))
+        if kind == "message_start" and isinstance(payload.get("message"), dict):
+            return list(self.output_slots(payload["message"]))
+        return []
 
     def tail_event(self, channel, text, payload, event):
-        return "content_block_delta", {"type": "content_block_delta", "index": channel,
-                                       "delta": {"type": "text_delta", "text": text}}
+        index, kind, key = channel
+        return "content_block_delta", {"type": "content_block_delta", "index": index,
+                                       "delta": {"type": kind, key: text}}
 
     def response_meta(self, payload):
         message = payload.get("message") if isinstance(payload.get("message"), dict) else payload
@@ -6695,6 +6973,17 @@ class StreamRelay:
             if isinstance(holder, dict) and isinstance(holder.get("id"), str):
                 self.ex.upstream_id = holder["id"]
 
+    def _closed_channels(self, ends: list) -> list:
+        """The open channels an event closes: each end itself, and for a tuple end every
+        channel it is a prefix of (a choice's content, refusal and tool-call arguments)."""
+        out = []
+        for ch in self.channels:
+            for end in ends:
+                if ch == end or (isinstance(end, tuple) and isinstance(ch, tuple) and ch[:len(end)] == end):
+                    out.append(ch)
+                    break
+        return out
+
     def _flush(self, channels: list, payload: dict | None, event: str | None) -> bytes:
         out = []
         for ch in channels:
@@ -6724,7 +7013,7 @@ class StreamRelay:
         if self.channel is not None or self.full_text is not None:
             ends = dialect.stream_ends(name, payload)
             if ends:
-                out = self._flush(ends, payload, name)
+                out = self._flush(self._closed_channels(ends), payload, name)
             for ch, holder, key in dialect.stream_deltas(name, payload):
                 guard = self.channels.get(ch)
                 if guard is None:
