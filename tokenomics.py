@@ -1407,6 +1407,9 @@ _PEM_MAX_BODY = 16384              # chars between BEGIN and END of a private ke
 _SCAN_CACHE_MIN = 64               # chars; shorter texts are cheaper to scan than to look up (a
                                    # 64-char jailbreak scan costs ~20 us, a digest under 1 us)
 _SCAN_CACHE_SIZE = 1024            # entries (keys are 16-byte digests, values small)
+_OFF_LOOP_BYTES = 64 * 1024        # bodies above this are scanned in a worker thread: the
+                                   # jailbreak scan runs at a few hundred KB/s, so 64 KB keeps
+                                   # the event loop free of pauses much over 50 ms
 
 # ---------------------------------------------------------------------------- public records
 
@@ -1811,17 +1814,84 @@ _PII_FINDERS: dict[str, Callable[[str], Iterator[tuple[int, int]]]] = {
     "github_token": _find_github_token, "iban": _find_iban}
 
 
+_NON_ASCII_RE = re.compile(r"[^\x00-\x7f]+")
+
+
+def _pii_normalize(text: str) -> tuple[str, list | None]:
+    """The text as the detectors see it: NFKC (fullwidth ＠ and digits become ASCII),
+    zero-width, bidi and soft-hyphen characters removed, look-alike letters folded and
+    combining marks dropped, as the jailbreak normaliser does. Returns (normalised, segments),
+    segments None when nothing changed; else sorted (norm_start, orig_start, norm_len,
+    orig_len) tuples covering the normalised text, for _pii_map_back. Per character, so the
+    positions stay mappable; only the non-ASCII runs that change are walked in Python."""
+    if text.isascii():
+        return text, None
+    pieces: list[str] = []
+    segs: list[tuple[int, int, int, int]] = []
+    pos = npos = 0                                   # next original / normalised offset
+    memo: dict[str, str] = {}                        # per call: distinct characters are few
+
+    def keep(upto: int) -> None:                     # text[pos:upto] unchanged
+        nonlocal pos, npos
+        if upto > pos:
+            pieces.append(text[pos:upto])
+            segs.append((npos, pos, upto - pos, upto - pos))
+            npos += upto - pos
+            pos = upto
+
+    for m in _NON_ASCII_RE.finditer(text):
+        run = m.group()
+        if (unicodedata.is_normalized("NFKC", run) and run.translate(_INVISIBLE) == run
+                and run.translate(_CONFUSABLES) == run and not _COMBINING_RE.search(run)):
+            continue
+        keep(m.start())
+        for ch in run:
+            new = memo.get(ch)
+            if new is None:
+                new = memo[ch] = _COMBINING_RE.sub("", unicodedata.normalize("NFKC", ch).translate(_INVISIBLE)
+                                                   .translate(_CONFUSABLES))
+            if new == ch:
+                keep(pos + 1)
+                continue
+            if new:
+                pieces.append(new)
+                segs.append((npos, pos, len(new), 1))
+                npos += len(new)
+            pos += 1
+    if not segs:
+        return text, None
+    keep(len(text))
+    return "".join(pieces), segs
+
+
+def _pii_map_back(spans: Iterable[tuple[int, int, str]], segs: list) -> list[tuple[int, int, str]]:
+    """Spans on the normalised text -> spans covering the original characters."""
+    starts = [g[0] for g in segs]
+    out = []
+    for s, e, t in spans:
+        ns, os_, nl, ol = segs[bisect.bisect_right(starts, s) - 1]
+        start = os_ + (s - ns) if nl == ol else os_
+        ns, os_, nl, ol = segs[bisect.bisect_right(starts, e - 1) - 1]
+        end = os_ + (e - ns) if nl == ol else os_ + ol
+        out.append((start, end, t))
+    return out
+
+
 def _pii_candidates(text: str, types: tuple[str, ...]) -> tuple[tuple[int, int, str], ...]:
-    """(start, end, type) of every validated candidate of the given types (may overlap)."""
+    """(start, end, type) of every validated candidate of the given types (may overlap), found
+    on the normalised text and given in positions of the original one."""
     key = None
     if len(text) >= _SCAN_CACHE_MIN:
         key = ("pii", types, _text_key(text))
         cached = _cache_get(key)
         if cached is not None:
             return cached
+    norm, segs = _pii_normalize(text)
     out = []
     for t in types:
-        out.extend((s, e, t) for s, e in _PII_FINDERS[t](text) if e > s)
+        out.extend((s, e, t) for s, e in _PII_FINDERS[t](norm) if e > s)
+    if segs is not None:
+        out = _pii_map_back(out, segs)
     result = tuple(out)
     if key is not None:
         _cache_put(key, result)
@@ -3161,6 +3231,67 @@ class Guard:
         except Exception as exc:
             raise self._internal_error(rule) from exc
 
+    def scan_parts(self, texts: list[str]) -> list[str]:
+        """Texts the model reads as one (adjacent text parts of a message), scanned as one, so
+        a value split across parts is still caught. Each part is also scanned alone (joining
+        can glue a value at a part's end to the next word). An edit lands in the part where its
+        match starts, with the whole value; the match's continuation in later parts is dropped."""
+        if len(texts) == 1:
+            return [self.scan(texts[0])]
+        if not self._rules or not any(texts):
+            return list(texts)
+        rule = None
+        try:
+            joined = "".join(texts)
+            offsets = list(itertools.accumulate((len(t) for t in texts), initial=0))
+            spans = [set(per_rule) for per_rule in self._spans(joined)]
+            for o, part in zip(offsets, texts):
+                if part:
+                    for i, per_rule in enumerate(self._spans(part)):
+                        spans[i].update((s + o, e + o, label) for s, e, label in per_rule)
+            jb = None
+            edits: list[tuple[int, list[tuple[int, int, str]]]] = []
+            for i, rule in enumerate(self._rules):
+                if rule.type == "jailbreak":
+                    if jb is None:
+                        hits = set(_jb_hits(joined))
+                        for part in texts:
+                            if part:
+                                hits |= _jb_hits(part)
+                        jb = _jb_score(hits)[0]
+                    count = 1 if jb >= rule.threshold else 0
+                else:
+                    # Only matches no other match of this rule contains (a part's own match is
+                    # often the same span as, or inside, the joined text's).
+                    found = sorted(spans[i], key=lambda m: (m[0], -m[1]))
+                    kept: list[tuple[int, int, str]] = []
+                    for m in found:
+                        if not kept or m[1] > kept[-1][1]:
+                            kept.append(m)
+                    spans[i] = kept
+                    count = len(kept)
+                if not count:
+                    continue
+                self._record(rule, count)
+                if rule.action == "fail":
+                    raise self._violation(rule)
+                if rule.action in ("mask", "anonymize"):
+                    edits.append((i, spans[i]))
+            rule = None
+            if not edits:
+                return list(texts)
+            out = []
+            for k, part in enumerate(texts):
+                start, end = offsets[k], offsets[k + 1]
+                mine = [(i, [m for m in per_rule if start <= m[0] < end]) for i, per_rule in edits]
+                drops = [(m[0], m[1]) for _, per_rule in edits for m in per_rule if m[0] < start < m[1]]
+                out.append(self._apply(joined, start, end, mine, drops, whole_values=True))
+            return out
+        except ProxyError:
+            raise
+        except Exception as exc:
+            raise self._internal_error(rule) from exc
+
     # -- shared with StreamGuard
 
     def _spans(self, text: str) -> list[list[tuple[int, int, str]]]:
@@ -3185,14 +3316,18 @@ class Guard:
                 raise self._internal_error(rule) from exc
         return out
 
-    def _apply(self, text: str, start: int, end: int, edits: list, drops: Iterable[tuple[int, int]]) -> str:
+    def _apply(self, text: str, start: int, end: int, edits: list, drops: Iterable[tuple[int, int]],
+               whole_values: bool = False) -> str:
         """text[start:end] with the edits of mask/anonymize rules applied (spans clipped to the
         window; on overlap the earlier rule wins) and the `drops` spans removed (continuations of
-        a long match already replaced in an earlier stream window)."""
+        a long match already replaced in an earlier stream window). With `whole_values` a
+        placeholder stands for the whole matched value, also where the window clips it."""
         starts: list[int] = []
         accepted: list[tuple[int, int, str, str]] = []    # start, end, replacement kind, label
+        values: dict[int, str] = {}
 
         def accept(s: int, e: int, kind: str, label: str) -> None:
+            whole = text[s:e] if whole_values else ""
             s, e = max(s, start), min(e, end)
             if s >= e:
                 return
@@ -3201,6 +3336,8 @@ class Guard:
                 return
             starts.insert(k, s)
             accepted.insert(k, (s, e, kind, label))
+            if whole_values:
+                values[s] = whole
 
         for s, e in drops:
             accept(s, e, "drop", "")
@@ -3215,7 +3352,7 @@ class Guard:
             if kind == "mask":
                 parts.append(f"[REDACTED:{label}]")
             elif kind == "anonymize":
-                parts.append(self._anonymizer.placeholder(label, text[s:e]))
+                parts.append(self._anonymizer.placeholder(label, values.get(s, text[s:e])))
             pos = e
         parts.append(text[pos:end])
         return "".join(parts)
@@ -7452,8 +7589,8 @@ class Pipeline:
         for index, candidate in enumerate(models):
             last = index == len(models) - 1
             try:
-                attempt = self.prepare(req, record, dialect, body if index == 0 else self.parse_body(req.body),
-                                       candidate, ex)
+                attempt = await self.prepare(req, record, dialect,
+                                             body if index == 0 else self.parse_body(req.body), candidate, ex)
             except ProxyError:
                 if index == 0 or last:
                     raise
@@ -7477,8 +7614,8 @@ class Pipeline:
                 raise
         raise AssertionError("unreachable: the last model always returns or raises")
 
-    def prepare(self, req: Request, record: TokenRecord, dialect: Dialect, body: dict, model: str,
-                ex: Exchange) -> "Attempt":
+    async def prepare(self, req: Request, record: TokenRecord, dialect: Dialect, body: dict, model: str,
+                      ex: Exchange) -> "Attempt":
         """Everything decided before a model's request leaves: route, limits, prompts, dialect."""
         renamed = body.get("model") != model
         if renamed:
@@ -7492,7 +7629,11 @@ class Pipeline:
             changed = admission.cap_changed or renamed
             ex.rule_matches.clear()  # a fallback rescans the same content: count it once
             anonymizer = Anonymizer()
-            changed |= self.guard_input(Guard(route.rules, "input", anonymizer, ex.rule_matches), dialect, body)
+            guard = Guard(route.rules, "input", anonymizer, ex.rule_matches)
+            if guard.active and len(req.body) > _OFF_LOOP_BYTES:   # a long scan must not stall the loop
+                changed |= await asyncio.to_thread(self.guard_input, guard, dialect, body)
+            else:
+                changed |= self.guard_input(guard, dialect, body)
             spec = route.policy.memory or self.config.ledger.memory
             if spec and spec.get("enabled", True):
                 ex.memory = spec
@@ -7526,13 +7667,39 @@ class Pipeline:
         if not guard.active:
             return False
         changed = False
-        for holder, key in dialect.input_slots(body):
-            text = holder[key]
-            new = guard.scan(text)
-            if new != text:
-                holder[key] = new
-                changed = True
+        try:
+            for group in dialect.input_groups(body):
+                texts = [holder[key] for holder, key in group]
+                for (holder, key), old, new in zip(group, texts, guard.scan_parts(texts)):
+                    if new != old:
+                        holder[key] = new
+                        changed = True
+        except ProxyError:
+            raise
+        except Exception as exc:                 # fail closed: nothing unchecked leaves
+            raise guard._internal_error(None) from exc
         return changed
+
+    @staticmethod
+    def guard_output(attempt: "Attempt", dialect: Dialect, answer: dict) -> tuple[bool, list[str]]:
+        """Output rules and restoration over every text of a non-streamed answer:
+        (whether a text was rewritten, the texts as the conversation log keeps them)."""
+        changed, said = False, []
+        guard = attempt.guard_out if attempt.guard_out.active else None
+        try:
+            for holder, key in dialect.output_slots(answer):
+                text = holder[key]
+                scanned = guard.scan(text) if guard is not None else text
+                said.append(scanned)  # the conversation log keeps masks and placeholders
+                new = attempt.anonymizer.restore(scanned)
+                if new != text:
+                    holder[key] = new
+                    changed = True
+        except ProxyError:
+            raise
+        except Exception as exc:                 # fail closed
+            raise attempt.guard_out._internal_error(None) from exc
+        return changed, said
 
     @staticmethod
     def masked_output(attempt: "Attempt") -> Callable[[str], str]:
@@ -7649,16 +7816,10 @@ class Pipeline:
         admission.close(ex.usage, self.clock())  # the tokens were spent, whatever the output rules say
         await self.sync_journal()
         if isinstance(answer, dict) and (whole is not None or ex.memory is not None):
-            changed, said = False, []
-            guard = attempt.guard_out if attempt.guard_out.active else None
-            for holder, key in dialect.output_slots(answer):
-                text = holder[key]
-                scanned = guard.scan(text) if guard is not None else text
-                said.append(scanned)  # the conversation log keeps masks and placeholders
-                new = attempt.anonymizer.restore(scanned)
-                if new != text:
-                    holder[key] = new
-                    changed = True
+            if len(data) > _OFF_LOOP_BYTES and whole is not None:   # a long scan must not stall the loop
+                changed, said = await asyncio.to_thread(self.guard_output, attempt, dialect, answer)
+            else:
+                changed, said = self.guard_output(attempt, dialect, answer)
             if ex.memory is not None:
                 ex.memory_entries.append(("assistant", "".join(said)))
             if changed:
