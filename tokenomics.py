@@ -1410,6 +1410,16 @@ _SCAN_CACHE_SIZE = 1024            # entries (keys are 16-byte digests, values s
 _OFF_LOOP_BYTES = 64 * 1024        # bodies above this are scanned in a worker thread: the
                                    # jailbreak scan runs at a few hundred KB/s, so 64 KB keeps
                                    # the event loop free of pauses much over 50 ms
+# A regex call holds the GIL until it returns, so a worker thread running one pattern over 10 MB
+# would still stall the event loop for seconds. Long texts are therefore scanned in segments:
+# each call sees at most SEGMENT + 2 * OVERLAP chars (~100 KB, a few ms to tens of ms).
+_SCAN_SEGMENT = 64 * 1024          # chars whose matches one segment owns (a match belongs to
+                                   # the segment its start falls in)
+_SCAN_OVERLAP = _PEM_MAX_BODY + 512   # chars of context each side: a match up to this long (a
+                                   # whole private key block) is seen whole
+_JB_SEGMENT = 32 * 1024            # chars per jailbreak segment; its signals are local
+_JB_OVERLAP = 512                  # chars; > 2 * _JB_WINDOW, so each trigger word's window
+                                   # lies whole inside one segment
 
 # ---------------------------------------------------------------------------- public records
 
@@ -2828,8 +2838,21 @@ def _jb_scan(text: str) -> set:
     return hits
 
 
+def _segments(n: int, segment: int, overlap: int) -> Iterator[tuple[int, int, int]]:
+    """(lo, hi, core_start) slices of a text of n chars: cores of `segment` chars tile it, each
+    slice adds `overlap` chars of context on both sides."""
+    for core in range(0, n, segment):
+        yield max(0, core - overlap), min(n, core + segment + overlap), core
+
+
 def _jb_hits(text: str) -> frozenset:
-    """_jb_scan, memoised for long texts: a conversation resends its history every turn."""
+    """_jb_scan, memoised for long texts: a conversation resends its history every turn.
+    Long texts are scanned segment by segment (see _SCAN_SEGMENT) and their signals joined."""
+    if len(text) > _JB_SEGMENT + 2 * _JB_OVERLAP:
+        hits: set = set()
+        for lo, hi, _ in _segments(len(text), _JB_SEGMENT, _JB_OVERLAP):
+            hits |= _jb_hits(text[lo:hi])
+        return frozenset(hits)
     if len(text) < _SCAN_CACHE_MIN:
         return frozenset(_jb_scan(text))
     key = ("jb", _text_key(text))
@@ -3296,7 +3319,19 @@ class Guard:
 
     def _spans(self, text: str) -> list[list[tuple[int, int, str]]]:
         """Per rule (same order as self._rules): the (start, end, label) of each match on the
-        unmodified text. Jailbreak rules get an empty list (they score the text as a whole)."""
+        unmodified text. Jailbreak rules get an empty list (they score the text as a whole).
+        A long text is scanned in overlapping segments, so that no single regex call holds the
+        GIL for long (see _SCAN_SEGMENT); each match is taken from the segment it starts in."""
+        if len(text) <= _SCAN_SEGMENT + 2 * _SCAN_OVERLAP:
+            return self._segment_spans(text)
+        out: list[list[tuple[int, int, str]]] = [[] for _ in self._rules]
+        for lo, hi, core in _segments(len(text), _SCAN_SEGMENT, _SCAN_OVERLAP):
+            for i, per_rule in enumerate(self._segment_spans(text[lo:hi])):
+                out[i].extend((s + lo, e + lo, label) for s, e, label in per_rule
+                              if core <= s + lo < core + _SCAN_SEGMENT)
+        return out
+
+    def _segment_spans(self, text: str) -> list[list[tuple[int, int, str]]]:
         pii = None
         out: list[list[tuple[int, int, str]]] = []
         for rule in self._rules:
