@@ -1417,6 +1417,9 @@ _SCAN_SEGMENT = 64 * 1024          # chars whose matches one segment owns (a mat
                                    # the segment its start falls in)
 _SCAN_OVERLAP = _PEM_MAX_BODY + 512   # chars of context each side: a match up to this long (a
                                    # whole private key block) is seen whole
+_SCAN_SWITCH_INTERVAL = 0.001     # s; thread switch interval while long scans may run (default
+                                   # 5 ms: the event loop needs the GIL a dozen times to answer
+                                   # one /health, and waited up to 5 ms each time)
 _JB_SEGMENT = 32 * 1024            # chars per jailbreak segment; its signals are local
 _JB_OVERLAP = 512                  # chars; > 2 * _JB_WINDOW, so each trigger word's window
                                    # lies whole inside one segment
@@ -3411,6 +3414,44 @@ class Guard:
         what = "request" if self._direction == "input" else "response"
         return ProxyError(500, "guardrail_error", f"a guardrail failed while checking the {what}{which}; "
                           "nothing unchecked was forwarded. Retry; if it persists, check the policy's rules")
+
+
+async def scan_off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a long scan (`fn(*args)`) in a worker thread, so the event loop keeps answering.
+    Scans are pure Python and regex calls that hold the GIL: long texts are cut into segments
+    (see _SCAN_SEGMENT) and the interpreter hands the GIL over every millisecond."""
+    if sys.getswitchinterval() > _SCAN_SWITCH_INTERVAL:
+        sys.setswitchinterval(_SCAN_SWITCH_INTERVAL)
+    return await asyncio.to_thread(fn, *args)
+
+
+def json_bytes_in_pieces(value: Any) -> bytes:
+    """json.dumps(value, ensure_ascii=False) as UTF-8, with long strings escaped piece by piece
+    (the same bytes): one C call escaping a 10 MB string holds the GIL for ~60 ms."""
+    long: list[str] = []
+    nonce = secrets.token_hex(8)                 # a client's own string never equals a marker
+
+    def swap(node: Any) -> Any:
+        if isinstance(node, str) and len(node) > _SCAN_SEGMENT:
+            long.append(node)
+            return f"\x00{nonce}-{len(long) - 1}\x00"
+        if isinstance(node, dict):
+            return {k: swap(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [swap(v) for v in node]
+        return node
+    text = json.dumps(swap(value), ensure_ascii=False)
+    if not long:
+        return text.encode("utf-8")
+    parts, pos = [], 0
+    for m in re.finditer(r'"\\u0000' + nonce + r'-(\d+)\\u0000"', text):
+        parts.append(text[pos:m.start()])
+        big = long[int(m.group(1))]
+        parts.append('"' + "".join(json.dumps(big[i:i + _SCAN_SEGMENT], ensure_ascii=False)[1:-1]
+                                   for i in range(0, len(big), _SCAN_SEGMENT)) + '"')
+        pos = m.end()
+    parts.append(text[pos:])
+    return "".join(parts).encode("utf-8")
 
 
 def scan_texts(guard: Guard, texts: list[str]) -> list[str]:
@@ -7666,7 +7707,7 @@ class Pipeline:
             anonymizer = Anonymizer()
             guard = Guard(route.rules, "input", anonymizer, ex.rule_matches)
             if guard.active and len(req.body) > _OFF_LOOP_BYTES:   # a long scan must not stall the loop
-                changed |= await asyncio.to_thread(self.guard_input, guard, dialect, body)
+                changed |= await scan_off_loop(self.guard_input, guard, dialect, body)
             else:
                 changed |= self.guard_input(guard, dialect, body)
             spec = route.policy.memory or self.config.ledger.memory
@@ -7686,7 +7727,10 @@ class Pipeline:
                     body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
                     strip_usage = changed = True
                 upstream_body = body
-                payload = json.dumps(body, ensure_ascii=False).encode("utf-8") if changed else req.body
+                if changed and len(req.body) > _OFF_LOOP_BYTES:
+                    payload = await scan_off_loop(json_bytes_in_pieces, body)
+                else:
+                    payload = json.dumps(body, ensure_ascii=False).encode("utf-8") if changed else req.body
         except BaseException:
             admission.close(None, self.clock())
             raise
@@ -7852,7 +7896,7 @@ class Pipeline:
         await self.sync_journal()
         if isinstance(answer, dict) and (whole is not None or ex.memory is not None):
             if len(data) > _OFF_LOOP_BYTES and whole is not None:   # a long scan must not stall the loop
-                changed, said = await asyncio.to_thread(self.guard_output, attempt, dialect, answer)
+                changed, said = await scan_off_loop(self.guard_output, attempt, dialect, answer)
             else:
                 changed, said = self.guard_output(attempt, dialect, answer)
             if ex.memory is not None:

@@ -475,3 +475,21 @@ def _health_during_scan(proxy, stub, token):
     print(f"/health during a 10 MB scan: {len(latencies)} probes, max {worst * 1000:.1f} ms")
     assert worst < 0.25, f"max /health latency {worst * 1000:.0f} ms"
     assert "bob@example.com" not in stub.last.body.decode()
+
+
+@pytest.mark.parametrize("value", [
+    {"a": "x" * 200_000 + "\"é\n\u0000", "l": ["y" * 70_000, 1, None, {"k": "\u00000\u0000"}], "n": "\x000\x00"},
+    {"messages": [{"role": "user", "content": "short"}]},
+])
+def test_json_bytes_in_pieces_same_as_json_dumps(value):
+    assert t.json_bytes_in_pieces(value) == json.dumps(value, ensure_ascii=False).encode()
+
+
+def test_long_text_scanned_in_segments_finds_every_match():
+    guard = t.Guard(t.compile_rules([{"type": "pii", "detect": ["email", "private_key"], "action": "mask"}], "rules"),
+                    "input", t.Anonymizer(), [])
+    pem = "-----BEGIN PRIVATE KEY-----\n" + "\n".join(["A" * 64] * 200) + "\n-----END PRIVATE KEY-----"
+    filler = "lorem ipsum " * 6000
+    text = filler + "bob@example.com " + filler + pem + " " + filler + "ann@example.org"
+    out = guard.scan(text)
+    assert out == filler + "[REDACTED:EMAIL] " + filler + "[REDACTED:PRIVATE_KEY] " + filler + "[REDACTED:EMAIL]"
