@@ -483,3 +483,17 @@ def test_long_text_scanned_in_segments_finds_every_match():
     text = filler + "bob@example.com " + filler + pem + " " + filler + "ann@example.org"
     out = guard.scan(text)
     assert out == filler + "[REDACTED:EMAIL] " + filler + "[REDACTED:PRIVATE_KEY] " + filler + "[REDACTED:EMAIL]"
+
+
+def test_guard_input_fails_closed_when_an_adapter_breaks():
+    class Broken(t.ChatDialect):
+        def input_groups(self, body):
+            raise RuntimeError("boom")
+
+        def input_slots(self, body):
+            raise RuntimeError("boom")
+    guard = t.Guard(t.compile_rules([{"type": "pii", "detect": ["email"], "action": "mask"}], "rules"),
+                    "input", t.Anonymizer(), [])
+    with pytest.raises(t.ProxyError) as info:
+        t.Pipeline.guard_input(guard, Broken(), {"messages": []})
+    assert (info.value.status, info.value.code) == (500, "guardrail_error")
