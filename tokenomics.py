@@ -29,6 +29,7 @@ import hmac
 import http
 import importlib.util
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -1561,6 +1562,22 @@ _PEM_MAX_BODY = 16384              # chars between BEGIN and END of a private ke
 _SCAN_CACHE_MIN = 64               # chars; shorter texts are cheaper to scan than to look up (a
                                    # 64-char jailbreak scan costs ~20 us, a digest under 1 us)
 _SCAN_CACHE_SIZE = 1024            # entries (keys are 16-byte digests, values small)
+_OFF_LOOP_BYTES = 64 * 1024        # bodies above this are scanned in a worker thread: the
+                                   # jailbreak scan runs at a few hundred KB/s, so 64 KB keeps
+                                   # the event loop free of pauses much over 50 ms
+# A regex call holds the GIL until it returns, so a worker thread running one pattern over 10 MB
+# would still stall the event loop for seconds. Long texts are therefore scanned in segments:
+# each call sees at most SEGMENT + 2 * OVERLAP chars (~100 KB, a few ms to tens of ms).
+_SCAN_SEGMENT = 64 * 1024          # chars whose matches one segment owns (a match belongs to
+                                   # the segment its start falls in)
+_SCAN_OVERLAP = _PEM_MAX_BODY + 512   # chars of context each side: a match up to this long (a
+                                   # whole private key block) is seen whole
+_SCAN_SWITCH_INTERVAL = 0.001     # s; thread switch interval while long scans may run (default
+                                   # 5 ms: the event loop needs the GIL a dozen times to answer
+                                   # one /health, and waited up to 5 ms each time)
+_JB_SEGMENT = 32 * 1024            # chars per jailbreak segment; its signals are local
+_JB_OVERLAP = 512                  # chars; > 2 * _JB_WINDOW, so each trigger word's window
+                                   # lies whole inside one segment
 
 # ---------------------------------------------------------------------------- public records
 
@@ -1603,6 +1620,8 @@ class RuleMatch:
 # the text (bounded memory; results are deterministic, so a hit changes nothing but the cost).
 
 _SCAN_CACHE: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+# Big texts are scanned in worker threads (see _OFF_LOOP_CHARS): one lock keeps the LRU whole.
+_SCAN_CACHE_LOCK = threading.Lock()
 
 
 def _text_key(text: str) -> bytes:
@@ -1610,16 +1629,18 @@ def _text_key(text: str) -> bytes:
 
 
 def _cache_get(key: tuple) -> Any:
-    value = _SCAN_CACHE.get(key)
-    if value is not None:
-        _SCAN_CACHE.move_to_end(key)
-    return value
+    with _SCAN_CACHE_LOCK:
+        value = _SCAN_CACHE.get(key)
+        if value is not None:
+            _SCAN_CACHE.move_to_end(key)
+        return value
 
 
 def _cache_put(key: tuple, value: Any) -> None:
-    _SCAN_CACHE[key] = value
-    if len(_SCAN_CACHE) > _SCAN_CACHE_SIZE:
-        _SCAN_CACHE.popitem(last=False)
+    with _SCAN_CACHE_LOCK:
+        _SCAN_CACHE[key] = value
+        if len(_SCAN_CACHE) > _SCAN_CACHE_SIZE:
+            _SCAN_CACHE.popitem(last=False)
 
 # ---------------------------------------------------------------------------- PII detectors
 # Each detector: a candidate regex (ASCII digits only, anchored by look-arounds so it starts
@@ -1961,17 +1982,84 @@ _PII_FINDERS: dict[str, Callable[[str], Iterator[tuple[int, int]]]] = {
     "github_token": _find_github_token, "iban": _find_iban}
 
 
+_NON_ASCII_RE = re.compile(r"[^\x00-\x7f]+")
+
+
+def _pii_normalize(text: str) -> tuple[str, list | None]:
+    """The text as the detectors see it: NFKC (fullwidth ＠ and digits become ASCII),
+    zero-width, bidi and soft-hyphen characters removed, look-alike letters folded and
+    combining marks dropped, as the jailbreak normaliser does. Returns (normalised, segments),
+    segments None when nothing changed; else sorted (norm_start, orig_start, norm_len,
+    orig_len) tuples covering the normalised text, for _pii_map_back. Per character, so the
+    positions stay mappable; only the non-ASCII runs that change are walked in Python."""
+    if text.isascii():
+        return text, None
+    pieces: list[str] = []
+    segs: list[tuple[int, int, int, int]] = []
+    pos = npos = 0                                   # next original / normalised offset
+    memo: dict[str, str] = {}                        # per call: distinct characters are few
+
+    def keep(upto: int) -> None:                     # text[pos:upto] unchanged
+        nonlocal pos, npos
+        if upto > pos:
+            pieces.append(text[pos:upto])
+            segs.append((npos, pos, upto - pos, upto - pos))
+            npos += upto - pos
+            pos = upto
+
+    for m in _NON_ASCII_RE.finditer(text):
+        run = m.group()
+        if (unicodedata.is_normalized("NFKC", run) and run.translate(_INVISIBLE) == run
+                and run.translate(_CONFUSABLES) == run and not _COMBINING_RE.search(run)):
+            continue
+        keep(m.start())
+        for ch in run:
+            new = memo.get(ch)
+            if new is None:
+                new = memo[ch] = _COMBINING_RE.sub("", unicodedata.normalize("NFKC", ch).translate(_INVISIBLE)
+                                                   .translate(_CONFUSABLES))
+            if new == ch:
+                keep(pos + 1)
+                continue
+            if new:
+                pieces.append(new)
+                segs.append((npos, pos, len(new), 1))
+                npos += len(new)
+            pos += 1
+    if not segs:
+        return text, None
+    keep(len(text))
+    return "".join(pieces), segs
+
+
+def _pii_map_back(spans: Iterable[tuple[int, int, str]], segs: list) -> list[tuple[int, int, str]]:
+    """Spans on the normalised text -> spans covering the original characters."""
+    starts = [g[0] for g in segs]
+    out = []
+    for s, e, t in spans:
+        ns, os_, nl, ol = segs[bisect.bisect_right(starts, s) - 1]
+        start = os_ + (s - ns) if nl == ol else os_
+        ns, os_, nl, ol = segs[bisect.bisect_right(starts, e - 1) - 1]
+        end = os_ + (e - ns) if nl == ol else os_ + ol
+        out.append((start, end, t))
+    return out
+
+
 def _pii_candidates(text: str, types: tuple[str, ...]) -> tuple[tuple[int, int, str], ...]:
-    """(start, end, type) of every validated candidate of the given types (may overlap)."""
+    """(start, end, type) of every validated candidate of the given types (may overlap), found
+    on the normalised text and given in positions of the original one."""
     key = None
     if len(text) >= _SCAN_CACHE_MIN:
         key = ("pii", types, _text_key(text))
         cached = _cache_get(key)
         if cached is not None:
             return cached
+    norm, segs = _pii_normalize(text)
     out = []
     for t in types:
-        out.extend((s, e, t) for s, e in _PII_FINDERS[t](text) if e > s)
+        out.extend((s, e, t) for s, e in _PII_FINDERS[t](norm) if e > s)
+    if segs is not None:
+        out = _pii_map_back(out, segs)
     result = tuple(out)
     if key is not None:
         _cache_put(key, result)
@@ -2069,7 +2157,12 @@ _JB_SPELL_WORDS = ("ignore", "disregard", "previous", "instructions", "instructi
                    "unfiltered", "uncensored", "developer", "filters", "safety")
 _JB_SPELL_MAX_TEXT = 2000          # chars; longer texts are not spell-corrected (cost)
 _JB_WINDOW = 120                   # chars analysed on each side of a trigger word
-_LEET_CAND_RE = re.compile(r"(?<![a-z0-9@$])(?=[a-z0-9@$|!]*[a-z])(?=[a-z0-9@$|!]*[0-9@$])[a-z0-9@$|!]{3,}")
+_JB_MAX_WINDOW = 4096              # chars; overlapping trigger windows merge up to this size, so
+                                   # the per-window work (not linear in the window) stays bounded
+                                   # and a text dense with trigger words is scanned in linear time
+# The look-aheads are bounded: unbounded, "|a|a|a..." made every position rescan the whole run.
+_LEET_CAND_RE = re.compile(
+    r"(?<![a-z0-9@$])(?=[a-z0-9@$|!]{0,64}[a-z])(?=[a-z0-9@$|!]{0,64}[0-9@$])[a-z0-9@$|!]{3,}")
 # Words that, written in leetspeak, mark a place worth analysing (their plain forms may be too
 # common to be triggers on their own, e.g. "without", "content").
 _LEET_WORDS = frozenset(
@@ -2686,7 +2779,21 @@ class _JbPositions(dict):
 def _jb_near(spans: list[tuple[int, int]], a: int, b: int, k: int) -> list[tuple[int, int]]:
     """Spans within k words of the word range [a, b] (spans are sorted by start)."""
     lo = bisect.bisect_left(spans, (a - k - 8, -1))
-    return [s for s in spans[lo:] if s[0] <= b + k and s[1] >= a - k and s[0] - k <= b][:64]
+    out = []
+    for s in itertools.islice(spans, lo, None):
+        if s[0] > b + k:
+            break                                    # sorted by start: nothing further is near
+        if s[1] >= a - k:
+            out.append(s)
+            if len(out) == 64:
+                break
+    return out
+
+
+def _jb_starts_in(spans: list[tuple[int, int]], lo: int, hi: int) -> bool:
+    """Whether a span starts at a word index in [lo, hi] (spans are sorted by start)."""
+    i = bisect.bisect_left(spans, (lo, -1))
+    return lo <= hi and i < len(spans) and spans[i][0] <= hi
 
 
 def _jb_concept_hits(v: str, hits: set) -> None:
@@ -2703,7 +2810,7 @@ def _jb_concept_hits(v: str, hits: set) -> None:
                     v[starts[x]:starts[x] + 4] == "your" for x, _ in _jb_near(c["anchor"], a, b, 3)):
                 hits.add(("c-changed", "override", 0.5))
             continue
-        owned = any(a - 2 <= x < a for x, _ in c["user_owned"])
+        owned = _jb_starts_in(c["user_owned"], a - 2, a - 1)
         anchors = _jb_near(c["anchor"], a, b, 3)
         anchored = anchors and (
             _jb_near(c["you"], a, b, 8) or _JB_CORE_DIRECTIVE_RE.match(v, starts[a]) is not None
@@ -2729,7 +2836,7 @@ def _jb_concept_hits(v: str, hits: set) -> None:
             hits.add(("c-persona-bad", "persona", 0.6))
     for a, b in c["secret"]:
         for x, _ in _jb_near(c["reveal"], a, b, 8):
-            if not any(a - 3 <= n < x for n, _ in c["negation"]):
+            if not _jb_starts_in(c["negation"], a - 3, x - 1):
                 hits.add(("c-extract", "prompt_extraction", 1.0))
                 break
     # A note addressed to an AI reader that asks for secrecy, exfiltration or a new task is an
@@ -2833,7 +2940,7 @@ def _jb_windows(lower: str) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     for p in pos:
         s, e = max(0, p - _JB_WINDOW), min(len(lower), p + _JB_WINDOW)
-        if out and s <= out[-1][1]:
+        if out and s <= out[-1][1] and e - out[-1][0] <= _JB_MAX_WINDOW:
             out[-1] = (out[-1][0], e)
         else:
             out.append((s, e))
@@ -2889,8 +2996,21 @@ def _jb_scan(text: str) -> set:
     return hits
 
 
+def _segments(n: int, segment: int, overlap: int) -> Iterator[tuple[int, int, int]]:
+    """(lo, hi, core_start) slices of a text of n chars: cores of `segment` chars tile it, each
+    slice adds `overlap` chars of context on both sides."""
+    for core in range(0, n, segment):
+        yield max(0, core - overlap), min(n, core + segment + overlap), core
+
+
 def _jb_hits(text: str) -> frozenset:
-    """_jb_scan, memoised for long texts: a conversation resends its history every turn."""
+    """_jb_scan, memoised for long texts: a conversation resends its history every turn.
+    Long texts are scanned segment by segment (see _SCAN_SEGMENT) and their signals joined."""
+    if len(text) > _JB_SEGMENT + 2 * _JB_OVERLAP:
+        hits: set = set()
+        for lo, hi, _ in _segments(len(text), _JB_SEGMENT, _JB_OVERLAP):
+            hits |= _jb_hits(text[lo:hi])
+        return frozenset(hits)
     if len(text) < _SCAN_CACHE_MIN:
         return frozenset(_jb_scan(text))
     key = ("jb", _text_key(text))
@@ -3292,11 +3412,84 @@ class Guard:
         except Exception as exc:
             raise self._internal_error(rule) from exc
 
+    def scan_parts(self, texts: list[str]) -> list[str]:
+        """Texts the model reads as one (adjacent text parts of a message), scanned as one, so
+        a value split across parts is still caught. Each part is also scanned alone (joining
+        can glue a value at a part's end to the next word). An edit lands in the part where its
+        match starts, with the whole value; the match's continuation in later parts is dropped."""
+        if len(texts) == 1:
+            return [self.scan(texts[0])]
+        if not self._rules or not any(texts):
+            return list(texts)
+        rule = None
+        try:
+            joined = "".join(texts)
+            offsets = list(itertools.accumulate((len(t) for t in texts), initial=0))
+            spans = [set(per_rule) for per_rule in self._spans(joined)]
+            for o, part in zip(offsets, texts):
+                if part:
+                    for i, per_rule in enumerate(self._spans(part)):
+                        spans[i].update((s + o, e + o, label) for s, e, label in per_rule)
+            jb = None
+            edits: list[tuple[int, list[tuple[int, int, str]]]] = []
+            for i, rule in enumerate(self._rules):
+                if rule.type == "jailbreak":
+                    if jb is None:
+                        hits = set(_jb_hits(joined))
+                        for part in texts:
+                            if part:
+                                hits |= _jb_hits(part)
+                        jb = _jb_score(hits)[0]
+                    count = 1 if jb >= rule.threshold else 0
+                else:
+                    # Only matches no other match of this rule contains (a part's own match is
+                    # often the same span as, or inside, the joined text's).
+                    found = sorted(spans[i], key=lambda m: (m[0], -m[1]))
+                    kept: list[tuple[int, int, str]] = []
+                    for m in found:
+                        if not kept or m[1] > kept[-1][1]:
+                            kept.append(m)
+                    spans[i] = kept
+                    count = len(kept)
+                if not count:
+                    continue
+                self._record(rule, count)
+                if rule.action == "fail":
+                    raise self._violation(rule)
+                if rule.action in ("mask", "anonymize"):
+                    edits.append((i, spans[i]))
+            rule = None
+            if not edits:
+                return list(texts)
+            out = []
+            for k, part in enumerate(texts):
+                start, end = offsets[k], offsets[k + 1]
+                mine = [(i, [m for m in per_rule if start <= m[0] < end]) for i, per_rule in edits]
+                drops = [(m[0], m[1]) for _, per_rule in edits for m in per_rule if m[0] < start < m[1]]
+                out.append(self._apply(joined, start, end, mine, drops, whole_values=True))
+            return out
+        except ProxyError:
+            raise
+        except Exception as exc:
+            raise self._internal_error(rule) from exc
+
     # -- shared with StreamGuard
 
     def _spans(self, text: str) -> list[list[tuple[int, int, str]]]:
         """Per rule (same order as self._rules): the (start, end, label) of each match on the
-        unmodified text. Jailbreak rules get an empty list (they score the text as a whole)."""
+        unmodified text. Jailbreak rules get an empty list (they score the text as a whole).
+        A long text is scanned in overlapping segments, so that no single regex call holds the
+        GIL for long (see _SCAN_SEGMENT); each match is taken from the segment it starts in."""
+        if len(text) <= _SCAN_SEGMENT + 2 * _SCAN_OVERLAP:
+            return self._segment_spans(text)
+        out: list[list[tuple[int, int, str]]] = [[] for _ in self._rules]
+        for lo, hi, core in _segments(len(text), _SCAN_SEGMENT, _SCAN_OVERLAP):
+            for i, per_rule in enumerate(self._segment_spans(text[lo:hi])):
+                out[i].extend((s + lo, e + lo, label) for s, e, label in per_rule
+                              if core <= s + lo < core + _SCAN_SEGMENT)
+        return out
+
+    def _segment_spans(self, text: str) -> list[list[tuple[int, int, str]]]:
         pii = None
         out: list[list[tuple[int, int, str]]] = []
         for rule in self._rules:
@@ -3316,14 +3509,18 @@ class Guard:
                 raise self._internal_error(rule) from exc
         return out
 
-    def _apply(self, text: str, start: int, end: int, edits: list, drops: Iterable[tuple[int, int]]) -> str:
+    def _apply(self, text: str, start: int, end: int, edits: list, drops: Iterable[tuple[int, int]],
+               whole_values: bool = False) -> str:
         """text[start:end] with the edits of mask/anonymize rules applied (spans clipped to the
         window; on overlap the earlier rule wins) and the `drops` spans removed (continuations of
-        a long match already replaced in an earlier stream window)."""
+        a long match already replaced in an earlier stream window). With `whole_values` a
+        placeholder stands for the whole matched value, also where the window clips it."""
         starts: list[int] = []
         accepted: list[tuple[int, int, str, str]] = []    # start, end, replacement kind, label
+        values: dict[int, str] = {}
 
         def accept(s: int, e: int, kind: str, label: str) -> None:
+            whole = text[s:e] if whole_values else ""
             s, e = max(s, start), min(e, end)
             if s >= e:
                 return
@@ -3332,6 +3529,8 @@ class Guard:
                 return
             starts.insert(k, s)
             accepted.insert(k, (s, e, kind, label))
+            if whole_values:
+                values[s] = whole
 
         for s, e in drops:
             accept(s, e, "drop", "")
@@ -3346,7 +3545,7 @@ class Guard:
             if kind == "mask":
                 parts.append(f"[REDACTED:{label}]")
             elif kind == "anonymize":
-                parts.append(self._anonymizer.placeholder(label, text[s:e]))
+                parts.append(self._anonymizer.placeholder(label, values.get(s, text[s:e])))
             pos = e
         parts.append(text[pos:end])
         return "".join(parts)
@@ -3370,6 +3569,44 @@ class Guard:
         what = "request" if self._direction == "input" else "response"
         return ProxyError(500, "guardrail_error", f"a guardrail failed while checking the {what}{which}; "
                           "nothing unchecked was forwarded. Retry; if it persists, check the policy's rules")
+
+
+async def scan_off_loop(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run a long scan (`fn(*args)`) in a worker thread, so the event loop keeps answering.
+    Scans are pure Python and regex calls that hold the GIL: long texts are cut into segments
+    (see _SCAN_SEGMENT) and the interpreter hands the GIL over every millisecond."""
+    if sys.getswitchinterval() > _SCAN_SWITCH_INTERVAL:
+        sys.setswitchinterval(_SCAN_SWITCH_INTERVAL)
+    return await asyncio.to_thread(fn, *args)
+
+
+def json_bytes_in_pieces(value: Any) -> bytes:
+    """json.dumps(value, ensure_ascii=False) as UTF-8, with long strings escaped piece by piece
+    (the same bytes): one C call escaping a 10 MB string holds the GIL for ~60 ms."""
+    long: list[str] = []
+    nonce = secrets.token_hex(8)                 # a client's own string never equals a marker
+
+    def swap(node: Any) -> Any:
+        if isinstance(node, str) and len(node) > _SCAN_SEGMENT:
+            long.append(node)
+            return f"\x00{nonce}-{len(long) - 1}\x00"
+        if isinstance(node, dict):
+            return {k: swap(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [swap(v) for v in node]
+        return node
+    text = json.dumps(swap(value), ensure_ascii=False)
+    if not long:
+        return text.encode("utf-8")
+    parts, pos = [], 0
+    for m in re.finditer(r'"\\u0000' + nonce + r'-(\d+)\\u0000"', text):
+        parts.append(text[pos:m.start()])
+        big = long[int(m.group(1))]
+        parts.append('"' + "".join(json.dumps(big[i:i + _SCAN_SEGMENT], ensure_ascii=False)[1:-1]
+                                   for i in range(0, len(big), _SCAN_SEGMENT)) + '"')
+        pos = m.end()
+    parts.append(text[pos:])
+    return "".join(parts).encode("utf-8")
 
 
 def scan_texts(guard: Guard, texts: list[str]) -> list[str]:
@@ -4788,30 +5025,179 @@ class Catalog:
 # Dialects — one adapter per wire format: where the text is, prompts, output caps, usage, streams
 ###############################################################################
 
-def _parts_slots(content) -> Iterator[tuple[Any, Any]]:
-    """Text slots of a content value that may be a string or a list of typed parts/blocks."""
+# Where the text is. Known part/block/item types are read field by field; any other is walked
+# and every string leaf is a text, except the keys below, which carry structure, not content
+# (ids, roles, types, opaque signatures). Base64 payloads are decoded when their media type
+# says text, and skipped otherwise (an image or a PDF is not text a rule can read).
+_STRUCTURAL_KEYS = frozenset((
+    "type", "id", "role", "name", "tool_call_id", "tool_use_id", "call_id", "item_id", "file_id",
+    "index", "status", "media_type", "mime_type", "format", "detail", "cache_control", "signature",
+    "encrypted_content", "model", "object", "finish_reason", "stop_reason", "output_index",
+    "content_index", "summary_index", "sequence_number"))
+_TEXT_PART_TYPES = frozenset(("text", "input_text", "output_text"))
+_TEXT_MEDIA_RE = re.compile(r"(?i)(?:text/[\w.+-]+|application/(?:json|xml|x-yaml|yaml|csv|x-ndjson"
+                            r"|javascript|x-sh|sql|[\w.+-]*\+(?:json|xml)))(?:;.*)?")
+_DATA_URL_RE = re.compile(r"data:([^,;]*)((?:;[^,;]*)*?);base64,", re.IGNORECASE)
+
+
+class _DecodedSlot:
+    """A base64 text payload (a data: URL, a base64 document source) as the text it encodes:
+    rules read what the model reads, and a rewritten text is encoded back in place."""
+    __slots__ = ("_holder", "_key", "_prefix", "_text")
+
+    def __init__(self, holder: Any, key: Any, prefix: str, text: str) -> None:
+        self._holder, self._key, self._prefix, self._text = holder, key, prefix, text
+
+    def __getitem__(self, _key: Any) -> str:
+        return self._text
+
+    def __setitem__(self, _key: Any, text: str) -> None:
+        self._text = text
+        self._holder[self._key] = self._prefix + base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def _decoded_slot(holder: Any, key: Any, prefix: str, payload: str) -> tuple[Any, Any] | None:
+    try:
+        text = base64.b64decode(payload, validate=False).decode("utf-8")
+    except ValueError:                                         # binascii.Error, UnicodeDecodeError
+        return None
+    return (_DecodedSlot(holder, key, prefix, text), 0) if text else None
+
+
+def _string_slot(holder: Any, key: Any) -> tuple[Any, Any] | None:
+    """The slot of one string leaf: itself, its decoded text, or None for a binary payload."""
+    value = holder[key]
+    if value.startswith(("data:", "DATA:")):
+        m = _DATA_URL_RE.match(value)
+        if m:
+            if not _TEXT_MEDIA_RE.fullmatch(m.group(1)):
+                return None
+            return _decoded_slot(holder, key, value[:m.end()], value[m.end():])
+    return holder, key
+
+
+def _walk_slots(value: Any, skip: frozenset = _STRUCTURAL_KEYS) -> Iterator[tuple[Any, Any]]:
+    """Every string leaf of a JSON value in document order (keys in `skip` left out).
+    Iterative, so nesting depth costs memory, not the interpreter's stack."""
+    stack: list = [(None, None, value)]
+    while stack:
+        holder, key, node = stack.pop()
+        if isinstance(node, str):
+            if node:
+                slot = _string_slot(holder, key)
+                if slot:
+                    yield slot
+            continue
+        children: list = []
+        if isinstance(node, dict):
+            # base64 sources, input_audio {"data", "format"}, output audio {"data", "transcript"}
+            binary_source = "data" in node and (node.get("type") == "base64" or "format" in node
+                                                or "transcript" in node)
+            if binary_source and isinstance(node.get("data"), str):
+                media = node.get("media_type") or node.get("mime_type") or ""
+                if isinstance(media, str) and _TEXT_MEDIA_RE.fullmatch(media):
+                    slot = _decoded_slot(node, "data", "", node["data"])
+                    if slot:
+                        yield slot
+            children = [(node, k, v) for k, v in node.items()
+                        if k not in skip and not (binary_source and k == "data")]
+        elif isinstance(node, list):
+            children = [(node, i, v) for i, v in enumerate(node)]
+        stack.extend(c for c in reversed(children) if isinstance(c[2], (str, dict, list)))
+
+
+def _field_groups(holder: dict, key: Any) -> Iterator[list]:
+    """One group per text found in holder[key] (a string, or any JSON value walked)."""
+    value = holder.get(key) if isinstance(holder, dict) else None
+    if isinstance(value, str):
+        slot = _string_slot(holder, key) if value else None
+        if slot:
+            yield [slot]
+    elif isinstance(value, (dict, list)):
+        for slot in _walk_slots(value):
+            yield [slot]
+
+
+def _block_groups(part: dict) -> Iterator[list]:
+    """The texts of one non-text part or block: tool results recursively, a tool call's input
+    entirely (its keys are the tool's own, not structure), anything else walked."""
+    kind = part.get("type")
+    if kind == "tool_result":
+        inner = part.get("content")
+        if isinstance(inner, str):
+            yield [(part, "content")]
+        else:
+            yield from _parts_groups(inner)
+        for key in part:
+            if key not in ("content", "tool_use_id", "type", "is_error", "cache_control"):
+                yield from _field_groups(part, key)
+    elif kind in ("tool_use", "server_tool_use") and isinstance(part.get("input"), (dict, list)):
+        for slot in _walk_slots(part["input"], frozenset()):
+            yield [slot]
+    elif kind == "redacted_thinking":
+        return                                  # encrypted by the provider: nothing readable
+    else:
+        for slot in _walk_slots(part):
+            yield [slot]
+
+
+def _parts_groups(content: Any) -> Iterator[list]:
+    """Text slots of a list of typed parts/blocks, grouped: adjacent text parts form one group
+    (scanned as one text, so a value split across them is still caught)."""
     if not isinstance(content, list):
         return
-    for part in content:
-        if not isinstance(part, dict):
+    run: list = []
+    for i, part in enumerate(content):
+        if isinstance(part, dict) and part.get("type") in _TEXT_PART_TYPES and isinstance(part.get("text"), str):
+            run.append((part, "text"))
             continue
-        kind = part.get("type")
-        if kind in ("text", "input_text", "output_text") and isinstance(part.get("text"), str):
-            yield part, "text"
-        elif kind == "tool_result":
-            inner = part.get("content")
-            if isinstance(inner, str):
-                yield part, "content"
-            else:
-                yield from _parts_slots(inner)
+        if run:
+            yield run
+            run = []
+        if isinstance(part, str):
+            if part:
+                yield [(content, i)]
+        elif isinstance(part, dict):
+            yield from _block_groups(part)
+    if run:
+        yield run
 
 
-def _content_slots(holder: dict, key: str = "content") -> Iterator[tuple[Any, Any]]:
+def _content_groups(holder: dict, key: str = "content") -> Iterator[list]:
     value = holder.get(key)
     if isinstance(value, str):
-        yield holder, key
+        yield [(holder, key)]
     else:
-        yield from _parts_slots(value)
+        yield from _parts_groups(value)
+
+
+def _parts_slots(content: Any) -> Iterator[tuple[Any, Any]]:
+    """Every text slot of a list of parts/blocks (see _parts_groups), ungrouped."""
+    for group in _parts_groups(content):
+        yield from group
+
+
+def _description_groups(value: Any) -> Iterator[list]:
+    """Descriptions and titles anywhere in tool/function definitions or schemas (the model
+    reads them; names and schema structure are left alone)."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key in ("description", "title"):
+                if isinstance(node.get(key), str) and node[key]:
+                    yield [(node, key)]
+            stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))
+
+
+def _message_extra_groups(msg: dict, known: tuple) -> Iterator[list]:
+    """Every other field of a message (refusal, tool_calls and legacy function_call arguments,
+    reasoning_content, fields not yet documented), structural keys left out."""
+    for key in msg:
+        if key not in known and key not in _STRUCTURAL_KEYS:
+            yield from _field_groups(msg, key)
 
 
 def _list_slots(holder: dict, key: str) -> Iterator[tuple[Any, Any]]:
@@ -4875,6 +5261,12 @@ class Dialect:
     def input_slots(self, body: dict) -> Iterator[tuple[Any, Any]]:
         return iter(())
 
+    def input_groups(self, body: dict) -> Iterator[list]:
+        """The input slots in groups; the slots of one group are scanned as one text (adjacent
+        text parts of a message), each other slot is a group of its own."""
+        for slot in self.input_slots(body):
+            yield [slot]
+
     def output_slots(self, body: dict) -> Iterator[tuple[Any, Any]]:
         return iter(())
 
@@ -4908,7 +5300,8 @@ class Dialect:
         return []
 
     def stream_ends(self, event: str | None, payload: dict) -> list:
-        """Channels whose text is complete once this event is reached (flushed before it)."""
+        """Channels whose text is complete once this event is reached (flushed before it); a
+        tuple also closes every channel it is a prefix of (all channels of a choice, a block)."""
         return []
 
     def stream_full_texts(self, event: str | None, payload: dict) -> list[tuple[Any, Any]]:
@@ -4945,23 +5338,27 @@ class ChatDialect(Dialect):
         super().check(body)
 
     def input_slots(self, body):
+        for group in self.input_groups(body):
+            yield from group
+
+    def input_groups(self, body):
         messages = body.get("messages")
         if not isinstance(messages, list):
             _bad("'messages' must be a list of messages")
+        for key in ("tools", "functions", "response_format"):   # definitions the model reads
+            yield from _description_groups(body.get(key))
         for msg in messages:
             if not isinstance(msg, dict):
                 _bad("each message must be an object")
-            yield from _content_slots(msg)
-            for call in msg.get("tool_calls") or ():
-                fn = call.get("function") if isinstance(call, dict) else None
-                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-                    yield fn, "arguments"
+            yield from _content_groups(msg)
+            yield from _message_extra_groups(msg, ("content",))
 
     def output_slots(self, body):
         for choice in body.get("choices") or ():
             message = choice.get("message") if isinstance(choice, dict) else None
             if isinstance(message, dict):
-                yield from _content_slots(message)
+                for group in itertools.chain(_content_groups(message), _message_extra_groups(message, ("content",))):
+                    yield from group
 
     def usage(self, body):
         u = body.get("usage") or {}
@@ -4982,21 +5379,44 @@ class ChatDialect(Dialect):
         else:
             body["max_tokens"] = limit
 
+    # Channels: (choice, field) for content, refusal and reasoning text; (choice, "tool_calls",
+    # call index) and (choice, "function_call") for arguments.
+    _DELTA_TEXT_FIELDS = ("content", "refusal", "reasoning_content", "reasoning")
+
     def stream_deltas(self, event, payload):
         out = []
         for choice in payload.get("choices") or ():
             delta = choice.get("delta") if isinstance(choice, dict) else None
-            if isinstance(delta, dict) and isinstance(delta.get("content"), str):
-                out.append((choice.get("index", 0), delta, "content"))
+            if not isinstance(delta, dict):
+                continue
+            index = choice.get("index", 0)
+            for key in self._DELTA_TEXT_FIELDS:
+                if isinstance(delta.get(key), str):
+                    out.append(((index, key), delta, key))
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    out.append(((index, "tool_calls", call.get("index", 0)), fn, "arguments"))
+            fn = delta.get("function_call")
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                out.append(((index, "function_call"), fn, "arguments"))
         return out
 
     def stream_ends(self, event, payload):
-        return [c.get("index", 0) for c in payload.get("choices") or ()
+        return [(c.get("index", 0),) for c in payload.get("choices") or ()
                 if isinstance(c, dict) and c.get("finish_reason")]
 
     def tail_event(self, channel, text, payload, event):
+        index, kind = channel[0], channel[1]
+        if kind == "tool_calls":
+            delta = {"tool_calls": [{"index": channel[2], "function": {"arguments": text}}]}
+        elif kind == "function_call":
+            delta = {"function_call": {"arguments": text}}
+        else:
+            delta = {kind: text}
         return event, {k: payload[k] for k in ("id", "object", "created", "model") if k in payload} | {
-            "choices": [{"index": channel, "delta": {"content": text}, "finish_reason": None}]}
+            "choices": [{"index": index, "delta": delta, "finish_reason": None}]}
 
     def stream_usage(self, event, payload, usage):
         return self.usage(payload) if payload.get("usage") else usage
@@ -5005,6 +5425,8 @@ class ChatDialect(Dialect):
 class CompletionsDialect(ChatDialect):
     name = "completions"
     cap_fields = ("max_tokens",)
+
+    input_groups = Dialect.input_groups
 
     def input_slots(self, body):
         if not isinstance(body.get("prompt"), (str, list)):
@@ -5030,6 +5452,10 @@ class CompletionsDialect(ChatDialect):
         return [(c.get("index", 0), c, "text") for c in payload.get("choices") or ()
                 if isinstance(c, dict) and isinstance(c.get("text"), str)]
 
+    def stream_ends(self, event, payload):
+        return [c.get("index", 0) for c in payload.get("choices") or ()
+                if isinstance(c, dict) and c.get("finish_reason")]
+
     def tail_event(self, channel, text, payload, event):
         return event, {k: payload[k] for k in ("id", "object", "created", "model") if k in payload} | {
             "choices": [{"index": channel, "text": text, "finish_reason": None}]}
@@ -5038,6 +5464,8 @@ class CompletionsDialect(ChatDialect):
 class EmbeddingsDialect(ChatDialect):
     name = "embeddings"
     cap_fields = ()
+
+    input_groups = Dialect.input_groups
 
     def input_slots(self, body):
         if not isinstance(body.get("input"), (str, list)):
@@ -5062,28 +5490,46 @@ class ResponsesDialect(Dialect):
     cap_fields = ("max_output_tokens",)
 
     def input_slots(self, body):
+        for group in self.input_groups(body):
+            yield from group
+
+    def input_groups(self, body):
         if isinstance(body.get("instructions"), str):
-            yield body, "instructions"
+            yield [(body, "instructions")]
         items = body.get("input")
-        if isinstance(items, str):
-            yield body, "input"
-            return
-        if items is not None and not isinstance(items, list):
+        if items is not None and not isinstance(items, (str, list)):
             _bad("'input' must be a string or a list of items")
-        for item in items or ():
+        yield from _description_groups(body.get("tools"))
+        if isinstance(items, str):
+            yield [(body, "input")]
+            return
+        yield from self._item_groups(items or ())
+
+    @staticmethod
+    def _item_groups(items) -> Iterator[list]:
+        """Messages by their content parts; tool outputs as strings or lists of parts; any
+        other item (function and custom tool calls, reasoning, unknown types) walked."""
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                if item:
+                    yield [(items, i)]
+                continue
             if not isinstance(item, dict):
                 continue
-            if "content" in item:
-                yield from _content_slots(item)
-            if item.get("type") == "function_call_output" and isinstance(item.get("output"), str):
-                yield item, "output"
-            if item.get("type") == "function_call" and isinstance(item.get("arguments"), str):
-                yield item, "arguments"
+            kind = item.get("type")
+            if "content" in item and kind in (None, "message"):
+                yield from _content_groups(item)
+                yield from _message_extra_groups(item, ("content",))
+            elif kind in ("function_call_output", "custom_tool_call_output") and isinstance(item.get("output"), list):
+                yield from _parts_groups(item["output"])
+                yield from _message_extra_groups(item, ("output",))
+            else:
+                for slot in _walk_slots(item):
+                    yield [slot]
 
     def output_slots(self, body):
-        for item in body.get("output") or ():
-            if isinstance(item, dict) and item.get("type") == "message":
-                yield from _parts_slots(item.get("content"))
+        for group in self._item_groups(body.get("output") or ()):
+            yield from group
 
     def usage(self, body):
         u = body.get("usage") or {}
@@ -5097,33 +5543,55 @@ class ResponsesDialect(Dialect):
             items = [{"role": "user", "content": items}]
         body["input"] = [{"role": p.role, "content": p.content} for p in prompts] + list(items or [])
 
+    # Every `response.*.delta` with a text delta is a channel (item, event family, index field,
+    # index): output text, refusals, function and custom tool arguments, reasoning text and
+    # summaries. Audio deltas are base64 sound, not text.
+    @staticmethod
+    def _channel(family: str, payload: dict) -> tuple:
+        field_name = next((f for f in ("content_index", "summary_index") if f in payload), None)
+        return (payload.get("item_id"), family, field_name, payload.get(field_name, 0) if field_name else 0)
+
     def stream_deltas(self, event, payload):
-        if payload.get("type") == "response.output_text.delta" and isinstance(payload.get("delta"), str):
-            return [((payload.get("item_id"), payload.get("content_index", 0)), payload, "delta")]
+        kind = payload.get("type")
+        if (isinstance(kind, str) and kind.startswith("response.") and kind.endswith(".delta")
+                and not kind.endswith("audio.delta") and isinstance(payload.get("delta"), str)):
+            return [(self._channel(kind[:-len(".delta")], payload), payload, "delta")]
         return []
 
     def stream_ends(self, event, payload):
-        if payload.get("type") == "response.output_text.done":
-            return [(payload.get("item_id"), payload.get("content_index", 0))]
+        kind = payload.get("type")
+        if not isinstance(kind, str):
+            return []
+        if kind == "response.output_item.done" and isinstance(payload.get("item"), dict):
+            return [(payload["item"].get("id"),)]
+        if kind.startswith("response.") and kind.endswith(".done"):
+            return [self._channel(kind[:-len(".done")], payload)]
         return []
+
+    _DONE_TEXT_FIELDS = ("text", "refusal", "arguments", "input", "transcript")
 
     def stream_full_texts(self, event, payload):
         kind = payload.get("type")
-        if kind == "response.output_text.done" and isinstance(payload.get("text"), str):
-            return [(payload, "text")]
-        if kind == "response.content_part.done":
-            return list(_parts_slots([payload.get("part")]))
-        if kind == "response.output_item.done" and isinstance(payload.get("item"), dict):
-            return list(self.output_slots({"output": [payload["item"]]}))
-        if kind in ("response.completed", "response.incomplete") and isinstance(payload.get("response"), dict):
-            return list(self.output_slots(payload["response"]))
-        return []
+        if not isinstance(kind, str):
+            return []
+        out = []
+        if kind.endswith(".done"):
+            out.extend((payload, k) for k in self._DONE_TEXT_FIELDS if isinstance(payload.get(k), str))
+        if isinstance(payload.get("part"), dict):
+            out.extend(_parts_slots([payload["part"]]))
+        if isinstance(payload.get("item"), dict):
+            out.extend(self.output_slots({"output": [payload["item"]]}))
+        if isinstance(payload.get("response"), dict):
+            out.extend(self.output_slots(payload["response"]))
+        return out
 
     def tail_event(self, channel, text, payload, event):
-        item_id, content_index = channel
-        return "response.output_text.delta", {
-            "type": "response.output_text.delta", "item_id": item_id,
-            "output_index": payload.get("output_index", 0), "content_index": content_index, "delta": text}
+        item_id, family, field_name, index = channel
+        out = {"type": family + ".delta", "item_id": item_id, "output_index": payload.get("output_index", 0)}
+        if field_name:
+            out[field_name] = index
+        out["delta"] = text
+        return family + ".delta", out
 
     def stream_usage(self, event, payload, usage):
         response = payload.get("response")
@@ -5147,20 +5615,25 @@ class MessagesDialect(Dialect):
     cap_fields = ("max_tokens",)
 
     def input_slots(self, body):
+        for group in self.input_groups(body):
+            yield from group
+
+    def input_groups(self, body):
         system = body.get("system")
         if isinstance(system, str):
-            yield body, "system"
+            yield [(body, "system")]
         elif system is not None and not isinstance(system, list):
             _bad("'system' must be a string or a list of text blocks")
         else:
-            yield from _parts_slots(system)
+            yield from _parts_groups(system)
         messages = body.get("messages")
         if not isinstance(messages, list):
             _bad("'messages' must be a list of messages")
+        yield from _description_groups(body.get("tools"))
         for msg in messages:
             if not isinstance(msg, dict):
                 _bad("each message must be an object")
-            yield from _content_slots(msg)
+            yield from _content_groups(msg)
 
     def output_slots(self, body):
         return _parts_slots(body.get("content"))
@@ -5185,19 +5658,37 @@ class MessagesDialect(Dialect):
         if turns:
             body["messages"] = turns + body["messages"]
 
+    # Channels: (block index, delta type, field): text_delta text, input_json_delta
+    # partial_json (a tool call's input), thinking_delta thinking, and the string fields of any
+    # delta type not known here. Signatures are opaque, citations point at input already read.
+    _DELTA_SKIP = frozenset(("signature_delta", "citations_delta"))
+
     def stream_deltas(self, event, payload):
-        if payload.get("type") == "content_block_delta":
-            delta = payload.get("delta") or {}
-            if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
-                return [(payload.get("index", 0), delta, "text")]
-        return []
+        if payload.get("type") != "content_block_delta":
+            return []
+        delta = payload.get("delta")
+        kind = delta.get("type") if isinstance(delta, dict) else None
+        if not isinstance(kind, str) or kind in self._DELTA_SKIP:
+            return []
+        index = payload.get("index", 0)
+        return [((index, kind, key), delta, key) for key, value in delta.items()
+                if key != "type" and isinstance(value, str)]
 
     def stream_ends(self, event, payload):
-        return [payload.get("index", 0)] if payload.get("type") == "content_block_stop" else []
+        return [(payload.get("index", 0),)] if payload.get("type") == "content_block_stop" else []
+
+    def stream_full_texts(self, event, payload):
+        kind = payload.get("type")
+        if kind == "content_block_start" and isinstance(payload.get("content_block"), dict):
+            return list(_parts_slots([payload["content_block"]]))
+        if kind == "message_start" and isinstance(payload.get("message"), dict):
+            return list(self.output_slots(payload["message"]))
+        return []
 
     def tail_event(self, channel, text, payload, event):
-        return "content_block_delta", {"type": "content_block_delta", "index": channel,
-                                       "delta": {"type": "text_delta", "text": text}}
+        index, kind, key = channel
+        return "content_block_delta", {"type": "content_block_delta", "index": index,
+                                       "delta": {"type": kind, key: text}}
 
     def response_meta(self, payload):
         message = payload.get("message") if isinstance(payload.get("message"), dict) else payload
@@ -7259,6 +7750,17 @@ class StreamRelay:
             if isinstance(holder, dict) and isinstance(holder.get("id"), str):
                 self.ex.upstream_id = holder["id"]
 
+    def _closed_channels(self, ends: list) -> list:
+        """The open channels an event closes: each end itself, and for a tuple end every
+        channel it is a prefix of (a choice's content, refusal and tool-call arguments)."""
+        out = []
+        for ch in self.channels:
+            for end in ends:
+                if ch == end or (isinstance(end, tuple) and isinstance(ch, tuple) and ch[:len(end)] == end):
+                    out.append(ch)
+                    break
+        return out
+
     def _flush(self, channels: list, payload: dict | None, event: str | None) -> bytes:
         out = []
         for ch in channels:
@@ -7288,7 +7790,7 @@ class StreamRelay:
         if self.channel is not None or self.full_text is not None:
             ends = dialect.stream_ends(name, payload)
             if ends:
-                out = self._flush(ends, payload, name)
+                out = self._flush(self._closed_channels(ends), payload, name)
             for ch, holder, key in dialect.stream_deltas(name, payload):
                 guard = self.channels.get(ch)
                 if guard is None:
@@ -7873,8 +8375,8 @@ class Pipeline:
         for index, candidate in enumerate(models):
             last = index == len(models) - 1
             try:
-                attempt = self.prepare(req, record, dialect, body if index == 0 else self.parse_body(req.body),
-                                       candidate, ex)
+                attempt = await self.prepare(req, record, dialect,
+                                             body if index == 0 else self.parse_body(req.body), candidate, ex)
             except ProxyError:
                 if index == 0 or last:
                     raise
@@ -7903,8 +8405,8 @@ class Pipeline:
                 raise
         raise AssertionError("unreachable: the last model always returns or raises")
 
-    def prepare(self, req: Request, record: TokenRecord, dialect: Dialect, body: dict, model: str,
-                ex: Exchange) -> "Attempt":
+    async def prepare(self, req: Request, record: TokenRecord, dialect: Dialect, body: dict, model: str,
+                      ex: Exchange) -> "Attempt":
         """Everything decided before a model's request leaves: route, limits, prompts, dialect."""
         renamed = body.get("model") != model
         if renamed:
@@ -7918,7 +8420,11 @@ class Pipeline:
             changed = admission.cap_changed or renamed
             ex.rule_matches.clear()  # a fallback rescans the same content: count it once
             anonymizer = Anonymizer()
-            changed |= self.guard_input(Guard(route.rules, "input", anonymizer, ex.rule_matches), dialect, body)
+            guard = Guard(route.rules, "input", anonymizer, ex.rule_matches)
+            if guard.active and len(req.body) > _OFF_LOOP_BYTES:   # a long scan must not stall the loop
+                changed |= await scan_off_loop(self.guard_input, guard, dialect, body)
+            else:
+                changed |= self.guard_input(guard, dialect, body)
             spec = route.policy.memory or self.config.ledger.memory
             if spec and spec.get("enabled", True):
                 ex.memory = spec
@@ -7936,7 +8442,10 @@ class Pipeline:
                     body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
                     strip_usage = changed = True
                 upstream_body = body
-                payload = json.dumps(body, ensure_ascii=False).encode("utf-8") if changed else req.body
+                if changed and len(req.body) > _OFF_LOOP_BYTES:
+                    payload = await scan_off_loop(json_bytes_in_pieces, body)
+                else:
+                    payload = json.dumps(body, ensure_ascii=False).encode("utf-8") if changed else req.body
         except BaseException:
             admission.close(None, self.clock())
             raise
@@ -7952,13 +8461,39 @@ class Pipeline:
         if not guard.active:
             return False
         changed = False
-        for holder, key in dialect.input_slots(body):
-            text = holder[key]
-            new = guard.scan(text)
-            if new != text:
-                holder[key] = new
-                changed = True
+        try:
+            for group in dialect.input_groups(body):
+                texts = [holder[key] for holder, key in group]
+                for (holder, key), old, new in zip(group, texts, guard.scan_parts(texts)):
+                    if new != old:
+                        holder[key] = new
+                        changed = True
+        except ProxyError:
+            raise
+        except Exception as exc:                 # fail closed: nothing unchecked leaves
+            raise guard._internal_error(None) from exc
         return changed
+
+    @staticmethod
+    def guard_output(attempt: "Attempt", dialect: Dialect, answer: dict) -> tuple[bool, list[str]]:
+        """Output rules and restoration over every text of a non-streamed answer:
+        (whether a text was rewritten, the texts as the conversation log keeps them)."""
+        changed, said = False, []
+        guard = attempt.guard_out if attempt.guard_out.active else None
+        try:
+            for holder, key in dialect.output_slots(answer):
+                text = holder[key]
+                scanned = guard.scan(text) if guard is not None else text
+                said.append(scanned)  # the conversation log keeps masks and placeholders
+                new = attempt.anonymizer.restore(scanned)
+                if new != text:
+                    holder[key] = new
+                    changed = True
+        except ProxyError:
+            raise
+        except Exception as exc:                 # fail closed
+            raise attempt.guard_out._internal_error(None) from exc
+        return changed, said
 
     @staticmethod
     def masked_output(attempt: "Attempt") -> Callable[[str], str]:
@@ -8081,16 +8616,10 @@ class Pipeline:
                                                  else len(data)), complete=True)
         admission.close(ex.usage, self.clock())  # the tokens were spent, whatever the output rules say
         if isinstance(answer, dict) and (whole is not None or ex.memory is not None):
-            changed, said = False, []
-            guard = attempt.guard_out if attempt.guard_out.active else None
-            for holder, key in dialect.output_slots(answer):
-                text = holder[key]
-                scanned = guard.scan(text) if guard is not None else text
-                said.append(scanned)  # the conversation log keeps masks and placeholders
-                new = attempt.anonymizer.restore(scanned)
-                if new != text:
-                    holder[key] = new
-                    changed = True
+            if len(data) > _OFF_LOOP_BYTES and whole is not None:   # a long scan must not stall the loop
+                changed, said = await scan_off_loop(self.guard_output, attempt, dialect, answer)
+            else:
+                changed, said = self.guard_output(attempt, dialect, answer)
             if ex.memory is not None:
                 ex.memory_entries.append(("assistant", "".join(said)))
             if changed:
