@@ -18,7 +18,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from stub_upstream import StubUpstream  # noqa: E402
 
-TOKENOMICS = str(ROOT / "tokenomics.py")
+# The CLI as users run it from a checkout: this checkout's package first on the path.
+TOKENOMICS = [sys.executable, "-m", "tokenomics"]
 OPENAI_KEY = "sk-upstream-openai-0123456789abcdef"
 ANTHROPIC_KEY = "sk-ant-upstream-0123456789abcdef"
 
@@ -34,7 +35,8 @@ def base_env(data_dir: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("TOKENOMICS_", "OPENAI_", "ANTHROPIC_"))}
     env.update({"TOKENOMICS_DIR": str(data_dir), "OPENAI_API_KEY": OPENAI_KEY,
-                "ANTHROPIC_API_KEY": ANTHROPIC_KEY, "PYTHONUNBUFFERED": "1"})
+                "ANTHROPIC_API_KEY": ANTHROPIC_KEY, "PYTHONUNBUFFERED": "1",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     env.update({k: v for k, v in extra.items() if v is not None})
     for k, v in extra.items():
         if v is None:
@@ -43,7 +45,7 @@ def base_env(data_dir: Path, **extra) -> dict:
 
 
 class CLI:
-    """Runs `python tokenomics.py ...` with a given data dir and environment."""
+    """Runs `python -m tokenomics ...` with a given data dir and environment."""
 
     def __init__(self, data_dir: Path, cwd: Path, env: dict | None = None):
         self.data_dir, self.cwd = data_dir, cwd
@@ -51,7 +53,7 @@ class CLI:
 
     def __call__(self, *args, env: dict | None = None, input: str | None = None, timeout: float = 60,
                  check: bool = False) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, TOKENOMICS, *args], cwd=self.cwd, env=env or self.env,
+        proc = subprocess.run([*TOKENOMICS, *args], cwd=self.cwd, env=env or self.env,
                               input=input, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"tokenomics {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
@@ -74,7 +76,7 @@ class ProxyProcess:
 
     def start(self, timeout: float = 15.0) -> "ProxyProcess":
         self.proc = subprocess.Popen(
-            [sys.executable, TOKENOMICS, "serve", "--port", str(self.port), "--no-tls", *self.args],
+            [*TOKENOMICS, "serve", "--port", str(self.port), "--no-tls", *self.args],
             cwd=self.cli.cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -24,7 +24,10 @@ from pathlib import Path
 import pytest
 
 import tokenomics
-from conftest import ANTHROPIC_KEY, OPENAI_KEY, TOKENOMICS, base_env, free_port
+import tokenomics.cli
+import tokenomics.config
+import tokenomics.tls
+from conftest import ANTHROPIC_KEY, OPENAI_KEY, ROOT, TOKENOMICS, base_env, free_port
 from stub_upstream import DEFAULT_REPLY
 from test_cli import ok, one_json
 
@@ -347,7 +350,7 @@ def test_run_forwards_signal_to_child(cli, tmp_path, sig):
             time.sleep(0.05)
         sys.exit(0)
     """)
-    proc = subprocess.Popen([sys.executable, TOKENOMICS, "run", "--token", token, "--", sys.executable, str(path)],
+    proc = subprocess.Popen([*TOKENOMICS, "run", "--token", token, "--", sys.executable, str(path)],
                             cwd=cli.cwd, env=cli.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -623,9 +626,9 @@ def test_completion_mentions_subcommands(cli, shell):
 # --- zipapp ------------------------------------------------------------------------------------
 
 def _build_pyz(source_dir: Path, target: Path) -> Path:
-    """build_zipapp as the Makefile runs it, from a snapshot of tokenomics.py in source_dir
+    """build_zipapp as the Makefile runs it, from a snapshot of the package in source_dir
     (so that an edit to the working copy mid-run cannot make two builds differ)."""
-    proc = subprocess.run([sys.executable, "-c", f"import tokenomics; tokenomics.build_zipapp({str(target)!r})"],
+    proc = subprocess.run([sys.executable, "-c", f"import tokenomics.cli; tokenomics.cli.build_zipapp({str(target)!r})"],
                           cwd=source_dir, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert target.is_file()
@@ -638,7 +641,7 @@ _BUILT: dict = {}
 @pytest.fixture(scope="module")
 def pyz(tmp_path_factory) -> Path:
     source = tmp_path_factory.mktemp("pyz-src")
-    shutil.copy(TOKENOMICS, source / "tokenomics.py")
+    shutil.copytree(ROOT / "tokenomics", source / "tokenomics", ignore=shutil.ignore_patterns("__pycache__"))
     target = _build_pyz(source, tmp_path_factory.mktemp("pyz") / "tokenomics.pyz")
     _BUILT[target] = (source, time.time())
     return target
@@ -757,7 +760,10 @@ def test_demo_runs_from_the_zipapp_without_site_packages(tmp_path, cli):
     import subprocess
     import sys
     import tokenomics
-    target = tokenomics.build_zipapp(str(tmp_path / "tokenomics.pyz"))
+    import tokenomics.cli
+    import tokenomics.config
+    import tokenomics.tls
+    target = tokenomics.cli.build_zipapp(str(tmp_path / "tokenomics.pyz"))
     proc = subprocess.run([sys.executable, "-S", target, "demo"], capture_output=True, text=True, timeout=60,
                           env=cli.env, cwd=cli.cwd)
     assert proc.returncode == 0, proc.stderr
@@ -767,16 +773,16 @@ def test_demo_runs_from_the_zipapp_without_site_packages(tmp_path, cli):
 def test_local_server_certificate_is_reissued_before_it_expires(tmp_path):
     import datetime
     import trustme
-    config = tokenomics.load_config(None, str(tmp_path), environ={})
-    ca_file, cert_file, key_file = tokenomics.ensure_local_ca(config)
+    config = tokenomics.config.load_config(None, str(tmp_path), environ={})
+    ca_file, cert_file, key_file = tokenomics.tls.ensure_local_ca(config)
     ca_before = open(ca_file, "rb").read()
     # replace the server certificate with one that expires in 10 days, issued by the same CA
     ca = trustme.CA.from_pem(ca_before, open(tmp_path / "certs" / "ca.key", "rb").read())
     soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=10)
     leaf = ca.issue_cert("localhost", not_after=soon)
     (tmp_path / "certs" / "server.crt").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
-    assert tokenomics._expires_soon(cert_file)
-    tokenomics.ensure_local_ca(config)
-    assert not tokenomics._expires_soon(cert_file)
+    assert tokenomics.tls._expires_soon(cert_file)
+    tokenomics.tls.ensure_local_ca(config)
+    assert not tokenomics.tls._expires_soon(cert_file)
     assert open(ca_file, "rb").read() == ca_before  # the CA clients trust is kept
     assert os.stat(key_file).st_mode & 0o777 == 0o600

@@ -10,6 +10,8 @@ import time
 import pytest
 
 import tokenomics
+import tokenomics.errors
+import tokenomics.policy
 from conftest import ANTHROPIC_KEY, OPENAI_KEY
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
@@ -284,16 +286,16 @@ def test_a_pattern_never_reaches_a_governed_path(cli, stub, start_proxy):
 
 
 def test_endpoints_policy_field_is_validated_with_json_paths(cli):
-    policy = tokenomics.parse_policy({"endpoints": ["/v1/files", "/v1/files/*", "/v1/batches"]})
+    policy = tokenomics.policy.parse_policy({"endpoints": ["/v1/files", "/v1/files/*", "/v1/batches"]})
     assert policy.endpoints == ("/v1/files", "/v1/files/*", "/v1/batches")
-    assert tokenomics.parse_policy({}).endpoints == ()
+    assert tokenomics.policy.parse_policy({}).endpoints == ()
     bad = {"/v1/files": "endpoints: expected a list", "/v1/fi*": "endpoints[1]", "/v2/models": "endpoints[1]",
            "/v1/files/": "endpoints[1]", "/v1/../files": "endpoints[1]", "/v1/%66iles": "endpoints[1]",
            "/v1/files?purpose=x": "endpoints[1]", 7: "endpoints[1]"}
     for entry, where in bad.items():
         value = entry if entry == "/v1/files" else ["/v1/batches", entry]
-        with pytest.raises(tokenomics.UsageError) as err:
-            tokenomics.parse_policy({"endpoints": value})
+        with pytest.raises(tokenomics.errors.UsageError) as err:
+            tokenomics.policy.parse_policy({"endpoints": value})
         assert where in str(err.value), (entry, str(err.value))
     proc = cli("token", "create", "--policy", json.dumps({"endpoints": ["/v1/files", "files/*"]}), "--json")
     assert proc.returncode == 2 and "endpoints[1]" in proc.stderr, proc.stderr

@@ -8,6 +8,12 @@ import openai
 import pytest
 
 import tokenomics
+import tokenomics.config
+import tokenomics.http.client
+import tokenomics.http.server
+import tokenomics.pipeline
+import tokenomics.providers
+import tokenomics.store
 from test_proxy import oa, raw
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 10}
@@ -183,17 +189,17 @@ def test_budget_survives_restart(cli, stub, start_proxy, how):
 # --- in-process, with an injected clock: the daily window resets at UTC midnight ----------------
 
 def test_daily_budget_resets_at_utc_midnight(tmp_path):
-    config = tokenomics.load_config(None, str(tmp_path), environ={})
-    catalog = tokenomics.Catalog(config, environ={})
-    store = tokenomics.TokenStore(config, catalog, environ={})
+    config = tokenomics.config.load_config(None, str(tmp_path), environ={})
+    catalog = tokenomics.providers.Catalog(config, environ={})
+    store = tokenomics.store.TokenStore(config, catalog, environ={})
     token, _ = store.create({"provider": "mock", "budget": {"tokens": {"daily": 60}}})
     now = [1795910400.0 - 120]  # 2026-11-28T23:58:00Z
-    pipeline = tokenomics.Pipeline(config, store, catalog, tokenomics.UpstreamClient(), environ={},
+    pipeline = tokenomics.pipeline.Pipeline(config, store, catalog, tokenomics.http.client.UpstreamClient(), environ={},
                                    clock=lambda: now[0])
 
     def call():
         body = json.dumps({"model": "mock-1", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]})
-        req = tokenomics.Request("POST", "/v1/chat/completions", "", [(b"authorization", f"Bearer {token}".encode())],
+        req = tokenomics.http.server.Request("POST", "/v1/chat/completions", "", [(b"authorization", f"Bearer {token}".encode())],
                                  {"authorization": f"Bearer {token}"}, body.encode())
         return asyncio.run(pipeline(req))
 

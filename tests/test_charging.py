@@ -19,7 +19,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tokenomics
-from tokenomics import BudgetLine, MemoryState, Usage, UsageJournal, charged_usage
+import tokenomics.config
+import tokenomics.http.client
+import tokenomics.http.server
+import tokenomics.pipeline
+import tokenomics.providers
+import tokenomics.records.fanout
+import tokenomics.store
+import tokenomics.util
+from tokenomics.limits.decide import BudgetLine
+from tokenomics.limits.journal import UsageJournal
+from tokenomics.limits.prices import Usage, charged_usage
+from tokenomics.limits.state import MemoryState
 from test_proxy import oa, raw
 
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 500}
@@ -155,17 +166,17 @@ def test_leaving_clients_cannot_spend_past_the_budget(cli, stub, start_proxy, da
 def test_in_process_early_close_charges_the_usage_already_on_the_wire(tmp_path):
     """A client that closes after the first event, while the rest of the answer (usage included)
     has already arrived: the proxy reads what was sent and charges the upstream's own figure."""
-    config = tokenomics.load_config(None, str(tmp_path), environ={})
-    catalog = tokenomics.Catalog(config, environ={})
-    store = tokenomics.TokenStore(config, catalog, environ={})
+    config = tokenomics.config.load_config(None, str(tmp_path), environ={})
+    catalog = tokenomics.providers.Catalog(config, environ={})
+    store = tokenomics.store.TokenStore(config, catalog, environ={})
     token, _ = store.create({"provider": "mock", "budget": {"tokens": {"total": 100000}}})
-    line = BudgetLine(store.lookup(token).hash[:tokenomics.HASH_PREFIX], "tokens", "total", 100000)
-    pipeline = tokenomics.Pipeline(config, store, catalog, tokenomics.UpstreamClient(), environ={})
+    line = BudgetLine(store.lookup(token).hash[:tokenomics.util.HASH_PREFIX], "tokens", "total", 100000)
+    pipeline = tokenomics.pipeline.Pipeline(config, store, catalog, tokenomics.http.client.UpstreamClient(), environ={})
     body = json.dumps({"model": "mock-1", "stream": True, "max_tokens": 1000,  # the mock echoes the prompt
                        "messages": [{"role": "user", "content": "tell me a long story " * 40}]}).encode()
 
     def request():
-        return tokenomics.Request("POST", "/v1/chat/completions", "", [(b"authorization", f"Bearer {token}".encode())],
+        return tokenomics.http.server.Request("POST", "/v1/chat/completions", "", [(b"authorization", f"Bearer {token}".encode())],
                                   {"authorization": f"Bearer {token}"}, body)
 
     async def scenario():
@@ -187,16 +198,16 @@ def test_in_process_stream_closed_before_its_first_byte_is_settled(tmp_path):
     """The client left before reading any of the answer: nothing reads the stream, yet the hold is
     settled (what the upstream reported, since its stream is taken in to the end) and the request
     is recorded, not held forever."""
-    config = tokenomics.load_config(None, str(tmp_path), environ={})
-    catalog = tokenomics.Catalog(config, environ={})
-    store = tokenomics.TokenStore(config, catalog, environ={})
+    config = tokenomics.config.load_config(None, str(tmp_path), environ={})
+    catalog = tokenomics.providers.Catalog(config, environ={})
+    store = tokenomics.store.TokenStore(config, catalog, environ={})
     token, _ = store.create({"provider": "mock", "budget": {"tokens": {"total": 100000}}})
-    line = BudgetLine(store.lookup(token).hash[:tokenomics.HASH_PREFIX], "tokens", "total", 100000)
-    records = tokenomics.Records()
-    pipeline = tokenomics.Pipeline(config, store, catalog, tokenomics.UpstreamClient(), environ={}, records=records)
+    line = BudgetLine(store.lookup(token).hash[:tokenomics.util.HASH_PREFIX], "tokens", "total", 100000)
+    records = tokenomics.records.fanout.Records()
+    pipeline = tokenomics.pipeline.Pipeline(config, store, catalog, tokenomics.http.client.UpstreamClient(), environ={}, records=records)
     body = json.dumps({"model": "mock-1", "stream": True, "max_tokens": 50,
                        "messages": [{"role": "user", "content": "hi"}]}).encode()
-    req = tokenomics.Request("POST", "/v1/chat/completions", "", [(b"authorization", f"Bearer {token}".encode())],
+    req = tokenomics.http.server.Request("POST", "/v1/chat/completions", "", [(b"authorization", f"Bearer {token}".encode())],
                              {"authorization": f"Bearer {token}"}, body)
 
     async def scenario():
@@ -341,9 +352,9 @@ def test_output_counts_every_text_of_every_dialect(pieces):
                  "output": [{"type": "reasoning", "id": "r", "encrypted_content": "e" * 90, "summary": []},
                             {"type": "message", "id": "m", "role": "assistant", "status": "completed",
                              "content": [{"type": "output_text", "text": text, "annotations": []}]}]}
-    assert tokenomics.answer_output_bytes(chat) == 2 * size
-    assert tokenomics.answer_output_bytes(messages) == 2 * size
-    assert tokenomics.answer_output_bytes(responses) == size
+    assert tokenomics.http.server.answer_output_bytes(chat) == 2 * size
+    assert tokenomics.http.server.answer_output_bytes(messages) == 2 * size
+    assert tokenomics.http.server.answer_output_bytes(responses) == size
     events = []
     for p in pieces:
         events += [{"choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]},
@@ -351,7 +362,7 @@ def test_output_counts_every_text_of_every_dialect(pieces):
                    {"type": "response.function_call_arguments.delta", "item_id": "i", "delta": p}]
     events += [{"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}},
                {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": "stop"}]}]
-    assert sum(tokenomics.event_output_bytes(e) for e in events) == 3 * size
+    assert sum(tokenomics.http.server.event_output_bytes(e) for e in events) == 3 * size
 
 
 TOTAL = BudgetLine("k", "tokens", "total", 10**12)

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import ANTHROPIC_KEY, OPENAI_KEY
 from test_proxy import oa
-from tokenomics import MemoryWriter
+from tokenomics.records.memory import MemoryWriter
 
 EVIL = "evil\n\x1b[2J\rrow\u202e"          # a newline, a clear-screen, a carriage return, a bidi override
 SHOWN = "evil\\n\\x1b[2J\\rrow\\u202e"     # how the terminal must see it
@@ -35,7 +35,7 @@ def assert_shown_escaped(text: str, rows: int | None = None):
 # --- terminal output ------------------------------------------------------------------------------
 
 def test_printable_escapes_controls_and_keeps_ordinary_text():
-    from tokenomics import printable
+    from tokenomics.util import printable
     assert printable(EVIL) == SHOWN
     assert printable("caf\u00e9 \u65e5\u672c gpt-4o ^gpt-4\\.") == "caf\u00e9 \u65e5\u672c gpt-4o ^gpt-4\\."
     assert printable("a\tb\x00c\x7fd\x9be\u2028f\u2066g\ud800") == "a\\tb\\x00c\\x7fd\\x9be\\u2028f\\u2066g\\ud800"

@@ -4,7 +4,10 @@ import pytest
 import yaml
 
 import tokenomics
-from tokenomics import UsageError
+import tokenomics.config
+import tokenomics.policy
+import tokenomics.providers
+from tokenomics.errors import UsageError
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +26,7 @@ def write_yaml(path, doc):
 
 
 def load(data_dir, config_path=None, environ=None, overrides=None):
-    return tokenomics.load_config(str(config_path) if config_path else None, str(data_dir),
+    return tokenomics.config.load_config(str(config_path) if config_path else None, str(data_dir),
                                   environ={} if environ is None else environ, overrides=overrides)
 
 
@@ -75,7 +78,7 @@ def test_invalid_yaml_is_a_usage_error_naming_the_file(data_dir, tmp_path):
 def test_config_dir_key_is_overridden_by_the_dir_argument(data_dir, tmp_path):
     path = write_yaml(tmp_path / "c.yaml", {"dir": str(tmp_path / "from-config")})
     assert load(data_dir, path).dir == str(data_dir)
-    assert tokenomics.load_config(str(path), None, environ={}).dir == str(tmp_path / "from-config")
+    assert tokenomics.config.load_config(str(path), None, environ={}).dir == str(tmp_path / "from-config")
 
 
 # --- .env -------------------------------------------------------------------------------------
@@ -217,7 +220,7 @@ def test_providers_entry_in_config_extends_and_overrides_the_catalog(data_dir, t
         "openai": {"upstream_url": "https://openai-gateway.example"},
     }})
     config = load(data_dir, path)
-    catalog = tokenomics.Catalog(config, environ={})
+    catalog = tokenomics.providers.Catalog(config, environ={})
     acme = catalog.get("acme")
     assert acme.upstream_url == "https://llm.acme.example/v1"
     assert acme.api_key_env == "ACME_KEY"
@@ -248,7 +251,7 @@ def test_providers_yaml_beside_the_config_overlays_the_catalog(data_dir, tmp_pat
         "anthropic": {"upstream_url": "https://anthropic-gateway.example"},
     })
     config = load(data_dir, path)
-    catalog = tokenomics.Catalog(config, environ={})
+    catalog = tokenomics.providers.Catalog(config, environ={})
     acme = catalog.get("acme")
     assert acme.upstream_url == "https://llm.acme.example"
     assert acme.auth_scheme == "header" and acme.auth_header == "x-acme-key"
@@ -256,21 +259,21 @@ def test_providers_yaml_beside_the_config_overlays_the_catalog(data_dir, tmp_pat
     assert anthropic.upstream_url == "https://anthropic-gateway.example"
     assert anthropic.dialect == "anthropic"
     # a policy may now name the new provider
-    policy = tokenomics.parse_policy({"providers": {"acme": [{"model": "acme-1"}]}}, catalog=catalog)
+    policy = tokenomics.policy.parse_policy({"providers": {"acme": [{"model": "acme-1"}]}}, catalog=catalog)
     assert policy.providers[0].name == "acme"
 
 
 def test_providers_yaml_beside_the_config_in_the_data_dir(data_dir):
     write_yaml(data_dir / "config.yaml", {})
     write_yaml(data_dir / "providers.yaml", {"acme": {"upstream_url": "https://llm.acme.example"}})
-    catalog = tokenomics.Catalog(load(data_dir), environ={})
+    catalog = tokenomics.providers.Catalog(load(data_dir), environ={})
     assert catalog.get("acme").upstream_url == "https://llm.acme.example"
 
 
 def test_providers_yaml_beside_a_config_found_in_the_cwd(data_dir, cwd):
     write_yaml(cwd / "config.yaml", {})
     write_yaml(cwd / "providers.yaml", {"acme": {"upstream_url": "https://cwd.acme.example"}})
-    catalog = tokenomics.Catalog(load(data_dir), environ={})
+    catalog = tokenomics.providers.Catalog(load(data_dir), environ={})
     assert catalog.get("acme").upstream_url == "https://cwd.acme.example"
 
 
@@ -278,22 +281,22 @@ def test_providers_yaml_is_validated(data_dir, tmp_path):
     path = write_yaml(tmp_path / "etc" / "config.yaml", {})
     write_yaml(tmp_path / "etc" / "providers.yaml", {"acme": {"upstrem_url": "https://x.example"}})
     with pytest.raises(UsageError) as exc:
-        tokenomics.Catalog(load(data_dir, path), environ={})
+        tokenomics.providers.Catalog(load(data_dir, path), environ={})
     assert "upstrem_url" in str(exc.value)
 
 
 def test_unknown_provider_is_not_in_the_builtin_catalog():
-    catalog = tokenomics.Catalog(environ={})
+    catalog = tokenomics.providers.Catalog(environ={})
     for name in ("openai", "anthropic", "azure_openai", "google_gemini", "mistral", "cohere", "groq",
                  "together", "fireworks", "perplexity", "deepseek", "xai", "openrouter", "ollama",
                  "vllm", "generic", "mock"):
         assert name in catalog.names()
     with pytest.raises(UsageError) as exc:
-        tokenomics.parse_policy({"providers": {"acme": [{}]}}, catalog=catalog)
+        tokenomics.policy.parse_policy({"providers": {"acme": [{}]}}, catalog=catalog)
     assert "providers.acme" in str(exc.value)
 
 
 def test_provider_base_url_env_overrides_the_catalog_url():
-    catalog = tokenomics.Catalog(environ={"OLLAMA_BASE_URL": "http://gpu-box:11434/v1"})
+    catalog = tokenomics.providers.Catalog(environ={"OLLAMA_BASE_URL": "http://gpu-box:11434/v1"})
     assert catalog.get("ollama").url() == "http://gpu-box:11434/v1"
-    assert tokenomics.Catalog(environ={}).get("ollama").url() == "http://127.0.0.1:11434/v1"
+    assert tokenomics.providers.Catalog(environ={}).get("ollama").url() == "http://127.0.0.1:11434/v1"

@@ -9,6 +9,13 @@ import time
 import pytest
 
 import tokenomics as t
+import tokenomics.dialects
+import tokenomics.errors
+import tokenomics.guard.anonymize
+import tokenomics.guard.jailbreak
+import tokenomics.guard.pii
+import tokenomics.guard.rules
+import tokenomics.pipeline
 from conftest import CLI, ProxyProcess, base_env
 from stub_upstream import StubUpstream
 from test_proxy import raw
@@ -390,34 +397,34 @@ def test_output_stream_deltas_fail(proxy_for, stub, case):
     ("é card 4111\u00ad 1111 1111 1111 ok", "4111\u00ad 1111 1111 1111"),
 ])
 def test_pii_found_on_normalised_text_spans_cover_original(text, value):
-    spans = t.find_pii(text)
+    spans = t.guard.pii.find_pii(text)
     assert [text[s.start:s.end] for s in spans] == [value]
 
 
 def test_mask_covers_original_characters():
-    guard = t.Guard(t.compile_rules([{"type": "pii", "detect": ["email"], "action": "mask"}], "rules"),
-                    "input", t.Anonymizer(), [])
+    guard = t.guard.rules.Guard(t.guard.rules.compile_rules([{"type": "pii", "detect": ["email"], "action": "mask"}], "rules"),
+                    "input", t.guard.anonymize.Anonymizer(), [])
     assert guard.scan("to bo\u200bb＠example.com, thanks") == "to [REDACTED:EMAIL], thanks"
 
 
 def test_anonymize_restores_original_characters():
-    anon = t.Anonymizer()
-    guard = t.Guard(t.compile_rules([{"type": "pii", "detect": ["email"], "action": "anonymize"}], "rules"),
+    anon = t.guard.anonymize.Anonymizer()
+    guard = t.guard.rules.Guard(t.guard.rules.compile_rules([{"type": "pii", "detect": ["email"], "action": "anonymize"}], "rules"),
                     "input", anon, [])
     out = guard.scan("to bob＠example.com")
     assert out == "to <EMAIL_1>" and anon.restore(out) == "to bob＠example.com"
 
 
 def test_scan_parts_maps_masks_back_to_parts():
-    guard = t.Guard(t.compile_rules([{"type": "pii", "detect": ["email"], "action": "mask"}], "rules"),
-                    "input", t.Anonymizer(), [])
+    guard = t.guard.rules.Guard(t.guard.rules.compile_rules([{"type": "pii", "detect": ["email"], "action": "mask"}], "rules"),
+                    "input", t.guard.anonymize.Anonymizer(), [])
     assert guard.scan_parts(["mail bob@exa", "mple.com and ann@example.org", " ok"]) == [
         "mail [REDACTED:EMAIL]", " and [REDACTED:EMAIL]", " ok"]
 
 
 def test_scan_parts_anonymizes_the_whole_value():
-    anon = t.Anonymizer()
-    guard = t.Guard(t.compile_rules([{"type": "pii", "detect": ["email"], "action": "anonymize"}], "rules"),
+    anon = t.guard.anonymize.Anonymizer()
+    guard = t.guard.rules.Guard(t.guard.rules.compile_rules([{"type": "pii", "detect": ["email"], "action": "anonymize"}], "rules"),
                     "input", anon, [])
     out = guard.scan_parts(["mail bob@exa", "mple.com"])
     assert out == ["mail <EMAIL_1>", ""] and anon.restore("".join(out)) == "mail bob@example.com"
@@ -426,7 +433,7 @@ def test_scan_parts_anonymizes_the_whole_value():
 def test_jailbreak_scan_linear_on_hostile_runs():
     # "|a|a|a..." made every position rescan the rest of the run: 40k chars took seconds.
     started = time.perf_counter()
-    t.jailbreak_score("|a" * 20000)
+    t.guard.jailbreak.jailbreak_score("|a" * 20000)
     assert time.perf_counter() - started < 1.0
 
 
@@ -472,12 +479,12 @@ def _health_during_scan(proxy, stub, token):
     {"messages": [{"role": "user", "content": "short"}]},
 ])
 def test_json_bytes_in_pieces_same_as_json_dumps(value):
-    assert t.json_bytes_in_pieces(value) == json.dumps(value, ensure_ascii=False).encode()
+    assert t.guard.rules.json_bytes_in_pieces(value) == json.dumps(value, ensure_ascii=False).encode()
 
 
 def test_long_text_scanned_in_segments_finds_every_match():
-    guard = t.Guard(t.compile_rules([{"type": "pii", "detect": ["email", "private_key"], "action": "mask"}], "rules"),
-                    "input", t.Anonymizer(), [])
+    guard = t.guard.rules.Guard(t.guard.rules.compile_rules([{"type": "pii", "detect": ["email", "private_key"], "action": "mask"}], "rules"),
+                    "input", t.guard.anonymize.Anonymizer(), [])
     pem = "-----BEGIN PRIVATE KEY-----\n" + "\n".join(["A" * 64] * 200) + "\n-----END PRIVATE KEY-----"
     filler = "lorem ipsum " * 6000
     text = filler + "bob@example.com " + filler + pem + " " + filler + "ann@example.org"
@@ -486,14 +493,14 @@ def test_long_text_scanned_in_segments_finds_every_match():
 
 
 def test_guard_input_fails_closed_when_an_adapter_breaks():
-    class Broken(t.ChatDialect):
+    class Broken(t.dialects.ChatDialect):
         def input_groups(self, body):
             raise RuntimeError("boom")
 
         def input_slots(self, body):
             raise RuntimeError("boom")
-    guard = t.Guard(t.compile_rules([{"type": "pii", "detect": ["email"], "action": "mask"}], "rules"),
-                    "input", t.Anonymizer(), [])
-    with pytest.raises(t.ProxyError) as info:
-        t.Pipeline.guard_input(guard, Broken(), {"messages": []})
+    guard = t.guard.rules.Guard(t.guard.rules.compile_rules([{"type": "pii", "detect": ["email"], "action": "mask"}], "rules"),
+                    "input", t.guard.anonymize.Anonymizer(), [])
+    with pytest.raises(t.errors.ProxyError) as info:
+        t.pipeline.Pipeline.guard_input(guard, Broken(), {"messages": []})
     assert (info.value.status, info.value.code) == (500, "guardrail_error")

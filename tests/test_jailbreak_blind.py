@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 
 import tokenomics
+import tokenomics.guard.jailbreak
+import tokenomics.guard.rules
 
 BLIND = Path(__file__).parent / "data" / "jailbreak_holdout_blind.jsonl"
 
@@ -16,7 +18,7 @@ def test_blind_set_recall_and_false_positive_rate():
     assert len(attacks) >= 120 and len(benign) >= 120
 
     def flagged(text):
-        return tokenomics.jailbreak_score(text)[0] >= tokenomics.JAILBREAK_THRESHOLD
+        return tokenomics.guard.jailbreak.jailbreak_score(text)[0] >= tokenomics.guard.rules.JAILBREAK_THRESHOLD
 
     caught = collections.Counter(r["family"] for r in attacks if flagged(r["text"]))
     total = collections.Counter(r["family"] for r in attacks)

@@ -20,10 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tokenomics
-from tokenomics import (
-    Ledger, MemoryWriter, RequestRecord, RuntimeFailure, UsageError, find_session, git_context,
-    load_sessions, parse_when, render_session, render_sessions, render_summary, summarize,
-)
+import tokenomics.records.ledger
+from tokenomics.errors import RuntimeFailure, UsageError
+from tokenomics.records.ledger import Ledger, RequestRecord, find_session, git_context, load_sessions, parse_when, render_session, render_sessions, render_summary, summarize
+from tokenomics.records.memory import MemoryWriter
 
 
 def utc(*args) -> float:
@@ -129,7 +129,7 @@ def test_git_context_gives_up_on_a_hung_git(tmp_path, monkeypatch, repo):
     fake.write_text("#!/bin/sh\nsleep 30\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
-    monkeypatch.setattr(tokenomics, "GIT_TIMEOUT", 0.3)
+    monkeypatch.setattr(tokenomics.records.ledger, "GIT_TIMEOUT", 0.3)
     started = time.monotonic()
     assert git_context(str(repo)) == {"branch": "", "commit": "", "repo_root": ""}
     assert time.monotonic() - started < 5
@@ -303,14 +303,15 @@ def test_crash_journal_alone_rebuilds_the_session(tmp_path, repo):
 KILL_CHILD = textwrap.dedent("""
     import asyncio, sys, time
     import tokenomics
+    import tokenomics.records.ledger
 
     async def main():
-        ledger = tokenomics.Ledger(sys.argv[1], session_id="c0ffee00", cwd=sys.argv[1], flush_interval=0.2)
+        ledger = tokenomics.records.ledger.Ledger(sys.argv[1], session_id="c0ffee00", cwd=sys.argv[1], flush_interval=0.2)
         asyncio.create_task(ledger.run_flusher())
         n = 0
         while True:
             now = time.time()
-            ledger.record(tokenomics.RequestRecord(now, str(n), "f" * 64, "m", "p", "/v1/chat/completions"))
+            ledger.record(tokenomics.records.ledger.RequestRecord(now, str(n), "f" * 64, "m", "p", "/v1/chat/completions"))
             sys.stdout.write(f"{n} {now}\\n")  # the acknowledgement
             sys.stdout.flush()
             n += 1
@@ -321,7 +322,7 @@ KILL_CHILD = textwrap.dedent("""
 
 
 def test_kill_9_loses_at_most_the_flush_interval(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(tokenomics.__file__))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(tokenomics.__file__)))
     proc = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(tmp_path)], stdout=subprocess.PIPE,
                             env=env, text=True)
     try:

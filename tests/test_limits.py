@@ -13,11 +13,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tokenomics
-from tokenomics import (
-    PRICES, BudgetLine, MemoryState, ProxyError, RateRule, RuntimeFailure, Usage, UsageError,
-    UsageJournal, budget_event, cost_usd, count_tokens, estimate_tokens, parse_budget,
-    parse_pricing, parse_rate_limit, price_for, rate_event, window_bounds,
-)
+import tokenomics.limits.decide
+from tokenomics.errors import ProxyError, RuntimeFailure, UsageError
+from tokenomics.limits.decide import BudgetLine, RateRule, budget_event, count_tokens, estimate_tokens, parse_budget, parse_rate_limit, rate_event, window_bounds
+from tokenomics.limits.journal import UsageJournal
+from tokenomics.limits.prices import PRICES, Usage, cost_usd, parse_pricing, price_for
+from tokenomics.limits.state import MemoryState
 
 
 def utc(*args) -> float:
@@ -797,10 +798,13 @@ def test_journal_errors(tmp_path):
 def test_settled_usage_survives_kill_9(tmp_path):
     """A real process settles, commits, and is SIGKILLed: the next start sees every settled token."""
     code = f"""
-import os, signal, tokenomics as t
-j, s = t.UsageJournal({str(tmp_path / 'usage.jsonl')!r}), t.MemoryState()
+import os, signal
+from tokenomics.limits.decide import BudgetLine
+from tokenomics.limits.journal import UsageJournal
+from tokenomics.limits.state import MemoryState
+j, s = UsageJournal({str(tmp_path / 'usage.jsonl')!r}), MemoryState()
 j.replay(s)
-line = t.BudgetLine('k', 'tokens', 'total', 10**9)
+line = BudgetLine('k', 'tokens', 'total', 10**9)
 for i in range(50):
     res, _ = s.reserve([line], 10, 0.0, {T0})
     s.settle(res, 10, 0.0, {T0})
@@ -808,7 +812,7 @@ for i in range(50):
 s.reserve([line], 999, 0.0, {T0})  # in flight when killed: must count nothing
 os.kill(os.getpid(), signal.SIGKILL)
 """
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(tokenomics.__file__))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(tokenomics.__file__)))
     proc = subprocess.run([sys.executable, "-c", code], env=env, timeout=60)
     assert proc.returncode == -9
     s = MemoryState()
@@ -833,7 +837,7 @@ def test_count_tokens_never_downloads(tmp_path, monkeypatch):
     fake.get_encoding = lambda name: calls.append(name) or Enc()
     monkeypatch.setitem(sys.modules, "tiktoken", fake)
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    tokenomics._local_encoding.cache_clear()
+    tokenomics.limits.decide._local_encoding.cache_clear()
     try:
         text = "one two three four five six seven eight"
         assert count_tokens(text, "gpt-4o") == estimate_tokens(len(text))  # not cached locally
@@ -841,20 +845,20 @@ def test_count_tokens_never_downloads(tmp_path, monkeypatch):
         import hashlib
         url = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
         (tmp_path / hashlib.sha1(url.encode()).hexdigest()).write_bytes(b"")
-        tokenomics._local_encoding.cache_clear()
+        tokenomics.limits.decide._local_encoding.cache_clear()
         assert count_tokens(text, "openai/gpt-4o") == 8
         assert calls == ["o200k_base"]
     finally:
-        tokenomics._local_encoding.cache_clear()
+        tokenomics.limits.decide._local_encoding.cache_clear()
 
 
 def test_count_tokens_without_tiktoken(monkeypatch):
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # import fails
-    tokenomics._local_encoding.cache_clear()
+    tokenomics.limits.decide._local_encoding.cache_clear()
     try:
         assert count_tokens("x" * 41, "gpt-4o") == 11
     finally:
-        tokenomics._local_encoding.cache_clear()
+        tokenomics.limits.decide._local_encoding.cache_clear()
 
 
 def test_event_payloads():

@@ -5,13 +5,24 @@ import dataclasses
 import pytest
 
 import tokenomics
-from tokenomics import ProxyError, UsageError, parse_policy, resolve_policy, select_upstream, upstream_url_for
+import tokenomics.config
+import tokenomics.dialects
+import tokenomics.errors
+import tokenomics.http.client
+import tokenomics.http.server
+import tokenomics.pipeline
+import tokenomics.providers
+import tokenomics.records.exchange
+import tokenomics.util
+from tokenomics.errors import ProxyError, UsageError
+from tokenomics.pipeline import upstream_url_for
+from tokenomics.policy import parse_policy, resolve_policy, select_upstream
 
-CATALOG = tokenomics.Catalog(environ={})   # no *_BASE_URL from the machine leaks into the catalog
-CONFIG = tokenomics.Config()
+CATALOG = tokenomics.providers.Catalog(environ={})   # no *_BASE_URL from the machine leaks into the catalog
+CONFIG = tokenomics.config.Config()
 
 
-def config_with(**server) -> tokenomics.Config:
+def config_with(**server) -> tokenomics.config.Config:
     return dataclasses.replace(CONFIG, server=dataclasses.replace(CONFIG.server, **server))
 
 
@@ -277,7 +288,7 @@ def test_global_only_parts_stay_global():
 
 def test_defaults_when_nothing_is_set():
     resolved = resolve({}, "gpt-4o")
-    assert resolved.timeout == tokenomics.DEFAULT_UPSTREAM_TIMEOUT == 30.0
+    assert resolved.timeout == tokenomics.util.DEFAULT_UPSTREAM_TIMEOUT == 30.0
     assert resolved.max_tokens is None
     assert resolved.prompts == () and resolved.rules == ()
     assert resolved.provider.name == "openai"
@@ -362,7 +373,7 @@ def test_matched_provider_without_catalog_url_uses_global_then_server_url():
 
 
 def test_matched_provider_catalog_url_from_its_base_url_env():
-    catalog = tokenomics.Catalog(environ={"AZURE_OPENAI_ENDPOINT": "https://myco.openai.azure.com"})
+    catalog = tokenomics.providers.Catalog(environ={"AZURE_OPENAI_ENDPOINT": "https://myco.openai.azure.com"})
     raw = {"upstream_url": "https://global.example", "providers": {"azure_openai": [{}]}}
     resolved = resolve(raw, "gpt-4o", config=SERVER, catalog=catalog)
     assert resolved.upstream_url == "https://myco.openai.azure.com"
@@ -395,12 +406,12 @@ def test_provider_without_url_is_refused_not_sent_elsewhere():
     for raw in ({"provider": "generic"}, {"providers": {"generic": [{}]}}, {"provider": "azure_openai"}):
         route = resolve(raw, "m", config=CONFIG)
         assert route.upstream_url == "", raw
-        pipeline = tokenomics.Pipeline(CONFIG, None, CATALOG, tokenomics.UpstreamClient(), environ={})
-        ex = tokenomics.Exchange("tkn_x", "/v1/chat/completions", 0.0)
-        req = tokenomics.Request("POST", "/v1/chat/completions", "", [], {}, b"{}")
-        with pytest.raises(tokenomics.ProxyError) as info:
+        pipeline = tokenomics.pipeline.Pipeline(CONFIG, None, CATALOG, tokenomics.http.client.UpstreamClient(), environ={})
+        ex = tokenomics.records.exchange.Exchange("tkn_x", "/v1/chat/completions", 0.0)
+        req = tokenomics.http.server.Request("POST", "/v1/chat/completions", "", [], {}, b"{}")
+        with pytest.raises(tokenomics.errors.ProxyError) as info:
             asyncio.run(pipeline.send(req, route.provider, route.upstream_url, route.base_key_env, b"{}", 5, ex,
-                                      tokenomics.CHAT, {}))
+                                      tokenomics.dialects.CHAT, {}))
         assert (info.value.status, info.value.code) == (502, "upstream_unreachable")
         assert route.provider.base_url_env in info.value.message
 

@@ -12,6 +12,9 @@ import openai
 import pytest
 
 import tokenomics
+import tokenomics.config
+import tokenomics.providers
+import tokenomics.store
 from conftest import ANTHROPIC_KEY, OPENAI_KEY, free_port
 from stub_upstream import DEFAULT_REPLY
 
@@ -255,8 +258,8 @@ def test_auth_errors(setup, cli, stub):
 def test_expired_token(setup, cli, data_dir):
     proxy, _ = setup
     token = cli.token({})
-    config = tokenomics.load_config(None, str(data_dir), environ={"TOKENOMICS_DIR": str(data_dir)})
-    store = tokenomics.TokenStore(config, tokenomics.Catalog(config), environ={})
+    config = tokenomics.config.load_config(None, str(data_dir), environ={"TOKENOMICS_DIR": str(data_dir)})
+    store = tokenomics.store.TokenStore(config, tokenomics.providers.Catalog(config), environ={})
     record = store.lookup(token)
     store.update(record.hash[:16], expires_at=time.time() - 5)
     deadline = time.monotonic() + 3

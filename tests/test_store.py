@@ -14,7 +14,11 @@ import time
 import pytest
 
 import tokenomics
-from tokenomics import RuntimeFailure, UsageError
+import tokenomics.config
+import tokenomics.errors
+import tokenomics.providers
+import tokenomics.store
+from tokenomics.errors import RuntimeFailure, UsageError
 
 from conftest import TOKENOMICS, base_env
 
@@ -28,18 +32,18 @@ TOKEN_RE = re.compile(r"^tkn_[0-9a-f]{32}$")
 
 @pytest.fixture
 def config(data_dir):
-    return tokenomics.Config(dir=str(data_dir))
+    return tokenomics.config.Config(dir=str(data_dir))
 
 
 @pytest.fixture
 def catalog():
-    return tokenomics.Catalog(environ={})
+    return tokenomics.providers.Catalog(environ={})
 
 
 @pytest.fixture
 def new_store(config, catalog):
     def make(cfg=None, **environ):
-        return tokenomics.TokenStore(cfg or config, catalog, environ=dict(environ))
+        return tokenomics.store.TokenStore(cfg or config, catalog, environ=dict(environ))
     return make
 
 
@@ -107,7 +111,7 @@ def test_hash_key_from_env_creates_no_key_file(new_store, data_dir):
 
 
 def test_hash_key_env_name_comes_from_the_config(new_store, config, data_dir):
-    cfg = dataclasses.replace(config, security=tokenomics.SecurityConfig(hash_key_env="MY_HASH_KEY"))
+    cfg = dataclasses.replace(config, security=tokenomics.config.SecurityConfig(hash_key_env="MY_HASH_KEY"))
     token, record = new_store(cfg, MY_HASH_KEY="custom").create({})
     assert record.hash == hmac.new(b"custom", token.encode(), hashlib.sha256).hexdigest()
     assert not (data_dir / "hash.key").exists()
@@ -134,15 +138,15 @@ def test_an_empty_hash_key_file_is_never_used_as_an_empty_key(new_store, data_di
     (data_dir / "hash.key").write_bytes(b"")
     try:
         token, record = new_store().create({})
-    except tokenomics.TokenomicsError as exc:  # refusing with a clear message is acceptable too
+    except tokenomics.errors.TokenomicsError as exc:  # refusing with a clear message is acceptable too
         assert "hash" in str(exc).lower()
         return
     assert record.hash != hmac.new(b"", token.encode(), hashlib.sha256).hexdigest()
 
 
 def test_generated_hash_key_differs_per_data_dir(config, catalog, tmp_path):
-    a = tokenomics.TokenStore(dataclasses.replace(config, dir=str(tmp_path / "a")), catalog, environ={})
-    b = tokenomics.TokenStore(dataclasses.replace(config, dir=str(tmp_path / "b")), catalog, environ={})
+    a = tokenomics.store.TokenStore(dataclasses.replace(config, dir=str(tmp_path / "a")), catalog, environ={})
+    b = tokenomics.store.TokenStore(dataclasses.replace(config, dir=str(tmp_path / "b")), catalog, environ={})
     token, _ = a.create({})
     assert b.lookup(token) is None
     assert (tmp_path / "a" / "hash.key").read_bytes() != (tmp_path / "b" / "hash.key").read_bytes()
@@ -243,7 +247,7 @@ def test_wrong_key_is_a_clear_error_naming_the_env_var(new_store, written, opene
 
 
 def test_wrong_key_message_names_the_configured_env_var(new_store, config):
-    cfg = dataclasses.replace(config, security=tokenomics.SecurityConfig(encryption_key_env="VAULT_KEY"))
+    cfg = dataclasses.replace(config, security=tokenomics.config.SecurityConfig(encryption_key_env="VAULT_KEY"))
     new_store(cfg, TOKENOMICS_HASH_KEY="k", VAULT_KEY=RAW_KEY).create(SECRET_POLICY)
     with pytest.raises(RuntimeFailure) as exc:
         new_store(cfg, TOKENOMICS_HASH_KEY="k", VAULT_KEY=OTHER_RAW_KEY)
@@ -343,7 +347,7 @@ def test_two_store_instances_interleaving_writes_lose_nothing(new_store):
 def test_parallel_cli_processes_lose_no_token(cli, new_store):
     cli.token({}, "--label", "warm-up")  # creates the hash key once
     env = cli.env
-    procs = [subprocess.Popen([sys.executable, TOKENOMICS, "token", "create", "--policy",
+    procs = [subprocess.Popen([*TOKENOMICS, "token", "create", "--policy",
                                json.dumps({"metadata": {"n": i}}), "--label", f"p{i}", "--json"],
                               cwd=cli.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(20)]
@@ -372,23 +376,23 @@ def test_refresh_picks_up_changes_from_another_instance(new_store):
 
     token, record = cli_side.create({"model": "gpt-4o"})
     assert server.lookup(token) is None  # not yet refreshed
-    now += tokenomics.STORE_RELOAD_INTERVAL
+    now += tokenomics.store.STORE_RELOAD_INTERVAL
     server.refresh(now)
     assert server.lookup(token) is not None
 
     cli_side.update(record.hash[:10], raw_policy={"model": "gpt-4.1"})
-    now += tokenomics.STORE_RELOAD_INTERVAL
+    now += tokenomics.store.STORE_RELOAD_INTERVAL
     server.refresh(now)
     assert server.lookup(token).policy.model == "gpt-4.1"
 
     cli_side.delete(record.hash[:10])
-    now += tokenomics.STORE_RELOAD_INTERVAL
+    now += tokenomics.store.STORE_RELOAD_INTERVAL
     server.refresh(now)
     assert server.lookup(token) is None
 
 
 def test_reload_interval_is_within_one_second():
-    assert 0 < tokenomics.STORE_RELOAD_INTERVAL <= 1.0
+    assert 0 < tokenomics.store.STORE_RELOAD_INTERVAL <= 1.0
 
 
 def test_refresh_keeps_previous_tokens_when_the_file_is_broken(new_store, data_dir):
@@ -396,7 +400,7 @@ def test_refresh_keeps_previous_tokens_when_the_file_is_broken(new_store, data_d
     token, _ = server.create({})
     server.refresh(1000.0)
     (data_dir / "tokens.json").write_text("{ this is not json")
-    server.refresh(1000.0 + tokenomics.STORE_RELOAD_INTERVAL + 1)
+    server.refresh(1000.0 + tokenomics.store.STORE_RELOAD_INTERVAL + 1)
     assert server.lookup(token) is not None
 
 

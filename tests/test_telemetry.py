@@ -20,10 +20,16 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import tokenomics
-from tokenomics import (
-    EVENT_TYPES, LogOptions, Metrics, RequestLogger, Stats, UsageError, Webhook, WebhookDispatcher,
-    deliver_once, event_matches, make_event, redacting_filter, rfc3339_ms, scrub, validate_webhooks,
-)
+import tokenomics.records.events
+import tokenomics.records.ledger
+import tokenomics.records.logs
+import tokenomics.records.stats
+from tokenomics.config import EVENT_TYPES, Webhook, validate_webhooks
+from tokenomics.errors import UsageError
+from tokenomics.records.events import WebhookDispatcher, deliver_once, event_matches, make_event
+from tokenomics.records.logs import LogOptions, RequestLogger, redacting_filter
+from tokenomics.records.stats import Metrics, Stats
+from tokenomics.util import rfc3339_ms, scrub
 
 TOKEN_HASH = "0123456789abcdef" * 4
 REQUEST_ID = "tkn_" + "ab" * 16
@@ -43,7 +49,7 @@ def record(**kw):
                 stream=False, error="", upstream_id="chatcmpl-1", upstream_request_id="req_1",
                 retry_count=0, fallback_model="", rule_matches=[], metadata={}, provider_meta={})
     base.update(kw)
-    return tokenomics.RequestRecord(**base)
+    return tokenomics.records.ledger.RequestRecord(**base)
 
 
 # -- /stats -------------------------------------------------------------------------------------
@@ -88,10 +94,10 @@ def test_stats_by_token_is_capped_and_the_rest_goes_to_other():
 
 def test_stats_default_cap_bounds_memory():
     stats = Stats()
-    for i in range(tokenomics.STATS_MAX_TOKENS + 50):
+    for i in range(tokenomics.records.stats.STATS_MAX_TOKENS + 50):
         stats.observe(record(token_hash=f"{i:016x}" + "0" * 48), "K")
     by_token = stats.snapshot()["by_token"]
-    assert len(by_token) == tokenomics.STATS_MAX_TOKENS + 1
+    assert len(by_token) == tokenomics.records.stats.STATS_MAX_TOKENS + 1
     assert by_token["other"]["requests"] == 50
 
 
@@ -185,7 +191,7 @@ def test_metrics_render_empty_registry_is_valid_and_complete():
         "tokenomics_requests_in_flight": "gauge", "tokenomics_webhook_events_dropped_total": "counter"}
     buckets = [s for s in fams["tokenomics_upstream_latency_seconds"]["samples"] if s[0].endswith("_bucket")]
     assert [s[1]["le"] for s in buckets][0] == "0.005" and buckets[-1][1]["le"] == "+Inf"
-    assert len(buckets) == len(tokenomics.LATENCY_BUCKETS) + 1
+    assert len(buckets) == len(tokenomics.records.stats.LATENCY_BUCKETS) + 1
     assert values(fams, "tokenomics_requests_in_flight") == {(): 0}
 
 
@@ -248,7 +254,7 @@ def test_metrics_histogram_is_cumulative_for_any_latencies(latencies_ms):
     fams = parse_prometheus(m.render())       # asserts monotone buckets and +Inf == _count
     hist = {s[1].get("le", s[0]): s[2] for s in fams["tokenomics_upstream_latency_seconds"]["samples"]}
     assert hist["+Inf"] == len(latencies_ms)
-    for le in tokenomics.LATENCY_BUCKETS:
+    for le in tokenomics.records.stats.LATENCY_BUCKETS:
         assert hist[repr(float(le))] == sum(1 for ms in latencies_ms if ms / 1000 <= le)
 
 
@@ -326,7 +332,7 @@ def test_request_log_bodies_only_when_enabled():
 
 
 def test_request_log_body_is_truncated_at_the_cap(monkeypatch):
-    monkeypatch.setattr(tokenomics, "LOG_BODY_MAX_BYTES", 10)
+    monkeypatch.setattr(tokenomics.records.logs, "LOG_BODY_MAX_BYTES", 10)
     entry = body_line(b"x" * 25, b"", request_body=True)
     assert entry["request_body"] == "x" * 10 + "...[truncated 15 bytes]"
 
@@ -709,7 +715,7 @@ def test_hanging_webhook_never_blocks_emit_and_close_is_bounded(receiver):
 
     emit_seconds, pending, dropped, close_seconds = asyncio.run(go())
     assert emit_seconds < 0.05
-    assert pending <= 1000 and dropped >= 1601 - 1000 - tokenomics.WEBHOOK_CONCURRENCY
+    assert pending <= 1000 and dropped >= 1601 - 1000 - tokenomics.records.events.WEBHOOK_CONCURRENCY
     assert close_seconds < 2.0
 
 

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import tokenomics
-from tokenomics import (
-    DEFAULT_ANTHROPIC_MAX_TOKENS, ChatToMessagesStream, MessagesToChatStream, ProxyError, Usage,
-    chat_to_messages_request, chat_to_messages_response, messages_to_chat_request, messages_to_chat_response,
-)
+import tokenomics.translate
+from tokenomics.errors import ProxyError
+from tokenomics.limits.prices import Usage
+from tokenomics.translate import DEFAULT_ANTHROPIC_MAX_TOKENS, ChatToMessagesStream, MessagesToChatStream, chat_to_messages_request, chat_to_messages_response, messages_to_chat_request, messages_to_chat_response
 
 import anthropic.types as anthropic_types  # noqa: E402
 import openai.types.chat as openai_chat  # noqa: E402
@@ -494,15 +494,15 @@ def test_chat_to_messages_response_with_broken_tool_arguments_is_a_502():
 
 
 def test_error_bodies_translate_both_ways():
-    out = tokenomics.messages_to_chat_error({"type": "error", "error": {"type": "overloaded_error",
+    out = tokenomics.translate.messages_to_chat_error({"type": "error", "error": {"type": "overloaded_error",
                                                                         "message": "Overloaded"}})
     assert out == {"error": {"message": "Overloaded", "type": "overloaded_error", "param": None,
                              "code": "overloaded_error"}}
-    back = tokenomics.chat_to_messages_error({"error": {"message": "Rate limit reached", "type": "requests",
+    back = tokenomics.translate.chat_to_messages_error({"error": {"message": "Rate limit reached", "type": "requests",
                                                         "param": None, "code": "rate_limit_exceeded"}})
     assert back == {"type": "error", "error": {"type": "rate_limit_error", "message": "Rate limit reached"}}
     anthropic_types.ErrorResponse.model_validate(back)
-    odd = tokenomics.chat_to_messages_error({"error": {"message": "?", "type": "weird"}})
+    odd = tokenomics.translate.chat_to_messages_error({"error": {"message": "?", "type": "weird"}})
     assert anthropic_types.ErrorResponse.model_validate(odd).error.type == "api_error"
 
 

@@ -13,6 +13,11 @@ import openai
 import pytest
 
 import tokenomics
+import tokenomics.config
+import tokenomics.errors
+import tokenomics.http.client
+import tokenomics.http.server
+import tokenomics.http.sse
 from conftest import ANTHROPIC_KEY, OPENAI_KEY
 from stub_upstream import DEFAULT_REPLY
 
@@ -219,7 +224,7 @@ def test_oversized_sse_event_after_the_stream_started_ends_it_with_an_error_even
 def test_sse_parser_is_linear_fed_one_byte_at_a_time():
     """1 MiB without a boundary, one byte per feed, then the boundary: the old parser copied and
     rescanned its whole buffer on every feed (quadratic: minutes); this one takes seconds."""
-    parser = tokenomics.SSEParser()
+    parser = tokenomics.http.sse.SSEParser()
     payload = b"data: " + b"a" * ((1 << 20) - 16)
     deadline = time.monotonic() + 30
     for i in range(len(payload)):
@@ -230,11 +235,11 @@ def test_sse_parser_is_linear_fed_one_byte_at_a_time():
     assert len(events) == 1 and events[0].data == payload[6:].decode()
     # the same events whatever the chunking, boundaries split across feeds included
     wire = b"event: a\ndata: 1\r\n\r\ndata: 2\n\ndata: 3\r\rdata: x\ndata: y\n\n"
-    whole = [(e.event, e.data, e.raw) for e in tokenomics.SSEParser().feed(wire)]
-    bytewise = tokenomics.SSEParser()
+    whole = [(e.event, e.data, e.raw) for e in tokenomics.http.sse.SSEParser().feed(wire)]
+    bytewise = tokenomics.http.sse.SSEParser()
     assert [(e.event, e.data, e.raw) for i in range(len(wire)) for e in bytewise.feed(wire[i:i + 1])] == whole
-    with pytest.raises(tokenomics.ProxyError) as info:
-        tokenomics.SSEParser().feed(b"data: " + b"b" * (1 << 20))
+    with pytest.raises(tokenomics.errors.ProxyError) as info:
+        tokenomics.http.sse.SSEParser().feed(b"data: " + b"b" * (1 << 20))
     assert info.value.code == "upstream_response_too_large"
 
 
@@ -252,13 +257,13 @@ def test_server_limits_are_validated(tmp_path, key, value, expected):
     import yaml
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"server": {key: value}}))
-    with pytest.raises(tokenomics.UsageError) as info:
-        tokenomics.load_config(str(path), str(tmp_path / "d"), environ={})
+    with pytest.raises(tokenomics.errors.UsageError) as info:
+        tokenomics.config.load_config(str(path), str(tmp_path / "d"), environ={})
     assert expected in str(info.value)
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump({"server": {"max_connections": 10, "write_timeout": 5,
                                                "max_response_bytes": 1000}}))
-    server = tokenomics.load_config(str(good), str(tmp_path / "d"), environ={}).server
+    server = tokenomics.config.load_config(str(good), str(tmp_path / "d"), environ={}).server
     assert (server.max_connections, server.write_timeout, server.max_response_bytes) == (10, 5.0, 1000)
 
 
@@ -327,7 +332,7 @@ def test_connections_over_the_cap_get_503_overloaded_and_health_still_answers(cl
         assert doc["type"] == "error" and doc["error"]["code"] == "overloaded"
         # a refusal closes the longest-idle connection once it sat idle OVERLOAD_RECLAIM_IDLE seconds:
         # a client that retries is served
-        assert health_within(proxy, 5 + tokenomics.OVERLOAD_RECLAIM_IDLE)[-1] == b"200"
+        assert health_within(proxy, 5 + tokenomics.http.server.OVERLOAD_RECLAIM_IDLE)[-1] == b"200"
         # a burst over the cap is answered (200 or 503, never a hang) and logged at most once a second
         started, refused = time.monotonic(), 0
         for _ in range(10):
@@ -348,7 +353,7 @@ def test_connections_over_the_cap_get_503_overloaded_and_health_still_answers(cl
             s.close()
     assert raw(proxy, "GET", "/health")[0] == 200
     lines = [line for line in proxy.stderr.splitlines() if "connection limit reached" in line]
-    assert 1 <= len(lines) <= elapsed / tokenomics.OVERLOAD_LOG_INTERVAL + 2
+    assert 1 <= len(lines) <= elapsed / tokenomics.http.server.OVERLOAD_LOG_INTERVAL + 2
     assert "Traceback" not in proxy.stderr
 
 
@@ -373,7 +378,7 @@ def test_1100_idle_connections_at_a_1024_fd_limit_do_not_lock_anyone_out(cli, st
         for _ in range(1100):
             held.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=10))
         started = time.monotonic()
-        answers = health_within(proxy, 5 + tokenomics.OVERLOAD_RECLAIM_IDLE)
+        answers = health_within(proxy, 5 + tokenomics.http.server.OVERLOAD_RECLAIM_IDLE)
         took = time.monotonic() - started
         for s in held:
             s.setblocking(False)
@@ -423,7 +428,7 @@ def test_key_redaction_holds_for_any_chunking():
     def check(parts, cuts):
         wire = b"".join(parts)
         bounds = sorted({min(c, len(wire)) for c in cuts} | {0, len(wire)})
-        redactor = tokenomics._Redactor(key)
+        redactor = tokenomics.http.client._Redactor(key)
         out = b"".join(redactor.feed(wire[a:b]) for a, b in zip(bounds, bounds[1:])) + redactor.flush()
         assert out == wire.replace(key, b"[REDACTED]")
     check()

@@ -20,9 +20,9 @@ What it does:
      nginx cannot branch on the body's "stream" field, so streamed traffic goes to its own
      location, reached through the policy's `upstream_url` (an OpenAI-style base with a path,
      http://127.0.0.1:P/stream/v1, replaces the client's leading /v1).
-  2. Creates five wrapper tokens with `tokenomics.py token create --json` (minimal and typical
+  2. Creates five wrapper tokens with `tokenomics token create --json` (minimal and typical
      policy, each for the plain and the streaming upstream; plus "guard", below) and starts
-     `python tokenomics.py serve --no-tls` on a free port, with OPENAI_API_KEY=sk-bench and
+     `python -m tokenomics serve --no-tls` on a free port, with OPENAI_API_KEY=sk-bench and
      TOKENOMICS_HASH_KEY=bench, in a temp data dir.
        minimal: {"upstream_url": ...}
        typical: PII `mask` on all types (scope both), a `jailbreak` fail rule, a regex fail rule,
@@ -50,7 +50,7 @@ What it does:
      typical, minimal and typical-streamed traffic until the count is reached. One proxy process
      serves both policies, so the RSS and start-up rows show the same figure in both columns.
   5. Time from process start to /health answering 200 (polled every 5 ms), median of --starts
-     starts, for `python tokenomics.py serve` (the module is compiled on every start) and for the
+     starts, for `python -m tokenomics serve` and for the
      installed console-script style `import tokenomics` (cached bytecode, in a temp pycache).
   6. Optionally (--profile PATH, needs `py-spy` on PATH): samples the proxy with
      `py-spy record --format raw --function` while wrk drives the typical policy at 64
@@ -457,7 +457,7 @@ def proxy_env(tmp: Path, data: Path) -> dict:
 
 
 def create_token(python: str, script: str, data: Path, env: dict, cwd: Path, policy: dict, label: str) -> str:
-    cmd = [python, script, "token", "create", "--dir", str(data), "--policy", json.dumps(policy),
+    cmd = [*cli_cmd(python, script), "token", "create", "--dir", str(data), "--policy", json.dumps(policy),
            "--label", label, "--json"]
     r = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
     if r.returncode != 0:
@@ -465,12 +465,19 @@ def create_token(python: str, script: str, data: Path, env: dict, cwd: Path, pol
     return json.loads(r.stdout)["token"]
 
 
+def cli_cmd(python: str, checkout: str, module: bool = True) -> list[str]:
+    """The command line of the package in `checkout`: imported as the installed console script
+    and `tokenomics start` do (module), or run as `python -m tokenomics` (script)."""
+    if module:
+        return [python, "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); from tokenomics.cli import main; "
+                "sys.exit(main(sys.argv[1:]))", str(Path(checkout).resolve())]
+    return [python, "-c", "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+            "runpy.run_module('tokenomics', run_name='__main__')", str(Path(checkout).resolve())]
+
+
 def serve_cmd(python: str, script: str, data: Path, port: int, module: bool = False) -> list[str]:
     args = ["serve", "--host", HOST, "--port", str(port), "--https-port", "0", "--no-tls", "--dir", str(data)]
-    if module:  # what the installed console script and `tokenomics start` do: import the module
-        return [python, "-c", "import sys; sys.path.insert(0, sys.argv.pop(1)); import tokenomics; "
-                "sys.exit(tokenomics.main(sys.argv[1:]))", str(Path(script).resolve().parent), *args]
-    return [python, script, *args]
+    return [*cli_cmd(python, script, module), *args]
 
 
 def start_proxy(cmd: list[str], env: dict, cwd: Path, logfile: Path, timeout: float = 30.0):
@@ -604,7 +611,7 @@ def machine_info(python: str, script: str, nginx: str, wrk: str, env: dict, cwd:
     probe = subprocess.run([python, "-c", "import sys, importlib.util as u; print(sys.version.split()[0]); "
                             "print(bool(u.find_spec('uvloop'))); print(sys.executable)"],
                            capture_output=True, text=True, timeout=30, env=env, cwd=cwd).stdout.split("\n")
-    ver = subprocess.run([python, script, "version"], capture_output=True, text=True, timeout=30, env=env,
+    ver = subprocess.run([*cli_cmd(python, script), "version"], capture_output=True, text=True, timeout=30, env=env,
                          cwd=cwd).stdout.strip()
     nginx_v = subprocess.run([nginx, "-v"], capture_output=True, text=True, timeout=10).stderr.strip()
     wrk_v = subprocess.run([wrk, "-v"], capture_output=True, text=True, timeout=10).stdout.strip().split("\n")[0].split(" Copyright")[0]
@@ -613,7 +620,8 @@ def machine_info(python: str, script: str, nginx: str, wrk: str, env: dict, cwd:
             "memory": mem, "kernel": platform.release(), "python": probe[0] if probe else "",
             "python_executable": probe[2] if len(probe) > 2 else python,
             "uvloop": probe[1] == "True" if len(probe) > 1 else False, "tokenomics": ver,
-            "tokenomics_sha256": hashlib.sha256(Path(script).read_bytes()).hexdigest()[:12],
+            "tokenomics_sha256": hashlib.sha256(b"".join(p.read_bytes() for p in sorted(
+                (Path(script) / "tokenomics").rglob("*.py")))).hexdigest()[:12],
             "nginx": nginx_v.replace("nginx version: ", ""), "wrk": wrk_v,
             "loadavg_start": os.getloadavg()}
 
@@ -931,7 +939,7 @@ class Bench:
                  "typical_vs_direct": {"value": rss_soak - rss_run, "text": f"{rss_soak - rss_run:+.1f} MB over soak"}})
             row("soak throughput (mixed)", "req/s", {"direct": None, "minimal": soak["rps"], "typical": soak["rps"]},
                 {"minimal_vs_direct": None, "typical_vs_direct": None})
-        row("start to /health, tokenomics.py", "ms",
+        row("start to /health, python -m tokenomics", "ms",
             {"direct": None, "minimal": starts["script"]["median_ms"], "typical": starts["script"]["median_ms"]},
             {"minimal_vs_direct": None, "typical_vs_direct": {"value": None, "text": f"median of {a.starts}"}})
         row("start to /health, import (cached)", "ms",
@@ -1058,10 +1066,10 @@ def parse_args(argv=None):
                                                      "typical policy at 64 connections; folded stacks to PATH")
     p.add_argument("--profile-seconds", type=int, default=10, help="py-spy sampling time (default 10)")
     p.add_argument("--python", default=sys.executable, help="interpreter that runs tokenomics (default: this one)")
-    p.add_argument("--tokenomics", default=str(REPO / "tokenomics.py"), help="path to tokenomics.py")
+    p.add_argument("--tokenomics", default=str(REPO), help="the checkout that holds the tokenomics package")
     p.add_argument("--serve-as", choices=("module", "script"), default="module",
                    help="run the measured proxy as an imported module, as the installed `tokenomics "
-                        "serve` and `tokenomics start` do (default), or as `python tokenomics.py serve`")
+                        "serve` and `tokenomics start` do (default), or as `python -m tokenomics serve`")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, data) for inspection")
     a = p.parse_args(argv)
     defaults = dict(rounds=(1, 3), duration=(1, 5), stream_requests=(30, 200), soak=(3000, 200_000), starts=(3, 5))

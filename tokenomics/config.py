@@ -1,0 +1,423 @@
+"""Configuration: config.yaml discovery, .env loading, ``TOKENOMICS_*`` overrides, and validation
+into typed sections (including webhooks and provider entries)."""
+
+import dataclasses
+import math
+import os
+import typing
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import yaml
+
+from .errors import UsageError
+from .limits.prices import parse_pricing
+from .util import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_WRITE_TIMEOUT, HEADER_TIMEOUT, _json_type, _type_name, check_memory_file_name, memory_file_path, parse_duration
+
+
+GRACE_PERIOD = 10.0                     # seconds in-flight requests get on SIGTERM
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    enabled: bool = True
+    auto_gen: bool = True
+    cert_dir: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    http_port: int = 8080
+    https_port: int = 8443
+    host: str = "127.0.0.1"
+    upstream_url: str = ""
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    max_connections: int = 0        # 0: derived from the file-descriptor limit (default_max_connections)
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT
+    header_timeout: float = HEADER_TIMEOUT
+    grace_period: float = GRACE_PERIOD
+    tls: TLSConfig = TLSConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class AdminAuth:
+    username: str = ""
+    password: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    enabled: bool = True
+    auth: AdminAuth = AdminAuth()
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    addr: str = "127.0.0.1:6379"
+    password: str = ""
+    db: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    backend: str = "memory"
+    redis: RedisConfig = RedisConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    hash_key_env: str = "TOKENOMICS_HASH_KEY"
+    encryption_key_env: str = "TOKENOMICS_ENCRYPTION_KEY"
+
+
+@dataclass(frozen=True, slots=True)
+class LogFileConfig:
+    enabled: bool = False
+    path: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = "info"
+    format: str = "json"
+    disable_request: bool = True
+    hide_token_hash: bool = False
+    request_body: bool = False
+    response_body: bool = False
+    file: LogFileConfig = LogFileConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class EventsConfig:
+    webhooks: list = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteWebhookConfig:
+    path: str = "/remote/webhook"
+    secret: str = ""
+    signing_key: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteConfig:
+    url: str = ""
+    api_key: str = ""
+    sync: int = 60
+    webhook: RemoteWebhookConfig = RemoteWebhookConfig()
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerConfig:
+    enabled: bool = True
+    memory: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class GuardrailsConfig:
+    stream_holdback: int = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The validated configuration: defaults < config.yaml < TOKENOMICS_* env < CLI flags."""
+    dir: str = ""
+    server: ServerConfig = ServerConfig()
+    admin: AdminConfig = AdminConfig()
+    session: SessionConfig = SessionConfig()
+    security: SecurityConfig = SecurityConfig()
+    logging: LoggingConfig = LoggingConfig()
+    events: EventsConfig = EventsConfig()
+    remote: RemoteConfig = RemoteConfig()
+    cli_maps: dict = field(default_factory=dict)
+    default_provider: str = ""
+    ledger: LedgerConfig = LedgerConfig()
+    providers: dict = field(default_factory=dict)
+    pricing: dict = field(default_factory=dict)
+    guardrails: GuardrailsConfig = GuardrailsConfig()
+    source: str = ""          # the config file that was read, "" when none
+
+
+_CONFIG_CHOICES = {
+    "session.backend": ("memory", "redis"),
+    "logging.format": ("json", "text"),
+    "logging.level": ("debug", "info", "warning", "error"),
+}
+
+
+def _coerce(value, tp, path: str):
+    """Check one scalar or container against the dataclass field type; ints pass as floats."""
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (bool, str, dict, list) and isinstance(value, tp):
+        return value
+    if tp is str and value is None:
+        return ""
+    raise UsageError(f"config: {path}: expected {_type_name(tp)}, got {type(value).__name__}")
+
+
+def _build_section(cls, data, path: str):
+    """Build a config dataclass from a mapping, naming the first unknown key or wrong type."""
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise UsageError(f"config: {path or 'top level'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    values = {}
+    for key, value in data.items():
+        sub = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise UsageError(f"config: unknown key '{sub}'; known keys here: {', '.join(sorted(names))}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            values[key] = _build_section(tp, value, sub)
+        else:
+            values[key] = _coerce(value, tp, sub)
+            if sub in _CONFIG_CHOICES and values[key] not in _CONFIG_CHOICES[sub]:
+                raise UsageError(f"config: {sub}: must be one of {', '.join(_CONFIG_CHOICES[sub])}")
+    return cls(**values)
+
+
+def _config_leaves(cls, prefix: tuple = ()) -> Iterator[tuple[tuple, type]]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name == "source":
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _config_leaves(tp, prefix + (f.name,))
+        else:
+            yield prefix + (f.name,), tp
+
+
+def _env_overrides(environ) -> dict:
+    """TOKENOMICS_<SECTION>_<FIELD> for every scalar leaf, e.g. TOKENOMICS_SERVER_HTTP_PORT."""
+    tree: dict = {}
+    for path, tp in _config_leaves(Config):
+        name = "TOKENOMICS_" + "_".join(path).upper()
+        if name not in environ or tp in (dict, list):
+            continue
+        raw = environ[name]
+        try:
+            if tp is bool:
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError
+                value = raw.lower() in ("1", "true", "yes", "on")
+            else:
+                value = tp(raw)
+        except ValueError:
+            raise UsageError(f"environment: {name}: expected {_type_name(tp)}") from None
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_dotenv(path: str, environ) -> None:
+    """KEY=VALUE lines into the environment without overriding what is already set."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        return
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.removeprefix("export ").partition("=")
+        key, value = key.strip(), value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if key and key not in environ:
+            environ[key] = value
+
+
+def default_data_dir(environ) -> str:
+    return environ.get("TOKENOMICS_DIR") or os.path.join(os.path.expanduser("~"), ".tokenomics")
+
+
+def _validate_server_limits(server: ServerConfig) -> None:
+    """Ranges the type check cannot express; the message names the key and what it accepts."""
+    if server.max_response_bytes < 1:
+        raise UsageError(f"config: server.max_response_bytes: must be a positive number of bytes, "
+                         f"got {server.max_response_bytes}")
+    if server.max_connections < 0:
+        raise UsageError(f"config: server.max_connections: must be 0 (derived from the file-descriptor "
+                         f"limit) or a positive number, got {server.max_connections}")
+    if not server.write_timeout > 0:
+        raise UsageError(f"config: server.write_timeout: must be a positive number of seconds, "
+                         f"got {server.write_timeout:g}")
+
+
+def load_config(config_path: str | None = None, data_dir: str | None = None,
+                environ=None, overrides: dict | None = None) -> Config:
+    """Find and validate the configuration. `overrides` are CLI flags as a nested mapping."""
+    environ = os.environ if environ is None else environ
+    early_dir = data_dir or default_data_dir(environ)
+    load_dotenv(os.path.join(os.getcwd(), ".env"), environ)
+    load_dotenv(os.path.join(early_dir, ".env"), environ)
+    candidates = [config_path] if config_path else ["config.yaml", os.path.join(early_dir, "config.yaml")]
+    raw, source = {}, ""
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate):
+            try:
+                with open(candidate, encoding="utf-8") as fh:
+                    raw = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise UsageError(f"config: {candidate} is not valid YAML: {exc}") from None
+            source = candidate
+            break
+        if config_path:
+            raise UsageError(f"--config: {config_path} does not exist")
+    if not isinstance(raw, dict):
+        raise UsageError(f"config: {source}: expected a mapping at the top level")
+    merged = _deep_merge(_deep_merge(raw, _env_overrides(environ)), overrides or {})
+    config = _build_section(Config, merged, "")
+    resolved_dir = data_dir or config.dir or early_dir
+    config = dataclasses.replace(config, dir=os.path.abspath(os.path.expanduser(resolved_dir)),
+                                 source=source)
+    _validate_server_limits(config.server)
+    for name, entry in config.providers.items():
+        _validate_provider_entry(name, entry, f"providers.{name}")
+    try:
+        parse_pricing(config.pricing)
+        validate_webhooks(config.events.webhooks)
+        memory = config.ledger.memory
+        if isinstance(memory, dict) and memory and not memory.get("redis"):  # SPEC §9: confined
+            memory_file_path(memory, config.dir, "ledger.memory")
+            if memory.get("file_name"):
+                check_memory_file_name(str(memory["file_name"]), "ledger.memory")
+    except UsageError as exc:
+        raise UsageError(f"config: {exc}") from None
+    return config
+
+
+_PROVIDER_FIELDS = {"upstream_url": str, "api_key_env": str, "base_url_env": str, "auth_scheme": str,
+                    "auth_header": str, "headers": dict, "chat_path": str, "dialect": str,
+                    "models": list, "insecure": bool}
+
+
+def _validate_provider_entry(name: str, entry, path: str) -> None:
+    if not isinstance(entry, dict):
+        raise UsageError(f"config: {path}: expected a mapping of provider fields")
+    for key, value in entry.items():
+        if key not in _PROVIDER_FIELDS:
+            raise UsageError(f"config: unknown key '{path}.{key}'; known keys: {', '.join(_PROVIDER_FIELDS)}")
+        tp = _PROVIDER_FIELDS[key]
+        if value is not None and not isinstance(value, tp):
+            raise UsageError(f"config: {path}.{key}: expected {_type_name(tp)}")
+    if entry.get("auth_scheme", "bearer") not in ("bearer", "header", "query"):
+        raise UsageError(f"config: {path}.auth_scheme: must be bearer, header or query")
+    if entry.get("dialect", "openai") not in ("openai", "anthropic"):
+        raise UsageError(f"config: {path}.dialect: must be openai or anthropic")
+
+
+WEBHOOK_TIMEOUT = 5.0           # seconds per attempt unless the webhook sets `timeout`
+
+
+EVENT_TYPES = (
+    "token.created", "token.updated", "token.deleted", "token.expired",
+    "rule.violation", "rule.warning", "rule.match", "rule.mask",
+    "budget.exceeded", "budget.update",
+    "rate.exceeded",
+    "request.completed",
+    "server.start",
+)
+
+
+_EVENT_FAMILIES = frozenset(t.split(".", 1)[0] for t in EVENT_TYPES)
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """One validated `events.webhooks[]` entry."""
+    url: str
+    secret: str = ""
+    signing_key: str = ""
+    events: tuple = ()
+    timeout: float = WEBHOOK_TIMEOUT
+    insecure: bool = False
+
+
+_WEBHOOK_KEYS = ("url", "secret", "signing_key", "events", "timeout", "insecure")
+
+
+def _valid_event_filter(f: Any) -> bool:
+    if not isinstance(f, str):
+        return False
+    if f == "*" or f in EVENT_TYPES:
+        return True
+    return f.endswith(".*") and f[:-2] in _EVENT_FAMILIES
+
+
+def validate_webhooks(raw: Any, path: str = "events.webhooks") -> list[Webhook]:
+    """Config `events.webhooks` -> Webhooks; UsageError naming the first bad field."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise UsageError(f"{path}: expected a list of webhooks, got {_json_type(raw)}")
+    hooks = []
+    for i, entry in enumerate(raw):
+        where = f"{path}[{i}]"
+        if isinstance(entry, Webhook):
+            hooks.append(entry)
+            continue
+        if not isinstance(entry, dict):
+            raise UsageError(f"{where}: expected a mapping with at least `url`, got {_json_type(entry)}")
+        for key in entry:
+            if key not in _WEBHOOK_KEYS:
+                raise UsageError(f"{where}.{key}: unknown key (known: {', '.join(_WEBHOOK_KEYS)})")
+        url = entry.get("url")
+        parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"{where}.url: expected an http:// or https:// URL")
+        try:
+            parts.port
+        except ValueError:
+            raise UsageError(f"{where}.url: the port is not a number from 0 to 65535") from None
+        for key in ("secret", "signing_key"):
+            if not isinstance(entry.get(key, ""), str):
+                raise UsageError(f"{where}.{key}: expected a string")
+        events = entry.get("events", [])
+        if isinstance(events, str):
+            events = [events]
+        if not isinstance(events, list):
+            raise UsageError(f"{where}.events: expected a list of event names or patterns")
+        for j, f in enumerate(events):
+            if not _valid_event_filter(f):
+                raise UsageError(f"{where}.events[{j}]: {f!r} is not an event name, `prefix.*` or "
+                                 f"`*` (events: {', '.join(EVENT_TYPES)})")
+        timeout = entry.get("timeout", WEBHOOK_TIMEOUT)
+        if isinstance(timeout, str):
+            try:
+                timeout = parse_duration(timeout)
+            except ValueError as exc:
+                raise UsageError(f"{where}.timeout: {exc}") from None
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0 \
+                or timeout == math.inf:
+            raise UsageError(f"{where}.timeout: expected a positive number of seconds (e.g. 5 or 5s)")
+        insecure = entry.get("insecure", False)
+        if not isinstance(insecure, bool):
+            raise UsageError(f"{where}.insecure: expected true or false")
+        hooks.append(Webhook(url=url, secret=entry.get("secret", ""),
+                             signing_key=entry.get("signing_key", ""), events=tuple(events),
+                             timeout=float(timeout), insecure=insecure))
+    return hooks

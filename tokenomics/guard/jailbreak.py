@@ -1,0 +1,409 @@
+"""The prompt-injection detector: normalisation (NFKC, invisible characters, leetspeak, base64)
+then scoring of signal families from the lexicon."""
+
+import base64
+import bisect
+import itertools
+import re
+import unicodedata
+from typing import Any, Iterator
+
+from ..guard.lexicon import _B64_RUN_RE, _JB_AI_OWNER_RE, _JB_CONCEPTS, _JB_CORE_DIRECTIVE_RE, _JB_FAMILY_CAP, _JB_FAMILY_REST, _JB_META_RE, _JB_OBFUSCATION_WEIGHT, _JB_QUOTED_RE, _JB_SIGNALS, _JB_STRONG_MODE_RE, _JB_TRIGGER_RE, _JB_WORD_RE, _JB_WORD_SIGNALS
+from ..guard.scan import _SCAN_CACHE_MIN, _cache_get, _cache_put, _text_key
+
+
+_B64_MAX_RUNS = 32                 # runs decoded per text (bounds the work on hostile input)
+
+
+_B64_MAX_CHARS = 8192              # chars of one run decoded
+
+
+                                   # 5 ms: the event loop needs the GIL a dozen times to answer
+                                   # one /health, and waited up to 5 ms each time)
+_JB_SEGMENT = 32 * 1024            # chars per jailbreak segment; its signals are local
+
+
+_JB_OVERLAP = 512                  # chars; > 2 * _JB_WINDOW, so each trigger word's window
+
+
+_INVISIBLE = dict.fromkeys(map(ord,
+    "\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u200b\u200c\u200d\u200e\u200f\u202a\u202b"
+    "\u202c\u202d\u202e\u2060\u2061\u2062\u2063\u2064\u2066\u2067\u2068\u2069\u3164\ufeff\uffa0"), None)
+
+
+_CONFUSABLES = str.maketrans({
+    # Cyrillic and Greek letters that render like Latin ones (after NFKC, before lower-casing).
+    "\u0430": "a", "\u0435": "e", "\u043e": "o", "\u0440": "p", "\u0441": "c", "\u0443": "y",
+    "\u0445": "x", "\u0456": "i", "\u0458": "j", "\u0455": "s", "\u0501": "d", "\u04bb": "h",
+    "\u0410": "A", "\u0412": "B", "\u0415": "E", "\u041a": "K", "\u041c": "M", "\u041d": "H",
+    "\u041e": "O", "\u0420": "P", "\u0421": "C", "\u0422": "T", "\u0425": "X", "\u0406": "I",
+    "\u03bf": "o", "\u03b1": "a", "\u03b5": "e", "\u03b9": "i", "\u03ba": "k", "\u03bd": "v",
+    "\u03c1": "p", "\u03c4": "t", "\u03c5": "u", "\u03c7": "x", "\u0391": "A", "\u0392": "B",
+    "\u0395": "E", "\u0397": "H", "\u0399": "I", "\u039a": "K", "\u039c": "M", "\u039d": "N",
+    "\u039f": "O", "\u03a1": "P", "\u03a4": "T", "\u03a7": "X", "\u0261": "g", "\u0131": "i"})
+
+
+_COMBINING_RE = re.compile(r"[\u0300-\u036f\u1ab0-\u1aff\u20d0-\u20ff]")
+
+
+_WS_RE = re.compile(r"[^\S\n]+")
+
+
+_NL_RE = re.compile(r"[^\S\n]*\n\s*")
+
+
+# Four or more single letters separated by one space/dot/dash: "i g n o r e", "i.g.n.o.r.e".
+_SPACED_RE = re.compile(r"(?<![\w])(?:[a-z0-9@$][ ._*/-]){3,}[a-z0-9@$](?![\w])")
+
+
+_SPACED_SEP_RE = re.compile(r"[ ._*/-]")
+
+
+_LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"})
+
+
+_LEET_WORD_RE = re.compile(r"[a-z0-9@$]*[0-9@$][a-z0-9@$]*")
+
+
+_LEET_INNER_RE = re.compile(r"(?<=[a-z])[!|](?=[a-z])")
+
+
+_INNER_PUNCT_RE = re.compile(r"(?<=[a-z])[._*~+|/\\-]+(?=[a-z])")
+
+
+# Misspelt key words ("ignroe all prevous instructons") are corrected in short texts only:
+# one edit away from one of these, for words of at least 5 letters.
+_JB_SPELL_WORDS = ("ignore", "disregard", "previous", "instructions", "instruction", "directives", "system",
+                   "prompt", "forget", "bypass", "restrictions", "guidelines", "reveal", "jailbreak", "unrestricted",
+                   "unfiltered", "uncensored", "developer", "filters", "safety")
+
+
+_JB_SPELL_MAX_TEXT = 2000          # chars; longer texts are not spell-corrected (cost)
+
+
+_JB_WINDOW = 120                   # chars analysed on each side of a trigger word
+
+
+_JB_MAX_WINDOW = 4096              # chars; overlapping trigger windows merge up to this size, so
+
+
+                                   # the per-window work (not linear in the window) stays bounded
+                                   # and a text dense with trigger words is scanned in linear time
+# The look-aheads are bounded: unbounded, "|a|a|a..." made every position rescan the whole run.
+_LEET_CAND_RE = re.compile(
+    r"(?<![a-z0-9@$])(?=[a-z0-9@$|!]{0,64}[a-z])(?=[a-z0-9@$|!]{0,64}[0-9@$])[a-z0-9@$|!]{3,}")
+
+
+# Words that, written in leetspeak, mark a place worth analysing (their plain forms may be too
+# common to be triggers on their own, e.g. "without", "content").
+_LEET_WORDS = frozenset(
+    "ignore disregard forget bypass override instructions previous prompt system jailbreak unfiltered uncensored "
+    "unrestricted restrictions filters safety guardrails developer mode reveal dan anything without rules policy "
+    "content verbatim hidden secret pretend evil ethics censorship disable turn off".split())
+
+
+class _JbPositions(dict):
+    """Word-index spans of each concept in `v` (starts: char offset of each word), found on
+    first use: most windows have no directive, role or secret word, and then the concepts
+    that only qualify those (dismiss, anchor, reveal...) are never searched."""
+    __slots__ = ("v", "starts")
+
+    def __init__(self, v: str, starts: list[int]):
+        super().__init__()
+        self.v, self.starts = v, starts
+
+    def __missing__(self, name: str) -> list[tuple[int, int]]:
+        starts, spans = self.starts, []
+        for m in _JB_CONCEPTS[name].finditer(self.v):
+            a = bisect.bisect_right(starts, m.start()) - 1
+            b = bisect.bisect_right(starts, max(m.start(), m.end() - 1)) - 1
+            spans.append((a, b))
+        self[name] = spans
+        return spans
+
+
+def _jb_near(spans: list[tuple[int, int]], a: int, b: int, k: int) -> list[tuple[int, int]]:
+    """Spans within k words of the word range [a, b] (spans are sorted by start)."""
+    lo = bisect.bisect_left(spans, (a - k - 8, -1))
+    out = []
+    for s in itertools.islice(spans, lo, None):
+        if s[0] > b + k:
+            break                                    # sorted by start: nothing further is near
+        if s[1] >= a - k:
+            out.append(s)
+            if len(out) == 64:
+                break
+    return out
+
+
+def _jb_starts_in(spans: list[tuple[int, int]], lo: int, hi: int) -> bool:
+    """Whether a span starts at a word index in [lo, hi] (spans are sorted by start)."""
+    i = bisect.bisect_left(spans, (lo, -1))
+    return lo <= hi and i < len(spans) and spans[i][0] <= hi
+
+
+def _jb_concept_hits(v: str, hits: set) -> None:
+    for sid, family, weight, rx in _JB_WORD_SIGNALS:
+        if rx.search(v):
+            hits.add((sid, family, weight))
+    starts = [m.start() for m in _JB_WORD_RE.finditer(v)]
+    if not starts:
+        return
+    c = _JbPositions(v, starts)
+    for a, b in c["directive"]:
+        if not _jb_near(c["dismiss"], a, b, 6):
+            if c["changed"] and _jb_near(c["changed"], a, b, 6) and any(
+                    v[starts[x]:starts[x] + 4] == "your" for x, _ in _jb_near(c["anchor"], a, b, 3)):
+                hits.add(("c-changed", "override", 0.5))
+            continue
+        owned = _jb_starts_in(c["user_owned"], a - 2, a - 1)
+        anchors = _jb_near(c["anchor"], a, b, 3)
+        anchored = anchors and (
+            _jb_near(c["you"], a, b, 8) or _JB_CORE_DIRECTIVE_RE.match(v, starts[a]) is not None
+            or any(_JB_AI_OWNER_RE.match(v, starts[x]) for x, _ in anchors))
+        if not owned and anchored:
+            hits.add(("c-override", "override", 1.0))
+        elif _jb_near(c["dismiss"], a, b, 4):
+            hits.add(("c-override-weak", "override", 0.4))
+    for a, b in c["strong_safety"]:
+        addressed = bool(_jb_near(c["you"], a, b, 4)) and not _jb_near(c["user_owned"], a, b, 4)
+        if _jb_near(c["dismiss"], a, b, 5):
+            hits.add(("c-filter", "filter_bypass", 1.0) if addressed else ("c-filter-weak", "filter_bypass", 0.6))
+        if _jb_near(c["off"], a, b, 3):
+            hits.add(("c-filter-off", "filter_bypass", 1.0) if addressed else ("c-filter-off-weak", "filter_bypass", 0.6))
+    for a, b in c["safety"]:
+        addressed = bool(_jb_near(c["you"], a, b, 3)) and not _jb_near(c["user_owned"], a, b, 3)
+        if _jb_near(c["dismiss"], a, b, 4) or _jb_near(c["off"], a, b, 2):
+            hits.add(("c-filter-yours", "filter_bypass", 0.8) if addressed else ("c-filter-weak", "filter_bypass", 0.5))
+    for a, b in c["role"]:
+        if any(x > b for x, _ in _jb_near(c["unbound"], a, b, 14)):
+            hits.add(("c-persona", "persona", 1.0))
+        if any(x > b for x, _ in _jb_near(c["bad_persona"], a, b, 6)):
+            hits.add(("c-persona-bad", "persona", 0.6))
+    for a, b in c["secret"]:
+        for x, _ in _jb_near(c["reveal"], a, b, 8):
+            if not _jb_starts_in(c["negation"], a - 3, x - 1):
+                hits.add(("c-extract", "prompt_extraction", 1.0))
+                break
+    # A note addressed to an AI reader that asks for secrecy, exfiltration or a new task is an
+    # indirect injection (documents, web pages, e-mails); the address alone is only a hint.
+    for a, b in c["ai_reader"]:
+        if _jb_near(c["payload"], a, b, 30):
+            hits.add(("c-indirect", "override", 1.0))
+            break
+    # "From now on" + talk to the model: a behaviour change, never enough alone.
+    for a, b in c["recency"]:
+        if _jb_near(c["you"], a, b, 10):
+            hits.add(("c-recency", "persona", 0.4))
+            break
+    for a, b in c["mode"]:
+        if _jb_near(c["mode_on"], a, b, 3):
+            strong = _JB_STRONG_MODE_RE.search(v, starts[max(0, a - 2)], starts[b] + 5) is not None
+            hits.add(("c-mode", "developer_mode", 1.0) if strong else ("c-mode-weak", "developer_mode", 0.6))
+
+
+def _jb_compile() -> tuple[tuple[re.Pattern, dict, bool], ...]:
+    """One alternation per family and case mode (strongest signals first, so that where two
+    signals of a family start at the same place the stronger one is taken)."""
+    groups: dict[tuple[str, bool], list] = {}
+    for i, (family, weight, pattern) in enumerate(_JB_SIGNALS):
+        cased = pattern.startswith("cs:")
+        groups.setdefault((family, cased), []).append((i, family, weight, pattern.removeprefix("cs:")))
+    compiled = []
+    for (_, cased), sigs in groups.items():
+        sigs.sort(key=lambda s: -s[2])
+        rx = re.compile("|".join(f"(?P<s{i}>{p})" for i, _, _, p in sigs))
+        compiled.append((rx, {f"s{i}": (i, f, w) for i, f, w, _ in sigs}, cased))
+    return tuple(compiled)
+
+
+_JB_REGEXES = _jb_compile()
+
+
+_JB_FAMILY_ORDER = ("override", "persona", "developer_mode", "prompt_extraction", "filter_bypass",
+                    "role_injection", "harmful_intent", "obfuscation")
+
+
+def _jb_normalize(text: str) -> str:
+    """NFKC, invisible/bidi characters removed, look-alikes folded (whitespace is collapsed per
+    window). Case is kept (the DAN signals need it)."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFKC", text).translate(_INVISIBLE).translate(_CONFUSABLES)
+        text = _COMBINING_RE.sub("", text)
+    return text
+
+
+def _jb_fold(lower: str) -> str:
+    """Matching-only copy: leetspeak folded inside words that also contain letters,
+    punctuation inside words dropped (i.g.n.o.r.e, ignore.all.previous), letter spacing joined."""
+    folded = _LEET_WORD_RE.sub(lambda m: m.group().translate(_LEET) if any(c.isalpha() for c in m.group()) else m.group(), lower)
+    folded = _LEET_INNER_RE.sub("i", folded)
+    folded = _SPACED_RE.sub(lambda m: _SPACED_SEP_RE.sub("", m.group()), folded)
+    return _INNER_PUNCT_RE.sub(" ", folded)
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Whether a and b differ by one insertion, deletion, substitution or adjacent swap."""
+    la, lb = len(a), len(b)
+    if abs(la - lb) > 1:
+        return False
+    i = 0
+    while i < min(la, lb) and a[i] == b[i]:
+        i += 1
+    if la == lb:
+        return a[i + 1:] == b[i + 1:] or (i + 1 < la and a[i] == b[i + 1] and a[i + 1] == b[i] and a[i + 2:] == b[i + 2:])
+    return a[i:] == b[i + 1:] if la < lb else a[i + 1:] == b[i:]
+
+
+def _jb_spellfix(m: re.Match) -> str:
+    word = m.group()
+    if len(word) < 5:
+        return word
+    for key in _JB_SPELL_WORDS:
+        if word != key and word[0] == key[0] and _one_edit(word, key):
+            return key
+    return word
+
+
+def _jb_windows(lower: str) -> list[tuple[int, int]]:
+    """Where to look: every signal contains a trigger word, so only the text around trigger
+    words (plainly written, letter-spaced, leetspeak or, in short texts, misspelt) is analysed."""
+    pos = [m.start() for m in _JB_TRIGGER_RE.finditer(lower)]
+    for m in _SPACED_RE.finditer(lower):
+        if _JB_TRIGGER_RE.search(_SPACED_SEP_RE.sub("", m.group())):
+            pos.append(m.start())
+    for m in _LEET_CAND_RE.finditer(lower):
+        word = m.group().translate(_LEET)
+        if word in _LEET_WORDS or _JB_TRIGGER_RE.search(word):
+            pos.append(m.start())
+    if not pos and len(lower) <= _JB_SPELL_MAX_TEXT:
+        fixed = _JB_WORD_RE.sub(_jb_spellfix, lower)
+        if fixed != lower and _JB_TRIGGER_RE.search(fixed):
+            pos.append(0)
+    if not pos:
+        return []
+    if len(lower) <= 2 * _JB_WINDOW:
+        return [(0, len(lower))]
+    pos.sort()
+    out: list[tuple[int, int]] = []
+    for p in pos:
+        s, e = max(0, p - _JB_WINDOW), min(len(lower), p + _JB_WINDOW)
+        if out and s <= out[-1][1] and e - out[-1][0] <= _JB_MAX_WINDOW:
+            out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
+
+
+def _jb_window_hits(norm: str, hits: set) -> None:
+    """Add (signal id, family, weight) of every signal found in a (normalised) window."""
+    norm = _NL_RE.sub("\n", _WS_RE.sub(" ", norm))
+    lower = norm.lower()
+    variants = [lower]
+    folded = _jb_fold(lower)
+    if folded != lower and sorted(_JB_TRIGGER_RE.findall(folded)) != sorted(_JB_TRIGGER_RE.findall(lower)):
+        variants.append(folded)                  # obfuscation changed what reads as a trigger
+    if len(lower) <= _JB_SPELL_MAX_TEXT:
+        fixed = _JB_WORD_RE.sub(_jb_spellfix, variants[-1])
+        if fixed != variants[-1]:
+            variants.append(fixed)
+    for v in variants:
+        _jb_concept_hits(v, hits)
+    for rx, names, cased in _JB_REGEXES:
+        for v in ((norm,) if cased else variants):
+            # Overlapping search: a signal may start inside another one's match.
+            m = rx.search(v)
+            while m:
+                hits.add(names[m.lastgroup])
+                m = rx.search(v, m.start() + 1)
+
+
+def _jb_scan(text: str) -> set:
+    """The signals of one text. In talk about prompt injection, quoted text is left out."""
+    hits: set = set()
+    norm = _jb_normalize(text)
+    lower = norm.lower()
+    for s, e in _jb_windows(lower):
+        window: set = set()
+        _jb_window_hits(norm[s:e], window)
+        if window and _JB_META_RE.search(lower, s, e):
+            unquoted = _JB_QUOTED_RE.sub(" ", norm[s:e])
+            if unquoted != norm[s:e]:
+                window = set()
+                _jb_window_hits(unquoted, window)
+        hits |= window
+    for k, m in enumerate(_B64_RUN_RE.finditer(text)):
+        if k >= _B64_MAX_RUNS:
+            break
+        decoded = _b64_text(m.group()[:_B64_MAX_CHARS])
+        if decoded:
+            inner = _jb_scan(decoded)
+            if inner:
+                hits |= inner
+                hits.add(("b64", "obfuscation", _JB_OBFUSCATION_WEIGHT))
+    return hits
+
+
+def _segments(n: int, segment: int, overlap: int) -> Iterator[tuple[int, int, int]]:
+    """(lo, hi, core_start) slices of a text of n chars: cores of `segment` chars tile it, each
+    slice adds `overlap` chars of context on both sides."""
+    for core in range(0, n, segment):
+        yield max(0, core - overlap), min(n, core + segment + overlap), core
+
+
+def _jb_hits(text: str) -> frozenset:
+    """_jb_scan, memoised for long texts: a conversation resends its history every turn.
+    Long texts are scanned segment by segment (see _SCAN_SEGMENT) and their signals joined."""
+    if len(text) > _JB_SEGMENT + 2 * _JB_OVERLAP:
+        hits: set = set()
+        for lo, hi, _ in _segments(len(text), _JB_SEGMENT, _JB_OVERLAP):
+            hits |= _jb_hits(text[lo:hi])
+        return frozenset(hits)
+    if len(text) < _SCAN_CACHE_MIN:
+        return frozenset(_jb_scan(text))
+    key = ("jb", _text_key(text))
+    hits = _cache_get(key)
+    if hits is None:
+        hits = frozenset(_jb_scan(text))
+        _cache_put(key, hits)
+    return hits
+
+
+def _b64_text(run: str) -> str | None:
+    """Decoded text of a base64 run if it reads like a sentence, else None."""
+    run = run.rstrip("=")
+    if len(run) % 4 == 1:
+        run = run[:-1]
+    try:
+        raw = base64.urlsafe_b64decode(run.replace("+", "-").replace("/", "_") + "=" * (-len(run) % 4))
+        decoded = raw.decode("utf-8")
+    except ValueError:                                          # incl. binascii.Error, UnicodeDecodeError
+        return None
+    printable = sum(c.isprintable() or c in "\n\t" for c in decoded)
+    if len(decoded) < 8 or printable < 0.95 * len(decoded) or decoded.count(" ") < 2:
+        return None
+    return decoded
+
+
+def _jb_score(hits: set) -> tuple[float, tuple[str, ...]]:
+    best: dict[Any, tuple[str, float]] = {}
+    for sid, family, weight in hits:
+        if sid not in best or abs(weight) > abs(best[sid][1]):
+            best[sid] = (family, weight)
+    by_family: dict[str, list[float]] = {}
+    for family, weight in best.values():
+        by_family.setdefault(family, []).append(weight)
+    score = 0.0
+    for weights in by_family.values():
+        weights.sort(reverse=True)
+        # Signals of one family often see the same words; only a little of the rest counts.
+        score += min(_JB_FAMILY_CAP, weights[0] + _JB_FAMILY_REST * sum(weights[1:]))
+    return round(max(score, 0.0), 4), tuple(f for f in _JB_FAMILY_ORDER if max(by_family.get(f, (0,))) > 0)
+
+
+def jailbreak_score(text: str) -> tuple[float, tuple[str, ...]]:
+    """(score, families hit) for a text; the text is a prompt injection when the score is at
+    least the rule's threshold (JAILBREAK_THRESHOLD by default)."""
+    if not text:
+        return 0.0, ()
+    return _jb_score(_jb_hits(text))

@@ -1,0 +1,1 @@
+"""HTTP: SSE parsing, the asyncio + h11 server, the pooled h11 upstream client, the mock upstream."""

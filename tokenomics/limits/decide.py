@@ -1,0 +1,366 @@
+"""Budget and rate-limit arithmetic: windows, budget lines, rate rules and their strategies.
+Pure: data in, data out, ``now`` passed in as Unix seconds."""
+
+import calendar
+import collections
+import functools
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import UsageError
+from ..util import parse_duration, utc_iso
+
+
+# The arithmetic here is pure (data in, data out, `now` passed in as Unix seconds); the only
+# effects are the in-process counters of MemoryState and the usage journal's files.
+
+_NANO = 1_000_000_000  # USD counters are integers of nano-dollars: exact add/subtract (no float drift
+
+
+                       # that could let used+reserved creep over a cap), and Redis HINCRBY-friendly.
+_PERIODS = ("hourly", "daily", "monthly", "total")
+
+
+_PERIOD_SECONDS = {"hourly": 3600, "daily": 86400}
+
+
+_RATE_KINDS = ("requests", "tokens")
+
+
+_RATE_STRATEGIES = ("sliding", "fixed", "bucket")
+
+
+                                  # 300 ms startup budget, and the snapshot is only as big as the counters
+_CHARS_PER_TOKEN = 4  # the usual rule of thumb for English prose and code; settlement corrects it
+
+
+def _nonneg_number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise UsageError(f"{where}: expected a number >= 0, got {json.dumps(value, default=str)[:40]}")
+    return float(value)
+
+
+def window_bounds(period: str, now: float) -> tuple[float, float]:
+    """[start, end) of the UTC calendar window of `period` that contains `now`."""
+    if period in _PERIOD_SECONDS:
+        size = _PERIOD_SECONDS[period]
+        start = now - now % size  # Unix time has no leap seconds, so UTC hours and days align
+        return start, start + size
+    if period == "monthly":
+        tm = time.gmtime(now)
+        y, m = tm.tm_year, tm.tm_mon
+        ny, nm = (y + 1, 1) if m == 12 else (y, m + 1)
+        return float(calendar.timegm((y, m, 1, 0, 0, 0))), float(calendar.timegm((ny, nm, 1, 0, 0, 0)))
+    if period == "total":
+        return 0.0, math.inf
+    raise ValueError(f"unknown budget period {period!r} (expected hourly, daily, monthly or total)")
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetLine:
+    """One cap on one counter. `key` names who is counted (token hash prefix + scope, built by
+    the caller); lines with equal (key, unit, period) share one counter; `cap` is tokens or USD."""
+    key: str
+    unit: str    # "tokens" | "usd"
+    period: str  # "hourly" | "daily" | "monthly" | "total"
+    cap: float
+
+
+@dataclass(frozen=True, slots=True)
+class RateRule:
+    """At most `limit` requests (or estimated tokens) per `window` seconds."""
+    kind: str      # "requests" | "tokens"
+    limit: int
+    window: float  # seconds
+    strategy: str  # "sliding" | "fixed" | "bucket"
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_rate_rule(raw: Any, path: str) -> RateRule:
+    if not isinstance(raw, dict):
+        raise UsageError(f'{path}: expected an object like {{"requests": 60, "window": "1m"}}')
+    for k in raw:
+        if k not in ("requests", "tokens", "window", "strategy"):
+            raise UsageError(f"{path}.{k}: unknown field (expected requests or tokens, window, strategy)")
+    kinds = [k for k in _RATE_KINDS if k in raw]
+    if len(kinds) != 1:
+        raise UsageError(f"{path}: give exactly one of requests or tokens")
+    kind = kinds[0]
+    limit = raw[kind]
+    if not _is_count(limit) or limit < 1:
+        raise UsageError(f"{path}.{kind}: expected a whole number of at least 1")
+    if "window" not in raw:
+        raise UsageError(f"{path}.window: missing (a duration such as 1s, 1m, 1h, 24h, 7d)")
+    window = raw["window"]
+    if isinstance(window, bool):
+        raise UsageError(f"{path}.window: expected a duration such as 1s, 1m, 1h, 24h, 7d")
+    if isinstance(window, (int, float)):
+        seconds = float(window)
+    else:
+        try:
+            seconds = parse_duration(window)
+        except ValueError as exc:
+            raise UsageError(f"{path}.window: {exc}") from None
+    if not (seconds > 0 and math.isfinite(seconds)):
+        raise UsageError(f"{path}.window: must be longer than 0")
+    strategy = raw.get("strategy", "sliding")
+    if strategy not in _RATE_STRATEGIES:
+        raise UsageError(f"{path}.strategy: expected sliding, fixed or bucket")
+    return RateRule(kind, limit, seconds, strategy)
+
+
+def parse_rate_limit(raw: dict | None, path: str = "rate_limit") -> tuple[tuple[RateRule, ...], int | None]:
+    """Validate a policy's `rate_limit` into (rules, max_parallel); errors name the JSON path."""
+    if raw is None:
+        return (), None
+    if not isinstance(raw, dict):
+        raise UsageError(f'{path}: expected an object like {{"rules": [...], "max_parallel": 4}}')
+    for k in raw:
+        if k not in ("rules", "max_parallel"):
+            raise UsageError(f"{path}.{k}: unknown field (expected rules, max_parallel)")
+    rules_raw = raw.get("rules")
+    if rules_raw is None:
+        rules_raw = []
+    if not isinstance(rules_raw, list):
+        raise UsageError(f"{path}.rules: expected a list of rules")
+    rules = tuple(_parse_rate_rule(r, f"{path}.rules[{i}]") for i, r in enumerate(rules_raw))
+    max_parallel = raw.get("max_parallel")
+    if max_parallel is not None and (not _is_count(max_parallel) or max_parallel < 1):
+        raise UsageError(f"{path}.max_parallel: expected a whole number of at least 1")
+    return rules, max_parallel
+
+
+def parse_budget(raw: dict | None, path: str = "budget") -> tuple[tuple[str, str, float], ...]:
+    """Validate a policy's `budget` into (unit, period, cap) triples, e.g.
+    ("tokens", "daily", 100000.0); the caller turns each into a BudgetLine with its key."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise UsageError(f'{path}: expected an object like {{"tokens": {{"daily": 100000}}, "usd": {{"monthly": 20}}}}')
+    out = []
+    for unit, caps in raw.items():
+        if unit not in ("tokens", "usd"):
+            raise UsageError(f"{path}.{unit}: unknown field (expected tokens, usd)")
+        if caps is None:
+            continue
+        if not isinstance(caps, dict):
+            raise UsageError(f"{path}.{unit}: expected an object with hourly, daily, monthly, total")
+        for period, cap in caps.items():
+            if period not in _PERIODS:
+                raise UsageError(f"{path}.{unit}.{period}: unknown field (expected hourly, daily, monthly, total)")
+            if cap is not None:
+                out.append((unit, period, _nonneg_number(cap, f"{path}.{unit}.{period}")))
+    return tuple(out)
+
+
+@dataclass(slots=True)
+class Reservation:
+    """What one in-flight request holds: `tokens` and `usd_nano` on each counter of `lines`
+    (one line per counter). Settled or released exactly once; later calls are no-ops.
+    A reservation is not pinned to a window: when a window rolls over while the request is
+    in flight, its hold moves into the new window, so settle() charges the window the usage
+    happened in and release() frees the window that holds it."""
+    id: int
+    lines: tuple[BudgetLine, ...]
+    tokens: int
+    usd_nano: int
+    created: float
+    done: bool = False
+    held: tuple = ()  # journal rows [key, unit, period, window_start, hold]: its charge after a crash
+
+    @property
+    def usd(self) -> float:
+        return self.usd_nano / _NANO
+
+
+def budget_event(line: BudgetLine, used: float, cap: float, now: float) -> dict:
+    """`data` of budget.exceeded / budget.update: which counter, how full, when it resets."""
+    start, end = window_bounds(line.period, now)
+    return {"key": line.key, "unit": line.unit, "period": line.period,
+            "used": used, "cap": cap, "remaining": max(0, cap - used),
+            "percent": round(100.0 * used / cap, 1) if cap else 100.0,
+            "window_start": utc_iso(start), "resets_at": None if end == math.inf else utc_iso(end)}
+
+
+def rate_event(key: str, rule: RateRule | None, retry_after: int, limit: int | None = None) -> dict:
+    """`data` of rate.exceeded; `rule` None means the max_parallel limit (given as `limit`)."""
+    if rule is None:
+        return {"key": key, "kind": "parallel", "limit": limit, "retry_after": retry_after}
+    return {"key": key, "kind": rule.kind, "limit": rule.limit, "window": rule.window,
+            "strategy": rule.strategy, "retry_after": retry_after}
+
+
+def _fmt_window(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _fmt_usd(x: float) -> str:
+    return f"${x:,.2f}" if x >= 1 or x == 0 else f"${x:.4f}"
+
+
+def _retry_seconds(now: float, ready_at: float, ready: Callable[[float], bool]) -> int:
+    """Whole seconds from `now` until `ready(now + n)` holds, at least 1. Starts from the exact
+    instant and steps past any float rounding, so a client that waits exactly Retry-After
+    seconds is admitted (if nobody else took the room meanwhile)."""
+    n = max(1, math.ceil(ready_at - now))
+    for _ in range(4):
+        if ready(now + n):
+            break
+        n += 1
+    return n
+
+
+class _Sliding:
+    """Exact sliding log: times (and weights, for token rules) of the admissions still inside
+    the window. A request is admitted while the trailing window holds room for it; entries
+    leave when `t + window <= now`. Entries in the log sum to at most `limit`, so memory is
+    bounded by the limit."""
+    __slots__ = ("times", "weights", "total", "touched")
+
+    def __init__(self, weighted: bool):
+        self.times: collections.deque = collections.deque()
+        self.weights: collections.deque | None = collections.deque() if weighted else None
+        self.total = 0
+        self.touched = -math.inf
+
+    def retry_after(self, rule: RateRule, w: int, now: float) -> int:
+        times, weights, window = self.times, self.weights, rule.window
+        while times and times[0] + window <= now:
+            times.popleft()
+            self.total -= weights.popleft() if weights is not None else 1
+        excess = self.total + w - rule.limit
+        if excess <= 0:
+            return 0
+        if weights is None:
+            ready_at = times[excess - 1] + window
+        else:
+            ready_at = times[-1] + window  # unreachable: admit() caps w at the limit
+            freed = 0
+            for t, wt in zip(times, weights):
+                freed += wt
+                if freed >= excess:
+                    ready_at = t + window
+                    break
+        return _retry_seconds(now, ready_at, lambda t: ready_at <= t)
+
+    def take(self, w: int, now: float) -> None:
+        if w <= 0:
+            return
+        t = now if now > self.touched else self.touched  # keep the log sorted if the clock steps back
+        self.times.append(t)
+        if self.weights is not None:
+            self.weights.append(w)
+        self.total += w
+        self.touched = t
+
+
+class _Fixed:
+    """Fixed windows aligned on multiples of the window length since the epoch."""
+    __slots__ = ("index", "count", "touched")
+
+    def __init__(self):
+        self.index = -math.inf
+        self.count = 0
+        self.touched = -math.inf
+
+    def retry_after(self, rule: RateRule, w: int, now: float) -> int:
+        index = math.floor(now / rule.window)
+        if index > self.index:
+            self.index, self.count = index, 0
+        if self.count + w <= rule.limit:
+            return 0
+        current, window = self.index, rule.window
+        return _retry_seconds(now, (current + 1) * window, lambda t: math.floor(t / window) > current)
+
+    def take(self, w: int, now: float) -> None:
+        self.count += w
+        if now > self.touched:
+            self.touched = now
+
+
+class _Bucket:
+    """Token bucket: capacity `limit`, refilled continuously at limit/window per second."""
+    __slots__ = ("level", "last", "touched")
+
+    def __init__(self, rule: RateRule, now: float):
+        self.level = float(rule.limit)
+        self.last = now
+        self.touched = -math.inf
+
+    def retry_after(self, rule: RateRule, w: int, now: float) -> int:
+        rate = rule.limit / rule.window
+        if now > self.last:
+            self.level = min(float(rule.limit), self.level + (now - self.last) * rate)
+            self.last = now
+        if self.level >= w:
+            return 0
+        level, last, cap = self.level, self.last, float(rule.limit)
+        return _retry_seconds(now, now + (w - level) / rate,
+                              lambda t: min(cap, level + (t - last) * rate) >= w)
+
+    def take(self, w: int, now: float) -> None:
+        self.level -= w
+        if now > self.touched:
+            self.touched = now
+
+
+def estimate_tokens(text_len_chars: int) -> int:
+    """Fast pre-flight estimate: characters / 4, rounded up. Per-message overhead is the
+    caller's; the provider's reported usage settles the difference."""
+    return -(-max(0, text_len_chars) // _CHARS_PER_TOKEN)
+
+
+_TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
+
+
+_O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt-4o", "gpt-oss")
+
+
+@functools.lru_cache(maxsize=4)
+def _local_encoding(name: str) -> Any:
+    """The tiktoken encoding `name` if tiktoken is installed AND the encoding file is already
+    in its cache (tiktoken would otherwise download it: never from here), else None. Imported
+    lazily because importing tiktoken costs more than the whole startup budget allows."""
+    try:
+        import tiktoken  # optional; see the docstring for why it is not imported at the top
+    except ImportError:
+        return None
+    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR")
+    if cache_dir is None:
+        cache_dir = os.environ.get("DATA_GYM_CACHE_DIR")
+    if cache_dir is None:
+        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    if not cache_dir:
+        return None  # an empty cache dir disables tiktoken's cache: loading would download
+    blob = hashlib.sha1(_TIKTOKEN_URL.format(name).encode()).hexdigest()
+    if not os.path.isfile(os.path.join(cache_dir, blob)):
+        return None
+    try:
+        return tiktoken.get_encoding(name)
+    except Exception:  # a broken cache or plugin must not break a request: fall back
+        return None
+
+
+def count_tokens(text: str, model: str = "") -> int:
+    """Tokens in `text`: exact with tiktoken when it and its encoding are available locally
+    (an approximation for non-OpenAI models), else estimate_tokens()."""
+    low = model.lower().rsplit("/", 1)[-1]
+    enc = _local_encoding("o200k_base" if low.startswith(_O200K_PREFIXES) else "cl100k_base")
+    if enc is not None:
+        try:
+            return len(enc.encode(text, disallowed_special=()))
+        except Exception:
+            pass
+    return estimate_tokens(len(text))

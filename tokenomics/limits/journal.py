@@ -1,0 +1,165 @@
+"""The usage journal: settled usage appended with fsync in group commits, replayed at start
+and compacted."""
+
+import json
+import os
+import threading
+
+from ..errors import RuntimeFailure
+from ..limits.decide import _is_count
+from ..limits.state import MemoryState, _check_rows
+from ..util import _fsync_dir, _read_optional, _write_all
+
+
+_JOURNAL_COMPACT_BYTES = 1 << 20  # ~7k requests of deltas; replaying 1 MiB stays far below the
+
+
+class UsageJournal:
+    """Crash-safe persistence of settled usage in the data dir.
+
+    `path` is an append-only log: one JSON line {"s": seq, "d": [deltas], "o": [[id, rows]],
+    "c": [ids]} per commit (empty parts left out), written with one write() and fsync'ed:
+    write-ahead, a reservation is opened ("o") on disk before its request is forwarded, and
+    its settlement ("d" and "c") is on disk before the response completes. `path + ".snapshot"`
+    holds the counters and the open reservations as of sequence number `seq`, replaced
+    atomically (temp file, fsync, rename) when the log grows past `compact_bytes`; the log is
+    then truncated. Replay loads the snapshot and applies only log lines with s > seq, so a
+    crash between the rename and the truncation counts nothing twice. A reservation still
+    open at the end of the replay belonged to a request in flight at a crash: it is charged in
+    full (its hold, in the window it was taken in), so a crash never hands out unbilled
+    tokens, and a snapshot makes that charge durable at once. A torn last line (kill -9
+    mid-write) is cut off at replay. Both files are created 0600."""
+
+    def __init__(self, path: str, compact_bytes: int = _JOURNAL_COMPACT_BYTES):
+        self.path = os.fspath(path)
+        self.snapshot_path = self.path + ".snapshot"
+        self.compact_bytes = compact_bytes
+        self.skipped = 0  # complete lines that could not be read at replay (disk damage); log it
+        self.charged_in_flight: tuple[int, int] = (0, 0)  # (requests, tokens) charged in full at replay
+        self._fd: int | None = None
+        self._seq = 0
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def replay(self, state: MemoryState) -> None:
+        """Load the snapshot and the log into `state`; call once at start, before commits."""
+        with self._lock:
+            snap_seq = 0
+            orphans: dict = {}  # reservation id -> rows, opened and not (yet) closed
+            raw = _read_optional(self.snapshot_path)
+            if raw is not None:
+                try:
+                    snap = json.loads(raw)
+                    snap_seq = snap["seq"]
+                    if not _is_count(snap_seq):
+                        raise ValueError("bad seq")
+                    state.load(snap)
+                    for rid, rows in snap.get("open") or ():
+                        orphans[int(rid)] = _check_rows(rows)
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise RuntimeFailure(f"usage snapshot {self.snapshot_path} is unreadable ({exc}); "
+                                         "move it aside to start with empty usage counters") from None
+            log = _read_optional(self.path) or b""
+            end = log.rfind(b"\n") + 1  # anything after the last newline is a torn write
+            last = snap_seq
+            for line in log[:end].split(b"\n"):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    seq = rec["s"]
+                    if not _is_count(seq):
+                        raise ValueError("bad seq")
+                    if seq > snap_seq:
+                        opened = [(int(rid), _check_rows(rows)) for rid, rows in rec.get("o") or ()]
+                        closed = [int(rid) for rid in rec.get("c") or ()]
+                        state.apply(rec.get("d") or [])
+                        orphans.update(opened)
+                        for rid in closed:
+                            orphans.pop(rid, None)
+                except (ValueError, KeyError, TypeError):
+                    self.skipped += 1
+                    continue
+                last = max(last, seq)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), 0o600)
+            os.fchmod(fd, 0o600)
+            if end < len(log):
+                os.ftruncate(fd, end)  # later appends must not glue onto the torn fragment
+                os.fsync(fd)
+            if self._fd is not None:
+                os.close(self._fd)
+            self._fd, self._seq, self._size = fd, last, end
+            state.write_ahead = True
+            if orphans:
+                state.skip_ids(max(orphans))
+                tokens = 0
+                for rows in orphans.values():
+                    state.apply(rows)
+                    tokens += max((r[4] for r in rows if r[1] == "tokens"), default=0)
+                self.charged_in_flight = (len(orphans), tokens)
+                self._compact(state)  # the charge is durable now, and the orphans leave the log
+
+    def append(self, entries: list) -> None:
+        """Durably add one batch of settled deltas (one line, one write, one fsync)."""
+        if entries:
+            with self._lock:
+                self._append({"d": entries})
+
+    def commit(self, state: MemoryState) -> None:
+        """Make every delta settled so far durable: drain `state` into one appended line, and
+        compact when the log is past compact_bytes. Concurrent commits serialise on a lock, so
+        a commit that finds nothing pending returns only after the commit that took its delta
+        has fsync'ed. Blocking I/O: run it in a worker thread if the event loop must not wait."""
+        with self._lock:
+            record = state.drain_journal()
+            if record:
+                self._append(record)
+            if self._size > self.compact_bytes:
+                self._compact(state)
+
+    def compact(self, state: MemoryState) -> None:
+        """Write a snapshot of `state` atomically, then truncate the log (e.g. at shutdown)."""
+        with self._lock:
+            self._compact(state)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def _append(self, record: dict) -> None:
+        if self._fd is None:
+            raise RuntimeFailure("usage journal written before replay(); call replay() at start")
+        line = (json.dumps({"s": self._seq + 1, **record}, separators=(",", ":")) + "\n").encode()
+        try:
+            _write_all(self._fd, line)
+            os.fsync(self._fd)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, self._size)  # never leave half a line for the next append
+            except OSError:
+                pass
+            raise
+        self._seq += 1
+        self._size += len(line)
+
+    def _compact(self, state: MemoryState) -> None:
+        if self._fd is None:
+            raise RuntimeFailure("usage journal compacted before replay(); call replay() at start")
+        snap = state.export(drain=True)  # pending deltas are inside the snapshot now
+        snap["seq"] = self._seq
+        data = json.dumps(snap, separators=(",", ":")).encode()
+        tmp = f"{self.snapshot_path}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.snapshot_path)
+        _fsync_dir(os.path.dirname(os.path.abspath(self.snapshot_path)))
+        os.ftruncate(self._fd, 0)
+        os.fsync(self._fd)
+        self._size = 0

@@ -1,0 +1,1089 @@
+"""The governed story of one request: authenticate, parse, resolve, admit, guard, forward,
+relay, settle, record."""
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import ipaddress
+import json
+import os
+import re
+import secrets
+import time
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, TYPE_CHECKING
+
+from . import __version__
+from .config import Config
+from .dialects import CHAT, Dialect, EMBEDDINGS, GOVERNED, MESSAGES, check_model_name, dialect_family
+from .errors import ProxyError
+from .guard.anonymize import Anonymizer
+from .guard.rules import Guard, json_bytes_in_pieces, scan_off_loop
+from .guard.stream import StreamGuard
+from .http.client import UpstreamClient, UpstreamResponse
+from .http.mock import MockProvider
+from .http.server import Request, Response, answer_output_bytes, error_response, json_response
+from .http.sse import _deadline
+from .limits.decide import BudgetLine, budget_event, estimate_tokens
+from .limits.prices import Usage, charged_usage, cost_usd, parse_pricing, price_for
+from .limits.state import MemoryState
+from .policy import ResolvedPolicy, endpoint_listed, resolve_policy, select_upstream
+from .providers import Catalog, Provider
+from .records.exchange import Exchange
+from .records.fanout import Records
+from .relay import StreamRelay, usage_meta
+from .store import TokenRecord, TokenStore
+from .translate import ChatToMessagesStream, MessagesToChatStream, chat_to_messages_error, chat_to_messages_request, chat_to_messages_response, messages_to_chat_error, messages_to_chat_request, messages_to_chat_response
+from .util import DEFAULT_UPSTREAM_TIMEOUT, HASH_PREFIX, log, new_id, non_canonical, utc_iso
+
+if TYPE_CHECKING:  # names used in annotations only
+    from .limits.journal import UsageJournal
+    from .limits.state import State
+
+
+DEFAULT_OUTPUT_ALLOWANCE = 8192         # output tokens reserved when the client names no limit
+
+
+                                        # unique in practice, short enough for tables
+REQUEST_ID_PREFIX = "req_"              # never the tkn_ shape of a token: secret scanners flag those
+
+
+MAX_JSON_DEPTH = 128                    # nesting levels in a request body; tool schemas use < 20, and
+
+
+                                        # deeper bodies would exhaust the recursion of later walks
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "transfer-encoding", "upgrade", "proxy-connection",
+})
+
+
+# Client credentials: never forwarded, the real key is injected instead.
+AUTH_HEADERS = frozenset({"authorization", "x-api-key", "x-goog-api-key", "api-key"})
+
+
+_OFF_LOOP_BYTES = 64 * 1024        # bodies above this are scanned in a worker thread: the
+
+
+class _DuplicateKey(ValueError):
+    """A JSON object in a request body names the same key twice."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _DuplicateKey()
+    return obj
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _json_tree_problem(value: Any) -> str:
+    """What makes a parsed body unusable (too deep, a lone surrogate), or "". Iterative: the
+    depth it is checking for must not cost a recursion of its own."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return f"nests deeper than {MAX_JSON_DEPTH} levels; flatten it"
+        for key, item in (node.items() if isinstance(node, dict) else enumerate(node)):
+            if isinstance(key, str) and not key.isascii() and _SURROGATE.search(key):
+                return "has a lone UTF-16 surrogate (\\ud800-\\udfff) in a key; send valid Unicode"
+            if isinstance(item, str):
+                if not item.isascii() and _SURROGATE.search(item):
+                    return "has a lone UTF-16 surrogate (\\ud800-\\udfff) in a string; send valid Unicode"
+            elif isinstance(item, (dict, list)):
+                stack.append((item, depth + 1))
+    return ""
+
+
+def credential(req: Request) -> str:
+    """The client's token, from the places SDKs put it (§5 order)."""
+    h = req.headers
+    if h.get("x-api-key"):
+        return h["x-api-key"].strip()
+    auth = h.get("authorization", "").strip()
+    if auth:
+        return auth[7:].strip() if auth[:7].lower() == "bearer " else auth
+    if h.get("x-goog-api-key"):
+        return h["x-goog-api-key"].strip()
+    if "key=" in req.query:
+        for name, value in urllib.parse.parse_qsl(req.query, keep_blank_values=True):
+            if name == "key":
+                return value.strip()
+    return ""
+
+
+# What reading a body of a shape no adapter foresaw (a number where a list goes) raises: still
+# the client's mistake, so a 400, never a 500.
+_SHAPE_ERRORS = (TypeError, AttributeError, KeyError, IndexError, ValueError)
+
+
+def shape_error(dialect: Dialect) -> ProxyError:
+    return ProxyError(400, "invalid_request", f"the request body does not have the shape of a {dialect.name} "
+                                              "request; check its field types against the API reference")
+
+
+def check_request(dialect: Dialect, body: dict) -> None:
+    """The adapter's shape check, before anything is decided."""
+    try:
+        dialect.check(body)
+    except _SHAPE_ERRORS:
+        raise shape_error(dialect) from None
+
+
+def _strip_query_key(query: str) -> str:
+    if "key=" not in query:
+        return query
+    return urllib.parse.urlencode([(k, v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True)
+                                   if k != "key"])
+
+
+def upstream_url_for(base: str, provider: Provider, path: str, query: str, model: str = "") -> str:
+    """Join the upstream base URL and the client's path, following each dialect's convention:
+    an OpenAI-style base includes the version (…/v1, …/v1beta/openai) and replaces the client's
+    leading /v1; an Anthropic-style base is a prefix to the whole path. `chat_path` replaces the
+    chat endpoint and may carry `{model}` and a query (classic Azure deployments); an Azure
+    endpoint given with a path (…/openai/v1) is used as an OpenAI-style base instead."""
+    parts = urllib.parse.urlsplit(base)
+    prefix = parts.path.rstrip("/")
+    anthropic = provider.dialect == "anthropic"
+    native_chat = "/v1/messages" if anthropic else "/v1/chat/completions"
+    extra = ""
+    if provider.chat_path and path == native_chat and not (prefix and "{model}" in provider.chat_path):
+        chat_path, _, extra = provider.chat_path.replace("{model}", urllib.parse.quote(model, safe="")).partition("?")
+        target = prefix + chat_path
+    elif prefix and path.startswith("/v1/") and not anthropic:
+        target = prefix + path[3:]
+    else:
+        target = prefix + path
+    query = "&".join(q for q in (parts.query, extra, query) if q)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, target, query, ""))
+
+
+COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
+
+
+# Paths with a fixed treatment (SPEC §5) -> the methods they answer; another method is a 405.
+ROUTE_METHODS = {**{path: ("POST",) for path in GOVERNED}, COUNT_TOKENS_PATH: ("POST",),
+                 "/v1/models": ("GET", "HEAD")}
+
+
+_NOT_FORWARDED = frozenset(n.encode() for n in HOP_BY_HOP | AUTH_HEADERS | {"host", "content-length"})
+
+
+_NOT_RELAYED = HOP_BY_HOP | {"content-length"}
+
+
+_RETRYABLE_CODES = frozenset({"upstream_unreachable", "upstream_timeout"})
+
+
+MAX_RETRY_AFTER = 20.0      # seconds: a longer Retry-After is better answered by a fallback or the client
+
+
+STREAM_LEFT_READ = 0.05     # seconds a stream whose client left is still read (not relayed) before the
+
+
+                            # upstream is cancelled: what it already sent (often its usage event) is on
+                            # the wire within a round trip; longer would pay for output nobody reads
+
+
+def retry_delay(backoff: float, attempt: int, retry_after: str | None) -> float:
+    """Exponential backoff with jitter (50-100% of backoff * 2^attempt); an upstream's
+    Retry-After (seconds) wins when longer, capped at MAX_RETRY_AFTER."""
+    delay = backoff * (2 ** attempt) * (0.5 + secrets.randbelow(1000) / 2000)
+    if retry_after:
+        with contextlib.suppress(ValueError):
+            delay = max(delay, float(retry_after))
+    return min(delay, MAX_RETRY_AFTER)
+
+
+_RATE_LIMIT_HEADERS = (
+    "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens", "x-ratelimit-limit-requests", "x-ratelimit-limit-tokens",
+    "anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-tokens-remaining",
+    "anthropic-ratelimit-requests-reset", "anthropic-ratelimit-tokens-reset",
+    "anthropic-ratelimit-input-tokens-remaining", "anthropic-ratelimit-output-tokens-remaining",
+    "x-ratelimit-remaining", "retry-after")
+
+
+def rate_limit_meta(headers: dict) -> dict:
+    """The upstream's rate-limit headers (OpenAI, Azure, Anthropic), normalised to one dict."""
+    found = {name: headers[name] for name in _RATE_LIMIT_HEADERS if name in headers}
+    return {"rate_limit": found} if found else {}
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One model's prepared request: where it goes, the bytes that go there, and the guards
+    its answer passes through on the way back."""
+    route: ResolvedPolicy
+    admission: "Admission"
+    upstream_dialect: Dialect
+    upstream_body: dict
+    payload: bytes
+    strip_usage: bool
+    wants_usage: bool
+    anonymizer: "Anonymizer"
+    guard_out: "Guard"
+
+
+async def _tap(chunks: AsyncIterator[bytes], ex: "Exchange") -> AsyncIterator[bytes]:
+    """Keep a copy of a streamed upstream body for the request log (only when it logs bodies)."""
+    kept = []
+    try:
+        async for chunk in chunks:
+            kept.append(chunk)
+            yield chunk
+    finally:
+        ex.response_body = b"".join(kept)
+
+
+class _Prepended:
+    """`first`, then the rest of a stream whose first chunk was pulled early. A class rather
+    than an async generator: closing one that never started must still close (and so settle)
+    the stream behind it."""
+
+    def __init__(self, first: bytes, rest: AsyncIterator[bytes]):
+        self._first, self._rest = first, rest
+
+    def __aiter__(self) -> "_Prepended":
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await self._rest.__anext__()
+
+    async def aclose(self) -> None:
+        self._first = None
+        await self._rest.aclose()
+
+
+def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> _Prepended:
+    return _Prepended(first, rest)
+
+
+class Admission:
+    """What a request holds while it runs (a parallel slot, a budget reservation); `close`
+    settles to the reported usage, or releases when there is none, exactly once."""
+
+    def __init__(self, pipeline: "Pipeline", model: str, parallel_key: str | None, ex: "Exchange"):
+        self.pipeline, self.model, self.parallel_key, self.ex = pipeline, model, parallel_key, ex
+        self.reservation = None
+        self.lines: list = []
+        self.cap_changed = False
+        self.closed = False
+
+    def close(self, usage: "Usage | None", now: float) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        p = self.pipeline
+        if self.parallel_key is not None:
+            p.state.leave(self.parallel_key)
+        if self.reservation is None:
+            return
+        if usage is None:
+            p.state.release(self.reservation)
+            return
+        p.state.settle(self.reservation, usage.total_tokens, cost_usd(self.model, usage, p.pricing), now)
+        self._budget_events(now)
+
+    def abandon(self, err: BaseException, now: float) -> None:
+        """Close after a failure once the request may have reached the upstream. Cancelled (the
+        client left, the proxy is stopping) the outcome is unknown: charged in full, as after a
+        crash; any other failure (nothing was answered) releases the hold."""
+        if not isinstance(err, asyncio.CancelledError) or self.closed or self.reservation is None:
+            self.close(None, now)
+            return
+        self.closed = True
+        p = self.pipeline
+        if self.parallel_key is not None:
+            p.state.leave(self.parallel_key)
+        p.state.settle(self.reservation, self.reservation.tokens, self.reservation.usd, now)
+        self._budget_events(now)
+
+    def _budget_events(self, now: float) -> None:
+        p = self.pipeline
+        if p.records.dispatcher is not None:
+            for line in self.lines:
+                used, _ = p.state.usage(line, now)
+                self.ex.events.append(("budget.update", budget_event(line, used, line.cap, now)))
+
+
+class _CompletingStream:
+    """The client's stream with the exchange's ending attached: however it ends (read to the end,
+    the client leaving mid-way, or never started because the client left first, when an async
+    generator's own `finally` would never run), the answer is settled, recorded and made
+    durable exactly once, before the stream's last chunk goes out."""
+
+    def __init__(self, pipeline: "Pipeline", inner: AsyncIterator[bytes], ex: Exchange):
+        self.pipeline, self.inner, self.ex = pipeline, inner, ex
+        self.closed = False
+
+    def __aiter__(self) -> "_CompletingStream":
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self.inner.__anext__()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(Exception):
+            await self.inner.aclose()
+        if self.ex.end_stream is not None:
+            with contextlib.suppress(Exception):
+                await self.ex.end_stream()
+        self.pipeline.complete(self.ex)
+        if self.ex.governed:
+            await self.pipeline.sync_journal()  # before the last chunk: kill -9 loses no answered request
+
+
+class Pipeline:
+    """The proxy's request handler. It receives its collaborators (store, catalog, upstream
+    client, mock provider) and owns no I/O of its own beyond calling them."""
+
+    def __init__(self, config: Config, store: TokenStore, catalog: Catalog, client: UpstreamClient,
+                 state: "State | None" = None, journal: "UsageJournal | None" = None,
+                 environ=None, clock: Callable[[], float] = time.time, records: "Records | None" = None):
+        self.config, self.store, self.catalog, self.client = config, store, catalog, client
+        self.state = state if state is not None else MemoryState()
+        self.journal = journal
+        self.pricing = parse_pricing(config.pricing)
+        self.environ = os.environ if environ is None else environ
+        self.clock = clock
+        self.records = records if records is not None else Records()
+        self._journal_waiters: list = []
+        self._journal_task: asyncio.Task | None = None
+        self.log_bodies = (config.logging.request_body, config.logging.response_body)
+        self._expired_seen: set = set()
+        self._unpriced: set = set()
+        self.mock = MockProvider()
+
+    async def __call__(self, req: Request) -> Response:
+        path = req.path
+        why = non_canonical(path, req.query)
+        if why:  # before anything else: no route, no auth, no upstream, no charge
+            return error_response(dialect_family(path), ProxyError(
+                400, "invalid_request", f"the request target {why}; send the path in canonical form "
+                                        "(as the API reference spells it, query string after '?')"))
+        if path in ("/health", "/ping"):
+            return json_response(200, {"status": "ok"})
+        if path in ("/stats", "/metrics") and req.method == "GET":
+            if not self.admin_allowed(req):
+                return error_response("openai", ProxyError(403, "forbidden", f"{path} is served to loopback "
+                                                           "clients, or with the admin credentials"))
+            if path == "/stats":
+                return json_response(200, self.records.stats.snapshot())
+            return Response(200, [("content-type", METRICS_CONTENT_TYPE)], self.records.metrics.render().encode())
+        if not path.startswith("/v1/"):
+            if req.method in ("HEAD", "GET") and path in ("/", ""):
+                return json_response(200, {"name": "tokenomics", "version": __version__})
+            return error_response("openai", ProxyError(404, "not_found", f"no route for {req.method} {path}; "
+                                                       "the proxy serves /v1/... and /health"))
+        family = dialect_family(path)
+        ex = Exchange(request_id=new_id(REQUEST_ID_PREFIX), endpoint=path, started=self.clock())
+        try:
+            methods = ROUTE_METHODS.get(path)
+            if methods is not None and req.method not in methods:
+                allow = ", ".join(methods)
+                raise ProxyError(405, "method_not_allowed", f"{path} accepts {allow} only; send the request "
+                                                            f"with {methods[0]}", headers={"Allow": allow})
+            dialect = GOVERNED.get(path)
+            if dialect is not None:
+                response = await self.governed(req, dialect, ex)
+            elif path == "/v1/models":
+                response = self.models(req)
+            else:
+                response = await self.passthrough(req, ex)
+        except ProxyError as err:
+            ex.status, ex.error = err.status, err.code
+            if getattr(err, "event", None):
+                ex.events.append(err.event)
+            response = error_response(family, err)
+        except Exception:  # a bug must cost one request, never the connection or the server
+            log.exception("request %s failed", ex.request_id)
+            ex.status, ex.error = 500, "internal_error"
+            response = error_response(family, ProxyError(500, "internal_error", "the proxy failed on this "
+                                                         "request; it was not forwarded. See the proxy log."))
+        response.headers.append(("x-tokenomics-request-id", ex.request_id))
+        if response.stream is None:
+            self.complete(ex)
+            if ex.governed:
+                await self.sync_journal()  # settlement and ledger line on disk before the answer leaves
+        else:
+            response.stream = _CompletingStream(self, response.stream, ex)
+        return response
+
+    def complete(self, ex: Exchange) -> None:
+        """Hand a finished exchange to the records; a failing record never fails the request."""
+        if ex.usage is not None:
+            ex.cost_usd = cost_usd(ex.model, ex.usage, self.pricing)
+            if ex.usage.total_tokens and ex.model not in self._unpriced and price_for(ex.model, self.pricing) is None:
+                if len(self._unpriced) < 1000:
+                    self._unpriced.add(ex.model)
+                    log.warning("model %r has no price: its requests count 0 USD; add it under `pricing:` in the "
+                                "config", ex.model)
+        try:
+            self.records.complete(ex, self.clock())
+        except Exception:
+            log.exception("recording request %s failed", ex.request_id)
+
+    def admin_allowed(self, req: Request) -> bool:
+        """Loopback clients, or anyone with the configured basic-auth credentials."""
+        with contextlib.suppress(ValueError):
+            if ipaddress.ip_address(req.client).is_loopback:
+                return True
+        auth = self.config.admin.auth
+        header = req.headers.get("authorization", "")
+        if not (auth.username and auth.password and header[:6].lower() == "basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:].strip()).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return hmac.compare_digest(user.encode(), auth.username.encode()) & \
+            hmac.compare_digest(password.encode(), auth.password.encode())
+
+    # -- steps ------------------------------------------------------------------------------------
+    def authenticate(self, req: Request, ex: Exchange | None = None) -> TokenRecord:
+        token = credential(req)
+        if not token:
+            raise ProxyError(401, "missing_token", "no API key was sent; pass your tkn_ token as the API key "
+                                                   "(Authorization: Bearer or x-api-key)")
+        now = self.clock()
+        self.store.refresh(now)
+        record = self.store.lookup(token)
+        if record is None:
+            raise ProxyError(401, "invalid_token", "the API key is not a valid tokenomics token; it may have "
+                                                   "been deleted; ask for a new one")
+        if record.expired(now):
+            if record.hash not in self._expired_seen and len(self._expired_seen) < 100_000:
+                self._expired_seen.add(record.hash)
+                self.records.emit("token.expired", {"token_hash": record.hash[:HASH_PREFIX],
+                                                    "expires_at": utc_iso(record.expires_at)})
+            raise ProxyError(401, "token_expired", f"this token expired at {utc_iso(record.expires_at)}; "
+                                                   "ask its owner to renew it")
+        if ex is not None:
+            ex.token_hash, ex.metadata = record.hash, record.policy.metadata
+        return record
+
+    @staticmethod
+    def parse_body(raw: bytes) -> dict:
+        """The body as one JSON object, or a 400. Refused as well: a key repeated in an object
+        (the upstream might read another copy than the guard did), a lone UTF-16 surrogate (it
+        cannot be re-encoded for the upstream) and nesting deeper than MAX_JSON_DEPTH."""
+        try:
+            body = json.loads(raw, object_pairs_hook=_unique_keys)
+        except _DuplicateKey:
+            raise ProxyError(400, "invalid_request", "the request body repeats a key inside one JSON object; "
+                                                     "send each key once") from None
+        except RecursionError:
+            raise ProxyError(400, "invalid_request", f"the request body nests deeper than {MAX_JSON_DEPTH} "
+                                                     "levels; flatten it") from None
+        except (ValueError, UnicodeDecodeError):
+            raise ProxyError(400, "invalid_request", "the request body is not valid JSON (UTF-8)") from None
+        if not isinstance(body, dict):
+            raise ProxyError(400, "invalid_request", "the request body must be a JSON object")
+        problem = _json_tree_problem(body)
+        if problem:
+            raise ProxyError(400, "invalid_request", f"the request body {problem}")
+        return body
+
+    def upstream_key(self, key_env: str) -> str:
+        if not key_env:
+            return ""
+        key = self.environ.get(key_env, "")
+        if not key:
+            raise ProxyError(500, "upstream_key_missing", f"the provider key variable {key_env} is not set "
+                                                          "on the proxy; set it and restart the proxy")
+        return key
+
+    def upstream_headers(self, req: Request, provider: Provider, key: str, ex: Exchange,
+                         body_len: int, host: str, governed: bool, translated: bool = False) -> list:
+        headers = [("host", host)]
+        sent = set()
+        for name, value in req.raw_headers:
+            lower = name.lower()
+            if lower in _NOT_FORWARDED or lower == b"accept-encoding":
+                continue
+            if translated and lower.startswith((b"anthropic-", b"openai-")):
+                continue  # the other provider's protocol headers mean nothing (or harm) upstream
+            sent.add(lower)
+            headers.append((name, value))
+        for name, value in provider.headers.items():
+            if name.lower().encode("latin-1") not in sent:
+                headers.append((name, str(value)))
+        if key and provider.auth_scheme == "bearer":
+            headers.append(("authorization", f"Bearer {key}"))
+        elif key and provider.auth_scheme == "header":
+            headers.append((provider.auth_header or "x-api-key", key))
+        # Uncompressed answers only (passthrough too): the key is redacted from, and the size limit
+        # applies to, bytes the proxy can read; a body it cannot decode could hide either.
+        headers.append(("accept-encoding", "identity"))
+        headers.append(("x-client-request-id", ex.request_id))
+        headers.append(("content-length", str(body_len)))
+        return headers
+
+    async def send(self, req: Request, provider: Provider, base_url: str, key_env: str, body: bytes,
+                   timeout: float, ex: Exchange, dialect: Dialect | None = None,
+                   parsed: dict | None = None) -> UpstreamResponse:
+        """Forward to the upstream (or the in-process mock) with the real key swapped in."""
+        if base_url.startswith("mock://"):
+            if dialect is None:
+                raise ProxyError(404, "not_found", f"the mock provider does not serve {req.path}")
+            status, payload = self.mock.answer(dialect, parsed)
+            content_type = "text/event-stream" if isinstance(payload, list) else "application/json"
+            # The mock shows what it was sent (already masked/anonymized): the demo prints it.
+            seen = dialect.last_user_text(parsed)[:200].encode("ascii", "backslashreplace").decode()
+            return UpstreamResponse(status, [("content-type", content_type),
+                                             ("x-request-id", "req_mock_" + ex.request_id[4:20]),
+                                             ("x-mock-received", re.sub(r"[\r\n]+", " ", seen))],
+                                    None, None, timeout, body=payload)
+        if not base_url:
+            hint = f"set {provider.base_url_env}" if provider.base_url_env else "set upstream_url in the policy"
+            raise ProxyError(502, "upstream_unreachable", f"provider '{provider.name}' has no upstream URL; "
+                                                          f"{hint} on the proxy")
+        key = self.upstream_key(key_env)
+        query = _strip_query_key(req.query)
+        if key and provider.auth_scheme == "query":
+            query = "&".join(q for q in (query, urllib.parse.urlencode({provider.auth_header or "key": key})) if q)
+        path = req.path
+        if dialect is not None and GOVERNED.get(path) is not dialect:  # translated: the upstream's own endpoint
+            path = next(p for p, d in GOVERNED.items() if d is dialect)
+        url = upstream_url_for(base_url, provider, path, query, (parsed or {}).get("model", "") if dialect else "")
+        host = urllib.parse.urlsplit(url).netloc
+        headers = self.upstream_headers(req, provider, key, ex, len(body), host, governed=dialect is not None,
+                                        translated=path != req.path)
+        return await self.client.request(req.method, url, headers, body, timeout, insecure=provider.insecure,
+                                         secret=key)
+
+    def client_headers(self, upstream: UpstreamResponse, ex: Exchange, decoded: bool) -> list:
+        out = []
+        for name, value in upstream.headers:
+            key = name.decode("latin-1") if isinstance(name, bytes) else name
+            lower = key.lower()
+            if lower in _NOT_RELAYED or (decoded and lower == "content-encoding"):
+                continue
+            out.append((key, value.decode("latin-1") if isinstance(value, bytes) else value))
+        ex.upstream_request_id = upstream.header_map.get("x-request-id") or upstream.header_map.get("request-id", "")
+        if ex.model:
+            out.append(("x-tokenomics-model", ex.model))
+        return out
+
+    async def governed(self, req: Request, dialect: Dialect, ex: Exchange) -> Response:
+        """The story of a governed request: authenticate, parse, then for the model and each
+        fallback: resolve, guard, admit, forward with retries; relay and settle the answer."""
+        ex.governed = True
+        self.records.metrics.inflight(+1)
+        record = self.authenticate(req, ex)
+        body = self.parse_body(req.body)
+        ex.model = model = dialect.model(body)
+        ex.stream = dialect.is_stream(body)
+        check_request(dialect, body)
+        models = (model,) + tuple(m for m in record.policy.retry.fallbacks if m != model)
+        for index, candidate in enumerate(models):
+            last = index == len(models) - 1
+            try:
+                attempt = await self.prepare(req, record, dialect,
+                                             body if index == 0 else self.parse_body(req.body), candidate, ex)
+            except ProxyError:
+                if index == 0 or last:
+                    raise
+                continue  # this fallback is not allowed or has no budget left: try the next one
+            ex.fallback_model = candidate if index else ""
+            try:
+                await self.sync_journal()  # write-ahead: the reservation is on disk before anything leaves
+            except BaseException:
+                attempt.admission.close(None, self.clock())
+                raise
+            try:
+                upstream = await self.forward(req, attempt, ex)
+            except BaseException as err:
+                attempt.admission.abandon(err, self.clock())
+                if isinstance(err, ProxyError) and err.code in _RETRYABLE_CODES and not last:
+                    continue
+                raise
+            if upstream.status in record.policy.retry.retry_on and not last:
+                await self._discard(upstream)
+                attempt.admission.close(None, self.clock())
+                continue
+            try:
+                return await self.respond(attempt, upstream, dialect, ex)
+            except BaseException as err:
+                attempt.admission.abandon(err, self.clock())
+                raise
+        raise AssertionError("unreachable: the last model always returns or raises")
+
+    async def prepare(self, req: Request, record: TokenRecord, dialect: Dialect, body: dict, model: str,
+                      ex: Exchange) -> "Attempt":
+        """Everything decided before a model's request leaves: route, limits, prompts, dialect."""
+        renamed = body.get("model") != model
+        if renamed:
+            body["model"] = model
+        route = resolve_policy(record.policy, model, self.catalog, self.config,
+                               native_provider="anthropic" if dialect.family == "anthropic" else "openai")
+        ex.model, ex.provider, ex.key_env = model, route.provider.name, route.base_key_env
+        upstream_dialect = self.upstream_dialect(dialect, route)
+        admission = self.admit(record, route, dialect, body, len(req.body), ex)
+        try:
+            changed = admission.cap_changed or renamed
+            ex.rule_matches.clear()  # a fallback rescans the same content: count it once
+            anonymizer = Anonymizer()
+            guard = Guard(route.rules, "input", anonymizer, ex.rule_matches)
+            if guard.active and len(req.body) > _OFF_LOOP_BYTES:   # a long scan must not stall the loop
+                changed |= await scan_off_loop(self.guard_input, guard, dialect, body)
+            else:
+                changed |= self.guard_input(guard, dialect, body)
+            spec = route.policy.memory or self.config.ledger.memory
+            if spec and spec.get("enabled", True):
+                ex.memory = spec
+                ex.memory_entries = [("user", dialect.last_user_text(body))]
+            if route.prompts:
+                dialect.inject_prompts(body, route.prompts)
+                changed = True
+            wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            strip_usage = False
+            if upstream_dialect is not dialect:
+                upstream_body = self.translate_request(dialect, body, route)
+                payload = json.dumps(upstream_body, ensure_ascii=False).encode("utf-8")
+            else:
+                if ex.stream and dialect is CHAT and not wants_usage:
+                    body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+                    strip_usage = changed = True
+                upstream_body = body
+                if changed and len(req.body) > _OFF_LOOP_BYTES:
+                    payload = await scan_off_loop(json_bytes_in_pieces, body)
+                else:
+                    payload = json.dumps(body, ensure_ascii=False).encode("utf-8") if changed else req.body
+        except BaseException:
+            admission.close(None, self.clock())
+            raise
+        if self.log_bodies[0]:
+            ex.request_body = payload
+        return Attempt(route, admission, upstream_dialect, upstream_body, payload, strip_usage, wants_usage,
+                       anonymizer, Guard(route.rules, "output", anonymizer, ex.rule_matches))
+
+    @staticmethod
+    def guard_input(guard: "Guard", dialect: Dialect, body: dict) -> bool:
+        """Input rules over every text the model will read; True when a text was rewritten.
+        Runs before the policy's prompts are injected: those are not inspected."""
+        if not guard.active:
+            return False
+        changed = False
+        try:
+            for group in dialect.input_groups(body):
+                texts = [holder[key] for holder, key in group]
+                for (holder, key), old, new in zip(group, texts, guard.scan_parts(texts)):
+                    if new != old:
+                        holder[key] = new
+                        changed = True
+        except ProxyError:
+            raise
+        except Exception as exc:                 # fail closed: nothing unchecked leaves
+            raise guard._internal_error(None) from exc
+        return changed
+
+    @staticmethod
+    def guard_output(attempt: "Attempt", dialect: Dialect, answer: dict) -> tuple[bool, list[str]]:
+        """Output rules and restoration over every text of a non-streamed answer:
+        (whether a text was rewritten, the texts as the conversation log keeps them)."""
+        changed, said = False, []
+        guard = attempt.guard_out if attempt.guard_out.active else None
+        try:
+            for holder, key in dialect.output_slots(answer):
+                text = holder[key]
+                scanned = guard.scan(text) if guard is not None else text
+                said.append(scanned)  # the conversation log keeps masks and placeholders
+                new = attempt.anonymizer.restore(scanned)
+                if new != text:
+                    holder[key] = new
+                    changed = True
+        except ProxyError:
+            raise
+        except Exception as exc:                 # fail closed
+            raise attempt.guard_out._internal_error(None) from exc
+        return changed, said
+
+    @staticmethod
+    def masked_output(attempt: "Attempt") -> Callable[[str], str]:
+        """What the conversation log keeps of an answer: output rules applied, placeholders kept."""
+        if not attempt.guard_out.active:
+            return lambda text: text
+        quiet = Guard(attempt.route.rules, "output", attempt.anonymizer, [])
+
+        def mask(text: str) -> str:
+            try:
+                return quiet.scan(text)
+            except ProxyError:
+                return "[withheld: an output rule blocked this answer]"
+        return mask
+
+    def output_guards(self, attempt: "Attempt", ex: Exchange):
+        """(stream channel factory, whole-text transformer) for output rules and restoration,
+        or (None, None) when the answer passes untouched."""
+        guard = attempt.guard_out if attempt.guard_out.active else None
+        anonymizer = attempt.anonymizer if attempt.anonymizer.max_placeholder_len else None
+        if guard is None and anonymizer is None:
+            return None, None
+        holdback = self.config.guardrails.stream_holdback
+        # Events that repeat a whole text (Responses *.done) are rewritten the same way, with
+        # their matches not counted twice.
+        quiet = Guard(attempt.route.rules, "output", attempt.anonymizer, []) if guard is not None else None
+
+        def whole(text: str) -> str:
+            text = quiet.scan(text) if quiet is not None else text
+            return anonymizer.restore(text) if anonymizer is not None else text
+        return (lambda: StreamGuard(guard, anonymizer, holdback)), whole
+
+    async def forward(self, req: Request, attempt: "Attempt", ex: Exchange) -> UpstreamResponse:
+        """Send, retrying connection failures and `retry_on` statuses with exponential backoff
+        and jitter (Retry-After honoured, capped). Nothing has reached the client yet."""
+        retry = attempt.route.policy.retry
+        route = attempt.route
+        for n in range(retry.max_retries + 1):
+            started = time.monotonic()
+            try:
+                upstream = await self.send(req, route.provider, route.upstream_url, route.base_key_env,
+                                           attempt.payload, route.timeout, ex, attempt.upstream_dialect,
+                                           attempt.upstream_body)
+            except ProxyError as err:
+                if err.code not in _RETRYABLE_CODES or n == retry.max_retries:
+                    raise
+                delay = retry_delay(retry.backoff, n, None)
+            else:
+                ex.upstream_latency_ms = round((time.monotonic() - started) * 1000, 3)
+                if upstream.status not in retry.retry_on or n == retry.max_retries:
+                    return upstream
+                delay = retry_delay(retry.backoff, n, upstream.header_map.get("retry-after"))
+                await self._discard(upstream)
+            ex.retry_count += 1
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    async def _discard(upstream: UpstreamResponse) -> None:
+        """Drop an answer we will not relay; read small ones so the connection can be reused."""
+        try:
+            async with _deadline(1.0):
+                await upstream.read()
+        except (ProxyError, TimeoutError):
+            upstream.close()
+
+    async def respond(self, attempt: "Attempt", upstream: UpstreamResponse, dialect: Dialect,
+                      ex: Exchange) -> Response:
+        """Relay the upstream's answer in the client's dialect and settle the reservation."""
+        model, upstream_dialect, admission = ex.model, attempt.upstream_dialect, attempt.admission
+        headers = self.client_headers(upstream, ex, upstream.decoded)
+        ex.status = upstream.status
+        ex.provider_meta = rate_limit_meta(upstream.header_map)
+        if upstream.status != 200:
+            data = self.translate_error(dialect, upstream_dialect, await upstream.read())
+            admission.close(None, self.clock())
+            return Response(upstream.status, headers, data)
+        channel, whole = self.output_guards(attempt, ex)
+        if ex.stream:
+            translator = None
+            if upstream_dialect is not dialect:
+                translator = MessagesToChatStream(model, attempt.wants_usage) if dialect is CHAT \
+                    else ChatToMessagesStream(model)
+            relay = StreamRelay(dialect, ex, channel=channel, full_text=whole, strip_usage=attempt.strip_usage,
+                                translator=translator, meta_dialect=upstream_dialect,
+                                log_text=self.masked_output(attempt))
+            stream = self._finish_stream(relay, upstream, admission, len(attempt.payload))
+
+            async def end_stream() -> None:
+                await stream.aclose()  # runs its ending if it started ...
+                self._settle_stream(relay, upstream, admission, len(attempt.payload))  # ... else this does
+            ex.end_stream = end_stream
+            # Pull the first bytes before answering, so that an output rule that fails this early
+            # (or an oversized first event) is a plain error rather than an error event in a 200 stream.
+            try:
+                first = await stream.__anext__()
+            except StopAsyncIteration:
+                return Response(200, headers, b"")
+            return Response(200, headers, stream=_prepend(first, stream))
+        data = await upstream.read()
+        if self.log_bodies[1]:
+            ex.response_body = data
+        answer = None
+        if "json" in upstream.header_map.get("content-type", "application/json"):
+            with contextlib.suppress(ValueError):
+                answer = json.loads(data)
+        if isinstance(answer, dict):
+            ex.usage = upstream_dialect.usage(answer)
+            ex.upstream_id = str(answer.get("id", ""))
+            ex.provider_meta.update(upstream_dialect.response_meta(answer))
+            if upstream_dialect is not dialect:
+                answer = messages_to_chat_response(answer, model) if dialect is CHAT \
+                    else chat_to_messages_response(answer, model)
+                data = json.dumps(answer, ensure_ascii=False).encode("utf-8")
+        if ex.usage is not None:
+            ex.provider_meta.update(usage_meta(ex.usage))
+        # An answer without usage is charged the proxy's own count of the text in and out.
+        ex.usage = charged_usage(ex.usage or Usage(), estimate_tokens(len(attempt.payload)),
+                                 estimate_tokens(answer_output_bytes(answer) if isinstance(answer, dict)
+                                                 else len(data)), complete=True)
+        admission.close(ex.usage, self.clock())  # the tokens were spent, whatever the output rules say
+        if isinstance(answer, dict) and (whole is not None or ex.memory is not None):
+            if len(data) > _OFF_LOOP_BYTES and whole is not None:   # a long scan must not stall the loop
+                changed, said = await scan_off_loop(self.guard_output, attempt, dialect, answer)
+            else:
+                changed, said = self.guard_output(attempt, dialect, answer)
+            if ex.memory is not None:
+                ex.memory_entries.append(("assistant", "".join(said)))
+            if changed:
+                data = json.dumps(answer, ensure_ascii=False).encode("utf-8")
+        return Response(200, headers, data)
+
+    @staticmethod
+    def upstream_dialect(dialect: Dialect, route: ResolvedPolicy) -> Dialect:
+        """The dialect the upstream speaks for this request: the client's own, or the other one
+        of chat ⇄ messages when the model's provider speaks the other family."""
+        if route.provider.dialect == dialect.family or route.upstream_url.startswith("mock://"):
+            return dialect
+        if dialect is CHAT:
+            return MESSAGES
+        if dialect is MESSAGES:
+            return CHAT
+        raise ProxyError(400, "invalid_request",
+                         f"model '{route.model}' is served by provider '{route.provider.name}' "
+                         f"({route.provider.dialect} dialect); {dialect.name} requests can only be translated "
+                         "between /v1/chat/completions and /v1/messages")
+
+    @staticmethod
+    def translate_request(dialect: Dialect, body: dict, route: ResolvedPolicy) -> dict:
+        try:
+            out = chat_to_messages_request(body) if dialect is CHAT else messages_to_chat_request(body)
+        except _SHAPE_ERRORS:
+            raise shape_error(dialect) from None
+        if dialect is CHAT:
+            return out
+        if route.provider.name in ("openai", "azure_openai") and "max_tokens" in out:
+            out["max_completion_tokens"] = out.pop("max_tokens")  # o-series and gpt-5 refuse max_tokens
+        return out
+
+    @staticmethod
+    def translate_error(dialect: Dialect, upstream_dialect: Dialect, data: bytes) -> bytes:
+        if upstream_dialect is dialect:
+            return data
+        try:
+            body = json.loads(data)
+        except ValueError:
+            return data
+        if not isinstance(body, dict):
+            return data
+        out = messages_to_chat_error(body) if dialect is CHAT else chat_to_messages_error(body)
+        return json.dumps(out).encode("utf-8")
+
+    async def _finish_stream(self, relay: "StreamRelay", upstream: UpstreamResponse, admission: "Admission",
+                             sent_bytes: int) -> AsyncIterator[bytes]:
+        """The client's stream; the reservation is settled (and journaled) before it ends."""
+        chunks = upstream.chunks()
+        if self.log_bodies[1]:
+            chunks = _tap(chunks, relay.ex)
+        run = relay.run(chunks)
+        try:
+            async for out in run:
+                yield out
+        finally:
+            if not relay.complete:
+                await self._read_what_was_sent(run)
+            await run.aclose()  # its own finally (usage into the exchange) must run now, not at GC
+            self._settle_stream(relay, upstream, admission, sent_bytes)
+
+    def _settle_stream(self, relay: "StreamRelay", upstream: UpstreamResponse, admission: "Admission",
+                       sent_bytes: int) -> None:
+        """Cancel the upstream if its stream had not ended and settle, once. Charged what the
+        upstream produced: its usage when the stream ended with one, else the larger of what it
+        reported so far and the proxy's own count of the input and of every output text
+        received (relayed to the client or not)."""
+        upstream.close()
+        if admission.closed:
+            return
+        relay.ex.usage = usage = charged_usage(relay.usage, estimate_tokens(sent_bytes),
+                                               estimate_tokens(relay.output_bytes), relay.complete)
+        admission.close(usage, self.clock())
+
+    @staticmethod
+    async def _read_what_was_sent(run: AsyncIterator[bytes]) -> None:
+        """The client left (or the relay failed) before the upstream's stream ended: take in, without
+        relaying, what the upstream has already sent (its usage event is often among it), for at
+        most STREAM_LEFT_READ seconds, so the charge is the upstream's own figure where it can be."""
+        with contextlib.suppress(Exception):  # TimeoutError, the upstream breaking, an output rule
+            async with _deadline(STREAM_LEFT_READ):
+                async for _ in run:
+                    pass
+
+    async def sync_journal(self) -> None:
+        """Group commit of the usage journal (reservations opened, settlements) and the ledger's
+        request lines: a request waits for one write + fsync of each file that covers it, so its
+        reservation is on disk before it is forwarded and its settlement and ledger line before
+        its response ends. Concurrent requests share those fsyncs; the disk waits happen in
+        worker threads, off the event loop. A commit already running may hold this request's
+        records without having fsync'ed them yet: then the request waits for the next one."""
+        ledger = self.records.ledger
+        pending = (self.journal is not None and self.state.has_pending()) or \
+            (ledger is not None and ledger.has_pending())
+        if not pending and (self._journal_task is None or self._journal_task.done()):
+            return
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._journal_waiters.append(done)
+        if self._journal_task is None or self._journal_task.done():
+            self._journal_task = loop.create_task(self._journal_writer())
+        await asyncio.shield(done)
+
+    async def _journal_writer(self) -> None:
+        loop = asyncio.get_running_loop()
+        ledger = self.records.ledger
+        while self._journal_waiters:
+            waiters, self._journal_waiters = self._journal_waiters, []
+            jobs = []
+            if self.journal is not None:
+                jobs.append(loop.run_in_executor(None, self.journal.commit, self.state))
+            if ledger is not None:
+                jobs.append(loop.run_in_executor(None, ledger.flush))  # never raises; logs its own failures
+            for result in await asyncio.gather(*jobs, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    log.error("writing the usage journal failed (%s); settled usage stays in memory", result)
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def budget_lines(self, record: TokenRecord, route: ResolvedPolicy) -> list:
+        key = record.hash[:HASH_PREFIX]
+        lines = []
+        if route.max_tokens is not None:
+            scoped = route.matched is not None and route.matched.max_tokens is not None
+            lines.append(BudgetLine(f"{key}:{route.matched.name}{route.matched.index}" if scoped else key,
+                                    "tokens", "total", route.max_tokens))
+        lines += [BudgetLine(key, unit, period, cap) for unit, period, cap in route.policy.budget]
+        return lines
+
+    def admit(self, record: TokenRecord, route: ResolvedPolicy, dialect: Dialect, body: dict,
+              body_len: int, ex: Exchange) -> "Admission":
+        """Rate limits, parallel slots and the budget reservation, before anything is forwarded.
+        Lowers the request's output cap to what the budget (or the policy) allows."""
+        now = self.clock()
+        policy = route.policy
+        key = record.hash[:HASH_PREFIX]
+        # The policy's prompts are injected after admission: count them in the estimate too.
+        estimate = estimate_tokens(body_len + sum(len(p.content) + 32 for p in route.prompts))
+        if policy.rate_rules:
+            self.state.admit(key, policy.rate_rules, now, tokens=estimate)
+        admission = Admission(self, route.model, key if policy.max_parallel is not None else None, ex)
+        if policy.max_parallel is not None:
+            self.state.enter(key, policy.max_parallel)
+        try:
+            requested = dialect.requested_output(body)
+            allowance = requested or DEFAULT_OUTPUT_ALLOWANCE
+            cap = None
+            if route.max_output_tokens is not None and allowance > route.max_output_tokens:
+                allowance = cap = route.max_output_tokens
+            elif route.max_output_tokens is not None and requested is None:
+                cap = allowance = route.max_output_tokens
+            lines = self.budget_lines(record, route)
+            if dialect is EMBEDDINGS:
+                allowance, cap = 0, None
+            if lines:
+                price = price_for(route.model, self.pricing) or (0.0, 0.0, 0.0)
+                usd = (estimate * price[0] + allowance * price[2]) / 1e6
+                res, granted = self.state.reserve(lines, estimate + allowance, usd, now,
+                                                  min_tokens=estimate + (1 if allowance else 0),
+                                                  usd_per_token=price[2] / 1e6)
+                admission.reservation, admission.lines = res, lines
+                if dialect is not EMBEDDINGS:
+                    cap = min(granted - estimate, cap or granted)  # a hard cap needs a bound upstream
+            if cap is not None and cap != requested:
+                dialect.set_output_cap(body, max(1, cap), route.provider)
+                admission.cap_changed = True
+        except BaseException:
+            admission.close(None, now)
+            raise
+        return admission
+
+    async def passthrough(self, req: Request, ex: Exchange) -> Response:
+        """Any other /v1 path: only count_tokens and what the token's policy lists in `endpoints`;
+        model-checked when a JSON body names a model, rate-limited, recorded, and forwarded
+        with the real key swapped in."""
+        ex.governed = True
+        self.records.metrics.inflight(+1)
+        record = self.authenticate(req, ex)
+        policy, path = record.policy, req.path
+        # Another spelling of a fixed path (a trailing '/', capitals, a ';param' some servers drop)
+        # never passes through, whatever pattern covers it.
+        spelled = path.partition(";")[0].rstrip("/").lower()
+        if path != COUNT_TOKENS_PATH and (spelled in ROUTE_METHODS or not endpoint_listed(policy.endpoints, path)):
+            raise ProxyError(403, "endpoint_not_allowed", "this token may not call this path: beyond the governed "
+                             "endpoints, /v1/models and /v1/messages/count_tokens it reaches only the paths its "
+                             "policy lists in `endpoints`; ask the token's owner to add it")
+        native = "anthropic" if dialect_family(path) == "anthropic" else "openai"
+        body = self.passthrough_json(req)
+        if body is not None and "model" in body:
+            ex.model = check_model_name(body["model"])
+            resolve_policy(policy, ex.model, self.catalog, self.config, native_provider=native)
+        request_rules = tuple(rule for rule in policy.rate_rules if rule.kind == "requests")
+        if request_rules:
+            self.state.admit(record.hash[:HASH_PREFIX], request_rules, self.clock())
+        provider, base_url = select_upstream(policy, None, self.catalog, self.config, native)
+        if base_url.startswith("mock://"):
+            raise ProxyError(404, "not_found", f"the mock provider does not serve {req.path}")
+        key_env = record.policy.base_key_env or provider.api_key_env
+        ex.provider, ex.key_env = provider.name, key_env
+        upstream = await self.send(req, provider, base_url, key_env, req.body,
+                                   record.policy.timeout or DEFAULT_UPSTREAM_TIMEOUT, ex)
+        headers = self.client_headers(upstream, ex, decoded=upstream.decoded)
+        ex.status = upstream.status
+        return Response(upstream.status, headers, stream=upstream.chunks())
+
+    def passthrough_json(self, req: Request) -> dict | None:
+        """A passthrough body the upstream may read as JSON (declared so, or shaped so), parsed as
+        strictly as a governed one; None for other bodies (multipart uploads, audio)."""
+        declared = "json" in req.headers.get("content-type", "").lower() and req.body.strip()
+        if not declared and req.body.lstrip()[:1] != b"{":
+            return None
+        return self.parse_body(req.body)
+
+    def models(self, req: Request) -> Response:
+        record = self.authenticate(req)
+        policy = record.policy
+        names = {pp.name for pp in policy.providers} | {policy.provider or self.config.default_provider or "openai"}
+        if not policy.providers and not policy.provider:
+            names.add("anthropic")
+        candidates: dict[str, str] = {}
+        for name in sorted(names):
+            provider = self.catalog.get(name)
+            for m in provider.models:
+                candidates.setdefault(m, name)
+        for pp in (policy,) + policy.providers:
+            if pp.model:
+                candidates.setdefault(pp.model, pp.name or policy.provider or "openai")
+        data = []
+        for model_id, owner in candidates.items():
+            try:
+                resolve_policy(policy, model_id, self.catalog, self.config)
+            except ProxyError:
+                continue
+            data.append({"id": model_id, "object": "model", "type": "model", "created": 0,
+                         "created_at": "1970-01-01T00:00:00Z", "owned_by": owner, "display_name": model_id})
+        return json_response(200, {"object": "list", "data": data, "has_more": False,
+                                   "first_id": data[0]["id"] if data else None,
+                                   "last_id": data[-1]["id"] if data else None})
+
+
+                                # seconds to the upstream's first byte: a local stub answers in
+                                # ms, a hosted reasoning model can take a minute
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -1,0 +1,216 @@
+"""Assembly and lifecycle: store, catalog, client, pipeline and listeners; runs until a signal."""
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+import threading
+from typing import Callable
+
+from . import __version__
+from .config import Config, validate_webhooks
+from .errors import RuntimeFailure, UsageError
+from .http.client import UpstreamClient
+from .http.server import HTTPServer, default_max_connections
+from .limits.journal import UsageJournal
+from .limits.state import MemoryState
+from .pipeline import Pipeline
+from .providers import Catalog
+from .records.events import WebhookDispatcher
+from .records.fanout import Records
+from .records.ledger import Ledger
+from .records.logs import LogOptions, RequestLogger
+from .store import TokenStore, ensure_data_dir
+from .tls import server_tls_context
+from .util import log
+
+
+try:  # optional: faster event loop
+    import uvloop as _uvloop
+    HAVE_UVLOOP = True
+except ImportError:
+    _uvloop = None
+    HAVE_UVLOOP = False
+
+
+MEMORY_TRIM_INTERVAL = 30.0   # seconds between returning freed heap to the OS (~1 ms each)
+
+
+def _release_startup_memory() -> None:
+    """Compiling this module from source (script, zipapp, no bytecode cache) leaves ~20 MB of
+    freed heap that glibc keeps; hand it back so a long-running proxy stays small."""
+    import gc
+    gc.collect()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    with contextlib.suppress(Exception):
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+async def _trim_heap_periodically() -> None:
+    """Bursts of concurrent requests leave freed heap that glibc keeps; give it back now and
+    then so the resident size follows the load down (SPEC §14: memory flat over a long run)."""
+    while True:
+        await asyncio.sleep(MEMORY_TRIM_INTERVAL)
+        _trim_heap()
+
+
+def _lock_data_dir(directory: str) -> int:
+    """One proxy per data dir: its budgets and usage journal live in this process's memory, so a
+    second proxy on the same dir could not enforce them. The lock dies with the process."""
+    fd = os.open(os.path.join(ensure_data_dir(directory), "proxy.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeFailure(f"another tokenomics proxy is serving the data dir {directory} (see `tokenomics "
+                             "status`); point clients at it (`tokenomics run --proxy-url URL`) or give this "
+                             "proxy its own --dir") from None
+    return fd
+
+
+class Proxy:
+    """A running proxy: the collaborators built from config and the listeners serving them."""
+
+    def __init__(self, config: Config, environ=None):
+        if config.session.backend != "memory":
+            raise UsageError("config: session.backend: only 'memory' is available in this version")
+        self.config = config
+        self.environ = os.environ if environ is None else environ
+        self._lock_fd = _lock_data_dir(config.dir)
+        self.catalog = Catalog(config, self.environ)
+        self.store = TokenStore(config, self.catalog, self.environ)
+        self.client = UpstreamClient(max_response_bytes=config.server.max_response_bytes)
+        self.state = MemoryState()
+        self.journal = UsageJournal(os.path.join(config.dir, "usage.journal"))
+        self.journal.replay(self.state)
+        if self.journal.charged_in_flight[0]:
+            log.warning("usage journal: %d requests were in flight when the proxy last stopped without "
+                        "settling them; charged their full reservations (%d tokens in all)",
+                        *self.journal.charged_in_flight)
+        self.ledger = Ledger(config.dir, cwd=os.getcwd()) if config.ledger.enabled else None
+        webhooks = validate_webhooks(config.events.webhooks)
+        self.dispatcher = WebhookDispatcher(webhooks) if webhooks else None
+        options = LogOptions.from_config(config.logging, config.dir)
+        self.records = Records(self.ledger, None if options.disable_request else RequestLogger(options),
+                               self.dispatcher)
+        self.records.data_dir = config.dir
+        self.records.redis = config.session.redis
+        self.records.environ = self.environ
+        self.records.key_envs = frozenset(p.api_key_env for p in self.catalog.all() if p.api_key_env)
+        if self.ledger is not None:
+            self.records.session_id = self.ledger.session_id
+        if self.dispatcher is not None:
+            self.dispatcher.on_drop = self.records.metrics.inc_dropped_events
+        self.pipeline = Pipeline(config, self.store, self.catalog, self.client, self.state, self.journal,
+                                 self.environ, records=self.records)
+        self._tasks: list[asyncio.Task] = []
+        self.server = HTTPServer(self.pipeline, max_body_bytes=config.server.max_body_bytes,
+                                 header_timeout=config.server.header_timeout,
+                                 max_connections=config.server.max_connections or default_max_connections(),
+                                 write_timeout=config.server.write_timeout)
+        self.urls: list[str] = []
+
+    async def start(self, ephemeral_tls: bool | None = None) -> list[str]:
+        """Open the configured listeners, or with `ephemeral_tls` set one listener on a free
+        loopback port (HTTPS when true) for `run` and `demo`."""
+        cfg = self.config.server
+        loop = asyncio.get_running_loop()
+        if self.ledger is not None:
+            self._tasks.append(loop.create_task(self.ledger.run_flusher()))
+        if self.dispatcher is not None:
+            self._tasks.append(loop.create_task(self.dispatcher.run()))
+        self._tasks.append(loop.create_task(_trim_heap_periodically()))
+        self.records.emit("server.start", {"version": __version__,
+                                           "session_id": self.ledger.session_id if self.ledger else ""})
+        _release_startup_memory()
+        if ephemeral_tls is not None:
+            context = server_tls_context(self.config) if ephemeral_tls else None
+            if ephemeral_tls and context is None:
+                raise UsageError("--tls: HTTPS needs the TLS extra: pip install 'tokenomics[tls]'")
+            self.urls.append(await self._listen("127.0.0.1", 0, context))
+            return self.urls
+        if not cfg.http_port and (not cfg.https_port or not cfg.tls.enabled):
+            raise UsageError("--port: both listeners are disabled; give --port or --https-port a port number")
+        if cfg.http_port:
+            self.urls.append(await self._listen(cfg.host, cfg.http_port, None))
+        if cfg.https_port and cfg.tls.enabled:
+            context = server_tls_context(self.config)
+            if context is not None:
+                self.urls.append(await self._listen(cfg.host, cfg.https_port, context))
+        return self.urls
+
+    async def _listen(self, host: str, port: int, context) -> str:
+        try:
+            server = await self.server.listen(host, port, context)
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        bound = server.sockets[0].getsockname()[1]
+        shown = f"[{host}]" if ":" in host else host
+        return f"{'https' if context else 'http'}://{shown}:{bound}"
+
+    async def stop(self) -> None:
+        await self.server.shutdown(self.config.server.grace_period)
+        self.client.close()
+        if self.dispatcher is not None:
+            await self.dispatcher.close(timeout=5.0)
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.ledger is not None:
+            self.ledger.close()
+        os.close(self._lock_fd)
+        self.journal.commit(self.state)
+        self.journal.compact(self.state)
+        self.journal.close()
+
+
+async def _serve_until_signal(proxy: Proxy, ready: Callable[[list[str]], None] | None = None) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    urls = await proxy.start()
+    if ready is not None:
+        ready(urls)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await proxy.stop()
+
+
+class BackgroundProxy:
+    """A proxy on its own event loop in a thread: for `run` and `demo`, which keep the main
+    thread for the wrapped command or the walkthrough."""
+
+    def __init__(self, proxy: Proxy):
+        self.proxy = proxy
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="tokenomics-proxy", daemon=True)
+        self.urls: list[str] = []
+
+    def start(self, tls: bool = False) -> list[str]:
+        self.thread.start()
+        self.urls = asyncio.run_coroutine_threadsafe(self.proxy.start(ephemeral_tls=tls), self.loop).result(30)
+        return self.urls
+
+    def stop(self) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self.proxy.stop(), self.loop).result(
+                self.proxy.config.server.grace_period + 10)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+
+
+def run_async(coro):
+    if HAVE_UVLOOP:
+        return _uvloop.run(coro)
+    return asyncio.run(coro)

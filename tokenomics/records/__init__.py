@@ -1,0 +1,1 @@
+"""Records: the ledger, conversation memory, stats, metrics, logs and events."""

@@ -1,0 +1,169 @@
+"""The fan-out: every finished exchange to the totals, ledger, stats, metrics, logs and events."""
+
+import asyncio
+import dataclasses
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, TYPE_CHECKING
+
+from ..config import RedisConfig
+from ..errors import TokenomicsError
+from ..limits.prices import Usage
+from ..records.events import make_event
+from ..records.ledger import RequestRecord
+from ..records.memory import MemoryWriter, RedisMemory
+from ..records.stats import Metrics, Stats
+from ..util import HASH_PREFIX, REDACTED, log
+
+if TYPE_CHECKING:  # names used in annotations only
+    from ..records.events import WebhookDispatcher
+    from ..records.exchange import Exchange
+    from ..records.ledger import Ledger
+    from ..records.logs import RequestLogger
+
+
+BLOCKING_CODES = frozenset({"rule_violation", "output_rule_violation", "budget_exceeded", "rate_limited",
+                            "model_not_allowed"})
+
+
+@dataclass(slots=True)
+class SessionTotals:
+    """The one-line summary `run` prints when the wrapped command ends."""
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_usd: float = 0.0
+    blocked: int = 0
+
+    def add(self, ex: "Exchange") -> None:
+        self.requests += 1
+        if ex.usage is not None:
+            self.input_tokens += ex.usage.input_tokens
+            self.output_tokens += ex.usage.output_tokens
+        self.cost_usd += ex.cost_usd
+        self.blocked += ex.error in BLOCKING_CODES
+
+    def line(self) -> str:
+        return (f"tokenomics: {self.requests} requests, {self.input_tokens:,} tokens in / "
+                f"{self.output_tokens:,} out, ${self.cost_usd:.4f}, {self.blocked} blocked")
+
+
+def request_record(ex: "Exchange", now: float) -> RequestRecord:
+    usage = ex.usage or Usage()
+    return RequestRecord(
+        timestamp=ex.started, request_id=ex.request_id, token_hash=ex.token_hash, model=ex.model,
+        provider=ex.provider, endpoint=ex.endpoint, input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens, cached_input_tokens=usage.cached_input_tokens,
+        cache_creation_tokens=usage.cache_creation_tokens, reasoning_tokens=usage.reasoning_tokens,
+        cost_usd=ex.cost_usd, duration_ms=round((now - ex.started) * 1000, 3), status_code=ex.status,
+        stream=ex.stream, error=ex.error, upstream_id=ex.upstream_id, upstream_request_id=ex.upstream_request_id,
+        retry_count=ex.retry_count, fallback_model=ex.fallback_model,
+        rule_matches=[dataclasses.asdict(m) if dataclasses.is_dataclass(m) else m for m in ex.rule_matches],
+        metadata=ex.metadata, provider_meta=ex.provider_meta)
+
+
+_MIN_SCRUBBED_KEY = 8            # chars: a provider key shorter than this is not scrubbed by value
+
+
+def _without(text: str, secrets_: list[str]) -> str:
+    """`text` with each of `secrets_` (exact values, longest first) replaced by [REDACTED]."""
+    for value in secrets_:
+        if value in text:
+            text = text.replace(value, REDACTED)
+    return text
+
+
+_RULE_EVENTS = {"fail": "rule.violation", "warn": "rule.warning", "log": "rule.match", "mask": "rule.mask",
+                "anonymize": "rule.mask"}
+
+
+class Records:
+    """Fan-out of finished exchanges to every record keeper: session totals, the ledger, /stats,
+    /metrics, the request log and webhook events. None of them may fail or slow a request."""
+
+    def __init__(self, ledger: "Ledger | None" = None, logger: "RequestLogger | None" = None,
+                 dispatcher: "WebhookDispatcher | None" = None, clock: Callable[[], float] = time.time):
+        self.totals = SessionTotals()
+        self.ledger = ledger
+        self.stats = Stats(started_at=clock())
+        self.metrics = Metrics()
+        self.logger = logger
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.data_dir = ""
+        self.redis = RedisConfig()
+        self.session_id = secrets.token_hex(4)
+        self._memory: dict[str, MemoryWriter | RedisMemory | None] = {}
+        # Where the provider keys live (the proxy sets both): their exact values are scrubbed
+        # from memory logs too, since a key need not have any shape scrub() knows.
+        self.environ: Any = {}
+        self.key_envs: frozenset = frozenset()
+
+    def key_values(self, key_env: str = "") -> list[str]:
+        """The values of the configured provider key env vars (and `key_env`), longest first;
+        values shorter than _MIN_SCRUBBED_KEY are left alone (they would shred ordinary text)."""
+        names = self.key_envs | {key_env} if key_env else self.key_envs
+        values = {self.environ.get(name) or "" for name in names}
+        return sorted((v for v in values if len(v) >= _MIN_SCRUBBED_KEY), key=len, reverse=True)
+
+    def memory_writer(self, spec: dict) -> "MemoryWriter | RedisMemory | None":
+        key = json.dumps(spec, sort_keys=True)
+        if key not in self._memory:
+            try:
+                self._memory[key] = RedisMemory(self.redis, self.session_id) if spec.get("redis") \
+                    else MemoryWriter(self.data_dir, spec)
+            except TokenomicsError as exc:
+                log.error("memory log disabled for a policy: %s", exc)
+                self._memory[key] = None
+        return self._memory[key]
+
+    def write_memory(self, ex: "Exchange", now: float) -> None:
+        writer = self.memory_writer(ex.memory)
+        if writer is None or not writer.enabled:
+            return
+        keys = self.key_values(ex.key_env)
+        entries = [(role, _without(text, keys)) for role, text in ex.memory_entries if text]
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            writer.append(ex.token_hash, ex.model, entries, now)
+        else:  # rotation may gzip: keep it off the event loop
+            loop.run_in_executor(None, writer.append, ex.token_hash, ex.model, entries, now)
+
+    def emit(self, type_: str, data: dict) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.emit(make_event(type_, data, self.clock()))
+
+    def complete(self, ex: "Exchange", now: float) -> None:
+        if not ex.governed:
+            return
+        self.metrics.inflight(-1)
+        self.totals.add(ex)
+        if not ex.token_hash:
+            return  # refused before authentication: counted in /metrics only via status
+        rec = request_record(ex, now)
+        if self.ledger is not None:
+            self.ledger.record(rec)
+        self.stats.observe(rec, ex.key_env)
+        self.metrics.observe(rec, ex.upstream_latency_ms)
+        for match in rec.rule_matches:
+            self.metrics.inc_guardrail(match["action"], match["type"])
+        if ex.error in ("rate_limited", "budget_exceeded"):
+            self.metrics.inc_rejection(ex.error)
+        if self.logger is not None:
+            self.logger.log(rec, ex.key_env, ex.request_body, ex.response_body)
+        if ex.memory is not None and ex.memory_entries and self.data_dir:
+            self.write_memory(ex, now)
+        if self.dispatcher is not None:
+            base = {"token_hash": ex.token_hash[:HASH_PREFIX], "request_id": ex.request_id, "model": ex.model,
+                    "metadata": ex.metadata}
+            for match in rec.rule_matches:
+                self.emit(_RULE_EVENTS.get(match["action"], "rule.match"), {**base, **match})
+            for type_, data in ex.events:
+                self.emit(type_, {**base, **data})
+            self.emit("request.completed", {**base, "provider": ex.provider, "status": ex.status,
+                                            "error": ex.error, "stream": ex.stream,
+                                            "input_tokens": rec.input_tokens, "output_tokens": rec.output_tokens,
+                                            "cost_usd": rec.cost_usd, "duration_ms": rec.duration_ms})

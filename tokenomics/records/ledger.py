@@ -1,0 +1,756 @@
+"""The session ledger: the per-process journal and summary, the ``ledger`` readers and tables,
+git context."""
+
+import asyncio
+import calendar
+import contextlib
+import json
+import math
+import os
+import re
+import secrets
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from ..errors import RuntimeFailure, UsageError
+from ..limits.decide import _NANO
+from ..util import HASH_PREFIX, log, parse_duration, parse_rfc3339, printable, rfc3339_ms
+
+
+# The journal is the source of truth: one JSON line per governed request, appended in batches
+# (one write + fsync per batch, in a worker thread, group-committed with the usage journal
+# before the request's response completes) so the event loop never waits on the disk. The
+# summary JSON is a convenience written on graceful shutdown; every reader also works from
+# journals alone.
+
+GIT_TIMEOUT = 1.0               # seconds for all git calls of one git_context(): a hung NFS mount or
+
+
+                                # a huge repo must not hold up the proxy's start or its shutdown
+LEDGER_FLUSH_INTERVAL = 0.2     # seconds between background flushes of lines no response waits for
+
+
+                                # (answered requests are flushed before their response completes)
+_LEDGER_MAX_PENDING = 100_000   # journal lines held while the disk refuses writes (~50 MB); beyond
+
+
+                                # this the oldest are dropped and counted, so memory stays bounded
+_SESSION_ID_RE = re.compile(r"[0-9a-f]{8}")
+
+
+_SESSION_FILE_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})_([0-9a-f]{8})\.(jsonl|json)$")
+
+
+_SESSION_PREFIX_MIN = 4         # chars of a session id `ledger show` needs: 65,536 ids per prefix
+
+
+_REQUEST_LINE_HEAD = b'{"type":"request",'
+
+
+_RULE_MATCH_KEYS = ("rule", "type", "action", "scope", "count")   # never the matched text
+
+
+_RULE_VIOLATION_ERRORS = frozenset({"rule_violation", "output_rule_violation"})
+
+
+_RATE_LIMIT_ERRORS = frozenset({"rate_limited", "budget_exceeded"})
+
+
+_ROLLUP_COUNTS = ("request_count", "input_tokens", "output_tokens", "total_tokens",
+                  "cached_input_tokens", "cache_creation_tokens", "reasoning_tokens", "error_count",
+                  "retry_count", "rule_violation_count", "rate_limit_count")
+
+
+_NONE_KEY = "(none)"            # rollup key for an empty model, provider, token or branch
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """One governed request as the ledger records it; the pipeline builds it from an Exchange.
+    `token_hash` is the full hash (only a 16-char prefix is written); `rule_matches` holds
+    {"rule", "type", "action", "scope", "count"} dicts, never matched values; `error` is the
+    stable error code of a refused or failed request, or ""."""
+    timestamp: float
+    request_id: str
+    token_hash: str
+    model: str
+    provider: str
+    endpoint: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_creation_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_usd: float = 0.0
+    duration_ms: float = 0.0
+    status_code: int = 0
+    stream: bool = False
+    error: str = ""
+    upstream_id: str = ""
+    upstream_request_id: str = ""
+    retry_count: int = 0
+    fallback_model: str = ""
+    rule_matches: list = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+    provider_meta: dict = field(default_factory=dict)
+
+
+def _when(value: Any) -> float | None:
+    """A record's time (RFC 3339 string or Unix seconds) -> Unix seconds, None if unreadable."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and value:
+        with contextlib.suppress(ValueError):
+            return parse_rfc3339(value)
+    return None
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _num(value: Any) -> float:
+    try:
+        value = float(value or 0)
+    except (TypeError, ValueError):
+        return 0.0
+    return value if math.isfinite(value) else 0.0
+
+
+# --- git context ---------------------------------------------------------------------------------
+
+def _git(args: list[str], cwd: str, deadline: float) -> str:
+    """stdout of one git command, "" on any failure: no git, not a repo, timeout, bad cwd."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return ""
+    # No optional locks: a status-like call must never contend with the user's own git commands.
+    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0", GIT_TERMINAL_PROMPT="0", LC_ALL="C")
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=remaining)
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return ""
+    if done.returncode != 0:
+        return ""
+    return done.stdout.decode("utf-8", "replace").strip()
+
+
+def git_context(cwd: str) -> dict:
+    """{"branch", "commit", "repo_root"} of the repository containing `cwd`: short commit hash,
+    "HEAD" as the branch of a detached checkout, "" for a repo without commits' commit, and
+    empty strings outside a repo or without git. Bounded by GIT_TIMEOUT; never raises."""
+    empty = {"branch": "", "commit": "", "repo_root": ""}
+    try:
+        deadline = time.monotonic() + GIT_TIMEOUT
+        root = _git(["rev-parse", "--show-toplevel"], cwd, deadline)
+        if not root:
+            return empty
+        branch = _git(["symbolic-ref", "--short", "-q", "HEAD"], cwd, deadline)
+        commit = _git(["rev-parse", "-q", "--verify", "--short", "HEAD"], cwd, deadline)
+        return {"branch": branch or ("HEAD" if commit else ""), "commit": commit, "repo_root": root}
+    except Exception:  # git context is decoration: it must never stop the proxy
+        log.debug("git context unavailable", exc_info=True)
+        return empty
+
+
+# --- rollups -------------------------------------------------------------------------------------
+
+def _row_deltas(row: dict) -> tuple:
+    """What one request row adds to a tally: the _ROLLUP_COUNTS in order, then nano-dollars.
+    Computed once per row and added to every tally the row belongs to."""
+    inp, out = _int(row.get("input_tokens")), _int(row.get("output_tokens"))
+    error = row.get("error") or ""
+    return (1, inp, out, inp + out, _int(row.get("cached_input_tokens")),
+            _int(row.get("cache_creation_tokens")), _int(row.get("reasoning_tokens")),
+            int(_int(row.get("status_code")) >= 400 or bool(error)), _int(row.get("retry_count")),
+            int(error in _RULE_VIOLATION_ERRORS), int(error in _RATE_LIMIT_ERRORS),
+            round(_num(row.get("cost_usd")) * _NANO))
+
+
+class _Tally:
+    """The counters of one rollup entry (_ROLLUP_COUNTS, then cost). Cost is summed in integer
+    nano-dollars so a total is exact and independent of the order requests arrive in."""
+    __slots__ = ("sums", "models", "first", "last")
+
+    def __init__(self, per_token: bool = False):
+        self.sums = [0] * (len(_ROLLUP_COUNTS) + 1)
+        self.models: set | None = set() if per_token else None
+        self.first = self.last = None
+
+    def add(self, deltas: tuple, model: str, ts: float | None) -> None:
+        self.sums = [a + b for a, b in zip(self.sums, deltas)]
+        if self.models is not None:
+            self.models.add(model or _NONE_KEY)
+            if ts is not None:
+                self.first = ts if self.first is None else min(self.first, ts)
+                self.last = ts if self.last is None else max(self.last, ts)
+
+    def as_dict(self) -> dict:
+        out: dict[str, Any] = dict(zip(_ROLLUP_COUNTS, self.sums))
+        out["cost_usd"] = self.sums[-1] / _NANO
+        if self.models is not None:
+            out["models_used"] = sorted(self.models)
+            out["first_seen"] = rfc3339_ms(self.first) if self.first is not None else ""
+            out["last_seen"] = rfc3339_ms(self.last) if self.last is not None else ""
+        return out
+
+
+class _Rollups:
+    """Totals plus per-model, per-provider, per-token (and optionally per-branch) tallies:
+    the one place that turns request rows into the §9 numbers, live and when rebuilding."""
+    __slots__ = ("totals", "by_model", "by_provider", "by_token", "by_branch")
+
+    def __init__(self):
+        self.totals = _Tally()
+        self.by_model: dict[str, _Tally] = {}
+        self.by_provider: dict[str, _Tally] = {}
+        self.by_token: dict[str, _Tally] = {}
+        self.by_branch: dict[str, _Tally] = {}
+
+    def add(self, row: dict, ts: float | None, branch: str | None = None) -> None:
+        deltas, model = _row_deltas(row), row.get("model") or ""
+        self.totals.add(deltas, model, ts)
+        keyed = [(self.by_model, model, False), (self.by_provider, row.get("provider"), False),
+                 (self.by_token, row.get("token_hash"), True)]
+        if branch is not None:
+            keyed.append((self.by_branch, branch, False))
+        for table, key, per_token in keyed:
+            key = key or _NONE_KEY
+            tally = table.get(key)
+            if tally is None:
+                tally = table[key] = _Tally(per_token)
+            tally.add(deltas, model, ts)
+
+    def as_dict(self, with_branch: bool = False) -> dict:
+        out = {"totals": self.totals.as_dict()}
+        names = ("by_model", "by_provider", "by_token") + (("by_branch",) if with_branch else ())
+        for name in names:
+            table = getattr(self, name)
+            out[name] = {key: table[key].as_dict() for key in sorted(table)}
+        return out
+
+
+def _request_row(rec: RequestRecord) -> dict:
+    """The §9 fields of one request as written to the journal and the summary's requests[]."""
+    return {
+        "timestamp": rfc3339_ms(rec.timestamp),
+        "request_id": rec.request_id,
+        "token_hash": (rec.token_hash or "")[:HASH_PREFIX],
+        "model": rec.model, "provider": rec.provider, "endpoint": rec.endpoint,
+        "input_tokens": _int(rec.input_tokens), "output_tokens": _int(rec.output_tokens),
+        "cached_input_tokens": _int(rec.cached_input_tokens),
+        "cache_creation_tokens": _int(rec.cache_creation_tokens),
+        "reasoning_tokens": _int(rec.reasoning_tokens),
+        "cost_usd": round(_num(rec.cost_usd), 9),
+        "duration_ms": round(_num(rec.duration_ms), 3),
+        "status_code": _int(rec.status_code), "stream": bool(rec.stream), "error": rec.error or "",
+        "upstream_id": rec.upstream_id or "", "upstream_request_id": rec.upstream_request_id or "",
+        "retry_count": _int(rec.retry_count), "fallback_model": rec.fallback_model or "",
+        # Only the named keys survive: a matched value put here by mistake never reaches disk.
+        "rule_matches": [{k: m[k] for k in _RULE_MATCH_KEYS if k in m}
+                         for m in rec.rule_matches or () if isinstance(m, dict)],
+        "metadata": dict(rec.metadata or {}),
+        "provider_meta": dict(rec.provider_meta or {}),
+    }
+
+
+# --- the session ledger --------------------------------------------------------------------------
+
+class Ledger:
+    """One proxy process's session: the crash-safe journal `{dir}/sessions/<date>_<id>.jsonl`
+    (a `session` line with the git context, then one `request` line per governed request) and,
+    on close(), the summary `<date>_<id>.json`. <date> is the UTC date the session started.
+
+    record() only serialises and appends to an in-memory batch (no disk I/O); flush() writes the
+    batch with one write and one fsync. The pipeline calls flush() in a worker thread, in the
+    same group commit as the usage journal, before a request's response completes, so a kill -9
+    loses no answered request; run_flusher() flushes whatever else is pending every
+    `flush_interval` seconds; a graceful stop (cancel the flusher, then close()) loses nothing. A journal write that fails keeps the batch and
+    retries it on the next flush (logging once), holding at most _LEDGER_MAX_PENDING lines."""
+
+    def __init__(self, data_dir: str, session_id: str | None = None, cwd: str | None = None,
+                 clock: Callable[[], float] = time.time, flush_interval: float = LEDGER_FLUSH_INTERVAL):
+        if session_id is None:
+            session_id = secrets.token_hex(4)
+        if not _SESSION_ID_RE.fullmatch(session_id):
+            raise UsageError(f"session id {session_id!r}: expected 8 lowercase hex characters")
+        if not flush_interval > 0:
+            raise UsageError("ledger flush interval: expected a positive number of seconds")
+        self.session_id = session_id
+        self.clock, self.flush_interval = clock, float(flush_interval)
+        self.cwd = cwd if cwd is not None else os.getcwd()
+        self.started_at = clock()
+        self.git_start = git_context(self.cwd)
+        self.dir = os.path.join(data_dir, "sessions")
+        stem = f"{time.strftime('%Y-%m-%d', time.gmtime(self.started_at))}_{session_id}"
+        self.journal_path = os.path.join(self.dir, stem + ".jsonl")
+        self.summary_path = os.path.join(self.dir, stem + ".json")
+        self.dropped = 0                        # journal lines lost to a disk that kept failing
+        self._rollups = _Rollups()
+        self._pending: list[bytes] = []
+        self._lock = threading.Lock()           # guards _pending (record on the loop, flush in a thread)
+        self._write_lock = threading.Lock()     # one flush at a time, so batches land in order
+        self._failing = False
+        self._summary: dict | None = None
+        header = {"type": "session", "session_id": session_id, "started_at": rfc3339_ms(self.started_at),
+                  "git": {"branch": self.git_start["branch"], "commit_start": self.git_start["commit"],
+                          "repo_root": self.git_start["repo_root"]},
+                  "pid": os.getpid()}
+        try:
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            self._fd = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                               0o600)
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot open the session journal {self.journal_path}: {exc.strerror}; "
+                                 "check that the data dir is writable (or pass --dir)") from None
+        try:
+            os.fchmod(self._fd, 0o600)
+            self._write_all(_json_bytes(header) + b"\n")
+            os.fsync(self._fd)
+        except OSError as exc:
+            os.close(self._fd)
+            raise RuntimeFailure(f"cannot write the session journal {self.journal_path}: {exc.strerror}") \
+                from None
+
+    def record(self, rec: RequestRecord) -> None:
+        """Queue one finished request for the journal and count it in the rollups. Cheap: no
+        disk I/O, safe to call on the event loop."""
+        if self._summary is not None:
+            log.warning("ledger: request %s finished after the session closed; not recorded",
+                        rec.request_id)
+            return
+        row = _request_row(rec)
+        line = _REQUEST_LINE_HEAD + _json_bytes(row)[1:] + b"\n"
+        with self._lock:
+            self._pending.append(line)
+            if len(self._pending) > _LEDGER_MAX_PENDING:
+                self._drop_oldest()
+        self._rollups.add(row, _num(rec.timestamp))
+
+    def has_pending(self) -> bool:
+        """Whether recorded lines wait for flush()."""
+        return bool(self._pending)
+
+    def _drop_oldest(self) -> None:
+        # Index 0 may be the unwritten tail of a half-written line: keep it, or the line tears.
+        excess = len(self._pending) - _LEDGER_MAX_PENDING
+        del self._pending[1:1 + excess]
+        self.dropped += excess
+        if self.dropped == excess:
+            log.error("ledger: the journal has not been writable for a while; dropping the oldest "
+                      "unwritten records (%d so far)", self.dropped)
+
+    def _write_all(self, data: bytes) -> int:
+        """Write all of `data`; an OSError carries `.written`, the bytes that made it to the file."""
+        view, done = memoryview(data), 0
+        while done < len(view):
+            try:
+                done += os.write(self._fd, view[done:])
+            except OSError as exc:
+                exc.written = done  # type: ignore[attr-defined]
+                raise
+        return done
+
+    def flush(self) -> None:
+        """Write the pending batch to the journal with one write and one fsync. Blocking: run it
+        in a thread from async code (run_flusher does). Never raises: a failed write is logged
+        once and its unwritten bytes stay queued for the next flush."""
+        with self._write_lock:
+            with self._lock:
+                if not self._pending or self._fd < 0:
+                    return
+                batch, self._pending = self._pending, []
+            data = b"".join(batch)
+            try:
+                self._write_all(data)
+                os.fsync(self._fd)
+            except OSError as exc:
+                written = getattr(exc, "written", len(data))  # fsync failed: the bytes are written
+                if written < len(data):
+                    with self._lock:
+                        self._pending.insert(0, data[written:])
+                if not self._failing:
+                    self._failing = True
+                    log.error("ledger: cannot write the session journal %s: %s; retrying every %.1f s",
+                              self.journal_path, exc.strerror or exc, self.flush_interval)
+                return
+            if self._failing:
+                self._failing = False
+                log.warning("ledger: session journal writes recovered")
+
+    async def run_flusher(self) -> None:
+        """Background task: flush every flush_interval seconds (off the event loop). Cancel it to
+        stop; it flushes once more before the cancellation propagates."""
+        try:
+            while True:
+                await asyncio.sleep(self.flush_interval)
+                if self._pending:
+                    await asyncio.to_thread(self.flush)
+        finally:
+            self.flush()  # waits for a flush still running in the thread, then writes the rest
+
+    def rollups(self) -> dict:
+        """Live totals and by_model/by_provider/by_token of this session (e.g. for `run`'s
+        one-line summary)."""
+        return self._rollups.as_dict()
+
+    def close(self) -> dict:
+        """Final flush, end-of-session git commit, the summary file (atomic, 0600). Returns the
+        summary without requests[] (those stay on disk, so memory does not grow with the
+        session); idempotent. Call it after in-flight requests finished and the flusher stopped."""
+        if self._summary is not None:
+            return self._summary
+        self.flush()
+        ended_at = self.clock()
+        git_end = git_context(self.cwd)
+        head = {
+            "session_id": self.session_id,
+            "started_at": rfc3339_ms(self.started_at),
+            "ended_at": rfc3339_ms(ended_at),
+            "duration_ms": round((ended_at - self.started_at) * 1000, 3),
+            "git": {"branch": self.git_start["branch"], "commit_start": self.git_start["commit"],
+                    "commit_end": git_end["commit"], "repo_root": self.git_start["repo_root"]},
+            "closed": True,
+            **self._rollups.as_dict(),
+        }
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+        self._fd = -1
+        try:
+            _write_summary(self.summary_path, head, self.journal_path)
+        except OSError as exc:
+            log.error("ledger: cannot write the session summary %s: %s; the journal %s still holds "
+                      "every request", self.summary_path, exc.strerror or exc, self.journal_path)
+        self._summary = head
+        return head
+
+
+def _write_summary(path: str, head: dict, journal_path: str) -> None:
+    """Write the summary JSON atomically (0600), streaming requests[] from the journal so a long
+    session's shutdown does not hold every request in memory. Journal request lines are spliced
+    in as they are (minus their "type"); anything else is parsed and skipped."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(_json_bytes(head)[:-1] + b',"requests":[')
+            first = True
+            with open(journal_path, "rb") as journal:
+                for line in journal:
+                    line = line.rstrip(b"\n")
+                    if not (line.startswith(_REQUEST_LINE_HEAD) and line.endswith(b"}")):
+                        continue
+                    out.write((b"{" if first else b",{") + line[len(_REQUEST_LINE_HEAD):])
+                    first = False
+            out.write(b"]}\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# --- reading the ledger ---------------------------------------------------------------------------
+
+def _journal_rows(path: str) -> Iterator[tuple[str, dict]]:
+    """("session" | "request", row) for each readable journal line; a torn last line (the
+    process died mid-write) and any other unreadable line are skipped."""
+    try:
+        fh = open(path, "rb")
+    except OSError:
+        return
+    with fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                kind = row.pop("type", "request")
+                if kind in ("session", "request"):
+                    yield kind, row
+
+
+def _rebuild_session(path: str, date: str, session_id: str) -> dict:
+    """A summary from a journal alone (a crash, or a session still running): ended_at is the
+    last request's time, commit_end is unknown (""), closed is False."""
+    header: dict = {}
+    requests: list[dict] = []
+    rollups = _Rollups()
+    last: float | None = None
+    for kind, row in _journal_rows(path):
+        if kind == "session":
+            header = header or row
+            continue
+        ts = _when(row.get("timestamp"))
+        rollups.add(row, ts)
+        requests.append(row)
+        if ts is not None:
+            last = ts if last is None else max(last, ts)
+    started = _when(header.get("started_at"))
+    if started is None:
+        started = calendar.timegm(time.strptime(date, "%Y-%m-%d"))
+    ended = last if last is not None and last > started else started
+    git = header.get("git") or {}
+    return {
+        "session_id": header.get("session_id") or session_id,
+        "started_at": rfc3339_ms(started), "ended_at": rfc3339_ms(ended),
+        "duration_ms": round((ended - started) * 1000, 3),
+        "git": {"branch": git.get("branch", ""), "commit_start": git.get("commit_start", ""),
+                "commit_end": "", "repo_root": git.get("repo_root", "")},
+        "closed": False,
+        **rollups.as_dict(),
+        "requests": requests,
+    }
+
+
+def load_sessions(data_dir: str) -> list[dict]:
+    """Every session under {data_dir}/sessions, oldest first: the summary JSON where a graceful
+    shutdown wrote one, else rebuilt from the journal (see _rebuild_session)."""
+    directory = os.path.join(data_dir, "sessions")
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot read the ledger in {directory}: {exc.strerror}") from None
+    found: dict[tuple[str, str], set] = {}
+    for name in names:
+        m = _SESSION_FILE_RE.match(name)
+        if m:
+            found.setdefault((m.group(1), m.group(2)), set()).add(m.group(3))
+    sessions = []
+    for (date, sid), kinds in found.items():
+        stem = os.path.join(directory, f"{date}_{sid}")
+        session = None
+        if "json" in kinds:
+            try:
+                with open(stem + ".json", "rb") as fh:
+                    session = json.load(fh)
+            except (OSError, ValueError):
+                session = None  # unreadable summary: the journal is the source of truth anyway
+            if not isinstance(session, dict) or "session_id" not in session:
+                session = None
+        if session is None and "jsonl" in kinds:
+            session = _rebuild_session(stem + ".jsonl", date, sid)
+        if session is not None:
+            session.setdefault("closed", True)
+            sessions.append(session)
+    sessions.sort(key=lambda s: (_when(s.get("started_at")) or 0.0, s.get("session_id", "")))
+    return sessions
+
+
+def summarize(sessions: list, since: float | None = None, until: float | None = None,
+              branch: str | None = None) -> dict:
+    """Totals and by_model/by_provider/by_token/by_branch over the requests with
+    since <= timestamp < until in sessions on `branch` (each filter optional). `sessions` counts
+    the sessions on the branch with a request in the window (or, without requests, started in it)."""
+
+    def inside(ts: float | None) -> bool:
+        return ts is None or ((since is None or ts >= since) and (until is None or ts < until))
+
+    rollups = _Rollups()
+    count = 0
+    for session in sessions:
+        session_branch = (session.get("git") or {}).get("branch", "")
+        if branch is not None and session_branch != branch:
+            continue
+        requests = session.get("requests") or ()
+        used = False
+        for row in requests:
+            ts = _when(row.get("timestamp"))
+            if inside(ts):
+                rollups.add(row, ts, session_branch)
+                used = True
+        count += used or (not requests and inside(_when(session.get("started_at"))))
+    return {
+        "sessions": count,
+        "filters": {"since": rfc3339_ms(since) if since is not None else None,
+                    "until": rfc3339_ms(until) if until is not None else None,
+                    "branch": branch},
+        **rollups.as_dict(with_branch=True),
+    }
+
+
+def find_session(sessions: list, prefix: str) -> dict:
+    """The one session whose id starts with `prefix` (4+ chars; `<date>_<id>` prefixes of the file
+    name work too, to tell apart two sessions that drew the same id)."""
+    prefix = (prefix or "").strip().lower()
+    if prefix.endswith((".jsonl", ".json")):
+        prefix = prefix.rsplit(".", 1)[0]
+    if len(prefix) < _SESSION_PREFIX_MIN:
+        raise UsageError(f"session id: give at least {_SESSION_PREFIX_MIN} characters of it "
+                         "(`tokenomics ledger sessions` lists them)")
+
+    def stem(s: dict) -> str:
+        started = _when(s.get("started_at")) or 0.0
+        return f"{time.strftime('%Y-%m-%d', time.gmtime(started))}_{s.get('session_id', '')}"
+
+    matches = [s for s in sessions
+               if str(s.get("session_id", "")).startswith(prefix) or ("_" in prefix and stem(s).startswith(prefix))]
+    if not matches:
+        raise RuntimeFailure(f"no session id starts with {prefix!r}; `tokenomics ledger sessions` lists them")
+    if len(matches) > 1:
+        names = ", ".join(stem(s) for s in matches[:5]) + (", ..." if len(matches) > 5 else "")
+        raise RuntimeFailure(f"{prefix!r} matches {len(matches)} sessions ({names}); give more characters "
+                             "of the id, or <date>_<id>")
+    return matches[0]
+
+
+def parse_when(text: str, now: float, *, flag: str = "", end_of_day: bool = False) -> float:
+    """--since/--until value -> Unix seconds: an RFC 3339 date (midnight UTC; the next midnight
+    with end_of_day, so `--until 2026-01-31` includes that day) or datetime (naive = UTC), or a
+    duration meaning that long ago (`7d`, `12h`, `30m`)."""
+    value = (text or "").strip()
+    with contextlib.suppress(ValueError):
+        return now - parse_duration(value)
+    try:
+        ts = parse_rfc3339(value)
+    except ValueError:
+        where = f"{flag}: " if flag else ""
+        raise UsageError(f"{where}{text!r} is not a time: expected a date (2026-01-31), a datetime "
+                         "(2026-01-31T12:00:00Z) or a duration ago (30m, 12h, 7d)") from None
+    if end_of_day and re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        ts += 86400
+    return ts
+
+
+def _table(headers: list[str], rows: list[list], numeric: set[int]) -> str:
+    """Fixed-width columns: text left-aligned, numbers right-aligned, two spaces apart. Cells
+    are printable(): a label or model name cannot add a row or move the cursor."""
+    cells = [[printable(c) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+    return "\n".join([line(headers)] + [line(r) for r in cells])
+
+
+def _usd(value: Any) -> str:
+    return f"{_num(value):.4f}"
+
+
+def _span(ms: Any) -> str:
+    """Milliseconds -> `850ms`, `12.3s`, `4m05s`, `2h03m`."""
+    ms = _num(ms)
+    if ms < 1000:
+        return f"{ms:.0f}ms"
+    s = ms / 1000
+    if s < 60:
+        return f"{s:.1f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
+
+def _short_time(value: Any) -> str:
+    ts = _when(value)
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) if ts is not None else "-"
+
+
+def _totals_line(t: dict) -> str:
+    return (f"requests {_int(t.get('request_count'))}  input {_int(t.get('input_tokens'))}  "
+            f"output {_int(t.get('output_tokens'))}  total {_int(t.get('total_tokens'))}  "
+            f"cached {_int(t.get('cached_input_tokens'))}  errors {_int(t.get('error_count'))}  "
+            f"rule violations {_int(t.get('rule_violation_count'))}  "
+            f"rate limited {_int(t.get('rate_limit_count'))}  retries {_int(t.get('retry_count'))}  "
+            f"cost ${_usd(t.get('cost_usd'))}")
+
+
+def _rollup_table(title: str, table: dict) -> str:
+    headers = [title, "REQUESTS", "INPUT", "OUTPUT", "CACHED", "ERRORS", "COST USD"]
+    ordered = sorted(table.items(), key=lambda kv: (-_num(kv[1].get("cost_usd")), kv[0]))
+    rows = [[key, _int(t.get("request_count")), _int(t.get("input_tokens")), _int(t.get("output_tokens")),
+             _int(t.get("cached_input_tokens")), _int(t.get("error_count")), _usd(t.get("cost_usd"))]
+            for key, t in ordered]
+    return _table(headers, rows, numeric={1, 2, 3, 4, 5, 6})
+
+
+def render_summary(summary: dict) -> str:
+    """`ledger summary` for people: totals, then one table per model/provider/token/branch."""
+    f = summary.get("filters") or {}
+    lines = [f"Ledger summary: {summary.get('sessions', 0)} session(s)"]
+    shown = [f"{name} {f[name]}" for name in ("since", "until", "branch") if f.get(name) is not None]
+    if shown:
+        lines.append("filters: " + printable(", ".join(shown)))
+    lines += ["", "Totals: " + _totals_line(summary.get("totals") or {})]
+    for title, key in (("MODEL", "by_model"), ("PROVIDER", "by_provider"), ("TOKEN", "by_token"),
+                       ("BRANCH", "by_branch")):
+        if summary.get(key):
+            lines += ["", _rollup_table(title, summary[key])]
+    return "\n".join(lines) + "\n"
+
+
+def _commits(git: dict) -> str:
+    start, end = git.get("commit_start", ""), git.get("commit_end", "")
+    if start and end and start != end:
+        return f"{start}..{end}"
+    return start or end or "-"
+
+
+def render_sessions(sessions: list) -> str:
+    """`ledger sessions` for people: one row per session, oldest first."""
+    if not sessions:
+        return "no sessions recorded yet\n"
+    headers = ["SESSION", "STARTED (UTC)", "DURATION", "BRANCH", "COMMIT", "REQUESTS", "TOKENS",
+               "ERRORS", "COST USD", "STATE"]
+    rows = []
+    for s in sessions:
+        t, git = s.get("totals") or {}, s.get("git") or {}
+        rows.append([s.get("session_id", "?"), _short_time(s.get("started_at")), _span(s.get("duration_ms")),
+                     git.get("branch") or "-", _commits(git), _int(t.get("request_count")),
+                     _int(t.get("total_tokens")), _int(t.get("error_count")), _usd(t.get("cost_usd")),
+                     "closed" if s.get("closed", True) else "open"])
+    out = _table(headers, rows, numeric={5, 6, 7, 8})
+    if any(not s.get("closed", True) for s in sessions):
+        out += ("\n\nopen: no summary yet (still running, or stopped without a graceful shutdown); "
+                "read from its journal")
+    return out + "\n"
+
+
+def render_session(session: dict) -> str:
+    """`ledger show ID` for people: the session, its totals, per-model costs and every request."""
+    git, t = session.get("git") or {}, session.get("totals") or {}
+    state = "closed" if session.get("closed", True) else "open: rebuilt from the journal"
+    where = git.get("branch") or "-"
+    if git.get("repo_root"):
+        where += f" @ {_commits(git)} in {git['repo_root']}"
+    lines = [  # a journal is data anyone with the data dir could have edited: show it, never run it
+        f"Session {printable(session.get('session_id', '?'))} ({state})",
+        f"started   {printable(session.get('started_at', '-'))}",
+        f"ended     {printable(session.get('ended_at', '-'))}  ({_span(session.get('duration_ms'))})",
+        f"git       {printable(where)}",
+        f"totals    {_totals_line(t)}",
+    ]
+    if session.get("by_model"):
+        lines += ["", _rollup_table("MODEL", session["by_model"])]
+    requests = session.get("requests") or []
+    if requests:
+        headers = ["TIME (UTC)", "TOKEN", "MODEL", "PROVIDER", "STATUS", "STREAM", "INPUT", "OUTPUT",
+                   "DURATION", "RETRIES", "COST USD", "ERROR"]
+        rows = [[_short_time(r.get("timestamp")), (r.get("token_hash") or "-")[:8], r.get("model") or "-",
+                 r.get("provider") or "-", _int(r.get("status_code")), "yes" if r.get("stream") else "no",
+                 _int(r.get("input_tokens")), _int(r.get("output_tokens")), _span(r.get("duration_ms")),
+                 _int(r.get("retry_count")), _usd(r.get("cost_usd")),
+                 r.get("error") or ("fallback " + r["fallback_model"] if r.get("fallback_model") else "")]
+                for r in requests]
+        lines += ["", _table(headers, rows, numeric={4, 6, 7, 8, 9, 10})]
+    return "\n".join(lines) + "\n"

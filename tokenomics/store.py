@@ -1,0 +1,344 @@
+"""The token store: HMAC-hashed tokens in one JSON file, atomic writes under flock, 0600,
+stat-based reload, optional AES-256-GCM encryption of each policy."""
+
+import base64
+import contextlib
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, TYPE_CHECKING
+
+from .config import Config
+from .crypto import DecryptionError, derive_key, new_aead, seal, unseal
+from .errors import RuntimeFailure, TokenomicsError, UsageError
+from .policy import parse_policy
+from .util import TOKEN_PREFIX, log, parse_rfc3339, utc_iso, write_private
+
+if TYPE_CHECKING:  # names used in annotations only
+    from .policy import Policy
+    from .providers import Catalog
+
+
+STORE_RELOAD_INTERVAL = 0.25            # stat tokens.json at most this often; changes show within 1 s
+
+
+def hash_token(hash_key: bytes, token: str) -> str:
+    return hmac.new(hash_key, token.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_hex(16)
+
+
+def ensure_data_dir(path: str) -> str:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
+
+
+def load_hash_key(config: Config, environ=None) -> bytes:
+    """The HMAC key: from the env var named by security.hash_key_env, else {dir}/hash.key,
+    generated once (0600) so a fresh install works and stays unique per machine."""
+    environ = os.environ if environ is None else environ
+    value = environ.get(config.security.hash_key_env, "")
+    if value:
+        return value.encode("utf-8")
+    path = os.path.join(ensure_data_dir(config.dir), "hash.key")
+    try:
+        with open(path, "rb") as fh:
+            key = fh.read().strip()
+        if key:
+            return key
+        raise RuntimeFailure(f"{path} is empty; delete it to generate a new hash key (tokens hashed "
+                             f"with the old key stop working) or set {config.security.hash_key_env}")
+    except FileNotFoundError:
+        pass
+    key = secrets.token_hex(32).encode("ascii")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    write_private(tmp, key + b"\n")
+    try:
+        os.link(tmp, path)  # atomic create-if-absent: a reader never sees a half-written key
+    except FileExistsError:  # another process won the race: use its key
+        with open(path, "rb") as fh:
+            key = fh.read().strip()
+        if not key:
+            raise RuntimeFailure(f"{path} is empty; delete it to generate a new hash key (tokens hashed "
+                                 f"with the old key stop working) or set {config.security.hash_key_env}") from None
+        return key
+    finally:
+        os.unlink(tmp)
+    log.warning("%s is not set: generated a hash key in %s (keep it; tokens hashed with it stop "
+                "working without it)", config.security.hash_key_env, path)
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """One wrapper token as stored: only its hash, never the token itself."""
+    hash: str
+    policy: "Policy"
+    created_at: float
+    expires_at: float | None = None
+    label: str = ""
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    def to_json(self, now: float) -> dict:
+        return {"hash": self.hash, "label": self.label, "created_at": utc_iso(self.created_at),
+                "expires_at": utc_iso(self.expires_at) if self.expires_at is not None else None,
+                "expired": self.expired(now), "policy": self.policy.raw}
+
+
+_KEY_CHECK = b"tokenomics key check"
+
+
+class _Cipher:
+    """Seals and opens policies with the store's key; knows nothing about files."""
+
+    def __init__(self, secret: str, env_name: str, header: dict | None):
+        self.env_name = env_name
+        if header:
+            self.kdf = header.get("kdf", "scrypt")
+            self.salt = base64.b64decode(header.get("salt", ""))
+        else:
+            self.kdf = "raw" if re.fullmatch(r"[0-9a-fA-F]{64}", secret) else "scrypt"
+            self.salt = secrets.token_bytes(16)
+        if self.kdf == "raw" and not re.fullmatch(r"[0-9a-fA-F]{64}", secret):
+            raise RuntimeFailure(f"the token store was encrypted with a raw 64-hex-char key but "
+                                 f"{env_name} holds a passphrase; set {env_name} to the key it was written with")
+        self.aead = new_aead(_derive_cached(secret, self.salt))
+        self.check = header.get("check") if header else seal(self.aead, _KEY_CHECK, b"check")
+        if header:
+            try:
+                unseal(self.aead, self.check or "", b"check")
+            except DecryptionError:
+                raise RuntimeFailure(f"{env_name} does not match the key the token store was encrypted "
+                                     f"with; set it to the original key or passphrase") from None
+
+    def header(self) -> dict:
+        return {"alg": "aes-256-gcm", "kdf": self.kdf,
+                "salt": base64.b64encode(self.salt).decode("ascii"), "check": self.check}
+
+    def seal_policy(self, token_hash: str, policy: dict) -> str:
+        return seal(self.aead, json.dumps(policy, separators=(",", ":")).encode("utf-8"),
+                    token_hash.encode("ascii"))
+
+    def open_policy(self, token_hash: str, blob: str) -> dict:
+        try:
+            return json.loads(unseal(self.aead, blob, token_hash.encode("ascii")))
+        except DecryptionError:
+            raise RuntimeFailure(f"token {token_hash[:12]}: policy does not decrypt with {self.env_name}; "
+                                 "the store was tampered with or written with another key") from None
+
+
+_DERIVED: dict = {}
+
+
+def _derive_cached(secret: str, salt: bytes) -> bytes:
+    """scrypt costs ~0.1 s by design; do it once per (secret, salt) in a process."""
+    digest = hashlib.sha256(secret.encode("utf-8") + b"\0" + salt).hexdigest()
+    if digest not in _DERIVED:
+        _DERIVED[digest] = derive_key(secret, salt)
+    return _DERIVED[digest]
+
+
+class TokenStore:
+    """tokens.json in the data dir. Reads are cached and refreshed when the file changes on disk
+    (any process may write it); every write is read-modify-write under an exclusive flock."""
+
+    def __init__(self, config: Config, catalog: "Catalog", environ=None, hash_key: bytes | None = None):
+        self.environ = os.environ if environ is None else environ
+        self.config = config
+        self.catalog = catalog
+        self.dir = ensure_data_dir(config.dir)
+        self.path = os.path.join(self.dir, "tokens.json")
+        self.lock_path = os.path.join(self.dir, "tokens.lock")
+        self.hash_key = hash_key if hash_key is not None else load_hash_key(config, self.environ)
+        self.env_name = config.security.encryption_key_env
+        self._records: dict[str, TokenRecord] = {}
+        self._stamp = None
+        self._checked = 0.0
+        self.generation = 0
+        self.reload()
+
+    # -- reading -----------------------------------------------------------------------------
+    def _file_stamp(self):
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _read_document(self) -> dict:
+        try:
+            with open(self.path, "rb") as fh:
+                doc = json.loads(fh.read() or b"{}")
+        except FileNotFoundError:
+            return {"version": 1, "tokens": []}
+        except ValueError:
+            raise RuntimeFailure(f"{self.path} is not valid JSON; restore it from a backup") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("tokens", []), list):
+            raise RuntimeFailure(f"{self.path} does not look like a tokenomics token store")
+        doc.setdefault("tokens", [])
+        return doc
+
+    def _cipher(self, doc: dict) -> "_Cipher | None":
+        secret = self.environ.get(self.env_name, "")
+        header = doc.get("encryption")
+        if not secret:
+            if header:
+                raise RuntimeFailure(f"the token store is encrypted: set {self.env_name} to its key "
+                                     "or passphrase")
+            return None
+        return _Cipher(secret, self.env_name, header)
+
+    def _decode(self, doc: dict, cipher) -> dict[str, TokenRecord]:
+        records = {}
+        for entry in doc["tokens"]:
+            token_hash = entry.get("hash", "")
+            if "policy_enc" in entry:
+                if cipher is None:
+                    raise RuntimeFailure(f"the token store is encrypted: set {self.env_name}")
+                raw_policy = cipher.open_policy(token_hash, entry["policy_enc"])
+            else:
+                raw_policy = entry.get("policy", {})
+            try:
+                policy = parse_policy(raw_policy, catalog=self.catalog)
+            except UsageError as exc:
+                log.error("token %s skipped: its stored policy is invalid: %s", token_hash[:12], exc)
+                continue
+            records[token_hash] = TokenRecord(
+                hash=token_hash, policy=policy,
+                created_at=parse_rfc3339(entry["created_at"]) if entry.get("created_at") else 0.0,
+                expires_at=parse_rfc3339(entry["expires_at"]) if entry.get("expires_at") else None,
+                label=entry.get("label", "") or "")
+        return records
+
+    def reload(self) -> None:
+        stamp = self._file_stamp()
+        doc = self._read_document()
+        self._records = self._decode(doc, self._cipher(doc))
+        self._stamp = stamp
+        self.generation += 1
+
+    def refresh(self, now: float) -> None:
+        """Pick up changes other processes made; cheap enough to call on every request."""
+        if now - self._checked < STORE_RELOAD_INTERVAL:
+            return
+        self._checked = now
+        if self._file_stamp() != self._stamp:
+            try:
+                self.reload()
+            except TokenomicsError as exc:
+                log.error("token store reload failed, keeping the previous tokens: %s", exc)
+
+    def lookup(self, token: str) -> TokenRecord | None:
+        token_hash = hash_token(self.hash_key, token)
+        record = self._records.get(token_hash)
+        if record is not None and hmac.compare_digest(record.hash, token_hash):
+            return record
+        return None
+
+    def records(self) -> list[TokenRecord]:
+        return sorted(self._records.values(), key=lambda r: (r.created_at, r.hash))
+
+    def find(self, prefix: str) -> TokenRecord:
+        prefix = prefix.strip().lower()
+        if len(prefix) < 8:
+            raise UsageError("--hash: give at least 8 characters of the token hash")
+        found = [r for h, r in self._records.items() if h.startswith(prefix)]
+        if not found:
+            raise RuntimeFailure(f"no token matches hash prefix {prefix}")
+        if len(found) > 1:
+            raise RuntimeFailure(f"hash prefix {prefix} is ambiguous ({len(found)} tokens); give more characters")
+        return found[0]
+
+    # -- writing -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self):
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _mutate(self, change: Callable[[list, "_Cipher | None"], Any]):
+        """Read the current file under the lock, apply `change` to its entries, write it back."""
+        with self._locked():
+            doc = self._read_document()
+            cipher = self._cipher(doc)
+            entries = doc["tokens"]
+            if cipher is not None:  # (re-)encrypt everything with the current key
+                for entry in entries:
+                    if "policy" in entry:
+                        entry["policy_enc"] = cipher.seal_policy(entry["hash"], entry.pop("policy"))
+            result = change(entries, cipher)
+            doc = {"version": 1, "tokens": entries}
+            if cipher is not None:
+                doc["encryption"] = cipher.header()
+            write_private(self.path, json.dumps(doc, indent=1).encode("utf-8") + b"\n")
+            self.reload()
+        return result
+
+    def create(self, raw_policy: dict, expires_at: float | None = None, label: str = "") -> tuple[str, TokenRecord]:
+        parse_policy(raw_policy, catalog=self.catalog, data_dir=self.config.dir)
+        token = new_token()
+        token_hash = hash_token(self.hash_key, token)
+
+        def change(entries, cipher):
+            entry = {"hash": token_hash, "created_at": utc_iso(time.time()),
+                     "expires_at": utc_iso(expires_at) if expires_at is not None else None,
+                     "label": label}
+            if cipher is not None:
+                entry["policy_enc"] = cipher.seal_policy(token_hash, raw_policy)
+            else:
+                entry["policy"] = raw_policy
+            entries.append(entry)
+
+        self._mutate(change)
+        return token, self._records[token_hash]
+
+    def update(self, prefix: str, raw_policy: dict | None = None, expires_at: Any = ...,
+               label: str | None = None) -> TokenRecord:
+        """`expires_at=None` clears the expiry; leaving it `...` keeps it."""
+        token_hash = self.find(prefix).hash
+        if raw_policy is not None:
+            parse_policy(raw_policy, catalog=self.catalog, data_dir=self.config.dir)
+
+        def change(entries, cipher):
+            for entry in entries:
+                if entry.get("hash") != token_hash:
+                    continue
+                if raw_policy is not None:
+                    entry.pop("policy", None)
+                    entry.pop("policy_enc", None)
+                    if cipher is not None:
+                        entry["policy_enc"] = cipher.seal_policy(token_hash, raw_policy)
+                    else:
+                        entry["policy"] = raw_policy
+                if expires_at is not ...:
+                    entry["expires_at"] = utc_iso(expires_at) if expires_at is not None else None
+                if label is not None:
+                    entry["label"] = label
+                return
+            raise RuntimeFailure(f"token {token_hash[:12]} was deleted meanwhile")
+
+        self._mutate(change)
+        return self._records[token_hash]
+
+    def delete(self, prefix: str) -> TokenRecord:
+        record = self.find(prefix)
+
+        def change(entries, cipher):
+            entries[:] = [e for e in entries if e.get("hash") != record.hash]
+
+        self._mutate(change)
+        return record
