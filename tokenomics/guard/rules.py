@@ -386,19 +386,24 @@ class Guard:
                     count = 1 if jb >= rule.threshold else 0
                 else:
                     count = len(spans[i])
-                if not count:
-                    continue
-                self._record(rule, count)
-                if rule.action == "fail":
-                    raise self._violation(rule)
-                if rule.action in ("mask", "anonymize"):
-                    edits.append((i, spans[i]))
+                self._act(i, rule, count, spans, edits)
             rule = None
             return self._apply(text, 0, len(text), edits, ()) if edits else text
         except ProxyError:
             raise
         except Exception as exc:
             raise self._internal_error(rule) from exc
+
+    def _act(self, i: int, rule: "Rule", count: int, spans: list, edits: list) -> None:
+        """Record rule i's matches and act on them: fail raises, mask and anonymize collect
+        the rule's spans as edits."""
+        if not count:
+            return
+        self._record(rule, count)
+        if rule.action == "fail":
+            raise self._violation(rule)
+        if rule.action in ("mask", "anonymize"):
+            edits.append((i, spans[i]))
 
     def scan_parts(self, texts: list[str]) -> list[str]:
         """Texts the model reads as one (adjacent text parts of a message), scanned as one, so
@@ -439,13 +444,7 @@ class Guard:
                             kept.append(m)
                     spans[i] = kept
                     count = len(kept)
-                if not count:
-                    continue
-                self._record(rule, count)
-                if rule.action == "fail":
-                    raise self._violation(rule)
-                if rule.action in ("mask", "anonymize"):
-                    edits.append((i, spans[i]))
+                self._act(i, rule, count, spans, edits)
             rule = None
             if not edits:
                 return list(texts)
