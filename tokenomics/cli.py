@@ -624,8 +624,9 @@ def cmd_stop(args) -> int:
         return 0
     pid, pid_file = info["pid"], _pid_path(config)
     if not _proxy_alive(info):
-        if pid > 1 and _process_alive(pid):
-            why = ("it has no state file beside it" if info["state"] is None else
+        if pid <= 1 or _process_alive(pid):
+            why = ("that is the init process or no process" if pid <= 1 else
+                   "it has no state file beside it" if info["state"] is None else
                    "that process is not the tokenomics proxy serving this data dir")
             _err(f"tokenomics: {pid_file} names pid {pid}, but {why}; it was not signalled. If no proxy runs for "
                  f"this data dir, remove {pid_file}")
