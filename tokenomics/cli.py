@@ -395,9 +395,9 @@ def cmd_run(args) -> int:
     if args.proxy_url:
         _check_token(None, token, args.proxy_url)
         url, ca = args.proxy_url, None
-        with contextlib.suppress(TokenomicsError):
-            store = _store(args)
-            if store.lookup(token) is not None:
+        with contextlib.suppress(TokenomicsError):  # knowing the hash needs this data dir's store and key
+            store = _store(args) if os.path.isfile(os.path.join(config.dir, "tokens.json")) else None
+            if store is not None and store.lookup(token) is not None:
                 token_hash = hash_token(store.hash_key, token)
         before = _token_usage(url, token_hash)
     else:

@@ -67,8 +67,9 @@ def _lock_data_dir(directory: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RuntimeFailure(f"another tokenomics proxy is serving the data dir {directory} (see `tokenomics "
-                             "status`); point clients at it (`tokenomics run --proxy-url URL`) or give this "
+        raise RuntimeFailure(f"another tokenomics proxy is serving the data dir {directory} (a `serve` or "
+                             "`start` that `tokenomics status` shows, or the proxy of a `tokenomics run` still "
+                             "running); point clients at it (`tokenomics run --proxy-url URL`) or give this "
                              "proxy its own --dir") from None
     return fd
 
