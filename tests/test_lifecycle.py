@@ -94,6 +94,18 @@ def test_pid_file_holds_the_pid_alone_and_state_sits_beside_it(cli, daemon):
     assert not pid_file.exists() and not state_file.exists()
 
 
+def test_stop_kills_a_proxy_that_ignores_sigterm_after_the_grace_period(cli, daemon):
+    (cli.cwd / "config.yaml").write_text(yaml.safe_dump({"server": {"grace_period": 1}}))
+    _, pid = daemon()
+    os.kill(pid, signal.SIGSTOP)  # a stopped process cannot act on SIGTERM; SIGKILL still ends it
+    began = time.monotonic()
+    proc = cli("stop", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "did not stop within the grace period and was killed" in _clean(proc)
+    assert _wait_gone(pid, 2.0) and time.monotonic() - began < 30
+    assert not (cli.data_dir / "tokenomics.pid").exists()
+
+
 def test_stop_leaves_a_foreign_process_named_by_the_pid_file_alone(cli, foreign):
     pid_file = cli.data_dir / "tokenomics.pid"
     pid_file.write_text(f"{foreign.pid}\n")  # no state file: nothing says this is our proxy

@@ -634,12 +634,19 @@ def cmd_stop(args) -> int:
         _remove_run_files(config, pid)
         _err(f"tokenomics is not running (removed a stale pid file for pid {pid})")
         return 0
-    os.kill(pid, signal.SIGTERM)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except PermissionError:
+        raise RuntimeFailure(f"stop: not permitted to signal pid {pid}; the proxy runs as another user, stop it "
+                             "as that user") from None
+    except ProcessLookupError:
+        pass  # it exited on its own meanwhile
     deadline = time.monotonic() + config.server.grace_period + 5
     while time.monotonic() < deadline and _proxy_alive(info):
         time.sleep(STOP_POLL_INTERVAL)
     if _proxy_alive(info):
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
         _err(f"tokenomics (pid {pid}) did not stop within the grace period and was killed")
         kill_deadline = time.monotonic() + 5
         while time.monotonic() < kill_deadline and _proxy_alive(info):
