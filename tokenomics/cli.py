@@ -273,6 +273,9 @@ def client_env(url: str, token: str, provider: str | None = None, ca: tuple[str,
                insecure: bool = False) -> dict:
     """The variables the official SDKs and common agents read, pointed at the proxy."""
     url = url.rstrip("/")
+    # Both Anthropic variables carry the token: clients read one or the other. The anthropic
+    # Python SDK logs once that both are set whenever both are non-empty (no switch turns that
+    # off); emptying either would break the clients that read only that one.
     env = {"OPENAI_API_KEY": token, "OPENAI_BASE_URL": url + "/v1", "OPENAI_API_BASE": url + "/v1",
            "ANTHROPIC_API_KEY": token, "ANTHROPIC_AUTH_TOKEN": token, "ANTHROPIC_BASE_URL": url}
     provider = _PROVIDER_ALIASES.get(provider or "", provider)
@@ -396,7 +399,8 @@ def cmd_run(args) -> int:
         _check_token(None, token, args.proxy_url)
         url, ca = args.proxy_url, None
         with contextlib.suppress(TokenomicsError):  # knowing the hash needs this data dir's store and key
-            store = _store(args) if os.path.isfile(os.path.join(config.dir, "tokens.json")) else None
+            store = TokenStore(config, Catalog(config)) if os.path.isfile(os.path.join(config.dir, "tokens.json")) \
+                else None
             if store is not None and store.lookup(token) is not None:
                 token_hash = hash_token(store.hash_key, token)
         before = _token_usage(url, token_hash)
@@ -407,8 +411,8 @@ def cmd_run(args) -> int:
         missing = _missing_provider_keys(store.lookup(token), catalog, config)
         if missing:
             names = ", ".join(f"{env} (provider {name})" for env, name in missing)
-            raise RuntimeFailure(f"run: this token's policy needs the provider key variable {names}, which is not "
-                                 "set; export it in this shell (the proxy holds it, the command never sees it) "
+            raise RuntimeFailure(f"run: this token's policy needs the provider key variable {names}, which this "
+                                 "shell does not set; export it (the proxy holds it, the command never sees it) "
                                  "and run again")
         proxy = Proxy(config)
         background = BackgroundProxy(proxy)
