@@ -148,8 +148,9 @@ def test_pid_file_without_a_pid_is_named(cli):
     (cli.data_dir / "tokenomics.pid").write_text('{"pid": 1}')
     proc = cli("stop", timeout=30)
     assert proc.returncode == 1
-    assert "does not hold a pid" in _clean(proc)
+    assert "does not hold a pid" in _clean(proc) and "nothing was signalled" in proc.stderr
     assert _status(cli)["running"] is False
+    _clean(cli("doctor"))
 
 
 # --- foreground serve ---------------------------------------------------------------------------

@@ -537,8 +537,8 @@ def _proxy_alive(info: dict | None) -> bool:
 
 def _read_pid(config: Config) -> dict | None:
     """{"pid", "state", "url"} from the pid file and the state file beside it (state None when
-    it is missing or unreadable), or None without a pid file. Raises for a pid file that does
-    not hold a pid."""
+    it is missing or unreadable), or None without a pid file. A pid file that does not hold a
+    pid gives pid 0 and "bad": nothing is ever signalled for it."""
     try:
         with open(_pid_path(config), encoding="utf-8") as fh:
             text = fh.read().strip()
@@ -547,8 +547,7 @@ def _read_pid(config: Config) -> dict | None:
     except OSError as exc:
         raise RuntimeFailure(f"cannot read the pid file {_pid_path(config)}: {exc.strerror or exc}") from None
     if not text.isdigit():
-        raise RuntimeFailure(f"the pid file {_pid_path(config)} does not hold a pid; remove it if no tokenomics "
-                             "proxy is running for this data dir")
+        return {"pid": 0, "state": None, "url": None, "bad": True}
     state = None
     with contextlib.suppress(OSError, ValueError):
         with open(_state_path(config), encoding="utf-8") as fh:
@@ -627,6 +626,9 @@ def cmd_stop(args) -> int:
         _err("tokenomics is not running")
         return 0
     pid, pid_file = info["pid"], _pid_path(config)
+    if info.get("bad"):
+        raise RuntimeFailure(f"stop: the pid file {pid_file} does not hold a pid, so nothing was signalled; "
+                             "remove it if no tokenomics proxy is running for this data dir")
     if not _proxy_alive(info):
         if pid <= 1 or _process_alive(pid):
             why = ("that is the init process or no process" if pid <= 1 else
@@ -668,11 +670,7 @@ def provider_key_presence(catalog: Catalog, environ=None) -> dict:
 def cmd_status(args) -> int:
     config = _load(args)
     catalog = Catalog(config)
-    try:
-        info = _read_pid(config)
-    except RuntimeFailure as exc:
-        _err(f"tokenomics: {exc}")
-        info = None
+    info = _read_pid(config)
     running = _proxy_alive(info)
     url = info.get("url") if running else None
     if running and url:
