@@ -26,13 +26,13 @@ from .config import Config, load_config, validate_webhooks
 from .errors import ProxyError, RuntimeFailure, TokenomicsError, UsageError
 from .http.client import UpstreamClient
 from .pipeline import upstream_url_for
-from .policy import Policy
+from .policy import Policy, select_upstream
 from .providers import Catalog, Provider
-from .proxy import BackgroundProxy, Proxy, _serve_until_signal, run_async
+from .proxy import BackgroundProxy, Proxy, _serve_until_signal, check_available, run_async
 from .records.events import deliver_once, make_event
 from .records.ledger import _when, find_session, load_sessions, parse_when, render_session, render_sessions, render_summary, summarize
 from .records.logs import redacting_filter
-from .store import TokenRecord, TokenStore, ensure_data_dir
+from .store import TokenRecord, TokenStore, ensure_data_dir, hash_token
 from .tls import cert_dir, ensure_local_ca
 from .util import HASH_PREFIX, HAVE_TRUSTME, TOKEN_PREFIX, parse_duration, parse_rfc3339, printable, utc_iso, write_private
 
@@ -223,19 +223,18 @@ def _serve_overrides(args) -> dict:
 
 def cmd_serve(args) -> int:
     config = _load(args, _serve_overrides(args))
-    if getattr(args, "workers", 1) and args.workers > 1 and config.session.backend == "memory":
-        raise UsageError("--workers: more than one worker needs session.backend: redis, because budgets and "
-                         "rate limits must be shared by all workers")
-    if args.workers > 1:
-        raise UsageError("--workers: several worker processes need the shared Redis backend, which is not "
-                         "available in this version; run one process per data dir")
+    check_available(config, getattr(args, "workers", 1))
     proxy = Proxy(config)
 
     def ready(urls):
+        _write_run_files(config, urls)  # before the ready lines: `start` waits for those
         for url in urls:
             _err(f"tokenomics listening on {url}")
 
-    run_async(_serve_until_signal(proxy, ready))
+    try:
+        run_async(_serve_until_signal(proxy, ready))
+    finally:
+        _remove_run_files(config)
     return 0
 
 
@@ -274,6 +273,9 @@ def client_env(url: str, token: str, provider: str | None = None, ca: tuple[str,
                insecure: bool = False) -> dict:
     """The variables the official SDKs and common agents read, pointed at the proxy."""
     url = url.rstrip("/")
+    # Both Anthropic variables carry the token: clients read one or the other. The anthropic
+    # Python SDK logs once that both are set whenever both are non-empty (no switch turns that
+    # off); emptying either would break the clients that read only that one.
     env = {"OPENAI_API_KEY": token, "OPENAI_BASE_URL": url + "/v1", "OPENAI_API_BASE": url + "/v1",
            "ANTHROPIC_API_KEY": token, "ANTHROPIC_AUTH_TOKEN": token, "ANTHROPIC_BASE_URL": url}
     provider = _PROVIDER_ALIASES.get(provider or "", provider)
@@ -327,6 +329,51 @@ def _exit_code(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def _missing_provider_keys(record: TokenRecord, catalog: Catalog, config: Config, environ=None) -> list[tuple]:
+    """(variable, provider) for each key the token's policy will need that is not set: every
+    provider policy's, and the global route's when the policy names a provider or a key
+    (otherwise the client's model picks the provider, which cannot be known up front)."""
+    environ = os.environ if environ is None else environ
+    policy, missing = record.policy, []
+    routes = list(policy.providers)
+    if policy.provider or policy.base_key_env or config.default_provider:
+        routes.insert(0, None)
+    for matched in routes:
+        try:
+            provider, _ = select_upstream(policy, matched, catalog, config, "openai")
+        except TokenomicsError:
+            continue  # an unknown provider name is the policy validator's to report
+        if provider.name == "mock":
+            continue
+        key_env = (matched.base_key_env if matched is not None else "") or policy.base_key_env or provider.api_key_env
+        if key_env and not environ.get(key_env) and (key_env, provider.name) not in missing:
+            missing.append((key_env, provider.name))
+    return missing
+
+
+def _token_usage(url: str, token_hash: str | None) -> dict | None:
+    """This token's row of a running proxy's /stats, zeros when it has none yet, None when the
+    proxy or the token's hash cannot be read."""
+    if token_hash is None:
+        return None
+    status, body = _http_get(url.rstrip("/") + "/stats")
+    if status != 200:
+        return None
+    try:
+        row = json.loads(body).get("by_token", {}).get(token_hash[:HASH_PREFIX], {})
+    except (ValueError, AttributeError):
+        return None
+    return {k: row.get(k, 0) for k in ("requests", "input_tokens", "output_tokens", "cost_usd", "errors")}
+
+
+def _usage_line(before: dict | None, after: dict | None, url: str) -> str:
+    if before is None or after is None:
+        return f"tokenomics: usage of this token is not visible from here (see `tokenomics ledger` where {url} runs)"
+    d = {k: after[k] - before[k] for k in after}
+    return (f"tokenomics: {d['requests']} requests, {d['input_tokens']:,} tokens in / {d['output_tokens']:,} out, "
+            f"${d['cost_usd']:.4f}, {d['errors']} errors (via {url})")
+
+
 def cmd_run(args) -> int:
     command = list(args.cmd or [])
     if command and command[0] == "--":
@@ -337,20 +384,37 @@ def cmd_run(args) -> int:
     if not token:
         raise UsageError("--token: no token given; pass --token tkn_... or set TOKENOMICS_KEY")
     if args.admin:
-        _err("tokenomics: the admin UI is not available in this version; --admin is ignored")
+        raise UsageError("--admin: the admin UI is not available in this version; run without --admin")
     config = _load(args, _serve_overrides(args))
+    check_available(config)
     provider = args.provider or config.cli_maps.get(os.path.basename(command[0]))
     background = None
-    daemon = _read_pid(config)
-    if not args.proxy_url and not args.tls and _proxy_alive(daemon) and daemon.get("url"):
-        _err(f"tokenomics: using the proxy already running for this data dir at {daemon['url']}")
-        args.proxy_url = daemon["url"]
+    with contextlib.suppress(RuntimeFailure):
+        daemon = _read_pid(config)
+        if not args.proxy_url and not args.tls and _proxy_alive(daemon) and daemon.get("url"):
+            _err(f"tokenomics: using the proxy already running for this data dir at {daemon['url']}")
+            args.proxy_url = daemon["url"]
+    token_hash = before = None
     if args.proxy_url:
         _check_token(None, token, args.proxy_url)
         url, ca = args.proxy_url, None
+        with contextlib.suppress(TokenomicsError):  # knowing the hash needs this data dir's store and key
+            store = TokenStore(config, Catalog(config)) if os.path.isfile(os.path.join(config.dir, "tokens.json")) \
+                else None
+            if store is not None and store.lookup(token) is not None:
+                token_hash = hash_token(store.hash_key, token)
+        before = _token_usage(url, token_hash)
     else:
+        catalog = Catalog(config)
+        store = TokenStore(config, catalog)
+        _check_token(store, token, None)
+        missing = _missing_provider_keys(store.lookup(token), catalog, config)
+        if missing:
+            names = ", ".join(f"{env} (provider {name})" for env, name in missing)
+            raise RuntimeFailure(f"run: this token's policy needs the provider key variable {names}, which this "
+                                 "shell does not set; export it (the proxy holds it, the command never sees it) "
+                                 "and run again")
         proxy = Proxy(config)
-        _check_token(proxy.store, token, None)
         background = BackgroundProxy(proxy)
         url = background.start(tls=args.tls)[0]
         ca = ca_bundle(config) if args.tls else None
@@ -382,6 +446,8 @@ def cmd_run(args) -> int:
         if background is not None:
             background.stop()
             _err(background.proxy.pipeline.records.totals.line())
+        else:
+            _err(_usage_line(before, _token_usage(url, token_hash), url))
     return _exit_code(returncode)
 
 
@@ -402,6 +468,12 @@ def _pid_path(config: Config) -> str:
     return os.path.join(config.dir, "tokenomics.pid")
 
 
+def _state_path(config: Config) -> str:
+    """What the CLI needs beyond the pid (start time, command line, URLs), kept apart so the pid
+    file holds the pid alone, as `kill $(cat ...)` and service managers expect."""
+    return os.path.join(config.dir, "tokenomics.state.json")
+
+
 def _self_command() -> list[str]:
     """How to start this same program again (source file, installed module or zipapp). It is
     imported rather than run as a script: Python keeps a script's whole syntax tree (~20 MB for
@@ -415,7 +487,7 @@ def _self_command() -> list[str]:
 
 def _process_start(pid: int) -> str | None:
     """The kernel's start time of a process (field 22 of /proc/PID/stat), or None off Linux.
-    Recorded at `start` so a recycled pid is never mistaken for our proxy."""
+    Recorded by `serve` so a recycled pid is never mistaken for our proxy."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
             return fh.read().rsplit(")", 1)[1].split()[19]
@@ -423,13 +495,26 @@ def _process_start(pid: int) -> str | None:
         return None
 
 
+def _process_cmdline(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return [part.decode("utf-8", "surrogateescape") for part in fh.read().split(b"\0")[:-1]]
+    except OSError:
+        return None
+
+
 def _process_alive(pid: int, started: str | None = None) -> bool:
+    """Whether pid runs (a zombie nobody reaped yet does not), and started at `started` if given."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    with contextlib.suppress(OSError, IndexError):
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            if fh.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                return False
     if started is None:
         return True
     current = _process_start(pid)
@@ -437,25 +522,71 @@ def _process_alive(pid: int, started: str | None = None) -> bool:
 
 
 def _proxy_alive(info: dict | None) -> bool:
-    return bool(info) and _process_alive(info["pid"], info.get("proc_start"))
+    """True only for a process verified to be this data dir's proxy: the state file written by
+    its `serve` names the same pid, and the kernel's start time and command line of that pid
+    are the ones recorded, so a stale, recycled or foreign pid never passes."""
+    if not info or not info.get("state") or info["pid"] <= 1 or info["pid"] == os.getpid():
+        return False
+    state, pid = info["state"], info["pid"]
+    if state.get("pid") != pid or not state.get("proc_start") or not isinstance(state.get("cmdline"), list):
+        return False
+    if not _process_alive(pid) or _process_start(pid) != state["proc_start"]:
+        return False
+    return _process_cmdline(pid) == state["cmdline"] and "serve" in state["cmdline"]
 
 
 def _read_pid(config: Config) -> dict | None:
+    """{"pid", "state", "url"} from the pid file and the state file beside it (state None when
+    it is missing or unreadable), or None without a pid file. A pid file that does not hold a
+    pid gives pid 0 and "bad": nothing is ever signalled for it."""
     try:
         with open(_pid_path(config), encoding="utf-8") as fh:
-            info = json.load(fh)
-        return info if isinstance(info, dict) and isinstance(info.get("pid"), int) else None
-    except (OSError, ValueError):
+            text = fh.read().strip()
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot read the pid file {_pid_path(config)}: {exc.strerror or exc}") from None
+    if not text.isdigit():
+        return {"pid": 0, "state": None, "url": None, "bad": True}
+    state = None
+    with contextlib.suppress(OSError, ValueError):
+        with open(_state_path(config), encoding="utf-8") as fh:
+            state = json.load(fh)
+    state = state if isinstance(state, dict) else None
+    return {"pid": int(text), "state": state, "url": (state or {}).get("url")}
+
+
+def _write_run_files(config: Config, urls: list[str]) -> None:
+    """Written by `serve` itself once it listens (a foreground serve counts as running too)."""
+    pid = os.getpid()
+    url = next((u for u in urls if u.startswith("http://")), urls[0] if urls else None)
+    state = {"pid": pid, "proc_start": _process_start(pid), "cmdline": _process_cmdline(pid),
+             "dir": config.dir, "started_at": utc_iso(time.time()), "url": url, "urls": urls}
+    write_private(_state_path(config), json.dumps(state, indent=2).encode())
+    write_private(_pid_path(config), f"{pid}\n".encode())
+
+
+def _remove_run_files(config: Config, pid: int | None = None) -> None:
+    """Remove the pid and state files, but only while they name `pid` (default: this process),
+    so an exiting proxy never deletes a newer one's."""
+    pid = os.getpid() if pid is None else pid
+    with contextlib.suppress(RuntimeFailure):
+        info = _read_pid(config)
+        if info is not None and info["pid"] != pid:
+            return
+    for path in (_pid_path(config), _state_path(config)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def cmd_start(args) -> int:
     config = _load(args, _serve_overrides(args))
+    check_available(config, args.workers)
     ensure_data_dir(config.dir)
     info = _read_pid(config)
     if _proxy_alive(info):
         _err(f"tokenomics is already running (pid {info['pid']})")
-        _out(info.get("url", ""))
+        _out(info.get("url") or "")
         return 0
     log_path = os.path.join(config.dir, "tokenomics.log")
     argv = _self_command() + ["--dir", config.dir] + (["--config", config.source] if config.source else []) + \
@@ -464,13 +595,8 @@ def cmd_start(args) -> int:
             ("--upstream-url", args.upstream_url)) if value is not None), []) + (["--no-tls"] if args.no_tls else [])
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     offset = os.lseek(fd, 0, os.SEEK_END)
-    started = time.time()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
-                                          start_new_session=True)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True)
     os.close(fd)
-    proc_start = _process_start(proc.pid)
-    write_private(_pid_path(config), json.dumps({"pid": proc.pid, "proc_start": proc_start,
-                                                 "started_at": utc_iso(started), "log": log_path}).encode())
     deadline = time.monotonic() + 15
     urls: list[str] = []
     while time.monotonic() < deadline:
@@ -481,19 +607,16 @@ def cmd_start(args) -> int:
         if urls:
             break
         if proc.poll() is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(_pid_path(config))
             raise RuntimeFailure(f"start: the proxy exited with code {proc.returncode}:\n{text.strip()}")
         time.sleep(0.02)
     else:
         proc.terminate()
         raise RuntimeFailure(f"start: the proxy did not become ready within 15 s; see {log_path}")
-    url = next((u for u in urls if u.startswith("http://")), urls[0])
-    write_private(_pid_path(config), json.dumps({"pid": proc.pid, "proc_start": proc_start,
-                                                 "started_at": utc_iso(started), "url": url, "urls": urls,
-                                                 "log": log_path}).encode())
-    _out(url)
+    _out(next((u for u in urls if u.startswith("http://")), urls[0]))
     return 0
+
+
+STOP_POLL_INTERVAL = 0.05   # seconds between checks that a signalled proxy has exited
 
 
 def cmd_stop(args) -> int:
@@ -502,20 +625,39 @@ def cmd_stop(args) -> int:
     if info is None:
         _err("tokenomics is not running")
         return 0
-    pid = info["pid"]
+    pid, pid_file = info["pid"], _pid_path(config)
+    if info.get("bad"):
+        raise RuntimeFailure(f"stop: the pid file {pid_file} does not hold a pid, so nothing was signalled; "
+                             "remove it if no tokenomics proxy is running for this data dir")
     if not _proxy_alive(info):
-        os.unlink(_pid_path(config))
+        if pid <= 1 or _process_alive(pid):
+            why = ("that is the init process or no process" if pid <= 1 else
+                   "it has no state file beside it" if info["state"] is None else
+                   "that process is not the tokenomics proxy serving this data dir")
+            _err(f"tokenomics: {pid_file} names pid {pid}, but {why}; it was not signalled. If no proxy runs for "
+                 f"this data dir, remove {pid_file}")
+            return 1
+        _remove_run_files(config, pid)
         _err(f"tokenomics is not running (removed a stale pid file for pid {pid})")
         return 0
-    os.kill(pid, signal.SIGTERM)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except PermissionError:
+        raise RuntimeFailure(f"stop: not permitted to signal pid {pid}; the proxy runs as another user, stop it "
+                             "as that user") from None
+    except ProcessLookupError:
+        pass  # it exited on its own meanwhile
     deadline = time.monotonic() + config.server.grace_period + 5
     while time.monotonic() < deadline and _proxy_alive(info):
-        time.sleep(0.05)
+        time.sleep(STOP_POLL_INTERVAL)
     if _proxy_alive(info):
-        os.kill(pid, signal.SIGKILL)
-        _err(f"tokenomics (pid {pid}) did not stop in time and was killed")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(_pid_path(config))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        _err(f"tokenomics (pid {pid}) did not stop within the grace period and was killed")
+        kill_deadline = time.monotonic() + 5
+        while time.monotonic() < kill_deadline and _proxy_alive(info):
+            time.sleep(STOP_POLL_INTERVAL)
+    _remove_run_files(config, pid)
     _err(f"tokenomics stopped (pid {pid})")
     return 0
 
@@ -973,6 +1115,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tokenomics", description="A guardrail proxy for LLM traffic: scoped wrapper tokens, budgets, "
         "rate limits, content rules and a cost ledger in front of OpenAI- and Anthropic-compatible APIs.")
     _common_options(parser, suppress=False)
+    parser.add_argument("--version", action="version", version=f"tokenomics {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
@@ -1025,6 +1168,7 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--https-port", type=int)
     start.add_argument("--no-tls", action="store_true")
     start.add_argument("--upstream-url")
+    start.add_argument("--workers", type=int, default=1, help="worker processes (needs the redis backend)")
     start.set_defaults(func=cmd_start)
     commands.add_parser("stop", parents=[common], help="stop the background proxy").set_defaults(func=cmd_stop)
     status = commands.add_parser("status", parents=[common], help="is the background proxy running?")

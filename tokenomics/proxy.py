@@ -67,16 +67,36 @@ def _lock_data_dir(directory: str) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RuntimeFailure(f"another tokenomics proxy is serving the data dir {directory} (see `tokenomics "
-                             "status`); point clients at it (`tokenomics run --proxy-url URL`) or give this "
+        raise RuntimeFailure(f"another tokenomics proxy is serving the data dir {directory} (a `serve` or "
+                             "`start` that `tokenomics status` shows, or the proxy of a `tokenomics run` still "
+                             "running); point clients at it (`tokenomics run --proxy-url URL`) or give this "
                              "proxy its own --dir") from None
     return fd
+
+
+def check_available(config: Config, workers: int = 1) -> None:
+    """Refuse, before anything starts, what the configuration or flags ask for but this version
+    cannot do: nothing accepted may be silently ignored (SPEC §12)."""
+    if workers < 1:
+        raise UsageError(f"--workers: {workers} is not a number of processes; give 1 or more")
+    if workers > 1 and config.session.backend == "memory":
+        raise UsageError(f"--workers {workers}: with session.backend: memory each worker would keep its own "
+                         "budgets and rate limits; configure session.backend: redis (with session.redis.addr) "
+                         "so that all workers share them, or serve with one worker")
+    if workers > 1:
+        raise UsageError(f"--workers {workers}: serving with several worker processes is not available in this "
+                         "version; serve with one worker (drop --workers)")
+    if config.remote.url:
+        raise UsageError("config: remote.url: syncing tokens from a remote token server is not available in this "
+                         "version; remove the remote: block (to share tokens, copy tokens.json and use the same "
+                         "hash key)")
 
 
 class Proxy:
     """A running proxy: the collaborators built from config and the listeners serving them."""
 
     def __init__(self, config: Config, environ=None):
+        check_available(config)
         if config.session.backend != "memory":
             raise UsageError("config: session.backend: only 'memory' is available in this version")
         self.config = config
