@@ -3,7 +3,7 @@
 import json
 from typing import Any, AsyncIterator, Callable, Iterator, TYPE_CHECKING
 
-from .dialects import Dialect, RESPONSES
+from .dialects import Dialect
 from .errors import ProxyError
 from .http.server import error_body, event_output_bytes
 from .http.sse import SSEEvent, SSEParser, _sse
@@ -15,12 +15,9 @@ if TYPE_CHECKING:  # names used in annotations only
 
 def stream_error_event(dialect: Dialect, err: ProxyError, sequence: int | None = None) -> bytes:
     """The event that ends a stream with an error, in the stream's own dialect."""
-    if dialect.family == "anthropic":
-        return _sse(error_body("anthropic", err.status, err.code, err.message), "error")
-    if dialect is RESPONSES:
-        return _sse({"type": "error", "code": err.code, "message": err.message, "param": None,
-                     "sequence_number": sequence or 0}, "error")
-    return _sse(error_body("openai", err.status, err.code, err.message))
+    event, payload = dialect.stream_error(err, error_body(dialect.family, err.status, err.code, err.message),
+                                          sequence or 0)
+    return _sse(payload, event)
 
 
 class StreamRelay:
