@@ -22,8 +22,8 @@ from .errors import ProxyError
 from .guard.anonymize import Anonymizer
 from .guard.rules import Guard, json_bytes_in_pieces, scan_off_loop
 from .guard.stream import StreamGuard
-from .http.client import UpstreamClient, UpstreamResponse
-from .http.mock import MockProvider
+from .http.client import Upstream, UpstreamCall, UpstreamClient, UpstreamResponse
+from .http.mock import MockUpstream
 from .http.server import Request, Response, answer_output_bytes, error_response, json_response
 from .http.sse import _deadline
 from .limits.decide import BudgetLine, budget_event, estimate_tokens
@@ -356,7 +356,8 @@ class Pipeline:
 
     def __init__(self, config: Config, store: TokenStore, catalog: Catalog, client: UpstreamClient,
                  state: "State | None" = None, journal: "UsageJournal | None" = None,
-                 environ=None, clock: Callable[[], float] = time.time, records: "Records | None" = None):
+                 environ=None, clock: Callable[[], float] = time.time, records: "Records | None" = None,
+                 upstreams: "dict[str, Upstream] | None" = None):
         self.config, self.store, self.catalog, self.client = config, store, catalog, client
         self.state = state if state is not None else MemoryState()
         self.journal = journal
@@ -369,7 +370,9 @@ class Pipeline:
         self.log_bodies = (config.logging.request_body, config.logging.response_body)
         self._expired_seen: set = set()
         self._unpriced: set = set()
-        self.mock = MockProvider()
+        # Upstream by base URL scheme, chosen once per request by `upstream_for`.
+        self.upstreams = upstreams if upstreams is not None else {
+            "http": client, "https": client, "mock": MockUpstream()}
 
     async def __call__(self, req: Request) -> Response:
         path = req.path
@@ -538,18 +541,21 @@ class Pipeline:
     async def send(self, req: Request, provider: Provider, base_url: str, key_env: str, body: bytes,
                    timeout: float, ex: Exchange, dialect: Dialect | None = None,
                    parsed: dict | None = None) -> UpstreamResponse:
-        """Forward to the upstream (or the in-process mock) with the real key swapped in."""
-        if base_url.startswith("mock://"):
-            if dialect is None:
-                raise ProxyError(404, "not_found", f"the mock provider does not serve {req.path}")
-            status, payload = self.mock.answer(dialect, parsed)
-            content_type = "text/event-stream" if isinstance(payload, list) else "application/json"
-            # The mock shows what it was sent (already masked/anonymized): the demo prints it.
-            seen = dialect.last_user_text(parsed)[:200].encode("ascii", "backslashreplace").decode()
-            return UpstreamResponse(status, [("content-type", content_type),
-                                             ("x-request-id", "req_mock_" + ex.request_id[4:20]),
-                                             ("x-mock-received", re.sub(r"[\r\n]+", " ", seen))],
-                                    None, None, timeout, body=payload)
+        """Forward to the base URL's upstream with the real key swapped in."""
+        def address() -> tuple[str, list, str, bool]:
+            return self.upstream_address(req, provider, base_url, key_env, len(body), ex, dialect, parsed)
+        call = UpstreamCall(req.method, req.path, body, timeout, ex.request_id, dialect, parsed, address)
+        return await self.upstream_for(base_url).send(call)
+
+    def upstream_for(self, base_url: str) -> Upstream:
+        """The upstream that serves a base URL (the pooled client when no scheme is known: it
+        then reports the URL as unusable)."""
+        scheme = base_url.partition("://")[0].lower() if "://" in base_url else ""
+        return self.upstreams.get(scheme) or self.client
+
+    def upstream_address(self, req: Request, provider: Provider, base_url: str, key_env: str, body_len: int,
+                         ex: Exchange, dialect: Dialect | None, parsed: dict | None) -> tuple[str, list, str, bool]:
+        """(url, headers, key, insecure) of a request to a network upstream."""
         if not base_url:
             hint = f"set {provider.base_url_env}" if provider.base_url_env else "set upstream_url in the policy"
             raise ProxyError(502, "upstream_unreachable", f"provider '{provider.name}' has no upstream URL; "
@@ -563,10 +569,9 @@ class Pipeline:
             path = dialect.path
         url = upstream_url_for(base_url, provider, path, query, (parsed or {}).get("model", "") if dialect else "")
         host = urllib.parse.urlsplit(url).netloc
-        headers = self.upstream_headers(req, provider, key, ex, len(body), host, governed=bool(dialect),
+        headers = self.upstream_headers(req, provider, key, ex, body_len, host, governed=bool(dialect),
                                         translated=path != req.path)
-        return await self.client.request(req.method, url, headers, body, timeout, insecure=provider.insecure,
-                                         secret=key)
+        return url, headers, key, provider.insecure
 
     def client_headers(self, upstream: UpstreamResponse, ex: Exchange, decoded: bool) -> list:
         out = []
@@ -842,11 +847,10 @@ class Pipeline:
                 data = json.dumps(answer, ensure_ascii=False).encode("utf-8")
         return Response(200, headers, data)
 
-    @staticmethod
-    def upstream_dialect(dialect: Dialect, route: ResolvedPolicy) -> Dialect:
+    def upstream_dialect(self, dialect: Dialect, route: ResolvedPolicy) -> Dialect:
         """The dialect the upstream speaks for this request: the client's own, or the other one
         of chat ⇄ messages when the model's provider speaks the other family."""
-        if route.upstream_url.startswith("mock://"):
+        if self.upstream_for(route.upstream_url).speaks_every_dialect:
             return dialect
         upstream = dialect.speaking(route.provider.dialect)
         if upstream is not None:
@@ -1015,7 +1019,7 @@ class Pipeline:
         if request_rules:
             self.state.admit(record.hash[:HASH_PREFIX], request_rules, self.clock())
         provider, base_url = select_upstream(policy, None, self.catalog, self.config, native)
-        if base_url.startswith("mock://"):
+        if not self.upstream_for(base_url).serves_passthrough:
             raise ProxyError(404, "not_found", f"the mock provider does not serve {req.path}")
         key_env = record.policy.base_key_env or provider.api_key_env
         ex.provider, ex.key_env = provider.name, key_env
