@@ -34,7 +34,6 @@ class UsageJournal:
         self.path = os.fspath(path)
         self.snapshot_path = self.path + ".snapshot"
         self.compact_bytes = compact_bytes
-        self.skipped = 0  # complete lines that could not be read at replay (disk damage); log it
         self.charged_in_flight: tuple[int, int] = (0, 0)  # (requests, tokens) charged in full at replay
         self._fd: int | None = None
         self._seq = 0
@@ -77,8 +76,7 @@ class UsageJournal:
                         orphans.update(opened)
                         for rid in closed:
                             orphans.pop(rid, None)
-                except (ValueError, KeyError, TypeError):
-                    self.skipped += 1
+                except (ValueError, KeyError, TypeError):  # a damaged line counts nothing
                     continue
                 last = max(last, seq)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), 0o600)
