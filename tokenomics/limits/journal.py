@@ -8,7 +8,7 @@ import threading
 from ..errors import RuntimeFailure
 from ..limits.decide import _is_count
 from ..limits.state import MemoryState, _check_rows
-from ..util import _fsync_dir, _read_optional, _write_all
+from ..util import _read_optional, _write_all, atomic_file
 
 
 _JOURNAL_COMPACT_BYTES = 1 << 20  # ~7k requests of deltas; replaying 1 MiB stays far below the
@@ -148,16 +148,8 @@ class UsageJournal:
         snap = state.export(drain=True)  # pending deltas are inside the snapshot now
         snap["seq"] = self._seq
         data = json.dumps(snap, separators=(",", ":")).encode()
-        tmp = f"{self.snapshot_path}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.snapshot_path)
-        _fsync_dir(os.path.dirname(os.path.abspath(self.snapshot_path)))
+        with atomic_file(self.snapshot_path) as fh:
+            fh.write(data)
         os.ftruncate(self._fd, 0)
         os.fsync(self._fd)
         self._size = 0
