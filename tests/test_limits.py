@@ -838,3 +838,41 @@ def test_event_payloads():
         "remaining": 15.0, "percent": 25.0, "window_start": "1970-01-01T00:00:00Z", "resets_at": None}
     assert rate_event("3f2a9c1d", RateRule("tokens", 100, 60.0, "bucket"), 3) == {
         "key": "3f2a9c1d", "kind": "tokens", "limit": 100, "window": 60.0, "strategy": "bucket", "retry_after": 3}
+
+
+# -- durable files (util): the journal's snapshot and every other atomic write -------------------
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
+    from tokenomics.util import atomic_file
+    path = tmp_path / "usage.jsonl.snapshot"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(str(path)) as fh:
+            fh.write(b"half of the new")
+            raise RuntimeError("crash mid-write")
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == [path.name]  # no temp file left
+    with atomic_file(str(path)) as fh:
+        fh.write(b"new")
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == [path.name]
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_write_all_reports_how_much_a_failed_write_wrote(tmp_path, monkeypatch):
+    from tokenomics import util
+    fd = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT, 0o600)
+    real_write, calls = os.write, []
+
+    def short_then_full_disk(fd_, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd_, bytes(data[:3]))
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(util.os, "write", short_then_full_disk)
+    try:
+        with pytest.raises(util.PartialWrite) as caught:
+            util._write_all(fd, b"0123456789")
+    finally:
+        monkeypatch.undo()
+        os.close(fd)
+    assert caught.value.written == 3 and caught.value.errno == 28 and calls == [10, 7]
+    assert (tmp_path / "log").read_bytes() == b"012"

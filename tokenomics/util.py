@@ -215,10 +215,23 @@ def check_memory_file_name(pattern: str, where: str = "memory") -> None:
                          "(subdirectories are fine; no absolute path, no `..`)")
 
 
+class PartialWrite(OSError):
+    """A write that failed part-way: `written` bytes made it to the file (an append-only log
+    keeps the rest queued rather than writing them twice)."""
+
+    def __init__(self, errno_: int | None, strerror: str | None, written: int):
+        super().__init__(errno_, strerror)
+        self.written = written
+
+
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    """Write all of `data`, however many os.write calls it takes; a failure is a PartialWrite."""
+    view, done = memoryview(data), 0
+    while done < len(view):
+        try:
+            done += os.write(fd, view[done:])
+        except OSError as exc:
+            raise PartialWrite(exc.errno, exc.strerror, done) from exc
 
 
 def _read_optional(path: str) -> bytes | None:
