@@ -152,3 +152,17 @@ def test_pipeline_chooses_the_upstream_by_scheme():
     assert pipeline.upstream_for("MOCK://x") is mock
     assert pipeline.upstream_for("https://api.openai.com/v1") is client
     assert pipeline.upstream_for("") is client  # it then explains the missing URL
+
+
+def test_chat_strips_only_the_usage_it_asked_for():
+    usage_only = {"choices": [], "usage": {"prompt_tokens": 3}}
+    assert CHAT.strip_stream_usage(usage_only) is None  # the whole event goes
+    both = {"choices": [{"index": 0, "delta": {}}], "usage": {"prompt_tokens": 3}}
+    assert CHAT.strip_stream_usage(both) is True and "usage" not in both
+    assert CHAT.strip_stream_usage({"choices": [{"index": 0, "delta": {"content": "x"}}]}) is False
+    assert RESPONSES.strip_stream_usage({"type": "response.completed", "usage": {}}) is False
+
+
+def test_only_responses_streams_are_renumbered():
+    assert {d.name: d.sequence_field for d in ALL} == {
+        "chat": None, "completions": None, "embeddings": None, "responses": "sequence_number", "messages": None}

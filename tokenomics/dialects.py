@@ -84,6 +84,8 @@ class Dialect:
     # The dialect of the other family this one is translated to and from (chat <-> messages),
     # and the functions that do it: set on the instances below, None where there is none.
     peer: "Dialect | None" = None
+    sequence_field: str | None = None  # stream events numbered in order; the relay renumbers
+                                       # them when it adds events of its own
     # Other top-level fields the proxy reads: name -> (JSON types allowed, how to say so); null
     # counts as absent.
     field_types: dict = {"stream_options": (dict, 'an object such as {"include_usage": true}')}
@@ -199,6 +201,11 @@ class Dialect:
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return True
 
+    def strip_stream_usage(self, payload: dict) -> bool | None:
+        """Remove from a stream event the usage `ask_stream_usage` asked for: True when it was
+        removed, False when there was none, None when the event carried only usage (drop it)."""
+        return False
+
     def stream_error(self, err: ProxyError, body: dict, sequence: int) -> tuple[str | None, dict]:
         """(event name, payload) of the event that ends a stream with an error; `body` is the
         error body of this dialect's family."""
@@ -253,6 +260,14 @@ class ChatDialect(Dialect):
 
     def _stream_from_peer(self, model, wants_usage):
         return MessagesToChatStream(model, wants_usage)
+
+    def strip_stream_usage(self, payload):
+        if "usage" not in payload:
+            return False
+        if not payload.get("choices"):
+            return None  # the usage chunk itself
+        del payload["usage"]
+        return True
 
     def check(self, body):
         for msg in body.get("messages") if isinstance(body.get("messages"), list) else ():
@@ -418,6 +433,7 @@ class ResponsesDialect(Dialect):
     name = "responses"
     path = "/v1/responses"
     cap_fields = ("max_output_tokens",)
+    sequence_field = "sequence_number"
 
     def stream_error(self, err, body, sequence):
         return "error", {"type": "error", "code": err.code, "message": err.message, "param": None,
