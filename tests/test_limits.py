@@ -6,7 +6,6 @@ import os
 import stat
 import subprocess
 import sys
-import types
 from datetime import datetime, timezone
 
 import pytest
@@ -15,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import tokenomics
 import tokenomics.limits.decide
 from tokenomics.errors import ProxyError, RuntimeFailure, UsageError
-from tokenomics.limits.decide import BudgetLine, RateRule, budget_event, count_tokens, estimate_tokens, parse_budget, parse_rate_limit, rate_event, window_bounds
+from tokenomics.limits.decide import BudgetLine, RateRule, budget_event, estimate_tokens, parse_budget, parse_rate_limit, rate_event, window_bounds
 from tokenomics.limits.journal import UsageJournal
 from tokenomics.limits.prices import PRICES, Usage, cost_usd, parse_pricing, price_for
 from tokenomics.limits.state import MemoryState
@@ -703,7 +702,6 @@ def test_journal_replay_ignores_a_torn_last_line(tmp_path):
     j, s = UsageJournal(path), MemoryState()
     j.replay(s)
     assert s.usage(line, T0) == (30, 0)
-    assert j.skipped == 0
     spend(s, line, 5, T0)
     j.commit(s)  # must not glue onto the fragment
     j.close()
@@ -785,14 +783,21 @@ def test_journal_errors(tmp_path):
     (tmp_path / "b.jsonl.snapshot").write_text("{not json")
     with pytest.raises(RuntimeFailure, match="b.jsonl.snapshot is unreadable"):
         UsageJournal(tmp_path / "b.jsonl").replay(MemoryState())
-    # a damaged line in the middle is skipped and counted, the rest still loads
+    # damaged lines in the middle are skipped (the negative delta is not applied), the rest still
+    # loads, and lines committed after them load at the next replay too
     good = json.dumps({"s": 1, "d": [["k", "tokens", "total", 0.0, 5]]})
     bad = json.dumps({"s": 2, "d": [["k", "tokens", "total", 0.0, -5]]})
     (tmp_path / "c.jsonl").write_text(good + "\n" + bad + "\n" + "garbage\n")
     j, s = UsageJournal(tmp_path / "c.jsonl"), MemoryState()
     j.replay(s)
-    assert j.skipped == 2
-    assert s.usage(BudgetLine("k", "tokens", "total", 10), T0) == (5, 0)
+    line = BudgetLine("k", "tokens", "total", 10)
+    assert s.usage(line, T0) == (5, 0)
+    spend(s, line, 3, T0)
+    j.commit(s)
+    j.close()
+    s = MemoryState()
+    UsageJournal(tmp_path / "c.jsonl").replay(s)
+    assert s.usage(line, T0) == (8, 0)
 
 
 def test_settled_usage_survives_kill_9(tmp_path):
@@ -826,41 +831,6 @@ def test_estimate_tokens():
     assert [estimate_tokens(n) for n in (0, 1, 4, 5, 400, -3)] == [0, 1, 1, 2, 100, 0]
 
 
-def test_count_tokens_never_downloads(tmp_path, monkeypatch):
-    calls = []
-
-    class Enc:
-        def encode(self, text, disallowed_special=()):
-            return text.split()
-
-    fake = types.ModuleType("tiktoken")
-    fake.get_encoding = lambda name: calls.append(name) or Enc()
-    monkeypatch.setitem(sys.modules, "tiktoken", fake)
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    tokenomics.limits.decide._local_encoding.cache_clear()
-    try:
-        text = "one two three four five six seven eight"
-        assert count_tokens(text, "gpt-4o") == estimate_tokens(len(text))  # not cached locally
-        assert calls == []
-        import hashlib
-        url = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
-        (tmp_path / hashlib.sha1(url.encode()).hexdigest()).write_bytes(b"")
-        tokenomics.limits.decide._local_encoding.cache_clear()
-        assert count_tokens(text, "openai/gpt-4o") == 8
-        assert calls == ["o200k_base"]
-    finally:
-        tokenomics.limits.decide._local_encoding.cache_clear()
-
-
-def test_count_tokens_without_tiktoken(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tiktoken", None)  # import fails
-    tokenomics.limits.decide._local_encoding.cache_clear()
-    try:
-        assert count_tokens("x" * 41, "gpt-4o") == 11
-    finally:
-        tokenomics.limits.decide._local_encoding.cache_clear()
-
-
 def test_event_payloads():
     line = BudgetLine("3f2a9c1d0b7e4a55", "usd", "total", 20.0)
     assert budget_event(line, 5.0, 20.0, T0) == {
@@ -868,3 +838,41 @@ def test_event_payloads():
         "remaining": 15.0, "percent": 25.0, "window_start": "1970-01-01T00:00:00Z", "resets_at": None}
     assert rate_event("3f2a9c1d", RateRule("tokens", 100, 60.0, "bucket"), 3) == {
         "key": "3f2a9c1d", "kind": "tokens", "limit": 100, "window": 60.0, "strategy": "bucket", "retry_after": 3}
+
+
+# -- durable files (util): the journal's snapshot and every other atomic write -------------------
+
+def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
+    from tokenomics.util import atomic_file
+    path = tmp_path / "usage.jsonl.snapshot"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_file(str(path)) as fh:
+            fh.write(b"half of the new")
+            raise RuntimeError("crash mid-write")
+    assert path.read_bytes() == b"old" and os.listdir(tmp_path) == [path.name]  # no temp file left
+    with atomic_file(str(path)) as fh:
+        fh.write(b"new")
+    assert path.read_bytes() == b"new" and os.listdir(tmp_path) == [path.name]
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_write_all_reports_how_much_a_failed_write_wrote(tmp_path, monkeypatch):
+    from tokenomics import util
+    fd = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT, 0o600)
+    real_write, calls = os.write, []
+
+    def short_then_full_disk(fd_, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd_, bytes(data[:3]))
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(util.os, "write", short_then_full_disk)
+    try:
+        with pytest.raises(util.PartialWrite) as caught:
+            util._write_all(fd, b"0123456789")
+    finally:
+        monkeypatch.undo()
+        os.close(fd)
+    assert caught.value.written == 3 and caught.value.errno == 28 and calls == [10, 7]
+    assert (tmp_path / "log").read_bytes() == b"012"

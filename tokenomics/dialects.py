@@ -2,11 +2,15 @@
 
 import dataclasses
 import itertools
+import json
 from typing import Any, Iterator, TYPE_CHECKING
 
 from .errors import ProxyError
 from .limits.prices import Usage
 from .providers import _STRUCTURAL_KEYS, _content_groups, _field_groups, _parts_groups, _walk_slots
+from .translate import (ChatToMessagesStream, MessagesToChatStream, chat_to_messages_error, chat_to_messages_request,
+                        chat_to_messages_response, messages_to_chat_error, messages_to_chat_request,
+                        messages_to_chat_response)
 
 if TYPE_CHECKING:  # names used in annotations only
     from .providers import Provider
@@ -72,8 +76,16 @@ class Dialect:
     Streams: each SSE event's JSON payload is classified into text deltas (keyed per output
     channel: a choice, a content block, an output part), the channels it closes, and usage."""
     name = ""
+    path = ""                  # the governed endpoint that speaks this dialect
     family = "openai"          # error shape, and the provider that speaks it natively
     cap_fields: tuple = ("max_tokens",)
+    produces_output = True     # False: no output tokens to reserve or cap (embeddings)
+    asks_stream_usage = False  # True: a stream reports usage only when asked (stream_options)
+    # The dialect of the other family this one is translated to and from (chat <-> messages),
+    # and the functions that do it: set on the instances below, None where there is none.
+    peer: "Dialect | None" = None
+    sequence_field: str | None = None  # stream events numbered in order; the relay renumbers
+                                       # them when it adds events of its own
     # Other top-level fields the proxy reads: name -> (JSON types allowed, how to say so); null
     # counts as absent.
     field_types: dict = {"stream_options": (dict, 'an object such as {"include_usage": true}')}
@@ -135,6 +147,70 @@ class Dialect:
                 return
         body[self.cap_fields[0]] = limit
 
+    # -- translation to and from the upstream's dialect ----------------------------------------
+    def speaking(self, provider_family: str) -> "Dialect | None":
+        """The dialect to send to a provider of `provider_family`: this one, its peer, or None
+        when this endpoint cannot be translated to that family."""
+        if provider_family == self.family:
+            return self
+        return self.peer if self.peer is not None and self.peer.family == provider_family else None
+
+    def translate_request(self, body: dict, upstream: "Dialect", provider_name: str) -> dict | None:
+        """The request in the upstream's dialect, or None when the upstream speaks this one.
+        Shape errors (a field the other dialect cannot carry) surface as the translate
+        module raises them."""
+        return None if upstream is self else self._request_to_peer(body, provider_name)
+
+    def _request_to_peer(self, body: dict, provider_name: str) -> dict:
+        raise NotImplementedError
+
+    def translate_response(self, answer: dict, upstream: "Dialect", model: str) -> dict | None:
+        """An upstream answer in this dialect, or None when it already is."""
+        return None if upstream is self else self._response_from_peer(answer, model)
+
+    def _response_from_peer(self, answer: dict, model: str) -> dict:
+        raise NotImplementedError
+
+    def translate_error(self, data: bytes, upstream: "Dialect") -> bytes:
+        """An upstream error body in this dialect's error shape (unchanged when it is not JSON)."""
+        if upstream is self:
+            return data
+        try:
+            body = json.loads(data)
+        except ValueError:
+            return data
+        if not isinstance(body, dict):
+            return data
+        return json.dumps(self._error_from_peer(body)).encode("utf-8")
+
+    def _error_from_peer(self, body: dict) -> dict:
+        raise NotImplementedError
+
+    def stream_translator(self, upstream: "Dialect", model: str, wants_usage: bool) -> Any:
+        """A feed/finish translator of the upstream's stream events into this dialect's, or None."""
+        return None if upstream is self else self._stream_from_peer(model, wants_usage)
+
+    def _stream_from_peer(self, model: str, wants_usage: bool) -> Any:
+        raise NotImplementedError
+
+    def ask_stream_usage(self, body: dict) -> bool:
+        """Ask a stream to report usage the client did not ask for; True when the request was
+        changed (the relay then strips the usage the client would not have seen)."""
+        if not self.asks_stream_usage or (body.get("stream_options") or {}).get("include_usage"):
+            return False
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        return True
+
+    def strip_stream_usage(self, payload: dict) -> bool | None:
+        """Remove from a stream event the usage `ask_stream_usage` asked for: True when it was
+        removed, False when there was none, None when the event carried only usage (drop it)."""
+        return False
+
+    def stream_error(self, err: ProxyError, body: dict, sequence: int) -> tuple[str | None, dict]:
+        """(event name, payload) of the event that ends a stream with an error; `body` is the
+        error body of this dialect's family."""
+        return ("error" if self.family == "anthropic" else None), body
+
     # -- streams ------------------------------------------------------------------------------
     def stream_deltas(self, event: str | None, payload: dict) -> list[tuple[Any, Any, Any]]:
         """[(channel, holder, key)] for each text delta carried by this event."""
@@ -169,7 +245,29 @@ class Dialect:
 
 class ChatDialect(Dialect):
     name = "chat"
+    path = "/v1/chat/completions"
     cap_fields = ("max_completion_tokens", "max_tokens")
+    asks_stream_usage = True
+
+    def _request_to_peer(self, body, provider_name):
+        return chat_to_messages_request(body)
+
+    def _response_from_peer(self, answer, model):
+        return messages_to_chat_response(answer, model)
+
+    def _error_from_peer(self, body):
+        return messages_to_chat_error(body)
+
+    def _stream_from_peer(self, model, wants_usage):
+        return MessagesToChatStream(model, wants_usage)
+
+    def strip_stream_usage(self, payload):
+        if "usage" not in payload:
+            return False
+        if not payload.get("choices"):
+            return None  # the usage chunk itself
+        del payload["usage"]
+        return True
 
     def check(self, body):
         for msg in body.get("messages") if isinstance(body.get("messages"), list) else ():
@@ -265,7 +363,9 @@ class ChatDialect(Dialect):
 
 class CompletionsDialect(ChatDialect):
     name = "completions"
+    path = "/v1/completions"
     cap_fields = ("max_tokens",)
+    asks_stream_usage = False
 
     input_groups = Dialect.input_groups
 
@@ -304,7 +404,10 @@ class CompletionsDialect(ChatDialect):
 
 class EmbeddingsDialect(ChatDialect):
     name = "embeddings"
+    path = "/v1/embeddings"
     cap_fields = ()
+    produces_output = False
+    asks_stream_usage = False
 
     input_groups = Dialect.input_groups
 
@@ -328,7 +431,13 @@ class EmbeddingsDialect(ChatDialect):
 
 class ResponsesDialect(Dialect):
     name = "responses"
+    path = "/v1/responses"
     cap_fields = ("max_output_tokens",)
+    sequence_field = "sequence_number"
+
+    def stream_error(self, err, body, sequence):
+        return "error", {"type": "error", "code": err.code, "message": err.message, "param": None,
+                         "sequence_number": sequence}
 
     def input_slots(self, body):
         for group in self.input_groups(body):
@@ -452,8 +561,27 @@ class ResponsesDialect(Dialect):
 
 class MessagesDialect(Dialect):
     name = "messages"
+    path = "/v1/messages"
     family = "anthropic"
     cap_fields = ("max_tokens",)
+
+    # OpenAI's o-series and gpt-5 refuse max_tokens on chat; other OpenAI-style servers want it.
+    _COMPLETION_CAP_PROVIDERS = frozenset(("openai", "azure_openai"))
+
+    def _request_to_peer(self, body, provider_name):
+        out = messages_to_chat_request(body)
+        if provider_name in self._COMPLETION_CAP_PROVIDERS and "max_tokens" in out:
+            out["max_completion_tokens"] = out.pop("max_tokens")
+        return out
+
+    def _response_from_peer(self, answer, model):
+        return chat_to_messages_response(answer, model)
+
+    def _error_from_peer(self, body):
+        return chat_to_messages_error(body)
+
+    def _stream_from_peer(self, model, wants_usage):
+        return ChatToMessagesStream(model)
 
     def input_slots(self, body):
         for group in self.input_groups(body):
@@ -561,9 +689,11 @@ CHAT, COMPLETIONS, EMBEDDINGS = ChatDialect(), CompletionsDialect(), EmbeddingsD
 RESPONSES, MESSAGES = ResponsesDialect(), MessagesDialect()
 
 
+CHAT.peer, MESSAGES.peer = MESSAGES, CHAT
+
+
 # Governed endpoints: path -> dialect adapter. Everything else under /v1 is passthrough.
-GOVERNED = {"/v1/chat/completions": CHAT, "/v1/responses": RESPONSES, "/v1/messages": MESSAGES,
-            "/v1/completions": COMPLETIONS, "/v1/embeddings": EMBEDDINGS}
+GOVERNED = {d.path: d for d in (CHAT, RESPONSES, MESSAGES, COMPLETIONS, EMBEDDINGS)}
 
 
 def dialect_family(path: str) -> str:

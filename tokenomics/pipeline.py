@@ -17,13 +17,13 @@ from typing import Any, AsyncIterator, Callable, TYPE_CHECKING
 
 from . import __version__
 from .config import Config
-from .dialects import CHAT, Dialect, EMBEDDINGS, GOVERNED, MESSAGES, check_model_name, dialect_family
+from .dialects import Dialect, GOVERNED, check_model_name, dialect_family
 from .errors import ProxyError
 from .guard.anonymize import Anonymizer
 from .guard.rules import Guard, json_bytes_in_pieces, scan_off_loop
 from .guard.stream import StreamGuard
-from .http.client import UpstreamClient, UpstreamResponse
-from .http.mock import MockProvider
+from .http.client import Upstream, UpstreamCall, UpstreamClient, UpstreamResponse
+from .http.mock import MockUpstream
 from .http.server import Request, Response, answer_output_bytes, error_response, json_response
 from .http.sse import _deadline
 from .limits.decide import BudgetLine, budget_event, estimate_tokens
@@ -35,7 +35,6 @@ from .records.exchange import Exchange
 from .records.fanout import Records
 from .relay import StreamRelay, usage_meta
 from .store import TokenRecord, TokenStore
-from .translate import ChatToMessagesStream, MessagesToChatStream, chat_to_messages_error, chat_to_messages_request, chat_to_messages_response, messages_to_chat_error, messages_to_chat_request, messages_to_chat_response
 from .util import DEFAULT_UPSTREAM_TIMEOUT, HASH_PREFIX, log, new_id, non_canonical, utc_iso
 
 if TYPE_CHECKING:  # names used in annotations only
@@ -357,7 +356,8 @@ class Pipeline:
 
     def __init__(self, config: Config, store: TokenStore, catalog: Catalog, client: UpstreamClient,
                  state: "State | None" = None, journal: "UsageJournal | None" = None,
-                 environ=None, clock: Callable[[], float] = time.time, records: "Records | None" = None):
+                 environ=None, clock: Callable[[], float] = time.time, records: "Records | None" = None,
+                 upstreams: "dict[str, Upstream] | None" = None):
         self.config, self.store, self.catalog, self.client = config, store, catalog, client
         self.state = state if state is not None else MemoryState()
         self.journal = journal
@@ -370,7 +370,9 @@ class Pipeline:
         self.log_bodies = (config.logging.request_body, config.logging.response_body)
         self._expired_seen: set = set()
         self._unpriced: set = set()
-        self.mock = MockProvider()
+        # Upstream by base URL scheme, chosen once per request by `upstream_for`.
+        self.upstreams = upstreams if upstreams is not None else {
+            "http": client, "https": client, "mock": MockUpstream()}
 
     async def __call__(self, req: Request) -> Response:
         path = req.path
@@ -401,8 +403,7 @@ class Pipeline:
                 allow = ", ".join(methods)
                 raise ProxyError(405, "method_not_allowed", f"{path} accepts {allow} only; send the request "
                                                             f"with {methods[0]}", headers={"Allow": allow})
-            dialect = GOVERNED.get(path)
-            if dialect is not None:
+            if dialect := GOVERNED.get(path):
                 response = await self.governed(req, dialect, ex)
             elif path == "/v1/models":
                 response = self.models(req)
@@ -540,18 +541,21 @@ class Pipeline:
     async def send(self, req: Request, provider: Provider, base_url: str, key_env: str, body: bytes,
                    timeout: float, ex: Exchange, dialect: Dialect | None = None,
                    parsed: dict | None = None) -> UpstreamResponse:
-        """Forward to the upstream (or the in-process mock) with the real key swapped in."""
-        if base_url.startswith("mock://"):
-            if dialect is None:
-                raise ProxyError(404, "not_found", f"the mock provider does not serve {req.path}")
-            status, payload = self.mock.answer(dialect, parsed)
-            content_type = "text/event-stream" if isinstance(payload, list) else "application/json"
-            # The mock shows what it was sent (already masked/anonymized): the demo prints it.
-            seen = dialect.last_user_text(parsed)[:200].encode("ascii", "backslashreplace").decode()
-            return UpstreamResponse(status, [("content-type", content_type),
-                                             ("x-request-id", "req_mock_" + ex.request_id[4:20]),
-                                             ("x-mock-received", re.sub(r"[\r\n]+", " ", seen))],
-                                    None, None, timeout, body=payload)
+        """Forward to the base URL's upstream with the real key swapped in."""
+        def address() -> tuple[str, list, str, bool]:
+            return self.upstream_address(req, provider, base_url, key_env, len(body), ex, dialect, parsed)
+        call = UpstreamCall(req.method, req.path, body, timeout, ex.request_id, dialect, parsed, address)
+        return await self.upstream_for(base_url).send(call)
+
+    def upstream_for(self, base_url: str) -> Upstream:
+        """The upstream that serves a base URL (the pooled client when no scheme is known: it
+        then reports the URL as unusable)."""
+        scheme = base_url.partition("://")[0].lower() if "://" in base_url else ""
+        return self.upstreams.get(scheme) or self.client
+
+    def upstream_address(self, req: Request, provider: Provider, base_url: str, key_env: str, body_len: int,
+                         ex: Exchange, dialect: Dialect | None, parsed: dict | None) -> tuple[str, list, str, bool]:
+        """(url, headers, key, insecure) of a request to a network upstream."""
         if not base_url:
             hint = f"set {provider.base_url_env}" if provider.base_url_env else "set upstream_url in the policy"
             raise ProxyError(502, "upstream_unreachable", f"provider '{provider.name}' has no upstream URL; "
@@ -561,14 +565,13 @@ class Pipeline:
         if key and provider.auth_scheme == "query":
             query = "&".join(q for q in (query, urllib.parse.urlencode({provider.auth_header or "key": key})) if q)
         path = req.path
-        if dialect is not None and GOVERNED.get(path) is not dialect:  # translated: the upstream's own endpoint
-            path = next(p for p, d in GOVERNED.items() if d is dialect)
+        if dialect and path != dialect.path:  # translated: the upstream's own endpoint
+            path = dialect.path
         url = upstream_url_for(base_url, provider, path, query, (parsed or {}).get("model", "") if dialect else "")
         host = urllib.parse.urlsplit(url).netloc
-        headers = self.upstream_headers(req, provider, key, ex, len(body), host, governed=dialect is not None,
+        headers = self.upstream_headers(req, provider, key, ex, body_len, host, governed=bool(dialect),
                                         translated=path != req.path)
-        return await self.client.request(req.method, url, headers, body, timeout, insecure=provider.insecure,
-                                         secret=key)
+        return url, headers, key, provider.insecure
 
     def client_headers(self, upstream: UpstreamResponse, ex: Exchange, decoded: bool) -> list:
         out = []
@@ -656,12 +659,11 @@ class Pipeline:
                 changed = True
             wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             strip_usage = False
-            if upstream_dialect is not dialect:
-                upstream_body = self.translate_request(dialect, body, route)
+            upstream_body = self.translate_request(dialect, upstream_dialect, body, route)
+            if upstream_body is not None:
                 payload = json.dumps(upstream_body, ensure_ascii=False).encode("utf-8")
             else:
-                if ex.stream and dialect is CHAT and not wants_usage:
-                    body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+                if ex.stream and dialect.ask_stream_usage(body):
                     strip_usage = changed = True
                 upstream_body = body
                 if changed and len(req.body) > _OFF_LOOP_BYTES:
@@ -790,15 +792,12 @@ class Pipeline:
         ex.status = upstream.status
         ex.provider_meta = rate_limit_meta(upstream.header_map)
         if upstream.status != 200:
-            data = self.translate_error(dialect, upstream_dialect, await upstream.read())
+            data = dialect.translate_error(await upstream.read(), upstream_dialect)
             admission.close(None, self.clock())
             return Response(upstream.status, headers, data)
         channel, whole = self.output_guards(attempt, ex)
         if ex.stream:
-            translator = None
-            if upstream_dialect is not dialect:
-                translator = MessagesToChatStream(model, attempt.wants_usage) if dialect is CHAT \
-                    else ChatToMessagesStream(model)
+            translator = dialect.stream_translator(upstream_dialect, model, attempt.wants_usage)
             relay = StreamRelay(dialect, ex, channel=channel, full_text=whole, strip_usage=attempt.strip_usage,
                                 translator=translator, meta_dialect=upstream_dialect,
                                 log_text=self.masked_output(attempt))
@@ -826,9 +825,9 @@ class Pipeline:
             ex.usage = upstream_dialect.usage(answer)
             ex.upstream_id = str(answer.get("id", ""))
             ex.provider_meta.update(upstream_dialect.response_meta(answer))
-            if upstream_dialect is not dialect:
-                answer = messages_to_chat_response(answer, model) if dialect is CHAT \
-                    else chat_to_messages_response(answer, model)
+            translated = dialect.translate_response(answer, upstream_dialect, model)
+            if translated is not None:
+                answer = translated
                 data = json.dumps(answer, ensure_ascii=False).encode("utf-8")
         if ex.usage is not None:
             ex.provider_meta.update(usage_meta(ex.usage))
@@ -848,45 +847,26 @@ class Pipeline:
                 data = json.dumps(answer, ensure_ascii=False).encode("utf-8")
         return Response(200, headers, data)
 
-    @staticmethod
-    def upstream_dialect(dialect: Dialect, route: ResolvedPolicy) -> Dialect:
+    def upstream_dialect(self, dialect: Dialect, route: ResolvedPolicy) -> Dialect:
         """The dialect the upstream speaks for this request: the client's own, or the other one
         of chat ⇄ messages when the model's provider speaks the other family."""
-        if route.provider.dialect == dialect.family or route.upstream_url.startswith("mock://"):
+        if self.upstream_for(route.upstream_url).speaks_every_dialect:
             return dialect
-        if dialect is CHAT:
-            return MESSAGES
-        if dialect is MESSAGES:
-            return CHAT
+        upstream = dialect.speaking(route.provider.dialect)
+        if upstream is not None:
+            return upstream
         raise ProxyError(400, "invalid_request",
                          f"model '{route.model}' is served by provider '{route.provider.name}' "
                          f"({route.provider.dialect} dialect); {dialect.name} requests can only be translated "
                          "between /v1/chat/completions and /v1/messages")
 
     @staticmethod
-    def translate_request(dialect: Dialect, body: dict, route: ResolvedPolicy) -> dict:
+    def translate_request(dialect: Dialect, upstream: Dialect, body: dict, route: ResolvedPolicy) -> dict | None:
+        """The body in the upstream's dialect; None when it speaks the client's."""
         try:
-            out = chat_to_messages_request(body) if dialect is CHAT else messages_to_chat_request(body)
+            return dialect.translate_request(body, upstream, route.provider.name)
         except _SHAPE_ERRORS:
             raise shape_error(dialect) from None
-        if dialect is CHAT:
-            return out
-        if route.provider.name in ("openai", "azure_openai") and "max_tokens" in out:
-            out["max_completion_tokens"] = out.pop("max_tokens")  # o-series and gpt-5 refuse max_tokens
-        return out
-
-    @staticmethod
-    def translate_error(dialect: Dialect, upstream_dialect: Dialect, data: bytes) -> bytes:
-        if upstream_dialect is dialect:
-            return data
-        try:
-            body = json.loads(data)
-        except ValueError:
-            return data
-        if not isinstance(body, dict):
-            return data
-        out = messages_to_chat_error(body) if dialect is CHAT else chat_to_messages_error(body)
-        return json.dumps(out).encode("utf-8")
 
     async def _finish_stream(self, relay: "StreamRelay", upstream: UpstreamResponse, admission: "Admission",
                              sent_bytes: int) -> AsyncIterator[bytes]:
@@ -996,7 +976,7 @@ class Pipeline:
             elif route.max_output_tokens is not None and requested is None:
                 cap = allowance = route.max_output_tokens
             lines = self.budget_lines(record, route)
-            if dialect is EMBEDDINGS:
+            if not dialect.produces_output:
                 allowance, cap = 0, None
             if lines:
                 price = price_for(route.model, self.pricing) or (0.0, 0.0, 0.0)
@@ -1005,7 +985,7 @@ class Pipeline:
                                                   min_tokens=estimate + (1 if allowance else 0),
                                                   usd_per_token=price[2] / 1e6)
                 admission.reservation, admission.lines = res, lines
-                if dialect is not EMBEDDINGS:
+                if dialect.produces_output:
                     cap = min(granted - estimate, cap or granted)  # a hard cap needs a bound upstream
             if cap is not None and cap != requested:
                 dialect.set_output_cap(body, max(1, cap), route.provider)
@@ -1039,7 +1019,7 @@ class Pipeline:
         if request_rules:
             self.state.admit(record.hash[:HASH_PREFIX], request_rules, self.clock())
         provider, base_url = select_upstream(policy, None, self.catalog, self.config, native)
-        if base_url.startswith("mock://"):
+        if not self.upstream_for(base_url).serves_passthrough:
             raise ProxyError(404, "not_found", f"the mock provider does not serve {req.path}")
         key_env = record.policy.base_key_env or provider.api_key_env
         ex.provider, ex.key_env = provider.name, key_env

@@ -3,7 +3,7 @@
 import json
 from typing import Any, AsyncIterator, Callable, Iterator, TYPE_CHECKING
 
-from .dialects import Dialect, RESPONSES
+from .dialects import Dialect
 from .errors import ProxyError
 from .http.server import error_body, event_output_bytes
 from .http.sse import SSEEvent, SSEParser, _sse
@@ -15,12 +15,9 @@ if TYPE_CHECKING:  # names used in annotations only
 
 def stream_error_event(dialect: Dialect, err: ProxyError, sequence: int | None = None) -> bytes:
     """The event that ends a stream with an error, in the stream's own dialect."""
-    if dialect.family == "anthropic":
-        return _sse(error_body("anthropic", err.status, err.code, err.message), "error")
-    if dialect is RESPONSES:
-        return _sse({"type": "error", "code": err.code, "message": err.message, "param": None,
-                     "sequence_number": sequence or 0}, "error")
-    return _sse(error_body("openai", err.status, err.code, err.message))
+    event, payload = dialect.stream_error(err, error_body(dialect.family, err.status, err.code, err.message),
+                                          sequence or 0)
+    return _sse(payload, event)
 
 
 class StreamRelay:
@@ -145,8 +142,9 @@ class StreamRelay:
             text = guard.finish() if guard is not None else ""
             if text:
                 name, extra = self.dialect.tail_event(ch, text, payload or {}, event)
-                if "sequence_number" in (payload or {}):
-                    extra["sequence_number"] = payload["sequence_number"] + self.seq_shift
+                seq = self.dialect.sequence_field
+                if seq is not None and seq in (payload or {}):
+                    extra[seq] = payload[seq] + self.seq_shift
                     self.seq_shift += 1
                 out.append(_sse(extra, name))
         return b"".join(out)
@@ -179,16 +177,17 @@ class StreamRelay:
                 for holder, key in dialect.stream_full_texts(name, payload):
                     holder[key] = self.full_text(holder[key])
                     changed = True
-        if self.strip_usage and "usage" in payload:
-            if not payload.get("choices"):
+        if self.strip_usage:
+            stripped = dialect.strip_stream_usage(payload)
+            if stripped is None:
                 return out
-            del payload["usage"]
-            changed = True
-        if "sequence_number" in payload:
+            changed |= stripped
+        seq = dialect.sequence_field
+        if seq is not None and seq in payload:
             if self.seq_shift:
-                payload["sequence_number"] += self.seq_shift
+                payload[seq] += self.seq_shift
                 changed = True
-            self.last_seq = payload["sequence_number"]
+            self.last_seq = payload[seq]
         return out + (_sse(payload, name) if changed else raw)
 
 

@@ -164,7 +164,6 @@ class TokenStore:
         self._records: dict[str, TokenRecord] = {}
         self._stamp = None
         self._checked = 0.0
-        self.generation = 0
         self.reload()
 
     # -- reading -----------------------------------------------------------------------------
@@ -225,7 +224,6 @@ class TokenStore:
         doc = self._read_document()
         self._records = self._decode(doc, self._cipher(doc))
         self._stamp = stamp
-        self.generation += 1
 
     def refresh(self, now: float) -> None:
         """Pick up changes other processes made; cheap enough to call on every request."""

@@ -1,5 +1,5 @@
 """Shared small things: numbers with their units and reasons, the logger, durations and RFC 3339
-timestamps, ids, durable files (``write_private``, ``_write_all``, ``_fsync_dir``) and the
+timestamps, ids, durable files (``atomic_file``, ``write_private``, ``_write_all``, ``_fsync_dir``) and the
 secret scrubber used by every record."""
 
 import contextlib
@@ -10,7 +10,7 @@ import os
 import re
 import secrets
 import tempfile
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 from .errors import UsageError
 
@@ -134,14 +134,18 @@ def _type_name(tp) -> str:
             dict: "a mapping", list: "a list"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def write_private(path: str, data: bytes) -> None:
-    """Atomically replace `path` with `data`, mode 0600: temp file in the same dir, fsync, rename."""
+@contextlib.contextmanager
+def atomic_file(path: str) -> Iterator[BinaryIO]:
+    """A binary file, mode 0600, that replaces `path` when the block ends without an error: a
+    temp file in the same directory, fsync'ed, renamed over `path`, then the directory fsync'ed
+    so that the rename survives a crash too. On an error the temp file goes and `path` is left
+    as it was. The one atomic write of the package: everything durable goes through it."""
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -149,12 +153,13 @@ def write_private(path: str, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    _fsync_dir(directory)
+
+
+def write_private(path: str, data: bytes) -> None:
+    """Atomically replace `path` with `data`, mode 0600 (see atomic_file)."""
+    with atomic_file(path) as fh:
+        fh.write(data)
 
 
 _MEMORY_DEFAULT_DIR = "memory"  # under the data dir, when a memory spec names no file_path
@@ -210,10 +215,23 @@ def check_memory_file_name(pattern: str, where: str = "memory") -> None:
                          "(subdirectories are fine; no absolute path, no `..`)")
 
 
+class PartialWrite(OSError):
+    """A write that failed part-way: `written` bytes made it to the file (an append-only log
+    keeps the rest queued rather than writing them twice)."""
+
+    def __init__(self, errno_: int | None, strerror: str | None, written: int):
+        super().__init__(errno_, strerror)
+        self.written = written
+
+
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    """Write all of `data`, however many os.write calls it takes; a failure is a PartialWrite."""
+    view, done = memoryview(data), 0
+    while done < len(view):
+        try:
+            done += os.write(fd, view[done:])
+        except OSError as exc:
+            raise PartialWrite(exc.errno, exc.strerror, done) from exc
 
 
 def _read_optional(path: str) -> bytes | None:

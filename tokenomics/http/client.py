@@ -6,7 +6,8 @@ import ssl
 import time
 import urllib.parse
 import zlib
-from typing import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Iterator, Protocol
 
 import h11
 
@@ -206,9 +207,38 @@ def _inflate_tail(decoder) -> bytes:
         return b""
 
 
+@dataclass(slots=True, frozen=True)
+class UpstreamCall:
+    """One request for an upstream, as the pipeline has it. `address` builds the network
+    parts (url, headers with the key, the key itself, insecure TLS) only for an upstream that
+    goes on the network: reading the key is an error when it is missing, and the in-process
+    mock needs none. `dialect` and `parsed` are None for passthrough."""
+    method: str
+    path: str
+    body: bytes
+    timeout: float
+    request_id: str
+    dialect: Any
+    parsed: dict | None
+    address: Callable[[], tuple[str, list, str, bool]]
+
+
+class Upstream(Protocol):
+    """Where the pipeline's requests go: the pooled h11 client or the in-process mock.
+    Chosen once per base URL scheme, never by testing the URL on the hot path."""
+    speaks_every_dialect: bool   # True: no chat <-> messages translation is needed
+    serves_passthrough: bool     # False: passthrough paths are a 404 before anything is sent
+
+    async def send(self, call: UpstreamCall) -> "UpstreamResponse": ...
+
+    def close(self) -> None: ...
+
+
 class UpstreamClient:
     """Outbound HTTP/1.1 with h11 over asyncio streams, keep-alive pooling per origin and
     verified TLS by default (`insecure` per provider for self-hosted endpoints)."""
+    speaks_every_dialect = False
+    serves_passthrough = True
 
     def __init__(self, max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES):
         self.max_response_bytes = max_response_bytes
@@ -326,6 +356,11 @@ class UpstreamClient:
             return UpstreamResponse(event.status_code, list(event.headers), conn, self, timeout, secret=secret,
                                     max_bytes=self.max_response_bytes)
         raise AssertionError("unreachable")
+
+    async def send(self, call: UpstreamCall) -> UpstreamResponse:
+        url, headers, secret, insecure = call.address()
+        return await self.request(call.method, url, headers, call.body, call.timeout, insecure=insecure,
+                                  secret=secret)
 
     def close(self) -> None:
         for idle in self._idle.values():

@@ -7,6 +7,8 @@ import re
 import time
 
 from ..dialects import COMPLETIONS, Dialect, EMBEDDINGS, MESSAGES, RESPONSES
+from ..errors import ProxyError
+from ..http.client import UpstreamCall, UpstreamResponse
 from ..http.sse import _sse
 
 
@@ -128,3 +130,28 @@ class MockProvider:
                    ev("response.output_item.done", output_index=0, item=item),
                    ev("response.completed", response=response)]
         return events
+
+
+class MockUpstream:
+    """The mock provider as an `Upstream`: answers in the client's own dialect (so nothing is
+    translated), governed endpoints only, and shows what it was sent in `x-mock-received`
+    (already masked and anonymized: the demo prints it)."""
+    speaks_every_dialect = True
+    serves_passthrough = False
+
+    def __init__(self, provider: MockProvider | None = None):
+        self.provider = provider or MockProvider()
+
+    async def send(self, call: UpstreamCall) -> UpstreamResponse:
+        if call.dialect is None:
+            raise ProxyError(404, "not_found", f"the mock provider does not serve {call.path}")
+        status, payload = self.provider.answer(call.dialect, call.parsed)
+        content_type = "text/event-stream" if isinstance(payload, list) else "application/json"
+        seen = call.dialect.last_user_text(call.parsed)[:200].encode("ascii", "backslashreplace").decode()
+        return UpstreamResponse(status, [("content-type", content_type),
+                                         ("x-request-id", "req_mock_" + call.request_id[4:20]),
+                                         ("x-mock-received", re.sub(r"[\r\n]+", " ", seen))],
+                                None, None, call.timeout, body=payload)
+
+    def close(self) -> None:
+        pass

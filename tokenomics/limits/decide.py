@@ -3,12 +3,8 @@ Pure: data in, data out, ``now`` passed in as Unix seconds."""
 
 import calendar
 import collections
-import functools
-import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -320,47 +316,3 @@ def estimate_tokens(text_len_chars: int) -> int:
     """Fast pre-flight estimate: characters / 4, rounded up. Per-message overhead is the
     caller's; the provider's reported usage settles the difference."""
     return -(-max(0, text_len_chars) // _CHARS_PER_TOKEN)
-
-
-_TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
-
-
-_O200K_PREFIXES = ("gpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "o1", "o3", "o4", "chatgpt-4o", "gpt-oss")
-
-
-@functools.lru_cache(maxsize=4)
-def _local_encoding(name: str) -> Any:
-    """The tiktoken encoding `name` if tiktoken is installed AND the encoding file is already
-    in its cache (tiktoken would otherwise download it: never from here), else None. Imported
-    lazily because importing tiktoken costs more than the whole startup budget allows."""
-    try:
-        import tiktoken  # optional; see the docstring for why it is not imported at the top
-    except ImportError:
-        return None
-    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR")
-    if cache_dir is None:
-        cache_dir = os.environ.get("DATA_GYM_CACHE_DIR")
-    if cache_dir is None:
-        cache_dir = os.path.join(tempfile.gettempdir(), "data-gym-cache")
-    if not cache_dir:
-        return None  # an empty cache dir disables tiktoken's cache: loading would download
-    blob = hashlib.sha1(_TIKTOKEN_URL.format(name).encode()).hexdigest()
-    if not os.path.isfile(os.path.join(cache_dir, blob)):
-        return None
-    try:
-        return tiktoken.get_encoding(name)
-    except Exception:  # a broken cache or plugin must not break a request: fall back
-        return None
-
-
-def count_tokens(text: str, model: str = "") -> int:
-    """Tokens in `text`: exact with tiktoken when it and its encoding are available locally
-    (an approximation for non-OpenAI models), else estimate_tokens()."""
-    low = model.lower().rsplit("/", 1)[-1]
-    enc = _local_encoding("o200k_base" if low.startswith(_O200K_PREFIXES) else "cl100k_base")
-    if enc is not None:
-        try:
-            return len(enc.encode(text, disallowed_special=()))
-        except Exception:
-            pass
-    return estimate_tokens(len(text))

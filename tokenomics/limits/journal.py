@@ -8,7 +8,7 @@ import threading
 from ..errors import RuntimeFailure
 from ..limits.decide import _is_count
 from ..limits.state import MemoryState, _check_rows
-from ..util import _fsync_dir, _read_optional, _write_all
+from ..util import _read_optional, _write_all, atomic_file
 
 
 _JOURNAL_COMPACT_BYTES = 1 << 20  # ~7k requests of deltas; replaying 1 MiB stays far below the
@@ -34,7 +34,6 @@ class UsageJournal:
         self.path = os.fspath(path)
         self.snapshot_path = self.path + ".snapshot"
         self.compact_bytes = compact_bytes
-        self.skipped = 0  # complete lines that could not be read at replay (disk damage); log it
         self.charged_in_flight: tuple[int, int] = (0, 0)  # (requests, tokens) charged in full at replay
         self._fd: int | None = None
         self._seq = 0
@@ -77,8 +76,7 @@ class UsageJournal:
                         orphans.update(opened)
                         for rid in closed:
                             orphans.pop(rid, None)
-                except (ValueError, KeyError, TypeError):
-                    self.skipped += 1
+                except (ValueError, KeyError, TypeError):  # a damaged line counts nothing
                     continue
                 last = max(last, seq)
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0), 0o600)
@@ -150,16 +148,8 @@ class UsageJournal:
         snap = state.export(drain=True)  # pending deltas are inside the snapshot now
         snap["seq"] = self._seq
         data = json.dumps(snap, separators=(",", ":")).encode()
-        tmp = f"{self.snapshot_path}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.snapshot_path)
-        _fsync_dir(os.path.dirname(os.path.abspath(self.snapshot_path)))
+        with atomic_file(self.snapshot_path) as fh:
+            fh.write(data)
         os.ftruncate(self._fd, 0)
         os.fsync(self._fd)
         self._size = 0

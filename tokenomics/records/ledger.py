@@ -10,7 +10,6 @@ import os
 import re
 import secrets
 import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 from ..errors import RuntimeFailure, UsageError
 from ..limits.decide import _NANO
-from ..util import HASH_PREFIX, log, parse_duration, parse_rfc3339, printable, rfc3339_ms
+from ..util import HASH_PREFIX, PartialWrite, _write_all, atomic_file, log, parse_duration, parse_rfc3339, printable, rfc3339_ms
 
 
 # The journal is the source of truth: one JSON line per governed request, appended in batches
@@ -317,7 +316,7 @@ class Ledger:
                                  "check that the data dir is writable (or pass --dir)") from None
         try:
             os.fchmod(self._fd, 0o600)
-            self._write_all(_json_bytes(header) + b"\n")
+            _write_all(self._fd, _json_bytes(header) + b"\n")
             os.fsync(self._fd)
         except OSError as exc:
             os.close(self._fd)
@@ -352,17 +351,6 @@ class Ledger:
             log.error("ledger: the journal has not been writable for a while; dropping the oldest "
                       "unwritten records (%d so far)", self.dropped)
 
-    def _write_all(self, data: bytes) -> int:
-        """Write all of `data`; an OSError carries `.written`, the bytes that made it to the file."""
-        view, done = memoryview(data), 0
-        while done < len(view):
-            try:
-                done += os.write(self._fd, view[done:])
-            except OSError as exc:
-                exc.written = done  # type: ignore[attr-defined]
-                raise
-        return done
-
     def flush(self) -> None:
         """Write the pending batch to the journal with one write and one fsync. Blocking: run it
         in a thread from async code (run_flusher does). Never raises: a failed write is logged
@@ -374,10 +362,10 @@ class Ledger:
                 batch, self._pending = self._pending, []
             data = b"".join(batch)
             try:
-                self._write_all(data)
+                _write_all(self._fd, data)
                 os.fsync(self._fd)
             except OSError as exc:
-                written = getattr(exc, "written", len(data))  # fsync failed: the bytes are written
+                written = exc.written if isinstance(exc, PartialWrite) else len(data)  # else fsync failed
                 if written < len(data):
                     with self._lock:
                         self._pending.insert(0, data[written:])
@@ -443,28 +431,17 @@ def _write_summary(path: str, head: dict, journal_path: str) -> None:
     """Write the summary JSON atomically (0600), streaming requests[] from the journal so a long
     session's shutdown does not hold every request in memory. Journal request lines are spliced
     in as they are (minus their "type"); anything else is parsed and skipped."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(_json_bytes(head)[:-1] + b',"requests":[')
-            first = True
-            with open(journal_path, "rb") as journal:
-                for line in journal:
-                    line = line.rstrip(b"\n")
-                    if not (line.startswith(_REQUEST_LINE_HEAD) and line.endswith(b"}")):
-                        continue
-                    out.write((b"{" if first else b",{") + line[len(_REQUEST_LINE_HEAD):])
-                    first = False
-            out.write(b"]}\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as out:
+        out.write(_json_bytes(head)[:-1] + b',"requests":[')
+        first = True
+        with open(journal_path, "rb") as journal:
+            for line in journal:
+                line = line.rstrip(b"\n")
+                if not (line.startswith(_REQUEST_LINE_HEAD) and line.endswith(b"}")):
+                    continue
+                out.write((b"{" if first else b",{") + line[len(_REQUEST_LINE_HEAD):])
+                first = False
+        out.write(b"]}\n")
 
 
 # --- reading the ledger ---------------------------------------------------------------------------

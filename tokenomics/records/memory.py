@@ -5,14 +5,13 @@ import errno
 import gzip
 import os
 import shutil
-import tempfile
 import threading
 import time
 from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 from ..records.ledger import _num
-from ..util import HASH_PREFIX, MiB, _MEMORY_DEFAULT_FILE, _inside, _write_all, check_memory_file_name, log, memory_file_path, printable, scrub, utc_iso
+from ..util import HASH_PREFIX, MiB, _MEMORY_DEFAULT_FILE, _inside, _write_all, atomic_file, check_memory_file_name, log, memory_file_path, printable, scrub, utc_iso
 
 if TYPE_CHECKING:  # names used in annotations only
     from ..config import RedisConfig
@@ -173,16 +172,8 @@ class MemoryWriter:
         os.replace(path, target)
         if not self.compress_old:
             return
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(target))
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as raw, gzip.GzipFile(filename=os.path.basename(target),
-                                                            mode="wb", fileobj=raw, mtime=int(now)) as gz:
-                with open(target, "rb") as src:
-                    shutil.copyfileobj(src, gz, 1 << 20)
-            os.replace(tmp, target + ".gz")
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with atomic_file(target + ".gz") as raw, gzip.GzipFile(filename=os.path.basename(target), mode="wb",
+                                                                fileobj=raw, mtime=int(now)) as gz:
+            with open(target, "rb") as src:
+                shutil.copyfileobj(src, gz, 1 << 20)
         os.unlink(target)
