@@ -623,7 +623,11 @@ def cmd_init(args) -> int:
     else:
         text = "\n".join(f"export {k}={_quote_env(v)}" for k, v in env.items())
     if args.dotenv:
-        write_private(args.dotenv, (text + "\n").encode())
+        try:
+            write_private(args.dotenv, (text + "\n").encode())
+        except OSError as exc:
+            raise RuntimeFailure(f"--dotenv: cannot write {args.dotenv}: {exc.strerror}; give a file path in "
+                                 "a writable directory") from None
         _err(f"wrote {len(env)} variables to {args.dotenv}")
     else:
         _out(text)
@@ -823,9 +827,8 @@ def cmd_provider(args) -> int:
     names = args.names or [p.name for p in catalog.all() if p.api_key_env and os.environ.get(p.api_key_env)]
     if not names:
         raise UsageError("provider test: no provider key is set; name the providers to test")
-    unknown = [n for n in names if n not in catalog.names()]
-    if unknown:
-        raise UsageError(f"provider test: unknown provider {', '.join(unknown)}; see `tokenomics provider list`")
+    for name in names:
+        catalog.get(name)  # UnknownProvider names close matches
 
     async def run_all():
         client = UpstreamClient()
