@@ -98,6 +98,16 @@ def _port_arg(value: str) -> int:
     return port
 
 
+def _workers_arg(value: str) -> int:
+    try:
+        workers = int(value)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a whole number of at least 1")
+    return workers
+
+
 def _read_policy_arg(value: str) -> dict:
     source = "--policy"
     if value.startswith("@"):
@@ -1053,7 +1063,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--https-port", type=_port_arg, help="HTTPS port (default 8443, 0 disables)")
     serve.add_argument("--no-tls", action="store_true", help="serve no HTTPS listener")
     serve.add_argument("--upstream-url", help="default upstream (server.upstream_url)")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (needs the redis backend)")
+    serve.add_argument("--workers", type=_workers_arg, default=1, help="worker processes (needs the redis backend)")
     serve.set_defaults(func=cmd_serve)
 
     token = commands.add_parser("token", parents=[common], help="manage wrapper tokens")
