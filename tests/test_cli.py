@@ -280,9 +280,9 @@ def test_get_by_prefix(cli):
 def test_prefix_errors(cli, action):
     create(cli, {})
     extra = ["--label", "x"] if action == "update" else []
-    proc = no_traceback(cli("token", action, "--hash", "nomatch0", *extra))
+    proc = no_traceback(cli("token", action, "--hash", "00000000dead", *extra))  # hex, matches nothing
     assert proc.returncode == 1, proc.stderr
-    assert "nomatch0" in proc.stderr
+    assert "00000000dead" in proc.stderr
     proc = no_traceback(cli("token", action, "--hash", "abc1234", *extra))
     assert proc.returncode == 2, proc.stderr
     assert "--hash" in proc.stderr

@@ -27,7 +27,7 @@ from .errors import ProxyError, RuntimeFailure, TokenomicsError, UsageError
 from .http.client import UpstreamClient
 from .pipeline import upstream_url_for
 from .policy import Policy, select_upstream
-from .providers import Catalog, Provider
+from .providers import Catalog, Provider, UnknownProvider
 from .proxy import BackgroundProxy, Proxy, _serve_until_signal, check_available, run_async
 from .records.events import deliver_once, make_event
 from .records.ledger import _when, find_session, load_sessions, parse_when, render_session, render_sessions, render_summary, summarize
@@ -64,23 +64,84 @@ def _setup_logging(config: Config | None = None) -> None:
 def _load(args, overrides: dict | None = None) -> Config:
     config = load_config(getattr(args, "config", None), getattr(args, "dir", None), overrides=overrides)
     _setup_logging(config)
+    provider = vars(args).get("provider")
+    if provider and provider != "all" and provider not in _PROVIDER_ALIASES:
+        catalog = Catalog(config)
+        if provider not in catalog.names():  # `run`/`init --provider`: a typo would be silently ignored
+            known = sorted(catalog.names() | set(_PROVIDER_ALIASES) | {"all"})
+            raise UsageError(f"--provider: {UnknownProvider(provider, known)}")
     return config
 
 
+def _proxy_url_arg(value: str) -> str:
+    """--proxy-url as argparse parses it: an http:// or https:// URL with a host and a valid port."""
+    example = "e.g. --proxy-url http://127.0.0.1:8080"
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a valid URL ({exc}); {example}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a URL with a scheme http:// or https:// and a host; "
+                                         f"{example}")
+    return value
+
+
+def _port_arg(value: str) -> int:
+    """--port / --https-port as argparse parses them: 0 (off) to 65535."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number; give 1 to 65535, or 0 to disable") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number; give 1 to 65535, or 0 to disable")
+    return port
+
+
+def _workers_arg(value: str) -> int:
+    try:
+        workers = int(value)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: give a whole number of at least 1")
+    return workers
+
+
 def _read_policy_arg(value: str) -> dict:
+    source = "--policy"
     if value.startswith("@"):
+        path = value[1:]
+        if not path:
+            raise UsageError("--policy: '@' needs a file name after it, e.g. --policy @policy.json")
         try:
-            with open(value[1:], encoding="utf-8") as fh:
+            with open(path, encoding="utf-8") as fh:
                 value = fh.read()
         except OSError as exc:
-            raise UsageError(f"--policy: cannot read {value[1:]}: {exc.strerror}") from None
+            raise UsageError(f"--policy: cannot read {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--policy: {path} is not UTF-8 text; give a JSON policy file") from None
+        source = f"--policy @{path}"
     try:
         policy = json.loads(value)
     except ValueError as exc:
-        raise UsageError(f"--policy: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        hint = ""
+        if source == "--policy" and (os.path.exists(value) or value.endswith((".json", ".yaml", ".yml"))):
+            hint = f"; to read a file, write --policy @{value}"
+        raise UsageError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}){hint}") \
+            from None
     if not isinstance(policy, dict):
-        raise UsageError("--policy: expected a JSON object")
+        raise UsageError(f"{source}: expected a JSON object, e.g. '{{\"model_regex\": \"^gpt-4o\"}}'")
     return policy
+
+
+def _check_hash_arg(value: str) -> None:
+    """--hash: a hex hash (prefix), not the raw token and not a label."""
+    if value.strip().startswith(TOKEN_PREFIX):
+        raise UsageError("--hash: that is a token itself; give its hash (`tokenomics token list` shows them)")
+    if not re.fullmatch(r"[0-9a-fA-F]+", value.strip()):
+        raise UsageError(f"--hash: {printable(value)!r} is not a token hash (hex digits); "
+                         "`tokenomics token list` shows the hashes")
 
 
 def parse_expiry(value: str, now: float) -> float:
@@ -94,7 +155,9 @@ def parse_expiry(value: str, now: float) -> float:
             raise UsageError(f"--expires: '{value}' is neither a duration (24h, 7d, 30d, 1y) nor an "
                              "RFC 3339 time (2026-12-31T23:59:59Z)") from None
     if when <= now:
-        raise UsageError(f"--expires: {utc_iso(when)} is in the past")
+        raise UsageError(f"--expires: {value} is in the past; give a later time or a duration such as 30d")
+    if when > now + 100 * 365.25 * 86400:  # beyond what a timestamp can print; nobody means it
+        raise UsageError(f"--expires: {value} is more than 100 years away; leave --expires out for no expiry")
     return when
 
 
@@ -129,6 +192,8 @@ def _token_event(config: Config, type_: str, record: TokenRecord) -> None:
 
 
 def cmd_token(args) -> int:
+    if getattr(args, "hash", None) is not None:
+        _check_hash_arg(args.hash)
     store = _store(args)
     now = time.time()
     action = args.token_cmd
@@ -710,7 +775,11 @@ def cmd_init(args) -> int:
     else:
         text = "\n".join(f"export {k}={_quote_env(v)}" for k, v in env.items())
     if args.dotenv:
-        write_private(args.dotenv, (text + "\n").encode())
+        try:
+            write_private(args.dotenv, (text + "\n").encode())
+        except OSError as exc:
+            raise RuntimeFailure(f"--dotenv: cannot write {args.dotenv}: {exc.strerror}; give a file path in "
+                                 "a writable directory") from None
         _err(f"wrote {len(env)} variables to {args.dotenv}")
     else:
         _out(text)
@@ -731,7 +800,8 @@ def cmd_doctor(args) -> int:
         config = _load(args)
         check("config", "ok", f"read {config.source}" if config.source else "no config file; using defaults")
     except UsageError as exc:
-        check("config", "fail", str(exc))
+        check("data dir" if str(exc).startswith(("--dir", "TOKENOMICS_DIR", "data dir", "config: dir")) else "config",
+              "fail", str(exc))
         config = None
     if config is not None:
         try:
@@ -741,7 +811,11 @@ def cmd_doctor(args) -> int:
             os.unlink(probe)
             check("data dir", "ok", f"{config.dir} is writable")
         except OSError as exc:
-            check("data dir", "fail", f"{config.dir} is not writable: {exc.strerror}")
+            check("data dir", "fail", f"{config.dir} is not writable: {exc.strerror}; choose another with --dir")
+        except TokenomicsError as exc:
+            check("data dir", "fail", str(exc))
+            config = None
+    if config is not None:
         env_name = config.security.hash_key_env
         if os.environ.get(env_name):
             check("hash key", "ok", f"from {env_name}")
@@ -905,9 +979,8 @@ def cmd_provider(args) -> int:
     names = args.names or [p.name for p in catalog.all() if p.api_key_env and os.environ.get(p.api_key_env)]
     if not names:
         raise UsageError("provider test: no provider key is set; name the providers to test")
-    unknown = [n for n in names if n not in catalog.names()]
-    if unknown:
-        raise UsageError(f"provider test: unknown provider {', '.join(unknown)}; see `tokenomics provider list`")
+    for name in names:
+        catalog.get(name)  # UnknownProvider names close matches
 
     async def run_all():
         client = UpstreamClient()
@@ -990,8 +1063,13 @@ def cmd_demo(args) -> int:
     """§13: a walkthrough against the in-process mock provider: no key, no network."""
     import urllib.error
     import urllib.request
-    work = tempfile.mkdtemp(prefix="tokenomics-demo-")
     environ = {k: v for k, v in os.environ.items() if not k.startswith("TOKENOMICS_")}
+    keep = getattr(args, "dir", None)  # --dir: run the demo there and leave its token and ledger behind
+    if keep is not None:
+        load_config(None, keep, environ=dict(environ))  # refuses an empty path or a file, as for every command
+        work = ensure_data_dir(os.path.abspath(os.path.expanduser(keep)))
+    else:
+        work = tempfile.mkdtemp(prefix="tokenomics-demo-")
     config = dataclasses.replace(load_config(None, work, environ=environ), dir=work)
     _setup_logging(dataclasses.replace(config, logging=dataclasses.replace(config.logging, level="error")))
     proxy = Proxy(config, environ)
@@ -1059,7 +1137,10 @@ def cmd_demo(args) -> int:
     finally:
         if background is not None:
             background.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    if keep is not None:
+        _out(f"\nThe demo's token and ledger stay in {work} (`tokenomics ledger summary --dir {keep}`).")
     _out("\nDone. Next: `tokenomics token create --policy '{...}'`, `tokenomics serve`, `tokenomics run -- <agent>`.")
     return 0
 
@@ -1121,11 +1202,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", parents=[common], help="run the proxy in the foreground")
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="HTTP port (default 8080, 0 disables)")
-    serve.add_argument("--https-port", type=int, help="HTTPS port (default 8443, 0 disables)")
+    serve.add_argument("--port", type=_port_arg, help="HTTP port (default 8080, 0 disables)")
+    serve.add_argument("--https-port", type=_port_arg, help="HTTPS port (default 8443, 0 disables)")
     serve.add_argument("--no-tls", action="store_true", help="serve no HTTPS listener")
     serve.add_argument("--upstream-url", help="default upstream (server.upstream_url)")
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (needs the redis backend)")
+    serve.add_argument("--workers", type=_workers_arg, default=1, help="worker processes (needs the redis backend)")
     serve.set_defaults(func=cmd_serve)
 
     token = commands.add_parser("token", parents=[common], help="manage wrapper tokens")
@@ -1154,7 +1235,7 @@ def build_parser() -> argparse.ArgumentParser:
                               usage="tokenomics run [options] -- CMD [ARGS...]")
     run.add_argument("--token", help="the wrapper token (default $TOKENOMICS_KEY)")
     run.add_argument("--provider", help="also export this provider's variables (gemini, azure, all)")
-    run.add_argument("--proxy-url", help="use this running proxy instead of starting one")
+    run.add_argument("--proxy-url", type=_proxy_url_arg, help="use this running proxy instead of starting one")
     run.add_argument("--tls", action="store_true", help="serve HTTPS with the local CA and trust it in CMD")
     run.add_argument("--print-env", action="store_true", help="show the exported variables on stderr")
     run.add_argument("--admin", action="store_true", help="also serve the admin UI")
@@ -1164,11 +1245,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     start = commands.add_parser("start", parents=[common], help="run the proxy in the background")
     start.add_argument("--host")
-    start.add_argument("--port", type=int)
-    start.add_argument("--https-port", type=int)
+    start.add_argument("--port", type=_port_arg)
+    start.add_argument("--https-port", type=_port_arg)
     start.add_argument("--no-tls", action="store_true")
     start.add_argument("--upstream-url")
-    start.add_argument("--workers", type=int, default=1, help="worker processes (needs the redis backend)")
+    start.add_argument("--workers", type=_workers_arg, default=1, help="worker processes (needs the redis backend)")
     start.set_defaults(func=cmd_start)
     commands.add_parser("stop", parents=[common], help="stop the background proxy").set_defaults(func=cmd_stop)
     status = commands.add_parser("status", parents=[common], help="is the background proxy running?")
@@ -1178,7 +1259,7 @@ def build_parser() -> argparse.ArgumentParser:
     init = commands.add_parser("init", parents=[common], help="print the variables that point a client at a proxy")
     init.add_argument("--output", choices=("shell", "dotenv", "json"), default="shell")
     init.add_argument("--dotenv", metavar="FILE", help="write a .env file instead of printing")
-    init.add_argument("--proxy-url")
+    init.add_argument("--proxy-url", type=_proxy_url_arg, help="the proxy's base URL (http:// or https://)")
     init.add_argument("--provider")
     init.add_argument("--token")
     init.add_argument("--insecure", action="store_true", help="skip TLS verification of an HTTPS proxy (Node)")
@@ -1240,7 +1321,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         _err(f"tokenomics: {exc}")
         return 2
-    except RuntimeFailure as exc:
+    except (RuntimeFailure, ProxyError) as exc:
         _err(f"tokenomics: {exc}")
         return 1
     except KeyboardInterrupt:
@@ -1249,3 +1330,9 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:  # the safety net: a bug still ends in one line, not a traceback
+        if os.environ.get("TOKENOMICS_DEBUG"):
+            raise
+        _err(f"tokenomics: internal error ({type(exc).__name__}); run with TOKENOMICS_DEBUG=1 for details "
+             "and please report it")
+        return 1

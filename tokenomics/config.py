@@ -236,7 +236,7 @@ def load_dotenv(path: str, environ) -> None:
     try:
         with open(path, encoding="utf-8") as fh:
             lines = fh.read().splitlines()
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
+    except (OSError, UnicodeDecodeError):  # missing, a directory, unreadable, under a file: no .env
         return
     for line in lines:
         line = line.strip()
@@ -252,6 +252,17 @@ def load_dotenv(path: str, environ) -> None:
 
 def default_data_dir(environ) -> str:
     return environ.get("TOKENOMICS_DIR") or os.path.join(os.path.expanduser("~"), ".tokenomics")
+
+
+def _check_dir_arg(path: str, what: str = "--dir") -> None:
+    """The data dir as given: not empty (which would silently mean ~/.tokenomics) and not a file."""
+    if not path.strip():
+        raise UsageError(f"{what}: the path is empty; give a directory, or leave it out to use "
+                         "$TOKENOMICS_DIR or ~/.tokenomics")
+    full = os.path.expanduser(path)
+    if os.path.exists(full) and not os.path.isdir(full):
+        raise UsageError(f"{what}: {path} is a file, not a directory; give a directory for the data "
+                         "(it is created if missing)")
 
 
 def _validate_server_limits(server: ServerConfig) -> None:
@@ -271,27 +282,42 @@ def load_config(config_path: str | None = None, data_dir: str | None = None,
                 environ=None, overrides: dict | None = None) -> Config:
     """Find and validate the configuration. `overrides` are CLI flags as a nested mapping."""
     environ = os.environ if environ is None else environ
+    if data_dir is not None:
+        _check_dir_arg(data_dir)
+    if config_path is not None and not config_path.strip():
+        raise UsageError("--config: the path is empty; name the config file, or leave --config out to use "
+                         "./config.yaml or {dir}/config.yaml")
     early_dir = data_dir or default_data_dir(environ)
     load_dotenv(os.path.join(os.getcwd(), ".env"), environ)
     load_dotenv(os.path.join(early_dir, ".env"), environ)
     candidates = [config_path] if config_path else ["config.yaml", os.path.join(early_dir, "config.yaml")]
     raw, source = {}, ""
     for candidate in candidates:
+        if config_path and os.path.isdir(candidate):
+            raise UsageError(f"--config: {config_path} is a directory; name the config file, e.g. "
+                             f"--config {os.path.join(config_path, 'config.yaml')}")
         if candidate and os.path.isfile(candidate):
             try:
                 with open(candidate, encoding="utf-8") as fh:
                     raw = yaml.safe_load(fh) or {}
             except yaml.YAMLError as exc:
                 raise UsageError(f"config: {candidate} is not valid YAML: {exc}") from None
+            except UnicodeDecodeError:
+                raise UsageError(f"config: {candidate} is not UTF-8 text; is it the config file?") from None
+            except OSError as exc:
+                raise UsageError(f"config: cannot read {candidate}: {exc.strerror}; check its permissions") from None
             source = candidate
             break
         if config_path:
-            raise UsageError(f"--config: {config_path} does not exist")
+            raise UsageError(f"--config: {config_path} does not exist; name an existing config.yaml")
     if not isinstance(raw, dict):
         raise UsageError(f"config: {source}: expected a mapping at the top level")
     merged = _deep_merge(_deep_merge(raw, _env_overrides(environ)), overrides or {})
     config = _build_section(Config, merged, "")
     resolved_dir = data_dir or config.dir or early_dir
+    if not data_dir:
+        _check_dir_arg(resolved_dir, "config: dir" if config.dir else
+                       "TOKENOMICS_DIR" if environ.get("TOKENOMICS_DIR") else "data dir")
     config = dataclasses.replace(config, dir=os.path.abspath(os.path.expanduser(resolved_dir)),
                                  source=source)
     _validate_server_limits(config.server)

@@ -1045,7 +1045,10 @@ class Pipeline:
             names.add("anthropic")
         candidates: dict[str, str] = {}
         for name in sorted(names):
-            provider = self.catalog.get(name)
+            try:
+                provider = self.catalog.get(name)
+            except KeyError as exc:  # UnknownProvider named by the policy or config
+                raise ProxyError(500, "invalid_request", f"{exc}; fix the token's policy or the config") from None
             for m in provider.models:
                 candidates.setdefault(m, name)
         for pp in (policy,) + policy.providers:

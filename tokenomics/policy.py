@@ -301,7 +301,10 @@ def select_upstream(policy: Policy, matched: ProviderPolicy | None, catalog: "Ca
                     native_provider: str) -> tuple["Provider", str]:
     """§8 precedence for the provider (auth scheme, headers, dialect) and the upstream URL."""
     explicit = matched.name if matched is not None else (policy.provider or config.default_provider)
-    provider = catalog.get(explicit or native_provider)
+    try:
+        provider = catalog.get(explicit or native_provider)
+    except KeyError as exc:  # UnknownProvider: the policy or config names a provider the catalog lacks
+        raise ProxyError(500, "invalid_request", f"{exc}; fix the token's policy or the config") from None
     if matched is not None:
         upstream = matched.upstream_url or provider.url() or policy.upstream_url or config.server.upstream_url
     elif policy.upstream_url:

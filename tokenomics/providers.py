@@ -1,6 +1,7 @@
 """The provider catalog: where upstreams live, how they authenticate, which dialect they speak."""
 
 import base64
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -9,7 +10,20 @@ from typing import Any, Iterator
 import yaml
 
 from .config import Config, _validate_provider_entry
-from .errors import ProxyError, UsageError
+from .errors import UsageError
+
+
+class UnknownProvider(UsageError, KeyError):
+    """A provider name the catalog does not know. A usage error where a person typed it; the
+    pipeline maps it to its HTTP error (a policy or config naming a missing provider)."""
+
+    def __init__(self, name: str, known: list[str]):
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        super().__init__(f"unknown provider '{name}'; {hint}known providers: {', '.join(known)}")
+        self.name, self.known = name, known
+
+    __str__ = Exception.__str__   # not KeyError's, which would quote the message
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +132,7 @@ class Catalog:
         try:
             return self._providers[name]
         except KeyError:
-            raise ProxyError(500, "invalid_request", f"provider '{name}' is not in the catalog") from None
+            raise UnknownProvider(name, sorted(self._providers)) from None
 
     def all(self) -> list[Provider]:
         return list(self._providers.values())

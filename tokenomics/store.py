@@ -37,7 +37,11 @@ def new_token() -> str:
 
 
 def ensure_data_dir(path: str) -> str:
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise RuntimeFailure(f"cannot create the data dir {path}: {exc.strerror}; choose another with "
+                             "--dir or TOKENOMICS_DIR") from None
     return path
 
 
