@@ -2,6 +2,7 @@
 into typed sections (including webhooks and provider entries)."""
 
 import dataclasses
+import difflib
 import math
 import os
 import typing
@@ -197,9 +198,34 @@ def _config_leaves(cls, prefix: tuple = ()) -> Iterator[tuple[tuple, type]]:
             yield prefix + (f.name,), tp
 
 
+# Variables named like a section's override that are not config fields: the default names of
+# the key variables the config points at (security.*_env, remote.api_key_env).
+_NOT_OVERRIDES = frozenset({"TOKENOMICS_REMOTE_KEY"})
+
+
+def _unknown_overrides(environ, known: set) -> list:
+    """TOKENOMICS_<SECTION>_... variables that name no field: a typo must not pass silently."""
+    sections = {path[0].upper() for path, _ in _config_leaves(Config) if len(path) > 1}
+    unknown = []
+    for name in environ:
+        if not name.startswith("TOKENOMICS_") or name in known or name in _NOT_OVERRIDES:
+            continue
+        rest = name[len("TOKENOMICS_"):]
+        if any(rest.startswith(section + "_") for section in sections):
+            unknown.append(name)
+    return sorted(unknown)
+
+
 def _env_overrides(environ) -> dict:
     """TOKENOMICS_<SECTION>_<FIELD> for every scalar leaf, e.g. TOKENOMICS_SERVER_HTTP_PORT."""
     tree: dict = {}
+    known = {"TOKENOMICS_" + "_".join(path).upper() for path, _ in _config_leaves(Config)}
+    unknown = _unknown_overrides(environ, known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UsageError(f"environment: {unknown[0]} names no config field{hint}; "
+                         "fix or unset it (see the README's configuration section)")
     for path, tp in _config_leaves(Config):
         name = "TOKENOMICS_" + "_".join(path).upper()
         if name not in environ or tp in (dict, list):

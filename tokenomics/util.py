@@ -6,6 +6,7 @@ import contextlib
 import datetime as _dt
 import importlib.util
 import logging
+import math
 import os
 import re
 import secrets
@@ -306,3 +307,11 @@ def scrub(text: str, keep: frozenset | tuple = ()) -> str:
     if not keep:
         return _SECRET_RE.sub(REDACTED, text)
     return _SECRET_RE.sub(lambda m: m.group(0) if m.group(0) in keep else REDACTED, text)
+
+
+def usd_text(amount: float, places: int = 4) -> str:
+    """A dollar amount for people: `places` decimals, and more for an amount so small that
+    they would show it as zero (two significant digits), so a real cost never reads $0.0000."""
+    if amount == 0 or abs(amount) >= 10 ** -places:
+        return f"{amount:.{places}f}"
+    return f"{amount:.{1 - math.floor(math.log10(abs(amount)))}f}"

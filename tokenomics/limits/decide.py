@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import UsageError
-from ..util import parse_duration, utc_iso
+from ..util import parse_duration, usd_text, utc_iso
 
 
 # The arithmetic here is pure (data in, data out, `now` passed in as Unix seconds); the only
@@ -203,7 +203,7 @@ def _fmt_window(seconds: float) -> str:
 
 
 def _fmt_usd(x: float) -> str:
-    return f"${x:,.2f}" if x >= 1 or x == 0 else f"${x:.4f}"
+    return f"${x:,.2f}" if x >= 1 or x == 0 else f"${usd_text(x)}"
 
 
 def _retry_seconds(now: float, ready_at: float, ready: Callable[[float], bool]) -> int:

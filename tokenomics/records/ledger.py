@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 
 from ..errors import RuntimeFailure, UsageError
 from ..limits.decide import _NANO
-from ..util import HASH_PREFIX, PartialWrite, _write_all, atomic_file, log, parse_duration, parse_rfc3339, printable, rfc3339_ms
+from ..util import HASH_PREFIX, PartialWrite, _write_all, atomic_file, log, parse_duration, parse_rfc3339, printable, rfc3339_ms, usd_text
 
 
 # The journal is the source of truth: one JSON line per governed request, appended in batches
@@ -622,7 +622,7 @@ def _table(headers: list[str], rows: list[list], numeric: set[int]) -> str:
 
 
 def _usd(value: Any) -> str:
-    return f"{_num(value):.4f}"
+    return usd_text(_num(value))
 
 
 def _span(ms: Any) -> str:
