@@ -9,7 +9,7 @@ import yaml
 
 import tokenomics
 
-RECORD_KEYS = {"hash", "label", "created_at", "expires_at", "expired", "policy"}
+RECORD_KEYS = {"hash", "label", "created_at", "expires_at", "expired", "policy", "usage"}  # §3, + budget windows
 DAY = 86400
 
 

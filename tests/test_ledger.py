@@ -194,7 +194,9 @@ def test_journal_summary_and_rollups(tmp_path, repo):
     assert t["request_count"] == 4
     assert t["total_tokens"] == sum(r.input_tokens + r.output_tokens for r in records)
     assert t["cost_usd"] == pytest.approx(0.0115)
-    assert (t["error_count"], t["rule_violation_count"], t["rate_limit_count"]) == (2, 1, 1)
+    # a budget refusal is not a rate limit (§9)
+    assert (t["error_count"], t["rule_violation_count"], t["rate_limit_count"], t["budget_exceeded_count"]) == \
+        (2, 1, 0, 1)
 
     assert set(summary["by_model"]) == {"gpt-4o-mini", "claude-sonnet-4-5"}
     assert summary["by_model"]["gpt-4o-mini"]["request_count"] == 3
@@ -203,7 +205,7 @@ def test_journal_summary_and_rollups(tmp_path, repo):
     tok_b = summary["by_token"][HASH_B[:16]]
     assert tok_b["models_used"] == ["claude-sonnet-4-5", "gpt-4o-mini"]
     assert (tok_b["first_seen"], tok_b["last_seen"]) == ("2026-11-27T12:00:02.000Z", "2026-11-27T12:00:04.000Z")
-    assert tok_b["rate_limit_count"] == 1 and tok_b["request_count"] == 2
+    assert tok_b["budget_exceeded_count"] == 1 and tok_b["rate_limit_count"] == 0 and tok_b["request_count"] == 2
     for table in ("by_model", "by_provider", "by_token"):
         assert sum(e["request_count"] for e in summary[table].values()) == 4
         assert sum(e["cost_usd"] for e in summary[table].values()) == pytest.approx(t["cost_usd"])
@@ -415,7 +417,7 @@ def test_summarize_with_filters(tmp_path, repo):
     assert set(everything["by_branch"]) == {"feature/ledger", "other"}
     assert everything["by_branch"]["other"]["input_tokens"] == 1003
     assert everything["by_token"][HASH_B[:16]]["cost_usd"] == pytest.approx(0.1)
-    assert everything["filters"] == {"since": None, "until": None, "branch": None}
+    assert everything["filters"] == {"since": None, "until": None, "branch": None, "token": None, "label": None}
 
     on_other = summarize(sessions, branch="other")
     assert (on_other["sessions"], on_other["totals"]["request_count"]) == (2, 2)
@@ -474,9 +476,11 @@ def test_render_tables_show_the_numbers(tmp_path, repo):
     text = render_summary(summarize(sessions, branch="other"))
     assert "branch other" in text and "2 session(s)" in text
     assert "0.1004" in text  # cost, 4 decimals
-    assert HASH_B[:16] in text and "MODEL" in text and "BRANCH" in text
+    # an unlabelled token is named by a 12-char hash prefix; a labelled one by its label
+    assert HASH_B[:12] in text and HASH_B[:13] not in text and "MODEL" in text and "BRANCH" in text
+    assert "team-b" in render_summary(summarize(sessions, branch="other"), {HASH_B[:16]: "team-b"})
     model_row = next(line for line in text.splitlines() if line.startswith("gpt-4o-mini"))
-    assert model_row.split() == ["gpt-4o-mini", "2", "1003", "104", "0", "0", "0.1004"]
+    assert model_row.split() == ["gpt-4o-mini", "2", "1003", "104", "0", "0", "0", "0", "0.1004"]
 
     shown = render_session(find_session(sessions, "aaaa1"))
     assert "Session aaaa1111 (closed)" in shown and "feature/ledger" in shown

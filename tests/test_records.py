@@ -38,7 +38,7 @@ REQUEST_FIELDS = {  # SPEC §9, every request line of the journal and of the sum
 ROLLUP_FIELDS = {
     "request_count", "input_tokens", "output_tokens", "total_tokens", "cached_input_tokens",
     "cache_creation_tokens", "reasoning_tokens", "error_count", "retry_count",
-    "rule_violation_count", "rate_limit_count", "cost_usd"}
+    "rule_violation_count", "rate_limit_count", "budget_exceeded_count", "cost_usd"}
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}
 
@@ -275,7 +275,7 @@ def test_graceful_session_totals_git_and_ledger_summary(cli, stub, start_proxy):
     assert (totals["input_tokens"], totals["output_tokens"]) == (stub_in, stub_out)
     assert totals["total_tokens"] == stub_in + stub_out
     assert totals["rule_violation_count"] == 1
-    assert totals["rate_limit_count"] == 1
+    assert totals["budget_exceeded_count"] == 1 and totals["rate_limit_count"] == 0  # not a rate limit
     assert totals["error_count"] == 2
     assert totals["cost_usd"] > 0
 

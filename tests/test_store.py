@@ -105,8 +105,9 @@ def test_hash_key_from_env_creates_no_key_file(new_store, data_dir):
     store = new_store(TOKENOMICS_HASH_KEY="env-key")
     token, _ = store.create({})
     assert not (data_dir / "hash.key").exists()
-    # a different hash key does not recognise the token
-    assert new_store(TOKENOMICS_HASH_KEY="another-key").lookup(token) is None
+    # a different hash key does not recognise the token, and says so (§3: the key-check value)
+    with pytest.raises(tokenomics.store.HashKeyMismatch, match="hash key does not match"):
+        new_store(TOKENOMICS_HASH_KEY="another-key")
     assert new_store(TOKENOMICS_HASH_KEY="env-key").lookup(token) is not None
 
 

@@ -25,14 +25,17 @@ from . import __version__
 from .config import Config, load_config, validate_webhooks
 from .errors import ProxyError, RuntimeFailure, TokenomicsError, UsageError
 from .http.client import UpstreamClient
+from .limits.decide import BudgetLine, window_bounds
+from .limits.journal import UsageJournal
+from .limits.state import MemoryState
 from .pipeline import upstream_url_for
 from .policy import Policy, select_upstream
 from .providers import Catalog, Provider, UnknownProvider
 from .proxy import BackgroundProxy, Proxy, _serve_until_signal, check_available, run_async
 from .records.events import deliver_once, make_event
-from .records.ledger import _when, find_session, load_sessions, parse_when, render_session, render_sessions, render_summary, summarize
+from .records.ledger import _when, filter_session, find_session, format_usd, load_sessions, parse_when, render_session, render_sessions, render_summary, summarize, token_filter, token_names
 from .records.logs import redacting_filter
-from .store import TokenRecord, TokenStore, ensure_data_dir, hash_token
+from .store import TokenRecord, TokenStore, ensure_data_dir, hash_key_problem, hash_token, stored_labels
 from .tls import cert_dir, ensure_local_ca
 from .util import HASH_PREFIX, HAVE_TRUSTME, TOKEN_PREFIX, parse_duration, parse_rfc3339, printable, utc_iso, write_private
 
@@ -166,19 +169,97 @@ def _store(args) -> TokenStore:
     return TokenStore(config, Catalog(config))
 
 
-def _policy_summary(policy: Policy) -> tuple[str, str, str, str]:
+def _policy_summary(policy: Policy) -> tuple[str, str, str]:
+    """(key env, model restrictions, rule count) of a policy, as `token list` shows them."""
     key_env = policy.base_key_env or "-"
     models = policy.model or (policy.model_regex.pattern if policy.model_regex is not None else "")
     if policy.providers:
         models = (models + " " if models else "") + "+" + ",".join(sorted({p.name for p in policy.providers}))
-    budget = []
-    if policy.max_tokens:
-        budget.append(f"{policy.max_tokens} tok")
-    for unit, spans in (policy.raw.get("budget") or {}).items():
-        for span, cap in (spans or {}).items():
-            budget.append(f"{'$' if unit == 'usd' else ''}{cap}{' tok' if unit == 'tokens' else ''}/{span}")
     rules = len(policy.rules) + sum(len(p.rules) for p in policy.providers)
-    return key_env, models or "any", ", ".join(budget) or "-", str(rules)
+    return key_env, models or "any", str(rules)
+
+
+def _read_usage(config: Config) -> MemoryState | None:
+    """The budget counters the proxy enforces, without a proxy: the usage journal of the data dir
+    replayed into a MemoryState, exactly as a starting proxy does (an unsettled reservation
+    counts in full). The replay runs on a private copy, because replay() may trim and compact its
+    files and a running proxy owns them. The log is copied before the snapshot: a compaction in
+    between then only makes the snapshot newer, and replay skips the lines it already holds.
+    None (and a warning) when the journal cannot be read."""
+    live = UsageJournal(os.path.join(config.dir, "usage.journal"))  # the path Proxy uses
+    state = MemoryState()
+    try:
+        with tempfile.TemporaryDirectory(prefix="tokenomics-usage-") as tmp:
+            copy = UsageJournal(os.path.join(tmp, "usage.journal"))
+            for source, target in ((live.path, copy.path), (live.snapshot_path, copy.snapshot_path)):
+                with contextlib.suppress(FileNotFoundError):
+                    shutil.copyfile(source, target)
+            try:
+                copy.replay(state)
+            finally:
+                copy.close()
+    except (OSError, TokenomicsError) as exc:
+        _err(f"tokenomics: usage is not shown: cannot read the usage journal in {config.dir} ({exc})")
+        return None
+    return state
+
+
+_WINDOW_NAMES = {"hourly": "per hour", "daily": "per day", "monthly": "per month", "total": "total"}
+
+
+def _budget_usage(record: TokenRecord, state: MemoryState | None, now: float) -> list[dict]:
+    """Each budget window of the token with what is used and left, from the counters the
+    proxy enforces. The lines are built as Pipeline.budget_lines builds them: `max_tokens` is a
+    lifetime token cap (per matched provider policy when set there), `budget` windows are per
+    token; lines sharing a counter are one window with the smallest cap."""
+    key = record.hash[:HASH_PREFIX]
+    policy = record.policy
+    lines: list[tuple[str, BudgetLine]] = []
+    if policy.max_tokens is not None:
+        lines.append(("", BudgetLine(key, "tokens", "total", policy.max_tokens)))
+    for pp in policy.providers:
+        if pp.max_tokens is not None:
+            lines.append((f"{pp.name}[{pp.index}]", BudgetLine(f"{key}:{pp.name}{pp.index}", "tokens", "total",
+                                                              pp.max_tokens)))
+    lines += [("", BudgetLine(key, unit, period, cap)) for unit, period, cap in policy.budget]
+    windows: dict[tuple, dict] = {}
+    for scope, line in lines:
+        cid = (line.key, line.unit, line.period)
+        if cid in windows and windows[cid]["cap"] <= line.cap:
+            continue
+        used = None
+        if state is not None:
+            settled, held = state.usage(line, now)
+            used = settled + held if line.unit == "tokens" else round(settled + held, 9)  # whole nano-dollars
+        end = window_bounds(line.period, now)[1]
+        cap = int(line.cap) if line.unit == "tokens" else line.cap
+        windows[cid] = {"scope": scope, "unit": line.unit, "period": line.period, "cap": cap,
+                        "used": used, "left": None if used is None else max(0, round(cap - used, 9)),
+                        "resets_at": utc_iso(end) if end != float("inf") else None}
+    return list(windows.values())
+
+
+def _amount(unit: str, value: Any, cap: bool = False) -> str:
+    """Tokens with thousands separators; dollars as the ledger shows them (never a real cost
+    as $0.0000), a cap as written in the policy."""
+    if value is None:
+        return "?"
+    if unit == "tokens":
+        return f"{int(value):,}"
+    if cap or value == 0:
+        return "$" + (f"{value:f}".rstrip("0").rstrip(".") or "0")
+    return "$" + format_usd(value)
+
+
+def _window_cells(w: dict, wide: bool) -> list[str]:
+    name = f"{'tokens' if w['unit'] == 'tokens' else 'USD'} {_WINDOW_NAMES[w['period']]}"
+    if w["scope"]:
+        name += f" ({w['scope']})"
+    cells = [name, f"used {_amount(w['unit'], w['used'])}", f"left {_amount(w['unit'], w['left'])}",
+             f"of {_amount(w['unit'], w['cap'], cap=True)}"]
+    if wide:
+        cells.append(f"resets {w['resets_at'][:16].replace('T', ' ')}" if w["resets_at"] else "")
+    return cells
 
 
 def _token_event(config: Config, type_: str, record: TokenRecord) -> None:
@@ -213,27 +294,50 @@ def cmd_token(args) -> int:
         return 0
     if action == "list":
         records = store.records()
+        state = _read_usage(store.config) if records else None
+        usage = {r.hash: _budget_usage(r, state, now) for r in records}
         if args.json:
-            _print_json([r.to_json(now) for r in records])
+            _print_json([{**r.to_json(now), "usage": usage[r.hash]} for r in records])
             return 0
-        rows = [("HASH", "LABEL", "CREATED", "EXPIRES", "STATUS", "KEY ENV", "MODELS", "BUDGET", "RULES")]
+        wide = args.wide
+
+        def when(ts: float) -> str:
+            return utc_iso(ts)[:16].replace("T", " ") if wide else utc_iso(ts)[:10]
+
+        rows: list[tuple] = [("HASH", "LABEL", "CREATED", "EXPIRES", "STATUS", "KEY ENV", "MODELS", "RULES")]
         for r in records:
-            rows.append((r.hash[:12], r.label or "-", utc_iso(r.created_at)[:16].replace("T", " "),
-                         utc_iso(r.expires_at)[:16].replace("T", " ") if r.expires_at else "never",
+            rows.append((r.hash if wide else r.hash[:12], r.label or "-", when(r.created_at),
+                         when(r.expires_at) if r.expires_at else "never",
                          "EXPIRED" if r.expired(now) else "active") + _policy_summary(r.policy))
-        _print_table(rows)
+        # Budget windows go on lines of their own under their token, so a big policy makes the
+        # listing longer, not wider: the main columns stay within 100 (cut with … unless --wide).
+        lines = _table_lines(rows, None if wide else (12, 14, 10, 10, 7, 12, 14, 5))
+        budget = _table_lines([_window_cells(w, wide) for r in records for w in usage[r.hash]],
+                              None if wide else (28, 20, 20, 20))
+        _out(lines[0])
+        for r, line in zip(records, lines[1:]):
+            _out(line)
+            for _ in usage[r.hash]:
+                _out("    " + budget.pop(0))
         if not records:
             _err("no tokens yet: create one with `tokenomics token create --policy '{}'`")
         return 0
     if action == "get":
         record = store.find(args.hash)
+        windows = _budget_usage(record, _read_usage(store.config), now)
         if args.json:
-            _print_json(record.to_json(now))
+            _print_json({**record.to_json(now), "usage": windows})
         else:
             data = record.to_json(now)
             for key in ("hash", "label", "created_at", "expires_at"):
                 _out(f"{key.replace('_', ' ').capitalize() + ':':12} {printable(data[key] or '-')}")
             _out(f"{'Status:':12} {'EXPIRED' if data['expired'] else 'active'}")
+            if windows:
+                _out("Budget:")
+                for line in _table_lines([_window_cells(w, True) for w in windows]):
+                    _out("  " + line)
+            else:
+                _out(f"{'Budget:':12} none (the policy sets no max_tokens or budget)")
             _out("Policy:")
             _out(json.dumps(record.policy.raw, indent=2))
         return 0
@@ -262,13 +366,22 @@ def cmd_token(args) -> int:
     raise UsageError(f"token: unknown action {action}")
 
 
-def _print_table(rows: list[tuple]) -> None:
+def _table_lines(rows: list, limits: tuple | None = None) -> list[str]:
     """Left-aligned columns of printable() cells: labels, model names and upstream details
-    are chosen by clients or providers, and must neither add rows nor drive the terminal."""
-    rows = [tuple(printable(cell) for cell in row) for row in rows]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        _out("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    are chosen by clients or providers, and must neither add rows nor drive the terminal.
+    `limits` caps each column's width (a longer cell is cut with …)."""
+    cells = [[printable(cell) for cell in row] for row in rows]
+    if limits:
+        cells = [[c if len(c) <= n else c[:n - 1] + "…" for c, n in zip(row, limits)] for row in cells]
+    if not cells:
+        return []
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells]
+
+
+def _print_table(rows: list[tuple]) -> None:
+    for line in _table_lines(rows):
+        _out(line)
 
 
 def _serve_overrides(args) -> dict:
@@ -817,7 +930,10 @@ def cmd_doctor(args) -> int:
             config = None
     if config is not None:
         env_name = config.security.hash_key_env
-        if os.environ.get(env_name):
+        mismatch = hash_key_problem(config)
+        if mismatch:
+            check("hash key", "fail", mismatch)
+        elif os.environ.get(env_name):
             check("hash key", "ok", f"from {env_name}")
         elif os.path.isfile(os.path.join(config.dir, "hash.key")):
             check("hash key", "warn", f"{env_name} is not set; using {os.path.join(config.dir, 'hash.key')}")
@@ -827,7 +943,7 @@ def cmd_doctor(args) -> int:
         store = None
         enc = config.security.encryption_key_env
         try:
-            store = TokenStore(config, catalog)
+            store = TokenStore(config, catalog, verify_hash_key=False)  # the hash key check is above
             if os.environ.get(enc):
                 check("encryption", "ok", f"policies are encrypted with the key in {enc}")
             else:
@@ -1006,25 +1122,34 @@ def cmd_ledger(args) -> int:
     since = parse_when(args.since, now, flag="--since") if getattr(args, "since", None) else None
     until = parse_when(args.until, now, flag="--until", end_of_day=True) if getattr(args, "until", None) else None
     branch = getattr(args, "branch", None)
+    labels = stored_labels(config.dir)
+    names = token_names(labels)
+    tokens = token_filter(getattr(args, "token", None), getattr(args, "label", None), labels)
     if args.ledger_cmd == "show":
         session = find_session(sessions, args.id)
+        chosen = filter_session(session, tokens)
+        if chosen is None:
+            raise RuntimeFailure(f"session {session.get('session_id', '?')} has no request by the tokens "
+                                 "--token/--label name; `tokenomics ledger sessions` with the same filter "
+                                 "lists the sessions that have")
         if args.json:
-            _print_json(session)
+            _print_json(chosen)
         else:
-            sys.stdout.write(render_session(session))
+            sys.stdout.write(render_session(chosen, names))
         return 0
     if args.ledger_cmd == "sessions":
-        chosen = [s for s in sessions if _session_in(s, since, until, branch)]
+        chosen = [s for s in (filter_session(s, tokens) for s in sessions if _session_in(s, since, until, branch))
+                  if s is not None]
         if args.json:
             _print_json([{k: v for k, v in s.items() if k != "requests"} for s in chosen])
         else:
             sys.stdout.write(render_sessions(chosen))
         return 0
-    summary = summarize(sessions, since=since, until=until, branch=branch)
+    summary = summarize(sessions, since=since, until=until, branch=branch, tokens=tokens)
     if args.json:
         _print_json(summary)
     else:
-        sys.stdout.write(render_summary(summary))
+        sys.stdout.write(render_summary(summary, names))
     return 0
 
 
@@ -1132,7 +1257,7 @@ def cmd_demo(args) -> int:
         background.stop()
         background = None
         _out("\n7. The ledger (what `tokenomics ledger summary` shows)")
-        for line in render_summary(summarize(load_sessions(work))).splitlines():
+        for line in render_summary(summarize(load_sessions(work)), token_names(stored_labels(work))).splitlines():
             _out("   " + line)
     finally:
         if background is not None:
@@ -1229,6 +1354,7 @@ def build_parser() -> argparse.ArgumentParser:
     update.add_argument("--json", action="store_true")
     listing = token_cmds.add_parser("list", parents=[common], help="list tokens")
     listing.add_argument("--json", action="store_true")
+    listing.add_argument("--wide", action="store_true", help="full hashes, times and values (wider than 100 columns)")
     token.set_defaults(func=cmd_token)
 
     run = commands.add_parser("run", parents=[common], help="wrap a command in an ephemeral proxy",
@@ -1299,6 +1425,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = ledger_cmds.add_parser("show", parents=[common], help="one session with its requests")
     show.add_argument("id", help="session id or a prefix of 4+ characters")
     show.add_argument("--json", action="store_true")
+    for sub in ledger_cmds.choices.values():
+        sub.add_argument("--token", metavar="HASH-PREFIX", help="only requests made with this token")
+        sub.add_argument("--label", metavar="TEXT", help="only requests made with the token(s) labelled TEXT")
     ledger.set_defaults(func=cmd_ledger)
 
     commands.add_parser("demo", parents=[common], help="a walkthrough on the built-in mock provider "

@@ -102,6 +102,10 @@ class RemoteWebhookConfig:
     path: str = "/remote/webhook"
     secret: str = ""
     signing_key: str = ""
+    enabled: bool = False          # Go project's keys; remote sync is refused at startup while unavailable
+    auto_register: bool = False
+    callback_url: str = ""
+    insecure: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +113,7 @@ class RemoteConfig:
     url: str = ""
     api_key: str = ""
     sync: int = 60
+    insecure: bool = False
     webhook: RemoteWebhookConfig = RemoteWebhookConfig()
 
 
@@ -198,34 +203,10 @@ def _config_leaves(cls, prefix: tuple = ()) -> Iterator[tuple[tuple, type]]:
             yield prefix + (f.name,), tp
 
 
-# Variables named like a section's override that are not config fields: the default names of
-# the key variables the config points at (security.*_env, remote.api_key_env).
-_NOT_OVERRIDES = frozenset({"TOKENOMICS_REMOTE_KEY"})
-
-
-def _unknown_overrides(environ, known: set) -> list:
-    """TOKENOMICS_<SECTION>_... variables that name no field: a typo must not pass silently."""
-    sections = {path[0].upper() for path, _ in _config_leaves(Config) if len(path) > 1}
-    unknown = []
-    for name in environ:
-        if not name.startswith("TOKENOMICS_") or name in known or name in _NOT_OVERRIDES:
-            continue
-        rest = name[len("TOKENOMICS_"):]
-        if any(rest.startswith(section + "_") for section in sections):
-            unknown.append(name)
-    return sorted(unknown)
-
-
 def _env_overrides(environ) -> dict:
     """TOKENOMICS_<SECTION>_<FIELD> for every scalar leaf, e.g. TOKENOMICS_SERVER_HTTP_PORT."""
     tree: dict = {}
-    known = {"TOKENOMICS_" + "_".join(path).upper() for path, _ in _config_leaves(Config)}
-    unknown = _unknown_overrides(environ, known)
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise UsageError(f"environment: {unknown[0]} names no config field{hint}; "
-                         "fix or unset it (see the README's configuration section)")
+    _refuse_unknown_overrides(environ)
     for path, tp in _config_leaves(Config):
         name = "TOKENOMICS_" + "_".join(path).upper()
         if name not in environ or tp in (dict, list):
@@ -245,6 +226,26 @@ def _env_overrides(environ) -> dict:
             node = node.setdefault(part, {})
         node[path[-1]] = value
     return tree
+
+
+# Variables named TOKENOMICS_* that are not config overrides (keys, data dir, debug, installer).
+NON_CONFIG_ENV = frozenset({"TOKENOMICS_DIR", "TOKENOMICS_KEY", "TOKENOMICS_HASH_KEY", "TOKENOMICS_ENCRYPTION_KEY",
+                            "TOKENOMICS_DEBUG", "TOKENOMICS_REMOTE_KEY", "TOKENOMICS_PYZ_URL"})
+
+
+def _refuse_unknown_overrides(environ) -> None:
+    """A TOKENOMICS_<SECTION>_<FIELD> naming no config leaf is a typo, not something to ignore."""
+    leaves = {"TOKENOMICS_" + "_".join(path).upper() for path, _ in _config_leaves(Config)}
+    sections = {f.name.upper() for f in dataclasses.fields(Config)}
+    for name in sorted(environ):
+        if not name.startswith("TOKENOMICS_") or name in leaves or name in NON_CONFIG_ENV:
+            continue
+        rest = name[len("TOKENOMICS_"):]
+        if any(rest.startswith(sec + "_") for sec in sections):
+            close = difflib.get_close_matches(name, sorted(leaves), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise UsageError(f"environment: {name} is not a config override{hint} "
+                             f"(unset it or use TOKENOMICS_<SECTION>_<FIELD> for a config key)")
 
 
 def _deep_merge(base: dict, top: dict) -> dict:
@@ -304,6 +305,33 @@ def _validate_server_limits(server: ServerConfig) -> None:
                          f"got {server.write_timeout:g}")
 
 
+def _go_config_keys(raw: dict) -> dict:
+    """The Go project's config.yaml keys: map those this product has, name the replacement of the rest."""
+    def refuse(key: str, instead: str):
+        raise UsageError(f"config: {key} is a key of the Go project that this version does not have; {instead}")
+    if "storage" in raw:
+        refuse("storage", "the store lives in the data dir: set `dir:` (or --dir / TOKENOMICS_DIR) instead")
+    logging_ = raw.get("logging")
+    if isinstance(logging_, dict):
+        if "proxy_log_file" in logging_:
+            refuse("logging.proxy_log_file", "use logging.file.enabled: true with logging.file.path")
+        if isinstance(logging_.get("file"), dict) and "level" in logging_["file"]:
+            refuse("logging.file.level", "the log file uses logging.level; remove logging.file.level")
+        if logging_.get("level") == "warn":
+            raw = {**raw, "logging": {**logging_, "level": "warning"}}
+    ledger = raw.get("ledger")
+    if isinstance(ledger, dict):
+        if "dir" in ledger:
+            refuse("ledger.dir", "the ledger lives in the data dir: set `dir:` (or --dir / TOKENOMICS_DIR) instead")
+        if "event_ledger" in ledger:
+            refuse("ledger.event_ledger", "every event is in the ledger when ledger.enabled is true; "
+                                          "use events.webhooks to deliver events elsewhere")
+        if isinstance(ledger.get("memory"), bool):
+            refuse("ledger.memory", "it is a mapping here, not true/false: remove it, or give a mapping "
+                                    "as described in the README's memory section")
+    return raw
+
+
 def load_config(config_path: str | None = None, data_dir: str | None = None,
                 environ=None, overrides: dict | None = None) -> Config:
     """Find and validate the configuration. `overrides` are CLI flags as a nested mapping."""
@@ -338,6 +366,7 @@ def load_config(config_path: str | None = None, data_dir: str | None = None,
             raise UsageError(f"--config: {config_path} does not exist; name an existing config.yaml")
     if not isinstance(raw, dict):
         raise UsageError(f"config: {source}: expected a mapping at the top level")
+    raw = _go_config_keys(raw)
     merged = _deep_merge(_deep_merge(raw, _env_overrides(environ)), overrides or {})
     config = _build_section(Config, merged, "")
     resolved_dir = data_dir or config.dir or early_dir

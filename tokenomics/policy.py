@@ -235,7 +235,7 @@ def endpoint_listed(endpoints: tuple, path: str) -> bool:
     return False
 
 
-_POLICY_FIELDS = _PROVIDER_POLICY_FIELDS + ("providers", "provider", "rate_limit", "retry", "metadata",
+_POLICY_FIELDS = _PROVIDER_POLICY_FIELDS + ("providers", "provider", "default_provider", "rate_limit", "retry", "metadata",
                                             "memory", "budget", "endpoints")
 
 
@@ -252,6 +252,14 @@ def parse_policy(raw, path: str = "", catalog: "Catalog | None" = None, data_dir
         raise UsageError(text if text.startswith("policy:") else f"policy: {text}") from None
 
 
+# Provider names of the Go project, accepted as aliases of the catalog names.
+PROVIDER_ALIASES = {"azure": "azure_openai", "gemini": "google_gemini"}
+
+
+def provider_name(name):
+    return PROVIDER_ALIASES.get(name, name) if isinstance(name, str) else name
+
+
 def _parse_policy(raw, path: str, catalog: "Catalog | None") -> Policy:
     if not isinstance(raw, dict):
         raise UsageError("policy: expected a JSON object")
@@ -260,14 +268,19 @@ def _parse_policy(raw, path: str, catalog: "Catalog | None") -> Policy:
             _fail(key, f"unknown field; known fields: {', '.join(_POLICY_FIELDS)}")
     fields_ = _parse_common(raw, path)
     known = catalog.names() if catalog is not None else None
-    if raw.get("provider"):
-        fields_["provider"] = _check_type(raw["provider"], str, "provider", "a provider name")
-        if known is not None and raw["provider"] not in known:
-            _fail("provider", f"unknown provider '{raw['provider']}'; known: {', '.join(sorted(known))}")
+    if raw.get("provider") and raw.get("default_provider") and raw["provider"] != raw["default_provider"]:
+        _fail("default_provider", "is an alias of provider; give one of them, not both with different values")
+    chosen_key = "provider" if raw.get("provider") else "default_provider"
+    if raw.get(chosen_key):
+        chosen = provider_name(_check_type(raw[chosen_key], str, chosen_key, "a provider name"))
+        if known is not None and chosen not in known:
+            _fail(chosen_key, f"unknown provider '{raw[chosen_key]}'; known: {', '.join(sorted(known))}")
+        fields_["provider"] = chosen
     providers = []
     if raw.get("providers") is not None:
         _check_type(raw["providers"], dict, "providers", "an object of provider name -> list of policies")
         for name, entries in raw["providers"].items():
+            name = provider_name(name)
             if known is not None and name not in known:
                 _fail(f"providers.{name}", f"unknown provider; known: {', '.join(sorted(known))}")
             if isinstance(entries, dict):  # one policy written without the list
@@ -297,12 +310,29 @@ def _parse_policy(raw, path: str, catalog: "Catalog | None") -> Policy:
     return Policy(name="", raw=raw, providers=tuple(providers), **fields_)
 
 
+# Model families (§8): the provider a model name belongs to when nothing else names one.
+MODEL_FAMILIES = (("gpt-", "openai"), ("chatgpt-", "openai"), ("o1", "openai"), ("o3", "openai"),
+                  ("o4", "openai"), ("text-embedding-", "openai"), ("claude-", "anthropic"),
+                  ("gemini-", "google_gemini"))
+
+
+def model_family_provider(model: str, catalog: "Catalog") -> str:
+    """The catalog provider listing `model`, else the one its name prefix belongs to, else ''."""
+    if not model:
+        return ""
+    for prov in catalog.all():
+        if model in prov.models:
+            return prov.name
+    names = catalog.names()
+    return next((name for prefix, name in MODEL_FAMILIES if model.startswith(prefix) and name in names), "")
+
+
 def select_upstream(policy: Policy, matched: ProviderPolicy | None, catalog: "Catalog", config: Config,
-                    native_provider: str) -> tuple["Provider", str]:
+                    native_provider: str, model: str = "") -> tuple["Provider", str]:
     """§8 precedence for the provider (auth scheme, headers, dialect) and the upstream URL."""
     explicit = matched.name if matched is not None else (policy.provider or config.default_provider)
     try:
-        provider = catalog.get(explicit or native_provider)
+        provider = catalog.get(explicit or model_family_provider(model, catalog) or native_provider)
     except KeyError as exc:  # UnknownProvider: the policy or config names a provider the catalog lacks
         raise ProxyError(500, "invalid_request", f"{exc}; fix the token's policy or the config") from None
     if matched is not None:
@@ -343,7 +373,7 @@ def resolve_policy(policy: Policy, model: str, catalog: "Catalog", config: Confi
         raise ProxyError(403, "model_not_allowed",
                          f"model '{model}' is not allowed for this token; ask its owner to allow it "
                          "or use /v1/models to list the models you may use")
-    provider, upstream = select_upstream(policy, matched, catalog, config, native_provider)
+    provider, upstream = select_upstream(policy, matched, catalog, config, native_provider, model)
     pick = (lambda name: getattr(matched, name) or getattr(policy, name)) if matched else \
         (lambda name: getattr(policy, name))
     return ResolvedPolicy(

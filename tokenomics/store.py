@@ -26,10 +26,75 @@ if TYPE_CHECKING:  # names used in annotations only
 
 
 STORE_RELOAD_INTERVAL = 0.25            # stat tokens.json at most this often; changes show within 1 s
+_HASH_KEY_CHECK = b"tokenomics hash key check"  # HMAC'ed with the hash key into tokens.json's
+                                                # "hash_key_check": names the key, reveals nothing
 
 
 def hash_token(hash_key: bytes, token: str) -> str:
     return hmac.new(hash_key, token.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def hash_key_check(hash_key: bytes) -> str:
+    """The value tokens.json keeps to recognise the hash key its tokens were made with (an HMAC
+    of a fixed text, so neither the key nor any token can be recovered from it)."""
+    return hmac.new(hash_key, _HASH_KEY_CHECK, hashlib.sha256).hexdigest()
+
+
+class HashKeyMismatch(RuntimeFailure):
+    """The hash key in use is not the one the stored tokens were hashed with: none of them
+    would match, which must be said as such rather than as "no token matches"."""
+
+
+def _hash_key_mismatch(config: Config, doc: dict, hash_key: bytes | None, from_env: bool) -> str | None:
+    """The message for a store whose tokens were made with another hash key, else None.
+    A store without a check value (written by an older version) or without tokens passes."""
+    stored = doc.get("hash_key_check")
+    count = len(doc.get("tokens") or ())
+    if not isinstance(stored, str) or not count:
+        return None
+    if hash_key is not None and hmac.compare_digest(stored, hash_key_check(hash_key)):
+        return None
+    env_name, key_file = config.security.hash_key_env, os.path.join(config.dir, "hash.key")
+    fix = (f"set {env_name} to the original, or unset it if they were made with {key_file}" if from_env
+           else f"set {env_name} to the original or restore {key_file}")
+    return (f"the hash key does not match the one the stored tokens were made with (none of the {count} "
+            f"would be accepted): {fix}")
+
+
+def hash_key_problem(config: Config, environ=None) -> str | None:
+    """For `doctor`: why the current hash key cannot open the stored tokens, or None. Reads
+    only; unlike load_hash_key it never generates a key file."""
+    environ = os.environ if environ is None else environ
+    try:
+        with open(os.path.join(config.dir, "tokens.json"), "rb") as fh:
+            doc = json.loads(fh.read() or b"{}")
+    except (OSError, ValueError):
+        return None  # no store yet, or one the store itself reports as unreadable
+    if not isinstance(doc, dict):
+        return None
+    key = environ.get(config.security.hash_key_env, "").encode("utf-8") or None
+    from_env = key is not None
+    if key is None:
+        try:
+            with open(os.path.join(config.dir, "hash.key"), "rb") as fh:
+                key = fh.read().strip() or None
+        except OSError:
+            key = None
+    return _hash_key_mismatch(config, doc, key, from_env)
+
+
+def stored_labels(data_dir: str) -> dict[str, str]:
+    """{token hash: label} from {data_dir}/tokens.json, for naming tokens in the ledger. Labels
+    are stored in the clear, so this needs neither the hash key nor the encryption key; an
+    absent or unreadable store gives {} (the ledger then shows hash prefixes)."""
+    try:
+        with open(os.path.join(data_dir, "tokens.json"), "rb") as fh:
+            doc = json.loads(fh.read() or b"{}")
+    except (OSError, ValueError):
+        return {}
+    entries = doc.get("tokens") if isinstance(doc, dict) else None
+    return {e["hash"]: e.get("label") or "" for e in entries or ()
+            if isinstance(e, dict) and isinstance(e.get("hash"), str) and isinstance(e.get("label") or "", str)}
 
 
 def new_token() -> str:
@@ -156,7 +221,8 @@ class TokenStore:
     """tokens.json in the data dir. Reads are cached and refreshed when the file changes on disk
     (any process may write it); every write is read-modify-write under an exclusive flock."""
 
-    def __init__(self, config: Config, catalog: "Catalog", environ=None, hash_key: bytes | None = None):
+    def __init__(self, config: Config, catalog: "Catalog", environ=None, hash_key: bytes | None = None,
+                 verify_hash_key: bool = True):
         self.environ = os.environ if environ is None else environ
         self.config = config
         self.catalog = catalog
@@ -165,6 +231,7 @@ class TokenStore:
         self.lock_path = os.path.join(self.dir, "tokens.lock")
         self.hash_key = hash_key if hash_key is not None else load_hash_key(config, self.environ)
         self.env_name = config.security.encryption_key_env
+        self.verify_hash_key = verify_hash_key  # False: read anyway (doctor reports the mismatch itself)
         self._records: dict[str, TokenRecord] = {}
         self._stamp = None
         self._checked = 0.0
@@ -223,9 +290,18 @@ class TokenStore:
                 label=entry.get("label", "") or "")
         return records
 
+    def _check_hash_key(self, doc: dict, writing: bool = False) -> None:
+        if not (self.verify_hash_key or writing):  # a write would stamp the wrong key: never skip it
+            return
+        from_env = bool(self.environ.get(self.config.security.hash_key_env))
+        problem = _hash_key_mismatch(self.config, doc, self.hash_key, from_env)
+        if problem:
+            raise HashKeyMismatch(problem)
+
     def reload(self) -> None:
         stamp = self._file_stamp()
         doc = self._read_document()
+        self._check_hash_key(doc)
         self._records = self._decode(doc, self._cipher(doc))
         self._stamp = stamp
 
@@ -276,6 +352,7 @@ class TokenStore:
         """Read the current file under the lock, apply `change` to its entries, write it back."""
         with self._locked():
             doc = self._read_document()
+            self._check_hash_key(doc, writing=True)
             cipher = self._cipher(doc)
             entries = doc["tokens"]
             if cipher is not None:  # (re-)encrypt everything with the current key
@@ -283,7 +360,7 @@ class TokenStore:
                     if "policy" in entry:
                         entry["policy_enc"] = cipher.seal_policy(entry["hash"], entry.pop("policy"))
             result = change(entries, cipher)
-            doc = {"version": 1, "tokens": entries}
+            doc = {"version": 1, "hash_key_check": hash_key_check(self.hash_key), "tokens": entries}
             if cipher is not None:
                 doc["encryption"] = cipher.header()
             write_private(self.path, json.dumps(doc, indent=1).encode("utf-8") + b"\n")

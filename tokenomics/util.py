@@ -310,8 +310,8 @@ def scrub(text: str, keep: frozenset | tuple = ()) -> str:
 
 
 def usd_text(amount: float, places: int = 4) -> str:
-    """A dollar amount for people: `places` decimals, and more for an amount so small that
-    they would show it as zero (two significant digits), so a real cost never reads $0.0000."""
-    if amount == 0 or abs(amount) >= 10 ** -places:
+    """A dollar amount for people: `places` decimals from a cent up, and below a cent two
+    significant digits (0.00012, 0.0000031), so a real cost never reads $0.0000."""
+    if amount == 0 or abs(amount) >= 0.01:
         return f"{amount:.{places}f}"
     return f"{amount:.{1 - math.floor(math.log10(abs(amount)))}f}"

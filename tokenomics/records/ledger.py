@@ -56,12 +56,15 @@ _RULE_MATCH_KEYS = ("rule", "type", "action", "scope", "count")   # never the ma
 _RULE_VIOLATION_ERRORS = frozenset({"rule_violation", "output_rule_violation"})
 
 
-_RATE_LIMIT_ERRORS = frozenset({"rate_limited", "budget_exceeded"})
+_RATE_LIMIT_ERRORS = frozenset({"rate_limited"})
+
+
+_BUDGET_ERRORS = frozenset({"budget_exceeded"})   # a spent budget is not a rate limit (§9)
 
 
 _ROLLUP_COUNTS = ("request_count", "input_tokens", "output_tokens", "total_tokens",
                   "cached_input_tokens", "cache_creation_tokens", "reasoning_tokens", "error_count",
-                  "retry_count", "rule_violation_count", "rate_limit_count")
+                  "retry_count", "rule_violation_count", "rate_limit_count", "budget_exceeded_count")
 
 
 _NONE_KEY = "(none)"            # rollup key for an empty model, provider, token or branch
@@ -175,7 +178,7 @@ def _row_deltas(row: dict) -> tuple:
             _int(row.get("cache_creation_tokens")), _int(row.get("reasoning_tokens")),
             int(_int(row.get("status_code")) >= 400 or bool(error)), _int(row.get("retry_count")),
             int(error in _RULE_VIOLATION_ERRORS), int(error in _RATE_LIMIT_ERRORS),
-            round(_num(row.get("cost_usd")) * _NANO))
+            int(error in _BUDGET_ERRORS), round(_num(row.get("cost_usd")) * _NANO))
 
 
 class _Tally:
@@ -534,11 +537,87 @@ def load_sessions(data_dir: str) -> list[dict]:
     return sessions
 
 
+@dataclass(frozen=True, slots=True)
+class TokenFilter:
+    """`--token HASH-PREFIX` and `--label TEXT` of the ledger commands: which request rows to
+    keep. `labelled` holds the HASH_PREFIX-char prefixes of the tokens carrying `label` (from the
+    token store: the ledger itself records only hash prefixes). Both given: a row must pass both."""
+    prefix: str | None = None
+    label: str | None = None
+    labelled: frozenset = frozenset()
+
+    def keep(self, row: dict) -> bool:
+        row_hash = str(row.get("token_hash") or "")
+        if self.prefix is not None:  # rows keep a prefix of the hash, users may give the whole hash
+            n = min(len(row_hash), len(self.prefix))
+            if not row_hash or row_hash[:n] != self.prefix[:n]:
+                return False
+        return self.label is None or row_hash[:HASH_PREFIX] in self.labelled
+
+
+def token_filter(prefix: str | None, label: str | None, labels: dict) -> TokenFilter | None:
+    """The filter for `--token`/`--label` (None when neither is given); `labels` maps full token
+    hashes to labels. A label no token carries is an error: it would silently match nothing."""
+    if prefix is None and label is None:
+        return None
+    if prefix is not None:
+        prefix = prefix.strip().lower()
+        if prefix.startswith("tkn_"):
+            raise UsageError("--token: give the token's hash (or a prefix of it, as `tokenomics token list` "
+                             "shows), not the token itself")
+        if not re.fullmatch(r"[0-9a-f]{4,64}", prefix):
+            raise UsageError("--token: expected at least 4 hex characters of a token hash "
+                             "(`tokenomics token list` shows them)")
+    labelled: frozenset = frozenset()
+    if label is not None:
+        labelled = frozenset(h[:HASH_PREFIX] for h, text in labels.items() if text == label)
+        if not labelled:
+            known = sorted({text for text in labels.values() if text})
+            hint = f" (labels in use: {', '.join(known[:10])}{', ...' if len(known) > 10 else ''})" if known else ""
+            raise RuntimeFailure(f"--label: no token is labelled {label!r}{printable(hint)}; "
+                                 "`tokenomics token list` shows the labels")
+    return TokenFilter(prefix, label, labelled)
+
+
+def token_names(labels: dict) -> dict:
+    """{hash prefix as the ledger records it: name to show}: a token's label, with a short hash
+    beside it when several tokens share the label. Tokens without a label are left out (tables
+    show a 12-char hash prefix for them)."""
+    counts: dict[str, int] = {}
+    for text in labels.values():
+        if text:
+            counts[text] = counts.get(text, 0) + 1
+    return {h[:HASH_PREFIX]: text if counts[text] == 1 else f"{text} {h[:8]}"
+            for h, text in labels.items() if text}
+
+
+def _token_name(row_hash: Any, names: dict | None) -> str:
+    row_hash = str(row_hash or "")
+    if not row_hash or row_hash == _NONE_KEY:
+        return "-"
+    return (names or {}).get(row_hash[:HASH_PREFIX]) or row_hash[:12]
+
+
+def filter_session(session: dict, tokens: TokenFilter | None) -> dict | None:
+    """`session` with only the requests `tokens` keeps and its totals and rollups recomputed
+    from them; None when no request is kept. Without a filter, the session as it is."""
+    if tokens is None:
+        return session
+    kept = [row for row in session.get("requests") or () if tokens.keep(row)]
+    if not kept:
+        return None
+    rollups = _Rollups()
+    for row in kept:
+        rollups.add(row, _when(row.get("timestamp")))
+    return {**session, **rollups.as_dict(), "requests": kept}
+
+
 def summarize(sessions: list, since: float | None = None, until: float | None = None,
-              branch: str | None = None) -> dict:
+              branch: str | None = None, tokens: TokenFilter | None = None) -> dict:
     """Totals and by_model/by_provider/by_token/by_branch over the requests with
-    since <= timestamp < until in sessions on `branch` (each filter optional). `sessions` counts
-    the sessions on the branch with a request in the window (or, without requests, started in it)."""
+    since <= timestamp < until in sessions on `branch` made with the `tokens` filter's tokens
+    (each filter optional). `sessions` counts the sessions on the branch with a request in the
+    window (or, without requests and without a token filter, started in it)."""
 
     def inside(ts: float | None) -> bool:
         return ts is None or ((since is None or ts >= since) and (until is None or ts < until))
@@ -553,15 +632,17 @@ def summarize(sessions: list, since: float | None = None, until: float | None = 
         used = False
         for row in requests:
             ts = _when(row.get("timestamp"))
-            if inside(ts):
+            if inside(ts) and (tokens is None or tokens.keep(row)):
                 rollups.add(row, ts, session_branch)
                 used = True
-        count += used or (not requests and inside(_when(session.get("started_at"))))
+        count += used or (not requests and tokens is None and inside(_when(session.get("started_at"))))
     return {
         "sessions": count,
         "filters": {"since": rfc3339_ms(since) if since is not None else None,
                     "until": rfc3339_ms(until) if until is not None else None,
-                    "branch": branch},
+                    "branch": branch,
+                    "token": tokens.prefix if tokens is not None else None,
+                    "label": tokens.label if tokens is not None else None},
         **rollups.as_dict(with_branch=True),
     }
 
@@ -621,8 +702,12 @@ def _table(headers: list[str], rows: list[list], numeric: set[int]) -> str:
     return "\n".join([line(headers)] + [line(r) for r in cells])
 
 
-def _usd(value: Any) -> str:
+def format_usd(value: Any) -> str:
+    """Dollars for tables; a real cost never reads as 0 (see util.usd_text)."""
     return usd_text(_num(value))
+
+
+_usd = format_usd
 
 
 def _span(ms: Any) -> str:
@@ -648,31 +733,37 @@ def _totals_line(t: dict) -> str:
             f"output {_int(t.get('output_tokens'))}  total {_int(t.get('total_tokens'))}  "
             f"cached {_int(t.get('cached_input_tokens'))}  errors {_int(t.get('error_count'))}  "
             f"rule violations {_int(t.get('rule_violation_count'))}  "
-            f"rate limited {_int(t.get('rate_limit_count'))}  retries {_int(t.get('retry_count'))}  "
+            f"rate limited {_int(t.get('rate_limit_count'))}  "
+            f"over budget {_int(t.get('budget_exceeded_count'))}  retries {_int(t.get('retry_count'))}  "
             f"cost ${_usd(t.get('cost_usd'))}")
 
 
-def _rollup_table(title: str, table: dict) -> str:
-    headers = [title, "REQUESTS", "INPUT", "OUTPUT", "CACHED", "ERRORS", "COST USD"]
+def _rollup_table(title: str, table: dict, name: Callable[[str], str] = str) -> str:
+    headers = [title, "REQUESTS", "INPUT", "OUTPUT", "CACHED", "ERRORS", "RATE LIMITED", "OVER BUDGET",
+               "COST USD"]
     ordered = sorted(table.items(), key=lambda kv: (-_num(kv[1].get("cost_usd")), kv[0]))
-    rows = [[key, _int(t.get("request_count")), _int(t.get("input_tokens")), _int(t.get("output_tokens")),
-             _int(t.get("cached_input_tokens")), _int(t.get("error_count")), _usd(t.get("cost_usd"))]
+    rows = [[name(key), _int(t.get("request_count")), _int(t.get("input_tokens")), _int(t.get("output_tokens")),
+             _int(t.get("cached_input_tokens")), _int(t.get("error_count")), _int(t.get("rate_limit_count")),
+             _int(t.get("budget_exceeded_count")), _usd(t.get("cost_usd"))]
             for key, t in ordered]
-    return _table(headers, rows, numeric={1, 2, 3, 4, 5, 6})
+    return _table(headers, rows, numeric={1, 2, 3, 4, 5, 6, 7, 8})
 
 
-def render_summary(summary: dict) -> str:
-    """`ledger summary` for people: totals, then one table per model/provider/token/branch."""
+def render_summary(summary: dict, names: dict | None = None) -> str:
+    """`ledger summary` for people: totals, then one table per model/provider/token/branch.
+    `names` (token_names()) shows a token by its label."""
     f = summary.get("filters") or {}
     lines = [f"Ledger summary: {summary.get('sessions', 0)} session(s)"]
-    shown = [f"{name} {f[name]}" for name in ("since", "until", "branch") if f.get(name) is not None]
+    shown = [f"{name} {f[name]}" for name in ("since", "until", "branch", "token", "label")
+             if f.get(name) is not None]
     if shown:
         lines.append("filters: " + printable(", ".join(shown)))
     lines += ["", "Totals: " + _totals_line(summary.get("totals") or {})]
     for title, key in (("MODEL", "by_model"), ("PROVIDER", "by_provider"), ("TOKEN", "by_token"),
                        ("BRANCH", "by_branch")):
         if summary.get(key):
-            lines += ["", _rollup_table(title, summary[key])]
+            name = (lambda h: _token_name(h, names)) if key == "by_token" else str
+            lines += ["", _rollup_table(title, summary[key], name)]
     return "\n".join(lines) + "\n"
 
 
@@ -703,8 +794,9 @@ def render_sessions(sessions: list) -> str:
     return out + "\n"
 
 
-def render_session(session: dict) -> str:
-    """`ledger show ID` for people: the session, its totals, per-model costs and every request."""
+def render_session(session: dict, names: dict | None = None) -> str:
+    """`ledger show ID` for people: the session, its totals, per-model costs and every request;
+    `names` (token_names()) shows a token by its label."""
     git, t = session.get("git") or {}, session.get("totals") or {}
     state = "closed" if session.get("closed", True) else "open: rebuilt from the journal"
     where = git.get("branch") or "-"
@@ -723,7 +815,7 @@ def render_session(session: dict) -> str:
     if requests:
         headers = ["TIME (UTC)", "TOKEN", "MODEL", "PROVIDER", "STATUS", "STREAM", "INPUT", "OUTPUT",
                    "DURATION", "RETRIES", "COST USD", "ERROR"]
-        rows = [[_short_time(r.get("timestamp")), (r.get("token_hash") or "-")[:8], r.get("model") or "-",
+        rows = [[_short_time(r.get("timestamp")), _token_name(r.get("token_hash"), names), r.get("model") or "-",
                  r.get("provider") or "-", _int(r.get("status_code")), "yes" if r.get("stream") else "no",
                  _int(r.get("input_tokens")), _int(r.get("output_tokens")), _span(r.get("duration_ms")),
                  _int(r.get("retry_count")), _usd(r.get("cost_usd")),
