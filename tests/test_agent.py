@@ -32,7 +32,7 @@ from stub_upstream import DEFAULT_REPLY
 from test_cli import ok, one_json
 
 MOCK = {"provider": "mock"}
-SUMMARY = re.compile(r"^tokenomics: (\d+) requests, ([\d,]+) tokens in / ([\d,]+) out, \$(\d+\.\d+), (\d+) blocked$",
+SUMMARY = re.compile(r"^tokenomics: (\d+) requests, ([\d,]+) tokens in / ([\d,]+) out, \$([\d.]+), (\d+) blocked$",
                      re.MULTILINE)
 UNKNOWN_TOKEN = "tkn_" + "0123456789abcdef" * 2
 

@@ -154,3 +154,45 @@ def test_go_config_keys_without_equivalent_name_the_replacement(tmp_path, cli, s
     assert key in str(exc.value) and instead in str(exc.value)
     proc = cli("token", "list", "--config", str(path))
     assert proc.returncode == 2 and key in proc.stderr and "Traceback" not in proc.stderr
+
+
+# Every field the Go project's policy reference documents, in one policy of its schema.
+GO_FULL_POLICY = {
+    "base_key_env": "OPENAI_PAT", "upstream_url": "https://api.openai.com", "max_tokens": 100000,
+    "model": "gpt-4o", "model_regex": "^gpt-4", "timeout": 60,
+    "prompts": [{"role": "system", "content": "You are a helpful assistant."}],
+    "providers": {
+        "openai": [{"model": "gpt-4o", "base_key_env": "OPENAI_PAT", "max_tokens": 4096, "timeout": 30},
+                   {"model_regex": "^gpt-4o-mini", "base_key_env": "OPENAI_PAT"}],
+        "anthropic": [{"model_regex": "^claude-", "base_key_env": "ANTHROPIC_PAT",
+                       "upstream_url": "https://api.anthropic.com",
+                       "prompts": [{"role": "system", "content": "Be concise."}]}],
+    },
+    "rules": [
+        {"name": "no-secrets", "type": "keyword", "keywords": ["internal use only"], "action": "fail", "scope": "input"},
+        {"type": "regex", "pattern": "(?i)project\\s+falcon", "action": "warn", "scope": "both"},
+        {"type": "pii", "detect": ["ssn", "credit_card", "email", "phone", "ip_address", "aws_key", "api_key",
+                                   "jwt", "private_key", "connection_string", "github_token"],
+         "action": "mask", "scope": "input"},
+        {"type": "jailbreak", "action": "fail", "scope": "input"},
+    ],
+    "rate_limit": {"max_parallel": 4, "rules": [
+        {"requests": 60, "window": "1m", "strategy": "sliding"},
+        {"tokens": 100000, "window": "1h", "strategy": "fixed"}]},
+    "retry": {"max_retries": 2, "fallbacks": ["gpt-4o-mini"], "retry_on": [429, 500, 502, 503]},
+    "memory": {"enabled": True, "file_path": ".tokenomics/memory", "file_name": "{date}/{token_hash}.md",
+               "max_size_mb": 10, "compress_old": True},
+    "metadata": {"team": "platform", "project": "agents", "env": "prod", "cost_center": "1234"},
+}
+
+
+def test_a_policy_with_every_go_documented_field_loads_and_keeps_them():
+    policy = parse_policy(GO_FULL_POLICY, catalog=CATALOG)
+    assert [p.name for p in policy.providers] == ["openai", "openai", "anthropic"]
+    assert len(policy.rules) == 4 and policy.max_tokens == 100000 and policy.timeout == 60
+    assert {r.kind for r in policy.rate_rules} == {"requests", "tokens"}
+
+
+def test_a_go_pii_name_without_a_detector_is_refused_with_what_to_use():
+    with pytest.raises(UsageError, match=r"rules\[0\].detect\[0\]: unknown PII type 'passport'.*regex"):
+        parse_policy({"rules": [{"type": "pii", "detect": ["passport"], "action": "mask"}]}, catalog=CATALOG)

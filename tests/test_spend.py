@@ -99,6 +99,13 @@ def test_serve_refuses_a_changed_hash_key(cli):
     assert "listening" not in proc.stderr
 
 
+def test_status_names_a_changed_hash_key(cli):
+    create(cli, {"provider": "mock"})
+    proc = ok(cli("status", env=wrong_key_env(cli)))
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("tokens:"))
+    assert MISMATCH in line and OTHER_KEY not in proc.stdout
+
+
 def test_doctor_fails_on_a_changed_hash_key(cli):
     create(cli, {"provider": "mock"})
     proc = fails(cli("doctor", env=wrong_key_env(cli)), 1)

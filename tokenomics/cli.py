@@ -37,7 +37,7 @@ from .records.ledger import _when, filter_session, find_session, format_usd, loa
 from .records.logs import redacting_filter
 from .store import TokenRecord, TokenStore, ensure_data_dir, hash_key_problem, hash_token, stored_labels
 from .tls import cert_dir, ensure_local_ca
-from .util import HASH_PREFIX, HAVE_TRUSTME, TOKEN_PREFIX, parse_duration, parse_rfc3339, printable, utc_iso, write_private
+from .util import HASH_PREFIX, HAVE_TRUSTME, TOKEN_PREFIX, parse_duration, parse_rfc3339, printable, usd_text, utc_iso, write_private
 
 
 def _out(text: str = "") -> None:
@@ -549,7 +549,7 @@ def _usage_line(before: dict | None, after: dict | None, url: str) -> str:
         return f"tokenomics: usage of this token is not visible from here (see `tokenomics ledger` where {url} runs)"
     d = {k: after[k] - before[k] for k in after}
     return (f"tokenomics: {d['requests']} requests, {d['input_tokens']:,} tokens in / {d['output_tokens']:,} out, "
-            f"${d['cost_usd']:.4f}, {d['errors']} errors (via {url})")
+            f"${usd_text(d['cost_usd'])}, {d['errors']} errors (via {url})")
 
 
 def cmd_run(args) -> int:
@@ -853,10 +853,11 @@ def cmd_status(args) -> int:
     url = info.get("url") if running else None
     if running and url:
         running = _http_get(url + "/health", cafile=os.path.join(cert_dir(config), "ca.crt"))[0] == 200
+    unreadable = ""
     try:
         tokens = len(TokenStore(config, catalog).records())
-    except TokenomicsError:
-        tokens = None
+    except TokenomicsError as exc:  # a wrong hash or encryption key: say which, as every command does
+        tokens, unreadable = None, str(exc)
     status = {"running": running, "pid": info["pid"] if running else None, "url": url if running else None,
               "tokens": tokens, "providers": provider_key_presence(catalog)}
     if args.json:
@@ -864,7 +865,7 @@ def cmd_status(args) -> int:
         return 0
     _out(f"tokenomics is {'running' if running else 'stopped'}" +
          (f" at {printable(url)} (pid {status['pid']})" if running else ""))
-    _out(f"tokens: {tokens if tokens is not None else 'unreadable (check the encryption key)'}")
+    _out(f"tokens: {tokens}" if tokens is not None else f"tokens: unreadable: {printable(unreadable)}")
     keys = ", ".join(f"{name} {'set' if ok else 'missing'}" for name, ok in sorted(status["providers"].items()))
     _out(f"provider keys: {printable(keys)}")
     return 0

@@ -305,7 +305,9 @@ def _compile_rule(raw: Any, where: str) -> Rule:
             raise UsageError(f"{where}.detect: expected a non-empty list of PII types, got {_json_type(detect)}")
         for k, t in enumerate(detect):
             if not isinstance(t, str) or t not in PII_TYPES:
-                raise UsageError(f"{where}.detect[{k}]: unknown PII type {t!r}; one of {', '.join(PII_TYPES)}"
+                raise UsageError(f"{where}.detect[{k}]: unknown PII type {t!r}: there is no detector for it, so a policy "
+                                 f"naming it would look stricter than it is; use one of {', '.join(PII_TYPES)}, or a "
+                                 "`regex` rule for your own pattern"
                                  if isinstance(t, str) else f"{where}.detect[{k}]: expected a string, got {_json_type(t)}")
         return Rule(name or where, rtype, action, scope, label, detect=tuple(dict.fromkeys(detect)))
     # jailbreak: a document-level score has no span to replace.

@@ -15,7 +15,7 @@ from ..records.events import make_event
 from ..records.ledger import RequestRecord
 from ..records.memory import MemoryWriter, RedisMemory
 from ..records.stats import Metrics, Stats
-from ..util import HASH_PREFIX, REDACTED, log
+from ..util import HASH_PREFIX, REDACTED, log, usd_text
 
 if TYPE_CHECKING:  # names used in annotations only
     from ..records.events import WebhookDispatcher
@@ -47,7 +47,7 @@ class SessionTotals:
 
     def line(self) -> str:
         return (f"tokenomics: {self.requests} requests, {self.input_tokens:,} tokens in / "
-                f"{self.output_tokens:,} out, ${self.cost_usd:.4f}, {self.blocked} blocked")
+                f"{self.output_tokens:,} out, ${usd_text(self.cost_usd)}, {self.blocked} blocked")
 
 
 def request_record(ex: "Exchange", now: float) -> RequestRecord:
