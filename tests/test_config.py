@@ -300,3 +300,14 @@ def test_provider_base_url_env_overrides_the_catalog_url():
     catalog = tokenomics.providers.Catalog(environ={"OLLAMA_BASE_URL": "http://gpu-box:11434/v1"})
     assert catalog.get("ollama").url() == "http://gpu-box:11434/v1"
     assert tokenomics.providers.Catalog(environ={}).get("ollama").url() == "http://127.0.0.1:11434/v1"
+
+
+def test_pricing_and_webhooks_are_parsed_once_into_typed_values(data_dir, tmp_path):
+    path = write_yaml(tmp_path / "typed.yaml", {
+        "pricing": {"openai/My-Model": {"input": 1, "output": 4}},
+        "events": {"webhooks": [{"url": "http://127.0.0.1:9/hook", "events": ["budget.*"], "timeout": "2s"}]}})
+    config = tokenomics.config.load_config(str(path), str(data_dir), environ={})
+    assert config.pricing == {"my-model": (1.0, 1.0, 4.0)}
+    (hook,) = config.events.webhooks
+    assert isinstance(hook, tokenomics.config.Webhook)
+    assert (hook.url, hook.events, hook.timeout) == ("http://127.0.0.1:9/hook", ("budget.*",), 2.0)

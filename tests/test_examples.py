@@ -105,7 +105,7 @@ def test_config_yaml_loads_with_every_section(tmp_path):
     assert config.session.backend == "memory"
     assert config.events.webhooks == []
     assert "local_llama" in tokenomics.providers.Catalog(config, environ={}).names()
-    assert tokenomics.limits.prices.price_for("my-finetune", tokenomics.limits.prices.parse_pricing(config.pricing)) == (0.30, 0.15, 1.20)
+    assert tokenomics.limits.prices.price_for("my-finetune", config.pricing) == (0.30, 0.15, 1.20)
 
 
 def test_providers_yaml_is_overlaid_on_the_catalog(tmp_path):

@@ -94,7 +94,7 @@ class LoggingConfig:
 
 @dataclass(frozen=True, slots=True)
 class EventsConfig:
-    webhooks: list = field(default_factory=list)
+    webhooks: list = field(default_factory=list)   # of Webhook once load_config has validated them
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,8 +379,9 @@ def load_config(config_path: str | None = None, data_dir: str | None = None,
     for name, entry in config.providers.items():
         _validate_provider_entry(name, entry, f"providers.{name}")
     try:
-        parse_pricing(config.pricing)
-        validate_webhooks(config.events.webhooks)
+        # Parsed once here; every reader takes the typed values (price tuples, Webhook records).
+        config = dataclasses.replace(config, pricing=parse_pricing(config.pricing),
+                                     events=EventsConfig(webhooks=validate_webhooks(config.events.webhooks)))
         memory = config.ledger.memory
         if isinstance(memory, dict) and memory and not memory.get("redis"):  # SPEC §9: confined
             memory_file_path(memory, config.dir, "ledger.memory")

@@ -27,7 +27,7 @@ from .http.mock import MockUpstream
 from .http.server import Request, Response, answer_output_bytes, error_response, json_response
 from .http.sse import _deadline
 from .limits.decide import BudgetLine, budget_event, estimate_tokens
-from .limits.prices import Usage, charged_usage, cost_usd, parse_pricing, price_for
+from .limits.prices import Usage, charged_usage, cost_usd, price_for
 from .limits.state import MemoryState
 from .policy import ResolvedPolicy, endpoint_listed, resolve_policy, select_upstream
 from .providers import Catalog, Provider
@@ -361,7 +361,7 @@ class Pipeline:
         self.config, self.store, self.catalog, self.client = config, store, catalog, client
         self.state = state if state is not None else MemoryState()
         self.journal = journal
-        self.pricing = parse_pricing(config.pricing)
+        self.pricing = config.pricing   # parsed by load_config
         self.environ = os.environ if environ is None else environ
         self.clock = clock
         self.records = records if records is not None else Records()
