@@ -73,6 +73,12 @@ def _expire_ms(ws: float, end: float, now: float) -> int:
     return 0 if end == math.inf else max(1000, int((2 * end - ws - now) * 1000))
 
 
+def shown_addr(addr: str) -> str:
+    """The address for messages: a redis:// URL's credentials never reach a log or a client."""
+    scheme, sep, rest = addr.rpartition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}"
+
+
 def _num(x: float) -> str:
     return repr(float(x))  # exact: Lua's tonumber and Redis's strtod read it back bit for bit
 
@@ -294,6 +300,7 @@ class RedisState(State):
     def __init__(self, config, lease_seconds: float = LEASE_SECONDS):
         self.config = config
         self.prefix = config.prefix
+        self._addr = shown_addr(config.addr)
         self.lease_ms = int(lease_seconds * 1000)
         self.client = redis_client(config)
         self._admit = self.client.register_script(_ADMIT)     # EVALSHA, loading on NOSCRIPT
@@ -326,9 +333,9 @@ class RedisState(State):
             first, self._down = not self._down, True
         if first:
             log.error("session.redis: cannot reach Redis at %s (%s); governed requests get 503 "
-                      "state_unavailable until it is back", self.config.addr, exc.__class__.__name__)
+                      "state_unavailable until it is back", self._addr, exc.__class__.__name__)
             self._wake.set()
-        return unavailable(f"Redis at {self.config.addr} is unreachable")
+        return unavailable(f"Redis at {self._addr} is unreachable")
 
     def _run(self) -> None:
         """Renew leases, reap the expired reservations of dead processes, and reconnect."""
@@ -349,7 +356,7 @@ class RedisState(State):
                 if self._down:
                     self._down = False
                     log.warning("session.redis: Redis at %s is reachable again; governed requests are admitted",
-                                self.config.addr)
+                                self._addr)
                 backoff = BACKOFF_FIRST
                 self._wake.wait(RENEW_EVERY)
                 self._wake.clear()
@@ -408,7 +415,7 @@ class RedisState(State):
         if not rules:
             return None
         if self._down:
-            return unavailable(f"Redis at {self.config.addr} is unreachable")
+            return unavailable(f"Redis at {self._addr} is unreachable")
         keys, args = [], [_num(now)]
         weights = [rate_weight(rule, tokens) for rule in rules]
         for rule, w in zip(rules, weights):
@@ -437,7 +444,7 @@ class RedisState(State):
 
     def enter(self, key: str, max_parallel: int | None) -> Refusal | None:
         if self._down:
-            return unavailable(f"Redis at {self.config.addr} is unreachable")
+            return unavailable(f"Redis at {self._addr} is unreachable")
         sid = f"{self._origin}:{next(self._ids)}"
         with self._lock:  # listed before the script runs, so a renewal never misses it
             self._slots.setdefault(key, []).append(sid)
@@ -487,7 +494,7 @@ class RedisState(State):
     def reserve(self, lines: list[BudgetLine], tokens: int, usd: float, now: float,
                 min_tokens: int = 1, usd_per_token: float = 0.0) -> "tuple[Reservation, int] | Refusal":
         if self._down:
-            return unavailable(f"Redis at {self.config.addr} is unreachable")
+            return unavailable(f"Redis at {self._addr} is unreachable")
         plan = tightest_lines(lines)
         ckeys = [self._counter_key(line) for line in plan]
         bounds = [window_bounds(line.period, now) for line in plan]
