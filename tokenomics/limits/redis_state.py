@@ -572,3 +572,22 @@ class RedisState(State):
 
     def has_pending(self) -> bool:
         return False
+
+
+def probe(config) -> str | None:
+    """None when the Redis of `session.redis` answers a PING, else what is wrong (for doctor)."""
+    if not HAVE_REDIS:
+        return MISSING_REDIS
+    client = None
+    try:
+        client = redis_client(config)
+        client.ping()
+        return None
+    except Exception as exc:
+        what = "authentication failed (check session.redis.password)" \
+            if exc.__class__.__name__ in ("AuthenticationError", "AuthenticationWrongNumberOfArgsError") \
+            else f"no answer ({exc.__class__.__name__})"
+        return f"Redis at {shown_addr(config.addr)}: {what}; start it or fix session.redis.addr"
+    finally:
+        if client is not None:
+            client.close()
