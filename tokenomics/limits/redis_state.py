@@ -44,7 +44,7 @@ MISSING_REDIS = ("session.backend: redis needs the redis package: pip install 't
                  "(or python3 -m pip install redis)")
 
 LEASE_SECONDS = 10.0        # a slot or reservation of a dead process comes back within this
-RENEW_EVERY = 3.0           # renewals per lease: three, so one slow round trip never loses it
+RENEWALS_PER_LEASE = 3     # so one slow round trip never loses a lease
 BACKOFF_FIRST, BACKOFF_MAX = 0.05, 1.0   # seconds between reconnection attempts: recovery within ~1 s
 SOCKET_TIMEOUT = 1.0        # seconds; a verb runs on the event loop, so a dead server must fail fast
 MAX_UNSENT = 100_000        # settlements kept while Redis is down (~100 B each): ~10 MB at most
@@ -58,7 +58,7 @@ def redis_client(config):
     if not HAVE_REDIS:
         raise RuntimeError(MISSING_REDIS)
     opts = dict(socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT,
-                retry=_Retry(_NoBackoff(), 0), retry_on_timeout=False)
+                retry=_Retry(_NoBackoff(), 0))
     addr = config.addr
     if "://" in addr:
         return _redis.Redis.from_url(addr, **opts)
@@ -358,7 +358,7 @@ class RedisState(State):
                     log.warning("session.redis: Redis at %s is reachable again; governed requests are admitted",
                                 self._addr)
                 backoff = BACKOFF_FIRST
-                self._wake.wait(RENEW_EVERY)
+                self._wake.wait(self.lease_ms / 1000 / RENEWALS_PER_LEASE)
                 self._wake.clear()
             except Exception as exc:  # any Redis failure: fail closed and try again soon
                 if not self._down:
