@@ -214,3 +214,27 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_concurrent_grants_from_two_states_never_overrun(rcfg):
+    """40 threads over two states (two proxies) reserve and settle in full against one cap."""
+    import concurrent.futures
+    a, b = RedisState(rcfg), RedisState(rcfg)
+    line = BudgetLine("h5", "tokens", "total", 1000)
+    try:
+        def one(i):
+            s = a if i % 2 else b
+            out = s.reserve([line], 120, 0.0, T0, min_tokens=21)
+            if isinstance(out, Refusal):
+                assert out.code == "budget_exceeded"
+                return 0
+            res, granted = out
+            s.settle(res, granted, 0.0, T0)
+            return granted
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            granted = sum(pool.map(one, range(200)))
+        assert granted == a.usage(line, T0)[0] and 980 <= granted <= 1000
+        assert a.usage(line, T0)[1] == 0
+    finally:
+        a.close()
+        b.close()
