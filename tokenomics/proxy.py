@@ -21,6 +21,7 @@ from .records.events import WebhookDispatcher
 from .records.fanout import Records
 from .records.ledger import Ledger
 from .records.logs import LogOptions, RequestLogger
+from .router import Router
 from .store import TokenStore, ensure_data_dir
 from .tls import server_tls_context
 from .util import log
@@ -129,7 +130,8 @@ class Proxy:
         self.pipeline = Pipeline(config, self.store, self.catalog, self.client, self.state, self.journal,
                                  self.environ, records=self.records)
         self._tasks: list[asyncio.Task] = []
-        self.server = HTTPServer(self.pipeline, max_body_bytes=config.server.max_body_bytes,
+        self.router = Router(self.pipeline)
+        self.server = HTTPServer(self.router, max_body_bytes=config.server.max_body_bytes,
                                  header_timeout=config.server.header_timeout,
                                  max_connections=config.server.max_connections or default_max_connections(),
                                  write_timeout=config.server.write_timeout)
