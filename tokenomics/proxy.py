@@ -96,7 +96,8 @@ def check_available(config: Config, workers: int = 1) -> None:
 class Proxy:
     """A running proxy: the collaborators built from config and the listeners serving them."""
 
-    def __init__(self, config: Config, environ=None):
+    def __init__(self, config: Config, environ=None, admin: bool | None = None):
+        """`admin`: serve the admin UI (default: `admin.enabled`; `run` passes --admin)."""
         check_available(config)
         if config.session.backend != "memory":
             raise UsageError("config: session.backend: only 'memory' is available in this version")
@@ -130,7 +131,14 @@ class Proxy:
         self.pipeline = Pipeline(config, self.store, self.catalog, self.client, self.state, self.journal,
                                  self.environ, records=self.records)
         self._tasks: list[asyncio.Task] = []
-        self.router = Router(self.pipeline)
+        self.admin = None
+        if config.admin.enabled if admin is None else (admin and config.admin.enabled):
+            from .admin.api import AdminApp  # only a proxy that serves the page loads it
+            from .admin.feed import EventHub
+            hub = EventHub(self.dispatcher)   # webhooks still get every event; the live feed its share
+            self.records.dispatcher = hub
+            self.admin = AdminApp(self.pipeline, hub)
+        self.router = Router(self.pipeline, self.admin)
         self.server = HTTPServer(self.router, max_body_bytes=config.server.max_body_bytes,
                                  header_timeout=config.server.header_timeout,
                                  max_connections=config.server.max_connections or default_max_connections(),
@@ -176,6 +184,8 @@ class Proxy:
         return f"{'https' if context else 'http'}://{shown}:{bound}"
 
     async def stop(self) -> None:
+        if self.admin is not None:
+            self.admin.hub.close()  # open live feeds end now, not after the grace period
         await self.server.shutdown(self.config.server.grace_period)
         self.client.close()
         if self.dispatcher is not None:

@@ -39,6 +39,7 @@ class Route:
     handler: Handler
     methods: tuple = ()       # empty: the handler checks methods itself
     prefix: bool = False
+    refused: int = 400        # status for a non-canonical target below it (a file route says 404)
 
 
 def is_loopback_client(req: Request) -> bool:
@@ -88,7 +89,7 @@ class Router:
         self.add(Route("/", self.root))
         self.add(Route("/v1/models", self.models, ("GET", "HEAD")))
         if admin is not None:
-            self.add(Route(ADMIN_PREFIX, admin, prefix=True))
+            self.add(Route(ADMIN_PREFIX, admin, prefix=True, refused=404))
         self.add(Route("/v1/", pipeline, prefix=True))
 
     def add(self, route: Route) -> None:
@@ -113,6 +114,9 @@ class Router:
         path = req.path
         why = non_canonical(path, req.query)
         if why:  # before anything else: no route, no auth, no upstream, no charge
+            route = self.match(path)
+            if route is not None and route.refused == 404:
+                return error_response("openai", ProxyError(404, "not_found", f"no such page: the target {why}"))
             return error_response(dialect_family(path), ProxyError(
                 400, "invalid_request", f"the request target {why}; send the path in canonical form "
                                         "(as the API reference spells it, query string after '?')"))
