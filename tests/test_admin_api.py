@@ -252,13 +252,22 @@ def test_memory_files_listed_and_viewer_confined(cli, start_proxy, data_dir, tmp
     (data_dir / "memory" / "tokens.json").write_text("{}")
     (data_dir / "memory" / "usage.journal").write_text("x")
     (data_dir / "memory" / "tokenomics.pid").write_text("1")
+    (data_dir / "memory" / "notes.txt").write_text("not a memory log")
+    (data_dir / "requests.log").write_text("a request log")
     listed = {f["path"] for f in call(proxy, "GET", "/admin/api/memory/files").json["files"]}
     assert listed == {files[0]["path"]}
     attempts = ["../tokens.json", "%2e%2e/tokens.json", "%2E%2E%2Ftokens.json", "memory/../tokens.json",
                 "..%2ftokens.json", "/etc/passwd", "%2Fetc%2Fpasswd", "tokens.json", "hash.key",
                 "memory/link.md", "memory/store.md", "memory/tokens.json", "memory/usage.journal",
-                "memory/tokenomics.pid", "memory/%00.md", "memory%00", "certs/ca.key", "config.yaml",
+                "memory/tokenomics.pid", "memory/notes.txt", "requests.log", "memory/%00.md", "memory%00", "certs/ca.key", "config.yaml",
                 "sessions", "memory", "..", "%2e%2e", "memory\\..\\tokens.json"]
+    # a memory log kept in the data dir itself lists its own files there, still never the store
+    assert call(proxy, "POST", "/admin/api/keys", {"policy": {"memory": {"file_path": "talk.md"}}}, ADMIN).status == 201
+    (data_dir / "talk.md").write_text("## a log")
+    (data_dir / "talk.20260101T000000.md.gz").write_bytes(__import__("gzip").compress(b"## old log"))
+    listed = {f["path"] for f in call(proxy, "GET", "/admin/api/memory/files").json["files"]}
+    assert listed == {files[0]["path"], "talk.md", "talk.20260101T000000.md.gz"}
+    assert call(proxy, "GET", "/admin/api/memory/files/talk.20260101T000000.md.gz").body == b"## old log"
     for attempt in attempts:
         answer = call(proxy, "GET", "/admin/api/memory/files/" + attempt)
         assert answer.status == 404, (attempt, answer.status, answer.body)

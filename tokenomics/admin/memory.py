@@ -38,9 +38,11 @@ class MemoryFiles:
     def __init__(self, data_dir: str):
         self.data_dir = os.path.abspath(data_dir)
 
-    def roots(self, specs: list[dict]) -> list[str]:
+    def roots(self, specs: list[dict]) -> tuple[list[str], tuple]:
+        """The memory directories inside the data dir, and the file endings memory logs there
+        have (`.md` unless a file_name or single file says otherwise; rotated copies keep it)."""
         real = os.path.realpath(self.data_dir)
-        found = {os.path.join(real, "memory")}
+        found, endings = {os.path.join(real, "memory")}, {".md"}
         for spec in specs:
             if not spec or spec.get("redis"):
                 continue
@@ -49,18 +51,23 @@ class MemoryFiles:
             except TokenomicsError:
                 continue
             found.add(os.path.realpath(writer.directory))
-        return sorted(r for r in found if _inside(real, r))
+            ext = os.path.splitext(writer.single_file or writer.file_name)[1]
+            if ext and ext.lower() not in (".gz", ".json", ".jsonl", ".key", ".yaml", ".yml"):
+                endings.add(ext)
+        ends = tuple(endings) + tuple(e + ".gz" for e in endings)
+        return sorted(r for r in found if _inside(real, r)), ends
 
     def listing(self, specs: list[dict]) -> list[dict]:
         real = os.path.realpath(self.data_dir)
         files: dict[str, dict] = {}
-        for root in self.roots(specs):
-            self._walk(real, root, 0, files)
+        roots, ends = self.roots(specs)
+        for root in roots:
+            self._walk(real, root, 0, files, ends)
             if len(files) >= MAX_LISTED_FILES:
                 break
         return sorted(files.values(), key=lambda f: f["path"])[:MAX_LISTED_FILES]
 
-    def _walk(self, real: str, directory: str, depth: int, files: dict) -> None:
+    def _walk(self, real: str, directory: str, depth: int, files: dict, ends: tuple) -> None:
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError:
@@ -76,8 +83,8 @@ class MemoryFiles:
                 continue
             if stat.S_ISDIR(info.st_mode):
                 if depth < MAX_WALK_DEPTH and entry.name not in _NEVER_DIRS:
-                    self._walk(real, entry.path, depth + 1, files)
-            elif stat.S_ISREG(info.st_mode):
+                    self._walk(real, entry.path, depth + 1, files, ends)
+            elif stat.S_ISREG(info.st_mode) and entry.name.endswith(ends):
                 rel = os.path.relpath(entry.path, real)
                 if rel.split(os.sep)[0] in _NEVER_DIRS:
                     continue
