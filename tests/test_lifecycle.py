@@ -223,12 +223,13 @@ def test_workers_on_redis_say_multi_worker_is_not_available(cli, command):
     assert "several worker processes is not available in this version" in _clean(proc)
 
 
-def test_run_admin_is_refused(cli):
+def test_run_admin_is_refused_when_the_config_disables_admin(cli):
     token = cli.token(MOCK)
     marker = cli.cwd / "ran"
+    (cli.cwd / "config.yaml").write_text(yaml.safe_dump({"admin": {"enabled": False}}))
     proc = cli("run", "--token", token, "--admin", "--", "touch", str(marker), timeout=30)
     assert proc.returncode == 2
-    assert "--admin" in _clean(proc) and "not available" in proc.stderr
+    assert "--admin" in _clean(proc) and "admin.enabled" in proc.stderr
     assert not marker.exists()
 
 

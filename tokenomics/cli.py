@@ -25,10 +25,10 @@ from . import __version__
 from .config import Config, load_config, validate_webhooks
 from .errors import ProxyError, RuntimeFailure, TokenomicsError, UsageError
 from .http.client import UpstreamClient
-from .limits.decide import BudgetLine, window_bounds
 from .limits.journal import UsageJournal
 from .limits.redis_state import probe as redis_probe, shown_addr
 from .limits.state import MemoryState
+from .limits.usage import budget_windows as _budget_usage
 from .pipeline import upstream_url_for
 from .policy import Policy, select_upstream
 from .providers import Catalog, Provider, UnknownProvider
@@ -206,38 +206,6 @@ def _read_usage(config: Config) -> MemoryState | None:
 
 
 _WINDOW_NAMES = {"hourly": "per hour", "daily": "per day", "monthly": "per month", "total": "total"}
-
-
-def _budget_usage(record: TokenRecord, state: MemoryState | None, now: float) -> list[dict]:
-    """Each budget window of the token with what is used and left, from the counters the
-    proxy enforces. The lines are built as Pipeline.budget_lines builds them: `max_tokens` is a
-    lifetime token cap (per matched provider policy when set there), `budget` windows are per
-    token; lines sharing a counter are one window with the smallest cap."""
-    key = record.hash[:HASH_PREFIX]
-    policy = record.policy
-    lines: list[tuple[str, BudgetLine]] = []
-    if policy.max_tokens is not None:
-        lines.append(("", BudgetLine(key, "tokens", "total", policy.max_tokens)))
-    for pp in policy.providers:
-        if pp.max_tokens is not None:
-            lines.append((f"{pp.name}[{pp.index}]", BudgetLine(f"{key}:{pp.name}{pp.index}", "tokens", "total",
-                                                              pp.max_tokens)))
-    lines += [("", BudgetLine(key, unit, period, cap)) for unit, period, cap in policy.budget]
-    windows: dict[tuple, dict] = {}
-    for scope, line in lines:
-        cid = (line.key, line.unit, line.period)
-        if cid in windows and windows[cid]["cap"] <= line.cap:
-            continue
-        used = None
-        if state is not None:
-            settled, held = state.usage(line, now)
-            used = settled + held if line.unit == "tokens" else round(settled + held, 9)  # whole nano-dollars
-        end = window_bounds(line.period, now)[1]
-        cap = int(line.cap) if line.unit == "tokens" else line.cap
-        windows[cid] = {"scope": scope, "unit": line.unit, "period": line.period, "cap": cap,
-                        "used": used, "left": None if used is None else max(0, round(cap - used, 9)),
-                        "resets_at": utc_iso(end) if end != float("inf") else None}
-    return list(windows.values())
 
 
 def _amount(unit: str, value: Any, cap: bool = False) -> str:
@@ -562,10 +530,10 @@ def cmd_run(args) -> int:
     token = args.token or os.environ.get("TOKENOMICS_KEY", "")
     if not token:
         raise UsageError("--token: no token given; pass --token tkn_... or set TOKENOMICS_KEY")
-    if args.admin:
-        raise UsageError("--admin: the admin UI is not available in this version; run without --admin")
     config = _load(args, _serve_overrides(args))
     check_available(config)
+    if args.admin and not config.admin.enabled:
+        raise UsageError("--admin: the config sets admin.enabled: false; set it to true (or drop --admin)")
     provider = args.provider or config.cli_maps.get(os.path.basename(command[0]))
     background = None
     with contextlib.suppress(RuntimeFailure):
@@ -593,9 +561,11 @@ def cmd_run(args) -> int:
             raise RuntimeFailure(f"run: this token's policy needs the provider key variable {names}, which this "
                                  "shell does not set; export it (the proxy holds it, the command never sees it) "
                                  "and run again")
-        proxy = Proxy(config)
+        proxy = Proxy(config, admin=args.admin)
         background = BackgroundProxy(proxy)
         url = background.start(tls=args.tls)[0]
+        if args.admin:
+            _err(f"tokenomics admin UI: {url}/admin")
         ca = ca_bundle(config) if args.tls else None
     env = client_env(url, token, provider, ca)
     if args.print_env:
@@ -1208,7 +1178,7 @@ def cmd_demo(args) -> int:
         work = tempfile.mkdtemp(prefix="tokenomics-demo-")
     config = dataclasses.replace(load_config(None, work, environ=environ), dir=work)
     _setup_logging(dataclasses.replace(config, logging=dataclasses.replace(config.logging, level="error")))
-    proxy = Proxy(config, environ)
+    proxy = Proxy(config, environ, admin=False)
     background = BackgroundProxy(proxy)
     url = background.start()[0]
     token, record = proxy.store.create(DEMO_POLICY, label="demo")

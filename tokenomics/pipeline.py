@@ -2,10 +2,7 @@
 relay, settle, record."""
 
 import asyncio
-import base64
 import contextlib
-import hmac
-import ipaddress
 import json
 import os
 import re
@@ -15,7 +12,6 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, TYPE_CHECKING
 
-from . import __version__
 from .config import Config
 from .dialects import Dialect, GOVERNED, check_model_name, dialect_family
 from .errors import ProxyError
@@ -24,7 +20,7 @@ from .guard.rules import Guard, json_bytes_in_pieces, scan_off_loop
 from .guard.stream import StreamGuard
 from .http.client import Upstream, UpstreamCall, UpstreamClient, UpstreamResponse
 from .http.mock import MockUpstream
-from .http.server import Request, Response, answer_output_bytes, error_response, json_response
+from .http.server import Request, Response, answer_output_bytes, error_response
 from .http.sse import _deadline
 from .limits.decide import BudgetLine, Refusal, budget_event, estimate_tokens
 from .limits.prices import Usage, charged_usage, cost_usd, price_for
@@ -35,7 +31,7 @@ from .records.exchange import Exchange
 from .records.fanout import Records
 from .relay import StreamRelay, usage_meta
 from .store import TokenRecord, TokenStore
-from .util import DEFAULT_UPSTREAM_TIMEOUT, HASH_PREFIX, log, new_id, non_canonical, utc_iso
+from .util import DEFAULT_UPSTREAM_TIMEOUT, HASH_PREFIX, log, new_id, utc_iso
 
 if TYPE_CHECKING:  # names used in annotations only
     from .limits.journal import UsageJournal
@@ -384,26 +380,8 @@ class Pipeline:
             "http": client, "https": client, "mock": MockUpstream()}
 
     async def __call__(self, req: Request) -> Response:
+        """One /v1 request, routed here by the Router (which has checked the path is canonical)."""
         path = req.path
-        why = non_canonical(path, req.query)
-        if why:  # before anything else: no route, no auth, no upstream, no charge
-            return error_response(dialect_family(path), ProxyError(
-                400, "invalid_request", f"the request target {why}; send the path in canonical form "
-                                        "(as the API reference spells it, query string after '?')"))
-        if path in ("/health", "/ping"):
-            return json_response(200, {"status": "ok"})
-        if path in ("/stats", "/metrics") and req.method == "GET":
-            if not self.admin_allowed(req):
-                return error_response("openai", ProxyError(403, "forbidden", f"{path} is served to loopback "
-                                                           "clients, or with the admin credentials"))
-            if path == "/stats":
-                return json_response(200, self.records.stats.snapshot())
-            return Response(200, [("content-type", METRICS_CONTENT_TYPE)], self.records.metrics.render().encode())
-        if not path.startswith("/v1/"):
-            if req.method in ("HEAD", "GET") and path in ("/", ""):
-                return json_response(200, {"name": "tokenomics", "version": __version__})
-            return error_response("openai", ProxyError(404, "not_found", f"no route for {req.method} {path}; "
-                                                       "the proxy serves /v1/... and /health"))
         family = dialect_family(path)
         ex = Exchange(request_id=new_id(REQUEST_ID_PREFIX), endpoint=path, started=self.clock())
         try:
@@ -414,8 +392,6 @@ class Pipeline:
                                                             f"with {methods[0]}", headers={"Allow": allow})
             if dialect := GOVERNED.get(path):
                 response = await self.governed(req, dialect, ex)
-            elif path == "/v1/models":
-                response = self.models(req)
             else:
                 response = await self.passthrough(req, ex)
         except ProxyError as err:
@@ -448,22 +424,6 @@ class Pipeline:
             self.records.complete(ex, self.clock())
         except Exception:
             log.exception("recording request %s failed", ex.request_id)
-
-    def admin_allowed(self, req: Request) -> bool:
-        """Loopback clients, or anyone with the configured basic-auth credentials."""
-        with contextlib.suppress(ValueError):
-            if ipaddress.ip_address(req.client).is_loopback:
-                return True
-        auth = self.config.admin.auth
-        header = req.headers.get("authorization", "")
-        if not (auth.username and auth.password and header[:6].lower() == "basic "):
-            return False
-        try:
-            user, _, password = base64.b64decode(header[6:].strip()).decode("utf-8").partition(":")
-        except (ValueError, UnicodeDecodeError):
-            return False
-        return hmac.compare_digest(user.encode(), auth.username.encode()) & \
-            hmac.compare_digest(password.encode(), auth.password.encode())
 
     # -- steps ------------------------------------------------------------------------------------
     def authenticate(self, req: Request, ex: Exchange | None = None) -> TokenRecord:
@@ -1055,36 +1015,6 @@ class Pipeline:
             return None
         return self.parse_body(req.body)
 
-    def models(self, req: Request) -> Response:
-        record = self.authenticate(req)
-        policy = record.policy
-        names = {pp.name for pp in policy.providers} | {policy.provider or self.config.default_provider or "openai"}
-        if not policy.providers and not policy.provider:
-            names.add("anthropic")
-        candidates: dict[str, str] = {}
-        for name in sorted(names):
-            try:
-                provider = self.catalog.get(name)
-            except KeyError as exc:  # UnknownProvider named by the policy or config
-                raise ProxyError(500, "invalid_request", f"{exc}; fix the token's policy or the config") from None
-            for m in provider.models:
-                candidates.setdefault(m, name)
-        for pp in (policy,) + policy.providers:
-            if pp.model:
-                candidates.setdefault(pp.model, pp.name or policy.provider or "openai")
-        data = []
-        for model_id, owner in candidates.items():
-            try:
-                resolve_policy(policy, model_id, self.catalog, self.config)
-            except ProxyError:
-                continue
-            data.append({"id": model_id, "object": "model", "type": "model", "created": 0,
-                         "created_at": "1970-01-01T00:00:00Z", "owned_by": owner, "display_name": model_id})
-        return json_response(200, {"object": "list", "data": data, "has_more": False,
-                                   "first_id": data[0]["id"] if data else None,
-                                   "last_id": data[-1]["id"] if data else None})
-
 
                                 # seconds to the upstream's first byte: a local stub answers in
                                 # ms, a hosted reasoning model can take a minute
-METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

@@ -22,6 +22,7 @@ from .records.events import WebhookDispatcher
 from .records.fanout import Records
 from .records.ledger import Ledger
 from .records.logs import LogOptions, RequestLogger
+from .router import Router
 from .store import TokenStore, ensure_data_dir
 from .tls import server_tls_context
 from .util import log
@@ -109,7 +110,8 @@ def build_state(config: Config) -> "tuple[State, UsageJournal | None]":
 class Proxy:
     """A running proxy: the collaborators built from config and the listeners serving them."""
 
-    def __init__(self, config: Config, environ=None):
+    def __init__(self, config: Config, environ=None, admin: bool | None = None):
+        """`admin`: serve the admin UI (default: `admin.enabled`; `run` passes --admin)."""
         check_available(config)
         self.config = config
         self.environ = os.environ if environ is None else environ
@@ -139,7 +141,15 @@ class Proxy:
         self.pipeline = Pipeline(config, self.store, self.catalog, self.client, self.state, self.journal,
                                  self.environ, records=self.records)
         self._tasks: list[asyncio.Task] = []
-        self.server = HTTPServer(self.pipeline, max_body_bytes=config.server.max_body_bytes,
+        self.admin = None
+        if config.admin.enabled if admin is None else (admin and config.admin.enabled):
+            from .admin.api import AdminApp  # only a proxy that serves the page loads it
+            from .admin.feed import EventHub
+            hub = EventHub(self.dispatcher)   # webhooks still get every event; the live feed its share
+            self.records.dispatcher = hub
+            self.admin = AdminApp(self.pipeline, hub)
+        self.router = Router(self.pipeline, self.admin)
+        self.server = HTTPServer(self.router, max_body_bytes=config.server.max_body_bytes,
                                  header_timeout=config.server.header_timeout,
                                  max_connections=config.server.max_connections or default_max_connections(),
                                  write_timeout=config.server.write_timeout)
@@ -184,6 +194,8 @@ class Proxy:
         return f"{'https' if context else 'http'}://{shown}:{bound}"
 
     async def stop(self) -> None:
+        if self.admin is not None:
+            self.admin.hub.close()  # open live feeds end now, not after the grace period
         await self.server.shutdown(self.config.server.grace_period)
         self.client.close()
         if self.dispatcher is not None:
