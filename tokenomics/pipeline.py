@@ -13,7 +13,7 @@ import secrets
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, TYPE_CHECKING
+from typing import Any, AsyncIterator, Awaitable, Callable, TYPE_CHECKING
 
 from . import __version__
 from .config import Config
@@ -357,8 +357,10 @@ class Pipeline:
     def __init__(self, config: Config, store: TokenStore, catalog: Catalog, client: UpstreamClient,
                  state: "State | None" = None, journal: "UsageJournal | None" = None,
                  environ=None, clock: Callable[[], float] = time.time, records: "Records | None" = None,
-                 upstreams: "dict[str, Upstream] | None" = None):
+                 upstreams: "dict[str, Upstream] | None" = None,
+                 push: "Callable[[Request], Awaitable[Response]] | None" = None):
         self.config, self.store, self.catalog, self.client = config, store, catalog, client
+        self.push = push  # remote sync's push receiver, served at its own path (`push.path`)
         self.state = state if state is not None else MemoryState()
         self.journal = journal
         self.pricing = parse_pricing(config.pricing)
@@ -381,6 +383,8 @@ class Pipeline:
             return error_response(dialect_family(path), ProxyError(
                 400, "invalid_request", f"the request target {why}; send the path in canonical form "
                                         "(as the API reference spells it, query string after '?')"))
+        if self.push is not None and path == self.push.path:
+            return await self.push(req)
         if path in ("/health", "/ping"):
             return json_response(200, {"status": "ok"})
         if path in ("/stats", "/metrics") and req.method == "GET":
