@@ -38,7 +38,7 @@ START_RETRY = 5.0               # seconds between attempts while the first pull 
                                 # has not succeeded (also with remote.sync: 0)
 START_PULL_TIMEOUT = 5.0        # seconds the start waits for the first pull
 RESTART_DELAY = 1.0             # seconds before a crashed sync task is started again
-PUSH_DEBOUNCE = 0.2             # seconds a push waits for the rest of its burst: N pushes, one pull
+PUSH_DEBOUNCE = 0.1             # seconds a push waits for the rest of its burst: N pushes, one pull
 PUSH_MAX_SKEW = 300             # seconds a push's timestamp may be off from our clock
 PUSH_MAX_BODY = 64 * 1024       # bytes of a push body; a notification names a change, nothing more
 PUSH_NONCES = 10_000            # nonces remembered (each for PUSH_MAX_SKEW s) to refuse replays;
