@@ -234,9 +234,9 @@ def test_run_admin_is_refused_when_the_config_disables_admin(cli):
 
 
 @pytest.mark.parametrize("command", ["serve", "run", "start"])
-def test_a_remote_block_with_a_url_is_refused(cli, command):
+def test_a_remote_server_on_another_host_without_a_key_is_refused(cli, command):
     token = cli.token(MOCK)
-    (cli.cwd / "config.yaml").write_text(yaml.safe_dump({"remote": {"url": "http://127.0.0.1:9", "api_key": "k"}}))
+    (cli.cwd / "config.yaml").write_text(yaml.safe_dump({"remote": {"url": "http://10.255.255.1:9"}}))
     marker = cli.cwd / "ran"
     args = {"serve": ["serve", "--port", str(free_port()), "--no-tls"],
             "start": ["start", "--port", str(free_port()), "--no-tls"],
@@ -244,7 +244,7 @@ def test_a_remote_block_with_a_url_is_refused(cli, command):
     proc = cli(*args, timeout=30)
     assert proc.returncode == 2, proc.stderr
     err = _clean(proc)
-    assert "remote.url" in err and "not available" in err
+    assert "remote.url" in err and "api_key_env" in err
     assert not marker.exists() and not (cli.data_dir / "tokenomics.pid").exists()
 
 

@@ -36,7 +36,7 @@ from .proxy import BackgroundProxy, Proxy, _serve_until_signal, check_available,
 from .records.events import deliver_once, make_event
 from .records.ledger import _when, filter_session, find_session, format_usd, load_sessions, parse_when, render_session, render_sessions, render_summary, summarize, token_filter, token_names
 from .records.logs import redacting_filter
-from .store import TokenRecord, TokenStore, ensure_data_dir, hash_key_problem, hash_token, stored_labels
+from .store import TokenRecord, TokenStore, ensure_data_dir, hash_key_problem, hash_token, parse_expiry, stored_labels
 from .tls import cert_dir, ensure_local_ca
 from .util import HASH_PREFIX, HAVE_TRUSTME, TOKEN_PREFIX, parse_duration, parse_rfc3339, printable, usd_text, utc_iso, write_private
 
@@ -146,23 +146,6 @@ def _check_hash_arg(value: str) -> None:
     if not re.fullmatch(r"[0-9a-fA-F]+", value.strip()):
         raise UsageError(f"--hash: {printable(value)!r} is not a token hash (hex digits); "
                          "`tokenomics token list` shows the hashes")
-
-
-def parse_expiry(value: str, now: float) -> float:
-    """`24h`, `7d`, `30d`, `1y` (from now) or an RFC 3339 timestamp; must lie in the future."""
-    try:
-        when = now + parse_duration(value)
-    except ValueError:
-        try:
-            when = parse_rfc3339(value)
-        except ValueError:
-            raise UsageError(f"--expires: '{value}' is neither a duration (24h, 7d, 30d, 1y) nor an "
-                             "RFC 3339 time (2026-12-31T23:59:59Z)") from None
-    if when <= now:
-        raise UsageError(f"--expires: {value} is in the past; give a later time or a duration such as 30d")
-    if when > now + 100 * 365.25 * 86400:  # beyond what a timestamp can print; nobody means it
-        raise UsageError(f"--expires: {value} is more than 100 years away; leave --expires out for no expiry")
-    return when
 
 
 def _store(args) -> TokenStore:
@@ -382,6 +365,16 @@ def cmd_serve(args) -> int:
         run_async(_serve_until_signal(proxy, ready))
     finally:
         _remove_run_files(config)
+    return 0
+
+
+def cmd_remote(args) -> int:
+    from .remote import parse_addr, remote_key, serve_remote
+    host, port = parse_addr(args.addr)
+    config = _load(args)
+    key = remote_key(os.environ, args.api_key_env, host)
+    run_async(serve_remote(config, host, port, key, tls=args.tls,
+                           ready=lambda url: _err(f"tokenomics remote listening on {url}")))
     return 0
 
 
@@ -969,6 +962,12 @@ def cmd_doctor(args) -> int:
                   f"{info['url']} answers" if status == 200 else f"{info['url']} does not answer")
         else:
             check("proxy", "warn", "no background proxy is running (tokenomics start)")
+        if config.remote.url and store is not None:
+            from .sync import RemoteSync
+            try:
+                check("remote", *asyncio.run(RemoteSync(config, store, os.environ).probe()))
+            except UsageError as exc:
+                check("remote", "fail", str(exc))
     failed = any(c["status"] == "fail" for c in checks)
     if args.json:
         _print_json({"ok": not failed, "checks": checks})
@@ -1371,6 +1370,13 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--token")
     init.add_argument("--insecure", action="store_true", help="skip TLS verification of an HTTPS proxy (Node)")
     init.set_defaults(func=cmd_init)
+
+    remote = commands.add_parser("remote", parents=[common], help="central token server for proxies on other hosts")
+    remote.add_argument("--addr", required=True, metavar="HOST:PORT", help="listen address, e.g. 127.0.0.1:9090")
+    remote.add_argument("--api-key-env", metavar="NAME", help="variable holding the API key clients send as "
+                        "a bearer token (default TOKENOMICS_REMOTE_KEY; required beyond loopback)")
+    remote.add_argument("--tls", action="store_true", help="serve HTTPS with the data dir's certificate")
+    remote.set_defaults(func=cmd_remote)
 
     doctor = commands.add_parser("doctor", parents=[common], help="check the set-up")
     doctor.add_argument("--json", action="store_true")

@@ -100,21 +100,24 @@ class EventsConfig:
 
 @dataclass(frozen=True, slots=True)
 class RemoteWebhookConfig:
-    path: str = "/remote/webhook"
-    secret: str = ""
-    signing_key: str = ""
-    enabled: bool = False          # Go project's keys; remote sync is refused at startup while unavailable
-    auto_register: bool = False
-    callback_url: str = ""
-    insecure: bool = False
+    """Push notifications from the central token server (SPEC §12)."""
+    enabled: bool = False
+    path: str = "/v1/webhook"      # where this proxy accepts pushes
+    secret: str = ""               # sent back by the server in X-Tokenomics-Secret
+    signing_key: str = ""          # HMAC-SHA256 key of X-Tokenomics-Signature (required when enabled)
+    auto_register: bool = False    # register callback_url with the server at start
+    callback_url: str = ""         # this proxy's push URL as the server reaches it
+    insecure: bool = False         # the server may push to a self-signed HTTPS callback
 
 
 @dataclass(frozen=True, slots=True)
 class RemoteConfig:
+    """Token sync from a central `tokenomics remote` server (SPEC §12)."""
     url: str = ""
     api_key: str = ""
-    sync: int = 60
-    insecure: bool = False
+    api_key_env: str = ""
+    sync: int = 60                 # seconds between pulls; 0: at start (and on push) only
+    insecure: bool = False         # accept a self-signed HTTPS certificate from the server
     webhook: RemoteWebhookConfig = RemoteWebhookConfig()
 
 
@@ -383,6 +386,7 @@ def load_config(config_path: str | None = None, data_dir: str | None = None,
         # Parsed once here; every reader takes the typed values (price tuples, Webhook records).
         config = dataclasses.replace(config, pricing=parse_pricing(config.pricing),
                                      events=EventsConfig(webhooks=validate_webhooks(config.events.webhooks)))
+        validate_remote(config.remote)
         memory = config.ledger.memory
         if isinstance(memory, dict) and memory and not memory.get("redis"):  # SPEC §9: confined
             memory_file_path(memory, config.dir, "ledger.memory")
@@ -504,3 +508,60 @@ def validate_webhooks(raw: Any, path: str = "events.webhooks") -> list[Webhook]:
                              signing_key=entry.get("signing_key", ""), events=tuple(events),
                              timeout=float(timeout), insecure=insecure))
     return hooks
+
+
+def _check_remote_url(value: str, where: str) -> None:
+    parts = urllib.parse.urlsplit(value)
+    try:
+        parts.port
+    except ValueError:
+        raise UsageError(f"{where}: the port is not a number from 0 to 65535") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"{where}: expected an http:// or https:// URL with a host, e.g. http://10.0.0.5:9090")
+    if parts.username is not None or parts.password is not None:
+        raise UsageError(f"{where}: credentials in the URL are refused (they would end up in logs); "
+                         "remove the user:password@ part")
+    if parts.query or parts.fragment:
+        raise UsageError(f"{where}: remove the query string or fragment")
+
+
+def validate_remote(remote: RemoteConfig) -> None:
+    """The `remote:` section: every key set must be usable, nothing silently ignored."""
+    hook = remote.webhook
+    if not remote.url:
+        stray = [k for k, v in (("api_key", remote.api_key), ("api_key_env", remote.api_key_env),
+                                ("insecure", remote.insecure), ("webhook.enabled", hook.enabled),
+                                ("webhook.auto_register", hook.auto_register)) if v]
+        if stray:
+            raise UsageError(f"remote.{stray[0]}: set remote.url (the central token server) too, or remove it")
+        return
+    _check_remote_url(remote.url, "remote.url")
+    if remote.api_key and remote.api_key_env:
+        raise UsageError("remote.api_key and remote.api_key_env are both set; keep one (api_key_env keeps the "
+                         "key out of the config file)")
+    if remote.sync < 0:
+        raise UsageError(f"remote.sync: must be 0 (at start only) or a number of seconds, got {remote.sync}")
+    if hook.enabled:
+        if not hook.path.startswith("/") or len(hook.path) > 256 or any(c in hook.path for c in "?#% \\"):
+            raise UsageError("remote.webhook.path: expected a plain path such as /v1/webhook")
+        if hook.path in ("/health", "/ping", "/stats", "/metrics", "/") or hook.path.startswith("/admin"):
+            raise UsageError(f"remote.webhook.path: {hook.path} is a path the proxy serves itself; choose "
+                             "another, e.g. /v1/webhook")
+        if not hook.signing_key:
+            raise UsageError("remote.webhook.signing_key: required when remote.webhook.enabled is true (pushes "
+                             "are verified with it); set a long random string, the same the server signs with")
+    else:
+        stray = [k for k, v in (("auto_register", hook.auto_register), ("secret", hook.secret),
+                                ("signing_key", hook.signing_key), ("callback_url", hook.callback_url),
+                                ("insecure", hook.insecure)) if v]
+        if stray:
+            raise UsageError(f"remote.webhook.{stray[0]}: only used when remote.webhook.enabled is true; "
+                             "enable the webhook or remove it")
+    if hook.auto_register:
+        if not hook.callback_url:
+            raise UsageError("remote.webhook.callback_url: required with auto_register; the URL the server "
+                             "reaches this proxy's webhook at, e.g. http://10.0.0.7:8080/v1/webhook")
+        _check_remote_url(hook.callback_url, "remote.webhook.callback_url")
+    elif hook.callback_url:
+        raise UsageError("remote.webhook.callback_url: only used with remote.webhook.auto_register: true; "
+                         "set that or remove callback_url")

@@ -22,8 +22,9 @@ from .records.events import WebhookDispatcher
 from .records.fanout import Records
 from .records.ledger import Ledger
 from .records.logs import LogOptions, RequestLogger
-from .router import Router
+from .router import Route, Router
 from .store import TokenStore, ensure_data_dir
+from .sync import PushReceiver, RemoteSync, remote_api_key
 from .tls import server_tls_context
 from .util import log
 
@@ -89,9 +90,7 @@ def check_available(config: Config, workers: int = 1) -> None:
         raise UsageError(f"--workers {workers}: serving with several worker processes is not available in this "
                          "version; serve with one worker (drop --workers)")
     if config.remote.url:
-        raise UsageError("config: remote.url: syncing tokens from a remote token server is not available in this "
-                         "version; remove the remote: block (to share tokens, copy tokens.json and use the same "
-                         "hash key)")
+        remote_api_key(config, os.environ)  # a missing key is refused before anything starts
 
 
 def build_state(config: Config) -> "tuple[State, UsageJournal | None]":
@@ -138,6 +137,9 @@ class Proxy:
             self.records.session_id = self.ledger.session_id
         if self.dispatcher is not None:
             self.dispatcher.on_drop = self.records.metrics.inc_dropped_events
+        self.sync = RemoteSync(config, self.store, self.environ) if config.remote.url else None
+        self.push = PushReceiver(config.remote.webhook, self.sync.poke) \
+            if self.sync is not None and config.remote.webhook.enabled else None
         self.pipeline = Pipeline(config, self.store, self.catalog, self.client, self.state, self.journal,
                                  self.environ, records=self.records)
         self._tasks: list[asyncio.Task] = []
@@ -149,6 +151,8 @@ class Proxy:
             self.records.dispatcher = hub
             self.admin = AdminApp(self.pipeline, hub)
         self.router = Router(self.pipeline, self.admin)
+        if self.push is not None:
+            self.router.add(Route(self.push.path, self.push, ("POST",)))
         self.server = HTTPServer(self.router, max_body_bytes=config.server.max_body_bytes,
                                  header_timeout=config.server.header_timeout,
                                  max_connections=config.server.max_connections or default_max_connections(),
@@ -165,6 +169,9 @@ class Proxy:
         if self.dispatcher is not None:
             self._tasks.append(loop.create_task(self.dispatcher.run()))
         self._tasks.append(loop.create_task(_trim_heap_periodically()))
+        if self.sync is not None:
+            await self.sync.start()
+            self._tasks.append(loop.create_task(self.sync.run()))
         self.records.emit("server.start", {"version": __version__,
                                            "session_id": self.ledger.session_id if self.ledger else ""})
         _release_startup_memory()
@@ -198,6 +205,8 @@ class Proxy:
             self.admin.hub.close()  # open live feeds end now, not after the grace period
         await self.server.shutdown(self.config.server.grace_period)
         self.client.close()
+        if self.sync is not None:
+            self.sync.close()
         if self.dispatcher is not None:
             await self.dispatcher.close(timeout=5.0)
         for task in self._tasks:

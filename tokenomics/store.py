@@ -18,13 +18,16 @@ from .config import Config
 from .crypto import DecryptionError, derive_key, new_aead, seal, unseal
 from .errors import RuntimeFailure, TokenomicsError, UsageError
 from .policy import parse_policy
-from .util import TOKEN_PREFIX, log, parse_rfc3339, utc_iso, write_private
+from .util import TOKEN_PREFIX, log, parse_duration, parse_rfc3339, utc_iso, write_private
 
 if TYPE_CHECKING:  # names used in annotations only
     from .policy import Policy
     from .providers import Catalog
 
 
+REMOTE_SOURCE = "remote"                # tokens.json entries mirrored from the central server carry
+                                        # "source": "remote"; a sync replaces those and only those
+_UNCHANGED = object()                   # a store change that found nothing to change: no write
 STORE_RELOAD_INTERVAL = 0.25            # stat tokens.json at most this often; changes show within 1 s
 _HASH_KEY_CHECK = b"tokenomics hash key check"  # HMAC'ed with the hash key into tokens.json's
                                                 # "hash_key_check": names the key, reveals nothing
@@ -95,6 +98,23 @@ def stored_labels(data_dir: str) -> dict[str, str]:
     entries = doc.get("tokens") if isinstance(doc, dict) else None
     return {e["hash"]: e.get("label") or "" for e in entries or ()
             if isinstance(e, dict) and isinstance(e.get("hash"), str) and isinstance(e.get("label") or "", str)}
+
+
+def parse_expiry(value: str, now: float, what: str = "--expires") -> float:
+    """`24h`, `7d`, `30d`, `1y` (from now) or an RFC 3339 timestamp; must lie in the future."""
+    try:
+        when = now + parse_duration(value)
+    except ValueError:
+        try:
+            when = parse_rfc3339(value)
+        except ValueError:
+            raise UsageError(f"{what}: '{value}' is neither a duration (24h, 7d, 30d, 1y) nor an "
+                             "RFC 3339 time (2026-12-31T23:59:59Z)") from None
+    if when <= now:
+        raise UsageError(f"{what}: {value} is in the past; give a later time or a duration such as 30d")
+    if when > now + 100 * 365.25 * 86400:  # beyond what a timestamp can print; nobody means it
+        raise UsageError(f"{what}: {value} is more than 100 years away; leave {what} out for no expiry")
+    return when
 
 
 def new_token() -> str:
@@ -316,6 +336,11 @@ class TokenStore:
             except TokenomicsError as exc:
                 log.error("token store reload failed, keeping the previous tokens: %s", exc)
 
+    @property
+    def version(self):
+        """Changes whenever tokens.json does (any writer): what the remote server watches."""
+        return self._stamp
+
     def lookup(self, token: str) -> TokenRecord | None:
         token_hash = hash_token(self.hash_key, token)
         record = self._records.get(token_hash)
@@ -360,6 +385,8 @@ class TokenStore:
                     if "policy" in entry:
                         entry["policy_enc"] = cipher.seal_policy(entry["hash"], entry.pop("policy"))
             result = change(entries, cipher)
+            if result is _UNCHANGED:
+                return result
             doc = {"version": 1, "hash_key_check": hash_key_check(self.hash_key), "tokens": entries}
             if cipher is not None:
                 doc["encryption"] = cipher.header()
@@ -421,3 +448,37 @@ class TokenStore:
 
         self._mutate(change)
         return record
+
+    def mirror(self, pulled: list[dict]) -> bool:
+        """Make the entries pulled from the central server (marked "source": "remote") exactly
+        `pulled`: new ones appear, changed ones change, those the server no longer has go.
+        Entries made here are kept unless the server has the same hash. `pulled` holds
+        validated {"hash", "policy", "created_at", "expires_at", "label"}. Returns whether
+        tokens.json changed (it is written only then)."""
+        incoming = {e["hash"]: e for e in pulled}
+
+        def same(entry: dict, new: dict, cipher) -> bool:
+            if "policy_enc" in entry:
+                policy = cipher.open_policy(entry["hash"], entry["policy_enc"]) if cipher else None
+            else:
+                policy = entry.get("policy")
+            return policy == new["policy"] and all(entry.get(k) == new[k] for k in ("created_at", "expires_at", "label"))
+
+        def change(entries, cipher):
+            current = {e.get("hash"): e for e in entries if e.get("source") == REMOTE_SOURCE}
+            shadowed = any(e.get("hash") in incoming and e.get("source") != REMOTE_SOURCE for e in entries)
+            if not shadowed and current.keys() == incoming.keys() and \
+                    all(same(current[h], new, cipher) for h, new in incoming.items()):
+                return _UNCHANGED
+            kept = [e for e in entries if e.get("source") != REMOTE_SOURCE and e.get("hash") not in incoming]
+            for token_hash, new in incoming.items():
+                entry = {"hash": token_hash, "created_at": new["created_at"], "expires_at": new["expires_at"],
+                         "label": new["label"], "source": REMOTE_SOURCE}
+                if cipher is not None:
+                    entry["policy_enc"] = cipher.seal_policy(token_hash, new["policy"])
+                else:
+                    entry["policy"] = new["policy"]
+                kept.append(entry)
+            entries[:] = kept
+
+        return self._mutate(change) is not _UNCHANGED
