@@ -78,6 +78,8 @@ class Rule:
     matcher: Any = None
     detect: tuple = ()
     threshold: float = JAILBREAK_THRESHOLD
+    literal: str = ""           # ASCII text every match of `matcher` contains (lower-case when
+    ignore_case: bool = False   # ignore_case): an ASCII text without it cannot match
 
 
 @dataclass(slots=True)
@@ -232,6 +234,37 @@ def _compile_regex(pattern: str, where: str) -> re.Pattern:
     return compiled
 
 
+_MIN_LITERAL = 3                   # chars; a shorter required literal is in most texts anyway
+
+
+def _required_literal(compiled: re.Pattern) -> tuple[str, bool]:
+    """(the longest run of literal ASCII characters at the top level of the pattern, whether it
+    is matched ignoring case), or ("", False): every match contains that run, so a text without
+    it needs no regex call. Only top-level literals count (they sit outside every group,
+    alternative and repeat); only ASCII ones, checked only against ASCII texts, where `re`'s
+    case-insensitive matching is exactly str.lower()."""
+    try:
+        from re import _parser as sre_parse   # Python 3.11+
+    except ImportError:  # pragma: no cover - Python 3.10
+        import sre_parse
+    try:
+        parsed = sre_parse.parse(compiled.pattern, compiled.flags)
+    except Exception:
+        return "", False
+    ignore_case = bool(parsed.state.flags & re.IGNORECASE)
+    best, run = "", []
+    for op, arg in list(parsed) + [(None, None)]:
+        if op is sre_parse.LITERAL and arg < 128:
+            run.append(chr(arg))
+            continue
+        if len(run) > len(best):
+            best = "".join(run)
+        run = []
+    if len(best) < _MIN_LITERAL:
+        return "", False
+    return (best.lower() if ignore_case else best), ignore_case
+
+
 def _compile_keywords(keywords: Any, where: str) -> re.Pattern:
     if not isinstance(keywords, list) or not keywords:
         raise UsageError(f"{where}: expected a non-empty list of strings, got {_json_type(keywords)}")
@@ -254,8 +287,10 @@ def _compile_keywords(keywords: Any, where: str) -> re.Pattern:
 
 def _compile_rule(raw: Any, where: str) -> Rule:
     if isinstance(raw, str):
+        compiled = _compile_regex(raw, where)
+        literal, ignore_case = _required_literal(compiled)
         return Rule(name=where, type="regex", action="fail", scope="input", label="REGEX",
-                    matcher=_compile_regex(raw, where))
+                    matcher=compiled, literal=literal, ignore_case=ignore_case)
     if not isinstance(raw, dict):
         raise UsageError(f"{where}: expected a rule object or a regular expression string, got {_json_type(raw)}")
     unknown = sorted(k for k in raw if k not in _ALL_RULE_FIELDS)
@@ -292,7 +327,9 @@ def _compile_rule(raw: Any, where: str) -> Rule:
         pattern = raw.get("pattern")
         if not isinstance(pattern, str) or not pattern:
             raise UsageError(f"{where}.pattern: expected a non-empty string, got {_json_type(pattern)}")
-        return Rule(name or where, rtype, action, scope, label, _compile_regex(pattern, f"{where}.pattern"))
+        compiled = _compile_regex(pattern, f"{where}.pattern")
+        literal, ignore_case = _required_literal(compiled)
+        return Rule(name or where, rtype, action, scope, label, compiled, literal=literal, ignore_case=ignore_case)
     if rtype == "keyword":
         if "keywords" not in raw:
             raise UsageError(f"{where}.keywords: missing; a keyword rule needs a list of keywords")
@@ -480,10 +517,22 @@ class Guard:
 
     def _segment_spans(self, text: str) -> list[list[tuple[int, int, str]]]:
         pii = None
+        lower = None
+        ascii_text = text.isascii()
         out: list[list[tuple[int, int, str]]] = []
         for rule in self._rules:
             try:
                 if rule.type in ("regex", "keyword"):
+                    if rule.literal and ascii_text:     # prefilter: no required literal, no match
+                        if rule.ignore_case:
+                            if lower is None:
+                                lower = text.lower()
+                            if rule.literal not in lower:
+                                out.append([])
+                                continue
+                        elif rule.literal not in text:
+                            out.append([])
+                            continue
                     label = rule.label
                     out.append([(m.start(), m.end(), label) for m in rule.matcher.finditer(text) if m.end() > m.start()])
                 elif rule.type == "pii":

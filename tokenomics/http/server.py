@@ -387,16 +387,18 @@ class HTTPServer:
         """Run the handler while watching for the client going away; write the response."""
         loop = asyncio.get_running_loop()
         gone = loop.create_future()
+        handler = loop.create_task(self.handler(request))
+        # The client leaving cancels the handler (a no-op once it has answered): cheaper per
+        # request than asyncio.wait over both, which builds and tears down a waiter each time.
+        gone.add_done_callback(lambda _: handler.cancel())
         watcher = loop.create_task(self._watch(reader, gone, conn))
         try:
-            handler = loop.create_task(self.handler(request))
-            await asyncio.wait((handler, gone), return_when=asyncio.FIRST_COMPLETED)
-            if not handler.done():
-                handler.cancel()
-                with contextlib.suppress(BaseException):
-                    await handler
-                return False
-            response = handler.result()
+            try:
+                response = await handler
+            except asyncio.CancelledError:
+                if gone.done() and not asyncio.current_task().cancelling():
+                    return False  # the client left: its handler was cancelled, not this connection
+                raise
             await self._write(conn, writer, response, head_only=request.method == "HEAD", gone=gone)
             return not gone.done()
         finally:
@@ -456,7 +458,11 @@ class HTTPServer:
 
     async def _drain(self, writer) -> None:
         """Wait for the client to take what was written, at most `write_timeout` seconds: a
-        client that stops reading must not hold its upstream (and a connection slot) forever."""
+        client that stops reading must not hold its upstream (and a connection slot) forever.
+        Nothing to wait for (the usual case: the socket took it all at once) costs no timer."""
+        transport = writer.transport
+        if not transport.get_write_buffer_size() and not transport.is_closing():
+            return
         try:
             async with _deadline(self.write_timeout):
                 await writer.drain()
