@@ -117,7 +117,8 @@ def reserve_port(host: str, port: int) -> tuple[int, list[socket.socket]]:
 class WorkerLink:
     """What a worker process holds of its supervisor: the data-dir lock it serves under, the
     pipe it reports on (one JSON line: {"ready": urls} or {"error": message, "code": exit code})
-    and the lifeline (end of file: the supervisor is gone, stop)."""
+    and the lifeline (end of file: the supervisor is gone, stop). A worker starts with SIGTERM
+    and SIGINT blocked; `ready()` unblocks them, so call it once those signals stop it well."""
     slot: int
     lock_fd: int
     status_fd: int
@@ -128,6 +129,11 @@ class WorkerLink:
         with contextlib.suppress(OSError):
             os.write(self.status_fd, line[:_STATUS_LINE_MAX])
 
+    def ready(self, urls: list[str]) -> None:
+        self.report(ready=urls)
+        # A stop signal that arrived since the fork is delivered now, to handlers that stop well.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
 
 def serve_worker(config: Config, link: WorkerLink) -> int:
     """A worker's whole life: one Proxy serving on the shared port until SIGTERM (or the
@@ -137,10 +143,7 @@ def serve_worker(config: Config, link: WorkerLink) -> int:
     def ready(urls: list[str]) -> None:
         loop = asyncio.get_running_loop()
         loop.add_reader(link.lifeline_fd, _lifeline_readable, loop, link.lifeline_fd)
-        link.report(ready=urls)
-        # Stop signals were blocked since the fork; the loop's handlers are in place now, so one
-        # that arrived meanwhile is delivered here and stops this worker gracefully.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        link.ready(urls)  # the loop's signal handlers are in place: SIGTERM now stops gracefully
 
     try:
         proxy = Proxy(config, data_dir_lock=link.lock_fd, reuse_port=True)
