@@ -204,6 +204,19 @@ def test_sigterm_to_the_supervisor_stops_every_worker(tmp_path):
     assert not any(alive(p) for p in pids)
 
 
+def test_the_workers_serve_under_the_supervisors_lock_and_no_one_else_does(cli, tmp_path):
+    proc, _ = _supervised(tmp_path, "serve")
+    try:
+        wait_until(lambda: len(children(proc.pid)) == 2, 10, "two workers")
+        other = cli("serve", "--dir", str(tmp_path / "sup-data"), "--port", str(free_port()), "--no-tls",
+                    timeout=30)
+        assert other.returncode == 1
+        assert "another tokenomics proxy is serving the data dir" in other.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+
+
 # --- refusals ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("how", ["flag", "config"])
