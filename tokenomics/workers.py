@@ -203,6 +203,7 @@ class Supervisor:
         self._workers = [_Worker(slot) for slot in range(workers)]
         self._sockets: list[socket.socket] = []
         self._lock_fd = -1
+        self._pid = 0
         self._wake_r = self._wake_w = -1
         self._lifeline_r = self._lifeline_w = -1
         self._stopping = False
@@ -219,6 +220,7 @@ class Supervisor:
         """Start the workers, supervise them until SIGTERM/SIGINT, stop them; returns 0 after a
         graceful stop. A start that fails raises the first worker's error (UsageError: exit 2)."""
         from .proxy import _lock_data_dir
+        self._pid = os.getpid()
         self._prepare()
         self._lock_fd = _lock_data_dir(self.config.dir)
         previous = {}
@@ -442,9 +444,8 @@ class Supervisor:
     def _become_worker(self, worker: _Worker, status_r: int, status_w: int) -> None:
         code = 1
         try:
-            supervisor = os.getppid()
             _set_parent_death_signal()
-            if os.getppid() != supervisor:  # the supervisor died before the death signal was set
+            if os.getppid() != self._pid:  # the supervisor died before the death signal was set
                 os._exit(0)
             for sig in (signal.SIGTERM, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
@@ -464,6 +465,8 @@ class Supervisor:
             code = self.worker_main(self.config, link)
         except KeyboardInterrupt:
             code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
         except BaseException as exc:  # noqa: BLE001 - a worker must end in os._exit, never unwind
             with contextlib.suppress(Exception):
                 log.error("worker %d failed: internal error (%s)", worker.slot, type(exc).__name__)
