@@ -215,14 +215,6 @@ def test_workers_on_the_memory_backend_point_to_redis(cli):
         assert not (cli.data_dir / "tokenomics.pid").exists()
 
 
-@pytest.mark.parametrize("command", ["serve", "start"])
-def test_workers_on_redis_say_multi_worker_is_not_available(cli, command):
-    (cli.cwd / "config.yaml").write_text(yaml.safe_dump({"session": {"backend": "redis"}}))
-    proc = cli(command, "--workers", "2", "--port", str(free_port()), "--no-tls", timeout=30)
-    assert proc.returncode == 2, proc.stderr
-    assert "several worker processes is not available in this version" in _clean(proc)
-
-
 def test_run_admin_is_refused_when_the_config_disables_admin(cli):
     token = cli.token(MOCK)
     marker = cli.cwd / "ran"

@@ -38,6 +38,7 @@ from .records.ledger import _when, filter_session, find_session, format_usd, loa
 from .records.logs import redacting_filter
 from .store import TokenRecord, TokenStore, ensure_data_dir, hash_key_problem, hash_token, parse_expiry, stored_labels
 from .tls import cert_dir, ensure_local_ca
+from .workers import Supervisor
 from .util import HASH_PREFIX, HAVE_TRUSTME, TOKEN_PREFIX, parse_duration, parse_rfc3339, printable, usd_text, utc_iso, write_private
 
 
@@ -109,6 +110,16 @@ def _workers_arg(value: str) -> int:
         workers = 0
     if workers < 1:
         raise argparse.ArgumentTypeError(f"{value!r}: give a whole number of at least 1")
+    return workers
+
+
+def _workers(args, config: Config) -> int:
+    """How many worker processes: --workers, else server.workers from the config (flag wins)."""
+    if getattr(args, "workers", None) is not None:
+        return args.workers
+    workers = config.server.workers
+    if workers < 1:
+        raise UsageError(f"config: server.workers: {workers} is not a number of processes; give 1 or more")
     return workers
 
 
@@ -353,14 +364,20 @@ def _serve_overrides(args) -> dict:
 
 def cmd_serve(args) -> int:
     config = _load(args, _serve_overrides(args))
-    check_available(config, getattr(args, "workers", 1))
-    proxy = Proxy(config)
+    workers = _workers(args, config)
+    check_available(config, workers)
 
     def ready(urls):
-        _write_run_files(config, urls)  # before the ready lines: `start` waits for those
+        _write_run_files(config, urls, workers)  # before the ready lines: `start` waits for those
         for url in urls:
             _err(f"tokenomics listening on {url}")
 
+    if workers > 1:
+        try:
+            return Supervisor(config, workers, on_ready=ready).run()
+        finally:
+            _remove_run_files(config)
+    proxy = Proxy(config)
     try:
         run_async(_serve_until_signal(proxy, ready))
     finally:
@@ -698,12 +715,14 @@ def _read_pid(config: Config) -> dict | None:
     return {"pid": int(text), "state": state, "url": (state or {}).get("url")}
 
 
-def _write_run_files(config: Config, urls: list[str]) -> None:
-    """Written by `serve` itself once it listens (a foreground serve counts as running too)."""
+def _write_run_files(config: Config, urls: list[str], workers: int = 1) -> None:
+    """Written by `serve` itself once it listens (a foreground serve counts as running too); with
+    several workers by their supervisor, whose pid alone is in the pid file."""
     pid = os.getpid()
     url = next((u for u in urls if u.startswith("http://")), urls[0] if urls else None)
     state = {"pid": pid, "proc_start": _process_start(pid), "cmdline": _process_cmdline(pid),
-             "dir": config.dir, "started_at": utc_iso(time.time()), "url": url, "urls": urls}
+             "dir": config.dir, "started_at": utc_iso(time.time()), "url": url, "urls": urls,
+             "workers": workers, "backend": config.session.backend}
     write_private(_state_path(config), json.dumps(state, indent=2).encode())
     write_private(_pid_path(config), f"{pid}\n".encode())
 
@@ -723,7 +742,7 @@ def _remove_run_files(config: Config, pid: int | None = None) -> None:
 
 def cmd_start(args) -> int:
     config = _load(args, _serve_overrides(args))
-    check_available(config, args.workers)
+    check_available(config, _workers(args, config))
     ensure_data_dir(config.dir)
     info = _read_pid(config)
     if _proxy_alive(info):
@@ -734,7 +753,8 @@ def cmd_start(args) -> int:
     argv = _self_command() + ["--dir", config.dir] + (["--config", config.source] if config.source else []) + \
         ["serve"] + sum(([flag, str(value)] for flag, value in (
             ("--host", args.host), ("--port", args.port), ("--https-port", args.https_port),
-            ("--upstream-url", args.upstream_url)) if value is not None), []) + (["--no-tls"] if args.no_tls else [])
+            ("--upstream-url", args.upstream_url), ("--workers", args.workers)) if value is not None), []) + \
+        (["--no-tls"] if args.no_tls else [])
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     offset = os.lseek(fd, 0, os.SEEK_END)
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True)
@@ -822,13 +842,17 @@ def cmd_status(args) -> int:
         tokens = len(TokenStore(config, catalog).records())
     except TokenomicsError as exc:  # a wrong hash or encryption key: say which, as every command does
         tokens, unreadable = None, str(exc)
+    workers = (info["state"].get("workers") if running else None) or (1 if running else None)
     status = {"running": running, "pid": info["pid"] if running else None, "url": url if running else None,
-              "tokens": tokens, "providers": provider_key_presence(catalog), "backend": config.session.backend}
+              "tokens": tokens, "providers": provider_key_presence(catalog),
+              "backend": config.session.backend, "workers": workers}
     if args.json:
         _print_json(status)
         return 0
     _out(f"tokenomics is {'running' if running else 'stopped'}" +
-         (f" at {printable(url)} (pid {status['pid']})" if running else ""))
+         (f" at {printable(url)} (pid {status['pid']}, {workers} worker{'s' if workers != 1 else ''})"
+          if running else ""))
+    _out(f"session backend: {config.session.backend}")
     _out(f"tokens: {tokens}" if tokens is not None else f"tokens: unreadable: {printable(unreadable)}")
     keys = ", ".join(f"{name} {'set' if ok else 'missing'}" for name, ok in sorted(status["providers"].items()))
     _out(f"provider keys: {printable(keys)}")
@@ -1311,7 +1335,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--https-port", type=_port_arg, help="HTTPS port (default 8443, 0 disables)")
     serve.add_argument("--no-tls", action="store_true", help="serve no HTTPS listener")
     serve.add_argument("--upstream-url", help="default upstream (server.upstream_url)")
-    serve.add_argument("--workers", type=_workers_arg, default=1, help="worker processes (needs the redis backend)")
+    serve.add_argument("--workers", type=_workers_arg, default=None,
+                       help="worker processes on one port (default server.workers, 1; more need the redis backend)")
     serve.set_defaults(func=cmd_serve)
 
     token = commands.add_parser("token", parents=[common], help="manage wrapper tokens")
@@ -1355,7 +1380,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--https-port", type=_port_arg)
     start.add_argument("--no-tls", action="store_true")
     start.add_argument("--upstream-url")
-    start.add_argument("--workers", type=_workers_arg, default=1, help="worker processes (needs the redis backend)")
+    start.add_argument("--workers", type=_workers_arg, default=None,
+                       help="worker processes on one port (default server.workers, 1; more need the redis backend)")
     start.set_defaults(func=cmd_start)
     commands.add_parser("stop", parents=[common], help="stop the background proxy").set_defaults(func=cmd_stop)
     status = commands.add_parser("status", parents=[common], help="is the background proxy running?")

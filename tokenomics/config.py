@@ -41,6 +41,7 @@ class ServerConfig:
     write_timeout: float = DEFAULT_WRITE_TIMEOUT
     header_timeout: float = HEADER_TIMEOUT
     grace_period: float = GRACE_PERIOD
+    workers: int = 1                # processes on one port (SPEC §12); more than 1 needs session.backend: redis
     tls: TLSConfig = TLSConfig()
 
 

@@ -64,7 +64,8 @@ async def _trim_heap_periodically() -> None:
 
 def _lock_data_dir(directory: str) -> int:
     """One proxy per data dir: its budgets and usage journal live in this process's memory, so a
-    second proxy on the same dir could not enforce them. The lock dies with the process."""
+    second proxy on the same dir could not enforce them. The lock dies with the process (and
+    with the workers of a supervisor, which inherit this same open file and serve under it)."""
     fd = os.open(os.path.join(ensure_data_dir(directory), "proxy.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -86,9 +87,6 @@ def check_available(config: Config, workers: int = 1) -> None:
         raise UsageError(f"--workers {workers}: with session.backend: memory each worker would keep its own "
                          "budgets and rate limits; configure session.backend: redis (with session.redis.addr) "
                          "so that all workers share them, or serve with one worker")
-    if workers > 1:
-        raise UsageError(f"--workers {workers}: serving with several worker processes is not available in this "
-                         "version; serve with one worker (drop --workers)")
     if config.remote.url:
         remote_api_key(config, os.environ)  # a missing key is refused before anything starts
 
@@ -109,12 +107,16 @@ def build_state(config: Config) -> "tuple[State, UsageJournal | None]":
 class Proxy:
     """A running proxy: the collaborators built from config and the listeners serving them."""
 
-    def __init__(self, config: Config, environ=None, admin: bool | None = None):
-        """`admin`: serve the admin UI (default: `admin.enabled`; `run` passes --admin)."""
+    def __init__(self, config: Config, environ=None, admin: bool | None = None,
+                 data_dir_lock: int | None = None, reuse_port: bool = False):
+        """`admin`: serve the admin UI (default: `admin.enabled`; `run` passes --admin);
+        `data_dir_lock`: an fd already holding the data dir's lock (a worker serves under its
+        supervisor's); `reuse_port`: listen with SO_REUSEPORT beside the other workers."""
         check_available(config)
         self.config = config
         self.environ = os.environ if environ is None else environ
-        self._lock_fd = _lock_data_dir(config.dir)
+        self._lock_fd = _lock_data_dir(config.dir) if data_dir_lock is None else data_dir_lock
+        self.reuse_port = reuse_port
         self.catalog = Catalog(config, self.environ)
         self.store = TokenStore(config, self.catalog, self.environ)
         self.client = UpstreamClient(max_response_bytes=config.server.max_response_bytes)
@@ -193,7 +195,7 @@ class Proxy:
 
     async def _listen(self, host: str, port: int, context) -> str:
         try:
-            server = await self.server.listen(host, port, context)
+            server = await self.server.listen(host, port, context, reuse_port=self.reuse_port)
         except OSError as exc:
             raise RuntimeFailure(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         bound = server.sockets[0].getsockname()[1]

@@ -164,12 +164,14 @@ class HTTPServer:
         self._fd_logged_at = -math.inf
         self._closing = False
 
-    async def listen(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None):
+    async def listen(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
+                     reuse_port: bool = False):
         loop = asyncio.get_running_loop()
         if loop.get_exception_handler() is None:
             loop.set_exception_handler(self._loop_exception)
         server = await asyncio.start_server(self._connection, host, port, ssl=ssl_context, limit=1 << 20,
-                                            backlog=_accept_backlog(self.max_connections), reuse_address=True)
+                                            backlog=_accept_backlog(self.max_connections), reuse_address=True,
+                                            reuse_port=reuse_port or None)
         self._servers.append(server)
         return server
 
