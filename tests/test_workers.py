@@ -63,10 +63,11 @@ def wait_until(predicate, timeout: float, what: str):
 
 
 def sessions(data_dir: Path) -> dict[str, list]:
-    """session id -> journal lines (the per-request ledger lines each worker appends)."""
+    """session id -> the per-request ledger lines each worker appends (not its session header)."""
     out = {}
     for path in (data_dir / "sessions").glob("*.jsonl"):
-        out[path.stem.split("_")[-1]] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        out[path.stem.split("_")[-1]] = [row for row in rows if row.get("type", "request") == "request"]
     return out
 
 
@@ -318,7 +319,7 @@ def test_sigterm_lets_in_flight_requests_finish_and_writes_every_session(cli, st
         futures = [pool.submit(raw, two_workers, "POST", "/v1/chat/completions", BODY,
                                {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}, 20)
                    for _ in range(6)]
-        stub.wait_for(lambda s: len(s.requests) >= 6, timeout=10)
+        assert stub.wait_for(lambda: len(stub.requests) >= 6, timeout=10)
         two_workers.proc.send_signal(signal.SIGTERM)
         assert [f.result()[0] for f in futures] == [200] * 6
     assert two_workers.proc.wait(20) == 0
