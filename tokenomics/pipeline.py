@@ -17,6 +17,7 @@ from .config import Config
 from .dialects import Dialect, GOVERNED, check_model_name, dialect_family
 from .errors import ProxyError
 from .guard.anonymize import Anonymizer
+from .guard.classifier import Classifier, input_texts, output_texts
 from .guard.rules import Guard, json_bytes_in_pieces, scan_off_loop
 from .guard.stream import StreamGuard
 from .http.client import Upstream, UpstreamCall, UpstreamClient, UpstreamResponse
@@ -374,12 +375,14 @@ class Pipeline:
     def __init__(self, config: Config, store: TokenStore, catalog: Catalog, client: UpstreamClient,
                  state: "State | None" = None, journal: "UsageJournal | None" = None,
                  environ=None, clock: Callable[[], float] = time.time, records: "Records | None" = None,
-                 upstreams: "dict[str, Upstream] | None" = None):
+                 upstreams: "dict[str, Upstream] | None" = None, classifier: "Classifier | None" = None):
         self.config, self.store, self.catalog, self.client = config, store, catalog, client
         self.state = state if state is not None else MemoryState()
         self.journal = journal
         self.pricing = config.pricing   # parsed by load_config
         self.environ = os.environ if environ is None else environ
+        # Classification services of `classifier` rules, through the same client (no redirects, key redacted).
+        self.classifier = classifier if classifier is not None else Classifier(client, self.environ)
         self.clock = clock
         self.records = records if records is not None else Records()
         self._journal_waiters: list = []
@@ -629,6 +632,8 @@ class Pipeline:
                 changed |= await scan_off_loop(self.guard_input, guard, dialect, body)
             else:
                 changed |= self.guard_input(guard, dialect, body)
+            if guard.classifiers:   # after the local rules: masked and anonymized values never reach the service
+                await self.classifier.check(guard, input_texts(dialect, body))
             spec = route.policy.memory or self.config.ledger.memory
             if spec and spec.get("enabled", True):
                 ex.memory = spec
@@ -729,6 +734,14 @@ class Pipeline:
             return anonymizer.restore(text) if anonymizer is not None else text
         return (lambda: StreamGuard(guard, anonymizer, holdback)), whole
 
+    def stream_classifiers(self, attempt: "Attempt") -> "Callable[[str], Any] | None":
+        """Output classifier rules of a stream: run once on the whole text when the upstream's
+        stream ends, before the relay's last flush (the text before it has been relayed)."""
+        guard = attempt.guard_out
+        if not guard.classifiers:
+            return None
+        return lambda text: self.classifier.check(guard, [text])
+
     async def forward(self, req: Request, attempt: "Attempt", ex: Exchange) -> UpstreamResponse:
         """Send, retrying connection failures and `retry_on` statuses with exponential backoff
         and jitter (Retry-After honoured, capped). Nothing has reached the client yet."""
@@ -779,7 +792,7 @@ class Pipeline:
             translator = dialect.stream_translator(upstream_dialect, model, attempt.wants_usage)
             relay = StreamRelay(dialect, ex, channel=channel, full_text=whole, strip_usage=attempt.strip_usage,
                                 translator=translator, meta_dialect=upstream_dialect,
-                                log_text=self.masked_output(attempt))
+                                log_text=self.masked_output(attempt), end_check=self.stream_classifiers(attempt))
             stream = self._finish_stream(relay, upstream, admission, len(attempt.payload))
 
             async def end_stream() -> None:
@@ -815,6 +828,8 @@ class Pipeline:
                                  estimate_tokens(answer_output_bytes(answer) if isinstance(answer, dict)
                                                  else len(data)), complete=True)
         admission.close(ex.usage, self.clock())  # the tokens were spent, whatever the output rules say
+        if isinstance(answer, dict) and attempt.guard_out.classifiers:
+            await self.classifier.check(attempt.guard_out, output_texts(dialect, answer))
         if isinstance(answer, dict) and (whole is not None or ex.memory is not None):
             if len(data) > _OFF_LOOP_BYTES and whole is not None:   # a long scan must not stall the loop
                 changed, said = await scan_off_loop(self.guard_output, attempt, dialect, answer)

@@ -1,7 +1,7 @@
 """The SSE relay as a transformer over events: output guard, usage observation, error events."""
 
 import json
-from typing import Any, AsyncIterator, Callable, Iterator, TYPE_CHECKING
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, TYPE_CHECKING
 
 from .dialects import Dialect
 from .errors import ProxyError
@@ -31,7 +31,8 @@ class StreamRelay:
     def __init__(self, dialect: Dialect, ex: "Exchange", channel: Callable[[], Any] | None = None,
                  full_text: Callable[[str], str] | None = None, strip_usage: bool = False,
                  translator: Any = None, meta_dialect: Dialect | None = None,
-                 log_text: Callable[[str], str] | None = None):
+                 log_text: Callable[[str], str] | None = None,
+                 end_check: Callable[[str], Awaitable[None]] | None = None):
         self.dialect, self.ex = dialect, ex
         self.log_text = log_text or (lambda text: text)
         self.meta_dialect = meta_dialect or dialect
@@ -46,12 +47,18 @@ class StreamRelay:
         self.released_text = False
         self.complete = False   # the upstream's stream ended and every event passed through
         self.output_bytes = 0   # model output received from the upstream, relayed or not
-        self.collected: list | None = [] if ex.memory is not None else None
+        # The model's own text, kept for the conversation log and for `end_check` (output classifier
+        # rules, which judge the whole text once the upstream's stream has ended).
+        self.end_check = end_check
+        self.collected: list | None = [] if ex.memory is not None or end_check is not None else None
 
     async def run(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         # While output rules apply, events are held until the first text passes them, so that a
         # rule failing on the first text is still a plain 403 (nothing was sent yet).
-        pending = b""
+        # With `end_check`, each chunk's events wait for the next chunk: the stream's terminal event
+        # ([DONE], message_stop, response.completed) is still held when the check runs, so a refusal
+        # ends the stream with an error event that SDKs read, not after the stream was closed.
+        pending = lag = b""
         try:
             async for chunk in chunks:
                 out = self.feed(chunk)
@@ -59,10 +66,15 @@ class StreamRelay:
                     if self.channel is not None and not self.released_text:
                         pending += out
                         continue
-                    self.sent_any = True
-                    yield pending + out
-                    pending = b""
-            tail = pending + self.finish()
+                    if self.end_check is not None:
+                        out, lag = lag, out
+                    if pending or out:
+                        self.sent_any = True
+                        yield pending + out
+                        pending = b""
+            if self.end_check is not None:
+                await self.end_check("".join(self.collected))
+            tail = pending + lag + self.finish()
             self.complete = True
             if tail:
                 self.sent_any = True
@@ -76,7 +88,7 @@ class StreamRelay:
             if self.translator is not None:
                 self.usage = self.translator.usage
             self.ex.usage = self.usage
-            if self.collected is not None:
+            if self.collected is not None and self.ex.memory is not None:
                 self.ex.memory_entries.append(("assistant", self.log_text("".join(self.collected))))
             if self.usage.total_tokens:
                 self.ex.provider_meta.update(usage_meta(self.usage))

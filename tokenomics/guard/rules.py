@@ -1,5 +1,6 @@
-"""Rules: compilation of regex, keyword, pii and jailbreak rules (compiled once per policy),
-and the Guard that applies them to the texts of a request or response."""
+"""Rules: compilation of regex, keyword, pii, jailbreak and classifier rules (compiled once per
+policy), and the Guard that applies them to the texts of a request or response. Classifier
+rules call a service, so the Guard only holds them (`classifiers`); guard.classifier applies them."""
 
 import asyncio
 import bisect
@@ -14,13 +15,14 @@ from typing import Any, Callable, Iterable
 
 from ..errors import ProxyError, UsageError
 from ..guard.anonymize import Anonymizer
+from ..guard.classifier import CLASSIFIER_FIELDS, parse_classifier
 from ..guard.jailbreak import _jb_hits, _jb_score, _segments, jailbreak_score
 from ..guard.pii import _pii_candidates, _resolve_overlaps
 from ..guard.scan import PII_TYPES, _PEM_MAX_BODY
 from ..util import _json_type
 
 
-RULE_TYPES = ("regex", "keyword", "pii", "jailbreak")
+RULE_TYPES = ("regex", "keyword", "pii", "jailbreak", "classifier")
 
 
 RULE_ACTIONS = ("fail", "warn", "log", "mask", "anonymize")
@@ -80,17 +82,20 @@ class Rule:
     threshold: float = JAILBREAK_THRESHOLD
     literal: str = ""           # ASCII text every match of `matcher` contains (lower-case when
     ignore_case: bool = False   # ignore_case): an ASCII text without it cannot match
+    classifier: Any = None
 
 
 @dataclass(slots=True)
 class RuleMatch:
     """What a rule hit is recorded as (logs, ledger, events). `scope` is the direction the
-    rule matched in (`input` or `output`); `count` aggregates the matches of one request."""
+    rule matched in (`input` or `output`); `count` aggregates the matches of one request;
+    `score` is the highest score of a classifier rule's hits (None for the other types)."""
     rule: str
     type: str
     action: str
     scope: str
     count: int
+    score: float | None = None
 
 
 _RULE_FIELDS = {
@@ -98,10 +103,12 @@ _RULE_FIELDS = {
     "keyword": {"type", "action", "scope", "name", "keywords"},
     "pii": {"type", "action", "scope", "name", "detect"},
     "jailbreak": {"type", "action", "scope", "name", "threshold"},
+    "classifier": {"type", "action", "scope", "name", *CLASSIFIER_FIELDS},
 }
 
 
-_ALL_RULE_FIELDS = {"type", "action", "scope", "name", "pattern", "keywords", "detect", "threshold"}
+_ALL_RULE_FIELDS = {"type", "action", "scope", "name", "pattern", "keywords", "detect", "threshold",
+                    *CLASSIFIER_FIELDS}
 
 
 _POSIX_CLASSES = {
@@ -347,10 +354,12 @@ def _compile_rule(raw: Any, where: str) -> Rule:
                                  "`regex` rule for your own pattern"
                                  if isinstance(t, str) else f"{where}.detect[{k}]: expected a string, got {_json_type(t)}")
         return Rule(name or where, rtype, action, scope, label, detect=tuple(dict.fromkeys(detect)))
-    # jailbreak: a document-level score has no span to replace.
+    # jailbreak and classifier: a document-level verdict has no span to replace.
     if action in ("mask", "anonymize"):
-        raise UsageError(f"{where}.action: a jailbreak rule cannot {action} (there is no span to replace); "
+        raise UsageError(f"{where}.action: a {rtype} rule cannot {action} (there is no span to replace); "
                          "use fail, warn or log")
+    if rtype == "classifier":
+        return Rule(name or where, rtype, action, scope, label, classifier=parse_classifier(raw, where))
     threshold = raw.get("threshold", JAILBREAK_THRESHOLD)
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= _JB_MAX_THRESHOLD:
         raise UsageError(f"{where}.threshold: expected a number above 0 and at most {_JB_MAX_THRESHOLD:g}, "
@@ -389,13 +398,15 @@ class Guard:
     """Applies the rules whose scope covers one direction ('input' or 'output') to texts of one
     request, recording RuleMatch entries into the shared `matches` list. Fails closed: an
     unexpected exception while scanning is a 500 guardrail_error, never unchecked text."""
-    __slots__ = ("_rules", "_direction", "_anonymizer", "_matches", "_pii_types")
+    __slots__ = ("_rules", "_direction", "_anonymizer", "_matches", "_pii_types", "classifiers")
 
     def __init__(self, rules: tuple[Rule, ...], direction: str, anonymizer: Anonymizer,
                  matches: list[RuleMatch]) -> None:
         if direction not in ("input", "output"):
             raise ValueError("direction must be 'input' or 'output'")
-        self._rules = tuple(r for r in rules if r.scope in (direction, "both"))
+        mine = tuple(r for r in rules if r.scope in (direction, "both"))
+        self._rules = tuple(r for r in mine if r.type != "classifier")
+        self.classifiers = tuple(r for r in mine if r.type == "classifier")   # applied by guard.classifier
         self._direction = direction
         self._anonymizer = anonymizer
         self._matches = matches
@@ -588,12 +599,14 @@ class Guard:
         parts.append(text[pos:end])
         return "".join(parts)
 
-    def _record(self, rule: Rule, count: int) -> None:
+    def _record(self, rule: Rule, count: int, score: float | None = None) -> None:
         for m in self._matches:
             if m.rule == rule.name and m.scope == self._direction and m.type == rule.type:
                 m.count += count
+                if score is not None:
+                    m.score = score if m.score is None else max(m.score, score)
                 return
-        self._matches.append(RuleMatch(rule.name, rule.type, rule.action, self._direction, count))
+        self._matches.append(RuleMatch(rule.name, rule.type, rule.action, self._direction, count, score))
 
     def _violation(self, rule: Rule) -> ProxyError:
         if self._direction == "input":

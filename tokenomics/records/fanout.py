@@ -60,7 +60,8 @@ def request_record(ex: "Exchange", now: float) -> RequestRecord:
         cost_usd=ex.cost_usd, duration_ms=round((now - ex.started) * 1000, 3), status_code=ex.status,
         stream=ex.stream, error=ex.error, upstream_id=ex.upstream_id, upstream_request_id=ex.upstream_request_id,
         retry_count=ex.retry_count, fallback_model=ex.fallback_model,
-        rule_matches=[dataclasses.asdict(m) if dataclasses.is_dataclass(m) else m for m in ex.rule_matches],
+        rule_matches=[{k: v for k, v in dataclasses.asdict(m).items() if v is not None}   # score: classifiers only
+                      if dataclasses.is_dataclass(m) else m for m in ex.rule_matches],
         metadata=ex.metadata, provider_meta=ex.provider_meta)
 
 

@@ -50,7 +50,7 @@ _SESSION_PREFIX_MIN = 4         # chars of a session id `ledger show` needs: 65,
 _REQUEST_LINE_HEAD = b'{"type":"request",'
 
 
-_RULE_MATCH_KEYS = ("rule", "type", "action", "scope", "count")   # never the matched text
+_RULE_MATCH_KEYS = ("rule", "type", "action", "scope", "count", "score")   # never the matched text
 
 
 _RULE_VIOLATION_ERRORS = frozenset({"rule_violation", "output_rule_violation"})
