@@ -1,6 +1,5 @@
-"""The prompt-injection detector: normalisation (NFKC, invisible characters, leetspeak, base64),
-signal families from the lexicon, and the learned scorer (guard/model.py) that reads the text
-and those signals together and gives the detector's score."""
+"""The prompt-injection detector: normalisation (NFKC, invisible characters, leetspeak, base64)
+then scoring of signal families from the lexicon."""
 
 import base64
 import bisect
@@ -10,7 +9,6 @@ import unicodedata
 from typing import Any, Iterator
 
 from ..guard.lexicon import _B64_RUN_RE, _JB_AI_OWNER_RE, _JB_CONCEPTS, _JB_CORE_DIRECTIVE_RE, _JB_FAMILY_CAP, _JB_FAMILY_REST, _JB_META_RE, _JB_OBFUSCATION_WEIGHT, _JB_QUOTED_RE, _JB_SIGNALS, _JB_STRONG_MODE_RE, _JB_TRIGGER_RE, _JB_WORD_RE, _JB_WORD_SIGNALS
-from ..guard.model import shipped_model
 from ..guard.scan import _SCAN_CACHE_MIN, _cache_get, _cache_put, _text_key
 
 
@@ -321,18 +319,7 @@ def _jb_window_hits(norm: str, hits: set) -> None:
 
 
 def _jb_scan(text: str) -> set:
-    """The signals of one text (in talk about prompt injection, quoted text is left out), and
-    the learned scorer's probability for it as one more hit, ("model", "learned", p): hits of
-    several texts or windows are joined by set union, and the most suspicious text counts."""
-    hits = _jb_signals(text)
-    norm = _jb_normalize(text)
-    p = shipped_model().probability(norm, _jb_heuristic_inputs(hits, norm))
-    hits.add((_MODEL_SIGNAL, _MODEL_FAMILY, round(p, 4)))
-    return hits
-
-
-def _jb_signals(text: str) -> set:
-    """The lexicon's signals of one text (and of the base64 runs in it)."""
+    """The signals of one text. In talk about prompt injection, quoted text is left out."""
     hits: set = set()
     norm = _jb_normalize(text)
     lower = norm.lower()
@@ -350,7 +337,7 @@ def _jb_signals(text: str) -> set:
             break
         decoded = _b64_text(m.group()[:_B64_MAX_CHARS])
         if decoded:
-            inner = _jb_signals(decoded)
+            inner = _jb_scan(decoded)
             if inner:
                 hits |= inner
                 hits.add(("b64", "obfuscation", _JB_OBFUSCATION_WEIGHT))
@@ -398,54 +385,20 @@ def _b64_text(run: str) -> str | None:
     return decoded
 
 
-_MODEL_SIGNAL, _MODEL_FAMILY = "model", "learned"
-
-
-def _jb_family_scores(hits: set) -> dict[str, float]:
-    """Per family: its best signal plus a little of the rest (capped); the model's hits aside."""
+def _jb_score(hits: set) -> tuple[float, tuple[str, ...]]:
     best: dict[Any, tuple[str, float]] = {}
     for sid, family, weight in hits:
-        if family == _MODEL_FAMILY:
-            continue
         if sid not in best or abs(weight) > abs(best[sid][1]):
             best[sid] = (family, weight)
     by_family: dict[str, list[float]] = {}
     for family, weight in best.values():
         by_family.setdefault(family, []).append(weight)
-    scores = {}
-    for family, weights in by_family.items():
+    score = 0.0
+    for weights in by_family.values():
         weights.sort(reverse=True)
         # Signals of one family often see the same words; only a little of the rest counts.
-        scores[family] = min(_JB_FAMILY_CAP, weights[0] + _JB_FAMILY_REST * sum(weights[1:]))
-    return scores
-
-
-def _jb_heuristic_inputs(hits: set, norm: str) -> dict[str, float]:
-    """What the learned scorer reads of the lexicon's findings (model.HEURISTIC_INPUTS)."""
-    inputs = _jb_family_scores(hits)
-    total = max(sum(inputs.values()), 0.0)
-    inputs["total"] = min(total, 3.0) / 3.0
-    inputs["strong"] = 1.0 if total >= 1.0 else 0.0
-    inputs["meta"] = 1.0 if _JB_META_RE.search(norm.lower()) else 0.0
-    return inputs
-
-
-def _jb_score(hits: set) -> tuple[float, tuple[str, ...]]:
-    """(score, families): twice the learned probability of the most suspicious text, so the
-    default threshold 1.0 is the model's operating point (p = 0.5) and the scale runs 0..2;
-    the families are the lexicon's (for explanation), plus "learned" when the model alone
-    would flag the text. Hits without a model hit (none are made so today) score as the
-    lexicon alone would."""
-    scores = _jb_family_scores(hits)
-    learned = [w for sid, family, w in hits if family == _MODEL_FAMILY]
-    if learned:
-        score = 2.0 * max(learned)
-    else:
-        score = max(sum(scores.values()), 0.0)
-    families = tuple(f for f in _JB_FAMILY_ORDER if scores.get(f, 0) > 0)
-    if learned and max(learned) >= 0.5:
-        families += (_MODEL_FAMILY,)
-    return round(score, 4), families
+        score += min(_JB_FAMILY_CAP, weights[0] + _JB_FAMILY_REST * sum(weights[1:]))
+    return round(max(score, 0.0), 4), tuple(f for f in _JB_FAMILY_ORDER if max(by_family.get(f, (0,))) > 0)
 
 
 def jailbreak_score(text: str) -> tuple[float, tuple[str, ...]]:

@@ -18,6 +18,7 @@ Retry-After. Redis unreachable: admission verbs answer state_unavailable at once
 while the thread reconnects with backoff; settlements wait in a bounded queue until it is back."""
 
 import collections
+import importlib.util
 import itertools
 import math
 import os
@@ -31,14 +32,9 @@ from ..limits.decide import (BudgetLine, Counter, RateRule, Refusal, Reservation
 from ..limits.state import State
 from ..util import log
 
-try:  # optional: the `redis` extra
-    import redis as _redis
-    from redis.backoff import NoBackoff as _NoBackoff
-    from redis.retry import Retry as _Retry
-    HAVE_REDIS = True
-except ImportError:
-    _redis = None
-    HAVE_REDIS = False
+# Optional (the `redis` extra), and imported only by a proxy that uses it: redis-py costs about
+# 0.1 s to import, which every other command and start would pay.
+HAVE_REDIS = importlib.util.find_spec("redis") is not None
 
 MISSING_REDIS = ("session.backend: redis needs the redis package: pip install 'tokenomics[redis]' "
                  "(or python3 -m pip install redis)")
@@ -57,6 +53,9 @@ def redis_client(config):
     own: reconnection is RedisState's job. RuntimeError with MISSING_REDIS without the package."""
     if not HAVE_REDIS:
         raise RuntimeError(MISSING_REDIS)
+    import redis as _redis
+    from redis.backoff import NoBackoff as _NoBackoff
+    from redis.retry import Retry as _Retry
     opts = dict(socket_timeout=SOCKET_TIMEOUT, socket_connect_timeout=SOCKET_TIMEOUT,
                 retry=_Retry(_NoBackoff(), 0))
     addr = config.addr
