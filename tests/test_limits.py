@@ -13,11 +13,13 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import tokenomics
 import tokenomics.limits.decide
-from tokenomics.errors import ProxyError, RuntimeFailure, UsageError
+from tokenomics.errors import RuntimeFailure, UsageError
 from tokenomics.limits.decide import BudgetLine, RateRule, budget_event, estimate_tokens, parse_budget, parse_rate_limit, rate_event, window_bounds
 from tokenomics.limits.journal import UsageJournal
 from tokenomics.limits.prices import PRICES, Usage, cost_usd, parse_pricing, price_for
 from tokenomics.limits.state import MemoryState
+from tokenomics.limits.decide import Refusal
+from tokenomics.pipeline import refusal_error
 
 
 def utc(*args) -> float:
@@ -27,10 +29,24 @@ def utc(*args) -> float:
 T0 = utc(2026, 11, 27, 12, 0, 0)
 
 
-def refused(fn, *args, **kwargs) -> ProxyError:
-    with pytest.raises(ProxyError) as info:
-        fn(*args, **kwargs)
-    return info.value
+class Refused:
+    """What the client would see of a Refusal (the pipeline's mapping), and its event."""
+
+    def __init__(self, refusal: Refusal):
+        err = refusal_error(refusal)
+        self.status, self.code, self.message, self.headers = err.status, err.code, err.message, err.headers
+        self.event = refusal.event
+
+
+def refused(fn, *args, **kwargs) -> Refused:
+    out = fn(*args, **kwargs)
+    assert isinstance(out, Refusal), out
+    return Refused(out)
+
+
+def admitted(out) -> bool:
+    """A verb's verdict: True when admitted, False for a Refusal."""
+    return not isinstance(out, Refusal)
 
 
 # -- windows ------------------------------------------------------------------------------------
@@ -339,11 +355,10 @@ def test_retry_after_is_exact(strategy, limit, window, gaps, data):
     t = T0
     for g in gaps:
         t += g
-        try:
-            s.admit("k", (rule,), t)
+        out = s.admit("k", (rule,), t)
+        if admitted(out):
             continue
-        except ProxyError as err:
-            n = int(err.headers["Retry-After"])
+        n = int(Refused(out).headers["Retry-After"])
         assert n >= 1
         if n > 1 and data.draw(st.booleans()):
             refused(s.admit, "k", (rule,), t + n - 1)
@@ -360,10 +375,9 @@ def test_sliding_never_admits_more_than_n_in_any_trailing_window(limit, window, 
     admitted, refused_at, t = [], [], T0
     for g in gaps:
         t += g
-        try:
-            s.admit("k", (rule,), t)
+        if s.admit("k", (rule,), t) is None:
             admitted.append(t)
-        except ProxyError:
+        else:
             refused_at.append(t)
     for a in admitted:  # at most N in the window ending at each admission
         assert sum(1 for x in admitted if x <= a and x + window > a) <= limit
@@ -379,10 +393,9 @@ def test_sliding_token_rule_never_exceeds_its_limit(limit, window, data, gaps):
     for g in gaps:
         t += g
         w = data.draw(st.integers(0, limit))
-        try:
-            s.admit("k", (rule,), t, tokens=w)
+        if s.admit("k", (rule,), t, tokens=w) is None:
             admitted.append((t, w))
-        except ProxyError:
+        else:
             assert sum(x[1] for x in admitted if x[0] + window > t) + w > limit
     for a, _ in admitted:
         assert sum(w for x, w in admitted if x <= a and x + window > a) <= limit
@@ -397,11 +410,8 @@ def test_fixed_and_bucket_never_exceed_their_allowance(limit, window, gaps):
     for g in gaps:
         t += g
         for s, rule, log in (fixed, bucket):
-            try:
-                s.admit("k", (rule,), t)
+            if s.admit("k", (rule,), t) is None:
                 log.append(t)
-            except ProxyError:
-                pass
     counts = {}
     for x in fixed[2]:
         counts[math.floor(x / window)] = counts.get(math.floor(x / window), 0) + 1
@@ -578,11 +588,11 @@ def test_reserve_settle_release_never_negative_never_over_cap(data):
             tokens = data.draw(st.integers(0, 900))
             rate = data.draw(st.sampled_from([0.0, 1e-6, 4e-6]))
             floor_ = data.draw(st.integers(1, 100))
-            try:
-                res, g = s.reserve(lines, tokens, tokens * rate, now, min_tokens=floor_, usd_per_token=rate)
-            except ProxyError as err:
-                assert err.code == "budget_exceeded"
+            out = s.reserve(lines, tokens, tokens * rate, now, min_tokens=floor_, usd_per_token=rate)
+            if not admitted(out):
+                assert out.code == "budget_exceeded"
             else:
+                res, g = out
                 assert min(floor_, tokens) <= g <= tokens and res.tokens == g
                 assert res.usd <= tokens * rate + 1e-9
                 open_.append(res)
@@ -621,10 +631,10 @@ def test_concurrent_requests_cannot_jointly_overrun(data, cap, n):
             pending.remove(i)
             est = data.draw(st.integers(1, 400))
             want = data.draw(st.integers(1, 800))
-            try:
-                res, g = s.reserve([line], est + want, 0.0, T0, min_tokens=est + 1)
-            except ProxyError:
+            out = s.reserve([line], est + want, 0.0, T0, min_tokens=est + 1)
+            if not admitted(out):
                 continue
+            res, g = out
             in_flight[i] = (res, est, g - est)  # the upstream output cap becomes g - est
         else:
             res, est, out_cap = in_flight.pop(i)

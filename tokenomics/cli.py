@@ -27,6 +27,7 @@ from .errors import ProxyError, RuntimeFailure, TokenomicsError, UsageError
 from .http.client import UpstreamClient
 from .limits.decide import BudgetLine, window_bounds
 from .limits.journal import UsageJournal
+from .limits.redis_state import probe as redis_probe, shown_addr
 from .limits.state import MemoryState
 from .pipeline import upstream_url_for
 from .policy import Policy, select_upstream
@@ -888,10 +889,14 @@ def cmd_status(args) -> int:
     _out(f"tokenomics is {'running' if running else 'stopped'}" +
          (f" at {printable(url)} (pid {status['pid']}, {workers} worker{'s' if workers != 1 else ''})"
           if running else ""))
-    _out(f"session backend: {config.session.backend}")
     _out(f"tokens: {tokens}" if tokens is not None else f"tokens: unreadable: {printable(unreadable)}")
     keys = ", ".join(f"{name} {'set' if ok else 'missing'}" for name, ok in sorted(status["providers"].items()))
     _out(f"provider keys: {printable(keys)}")
+    if config.session.backend == "redis":
+        _out(f"limits: redis at {printable(shown_addr(config.session.redis.addr))} "
+             f"(prefix {printable(config.session.redis.prefix)})")
+    else:
+        _out("limits: memory (in the proxy process, journaled in the data dir)")
     return 0
 
 
@@ -1006,6 +1011,10 @@ def cmd_doctor(args) -> int:
             check("tls", "warn", "the TLS extra is not installed (pip install 'tokenomics[tls]'); HTTPS is off")
         else:
             check("tls", "ok", "a local CA and certificate are generated in " + cert_dir(config))
+        if config.session.backend == "redis":
+            problem = redis_probe(config.session.redis)
+            check("redis", "fail" if problem else "ok",
+                  problem or f"{shown_addr(config.session.redis.addr)} answers; limits are shared there")
         info = _read_pid(config)
         if _proxy_alive(info) and info.get("url"):
             status, _ = _http_get(info["url"] + "/health")

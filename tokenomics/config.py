@@ -62,6 +62,7 @@ class RedisConfig:
     addr: str = "127.0.0.1:6379"
     password: str = ""
     db: int = 0
+    prefix: str = "tokenomics:"
 
 
 @dataclass(frozen=True, slots=True)

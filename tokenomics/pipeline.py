@@ -26,7 +26,7 @@ from .http.client import Upstream, UpstreamCall, UpstreamClient, UpstreamRespons
 from .http.mock import MockUpstream
 from .http.server import Request, Response, answer_output_bytes, error_response, json_response
 from .http.sse import _deadline
-from .limits.decide import BudgetLine, budget_event, estimate_tokens
+from .limits.decide import BudgetLine, Refusal, budget_event, estimate_tokens
 from .limits.prices import Usage, charged_usage, cost_usd, parse_pricing, price_for
 from .limits.state import MemoryState
 from .policy import ResolvedPolicy, endpoint_listed, resolve_policy, select_upstream
@@ -350,6 +350,15 @@ class _CompletingStream:
             await self.pipeline.sync_journal()  # before the last chunk: kill -9 loses no answered request
 
 
+REFUSAL_STATUS = {"budget_exceeded": 429, "rate_limited": 429, "state_unavailable": 503}
+
+
+def refusal_error(refusal: Refusal) -> ProxyError:
+    """The HTTP error of a limits Refusal: its status by code, Retry-After when waiting helps."""
+    headers = {"Retry-After": str(refusal.retry_after)} if refusal.retry_after is not None else None
+    return ProxyError(REFUSAL_STATUS[refusal.code], refusal.code, refusal.message, headers=headers)
+
+
 class Pipeline:
     """The proxy's request handler. It receives its collaborators (store, catalog, upstream
     client, mock provider) and owns no I/O of its own beyond calling them."""
@@ -411,8 +420,6 @@ class Pipeline:
                 response = await self.passthrough(req, ex)
         except ProxyError as err:
             ex.status, ex.error = err.status, err.code
-            if getattr(err, "event", None):
-                ex.events.append(err.event)
             response = error_response(family, err)
         except Exception:  # a bug must cost one request, never the connection or the server
             log.exception("request %s failed", ex.request_id)
@@ -963,10 +970,10 @@ class Pipeline:
         # The policy's prompts are injected after admission: count them in the estimate too.
         estimate = estimate_tokens(body_len + sum(len(p.content) + 32 for p in route.prompts))
         if policy.rate_rules:
-            self.state.admit(key, policy.rate_rules, now, tokens=estimate)
-        admission = Admission(self, route.model, key if policy.max_parallel is not None else None, ex)
+            self.check(self.state.admit(key, policy.rate_rules, now, tokens=estimate), ex)
         if policy.max_parallel is not None:
-            self.state.enter(key, policy.max_parallel)
+            self.check(self.state.enter(key, policy.max_parallel), ex)
+        admission = Admission(self, route.model, key if policy.max_parallel is not None else None, ex)
         try:
             requested = dialect.requested_output(body)
             allowance = requested or DEFAULT_OUTPUT_ALLOWANCE
@@ -981,9 +988,10 @@ class Pipeline:
             if lines:
                 price = price_for(route.model, self.pricing) or (0.0, 0.0, 0.0)
                 usd = (estimate * price[0] + allowance * price[2]) / 1e6
-                res, granted = self.state.reserve(lines, estimate + allowance, usd, now,
-                                                  min_tokens=estimate + (1 if allowance else 0),
-                                                  usd_per_token=price[2] / 1e6)
+                verdict = self.state.reserve(lines, estimate + allowance, usd, now,
+                                             min_tokens=estimate + (1 if allowance else 0),
+                                             usd_per_token=price[2] / 1e6)
+                res, granted = self.check(verdict, ex)
                 admission.reservation, admission.lines = res, lines
                 if dialect.produces_output:
                     cap = min(granted - estimate, cap or granted)  # a hard cap needs a bound upstream
@@ -994,6 +1002,16 @@ class Pipeline:
             admission.close(None, now)
             raise
         return admission
+
+    @staticmethod
+    def check(verdict, ex: Exchange):
+        """A State verb's verdict: a Refusal becomes the client's error here, and only here (its
+        event goes to the exchange's records); anything else is handed back."""
+        if not isinstance(verdict, Refusal):
+            return verdict
+        if verdict.event is not None:
+            ex.events.append(verdict.event)
+        raise refusal_error(verdict)
 
     async def passthrough(self, req: Request, ex: Exchange) -> Response:
         """Any other /v1 path: only count_tokens and what the token's policy lists in `endpoints`;
@@ -1017,7 +1035,7 @@ class Pipeline:
             resolve_policy(policy, ex.model, self.catalog, self.config, native_provider=native)
         request_rules = tuple(rule for rule in policy.rate_rules if rule.kind == "requests")
         if request_rules:
-            self.state.admit(record.hash[:HASH_PREFIX], request_rules, self.clock())
+            self.check(self.state.admit(record.hash[:HASH_PREFIX], request_rules, self.clock()), ex)
         provider, base_url = select_upstream(policy, None, self.catalog, self.config, native)
         if not self.upstream_for(base_url).serves_passthrough:
             raise ProxyError(404, "not_found", f"the mock provider does not serve {req.path}")

@@ -14,7 +14,8 @@ from .errors import RuntimeFailure, UsageError
 from .http.client import UpstreamClient
 from .http.server import HTTPServer, default_max_connections
 from .limits.journal import UsageJournal
-from .limits.state import MemoryState
+from .limits.redis_state import HAVE_REDIS, MISSING_REDIS, RedisState
+from .limits.state import MemoryState, State
 from .pipeline import Pipeline
 from .providers import Catalog
 from .records.events import WebhookDispatcher
@@ -90,6 +91,19 @@ def check_available(config: Config, workers: int = 1) -> None:
                          "hash key)")
 
 
+def build_state(config: Config) -> "tuple[State, UsageJournal | None]":
+    """The limits state `session.backend` names: in-process counters made durable by the usage
+    journal in the data dir, or Redis shared by every proxy that uses it (durable there)."""
+    if config.session.backend == "redis":
+        if not HAVE_REDIS:
+            raise UsageError(f"config: {MISSING_REDIS}")
+        return RedisState(config.session.redis), None
+    state = MemoryState()
+    journal = UsageJournal(os.path.join(config.dir, "usage.journal"))
+    journal.replay(state)
+    return state, journal
+
+
 class Proxy:
     """A running proxy: the collaborators built from config and the listeners serving them."""
 
@@ -97,8 +111,6 @@ class Proxy:
         """`data_dir_lock`: an fd already holding the data dir's lock (a worker serves under its
         supervisor's); `reuse_port`: listen with SO_REUSEPORT beside the other workers."""
         check_available(config)
-        if config.session.backend != "memory":
-            raise UsageError("config: session.backend: only 'memory' is available in this version")
         self.config = config
         self.environ = os.environ if environ is None else environ
         self._lock_fd = _lock_data_dir(config.dir) if data_dir_lock is None else data_dir_lock
@@ -106,10 +118,8 @@ class Proxy:
         self.catalog = Catalog(config, self.environ)
         self.store = TokenStore(config, self.catalog, self.environ)
         self.client = UpstreamClient(max_response_bytes=config.server.max_response_bytes)
-        self.state = MemoryState()
-        self.journal = UsageJournal(os.path.join(config.dir, "usage.journal"))
-        self.journal.replay(self.state)
-        if self.journal.charged_in_flight[0]:
+        self.state, self.journal = build_state(config)
+        if self.journal is not None and self.journal.charged_in_flight[0]:
             log.warning("usage journal: %d requests were in flight when the proxy last stopped without "
                         "settling them; charged their full reservations (%d tokens in all)",
                         *self.journal.charged_in_flight)
@@ -186,9 +196,11 @@ class Proxy:
         if self.ledger is not None:
             self.ledger.close()
         os.close(self._lock_fd)
-        self.journal.commit(self.state)
-        self.journal.compact(self.state)
-        self.journal.close()
+        if self.journal is not None:
+            self.journal.commit(self.state)
+            self.journal.compact(self.state)
+            self.journal.close()
+        self.state.close()
 
 
 async def _serve_until_signal(proxy: Proxy, ready: Callable[[list[str]], None] | None = None) -> None:

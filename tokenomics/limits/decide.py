@@ -218,6 +218,30 @@ def _retry_seconds(now: float, ready_at: float, ready: Callable[[float], bool]) 
     return n
 
 
+def sliding_wait(ready_at: float, now: float) -> int:
+    """Retry-After of a sliding-log rule whose room comes back when the entry that frees enough
+    of it leaves the window, at `ready_at`."""
+    return _retry_seconds(now, ready_at, lambda t: ready_at <= t)
+
+
+def fixed_wait(rule: RateRule, index: int, now: float) -> int:
+    """Retry-After of a fixed-window rule whose current window (number `index`) is full."""
+    window = rule.window
+    return _retry_seconds(now, (index + 1) * window, lambda t: math.floor(t / window) > index)
+
+
+def bucket_wait(rule: RateRule, level: float, last: float, w: int, now: float) -> int:
+    """Retry-After of a token bucket holding `level` (as of `last`) when `w` is asked for."""
+    rate, cap = rule.limit / rule.window, float(rule.limit)
+    return _retry_seconds(now, now + (w - level) / rate, lambda t: min(cap, level + (t - last) * rate) >= w)
+
+
+def rate_weight(rule: RateRule, tokens: int) -> int:
+    """What one request counts against `rule`: 1 for request rules; for token rules the estimate,
+    capped at the limit so an oversized request still passes through an empty window."""
+    return 1 if rule.kind == "requests" else max(0, min(int(tokens), rule.limit))
+
+
 class _Sliding:
     """Exact sliding log: times (and weights, for token rules) of the admissions still inside
     the window. A request is admitted while the trailing window holds room for it; entries
@@ -242,14 +266,14 @@ class _Sliding:
         if weights is None:
             ready_at = times[excess - 1] + window
         else:
-            ready_at = times[-1] + window  # unreachable: admit() caps w at the limit
+            ready_at = times[-1] + window  # unreachable: rate_weight caps w at the limit
             freed = 0
             for t, wt in zip(times, weights):
                 freed += wt
                 if freed >= excess:
                     ready_at = t + window
                     break
-        return _retry_seconds(now, ready_at, lambda t: ready_at <= t)
+        return sliding_wait(ready_at, now)
 
     def take(self, w: int, now: float) -> None:
         if w <= 0:
@@ -277,8 +301,7 @@ class _Fixed:
             self.index, self.count = index, 0
         if self.count + w <= rule.limit:
             return 0
-        current, window = self.index, rule.window
-        return _retry_seconds(now, (current + 1) * window, lambda t: math.floor(t / window) > current)
+        return fixed_wait(rule, self.index, now)
 
     def take(self, w: int, now: float) -> None:
         self.count += w
@@ -302,14 +325,163 @@ class _Bucket:
             self.last = now
         if self.level >= w:
             return 0
-        level, last, cap = self.level, self.last, float(rule.limit)
-        return _retry_seconds(now, now + (w - level) / rate,
-                              lambda t: min(cap, level + (t - last) * rate) >= w)
+        return bucket_wait(rule, self.level, self.last, w, now)
 
     def take(self, w: int, now: float) -> None:
         self.level -= w
         if now > self.touched:
             self.touched = now
+
+
+# -- verdicts -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A request not admitted, as data: a stable `code` (budget_exceeded, rate_limited,
+    state_unavailable), a message for the client, the seconds after which it would be admitted
+    (None when waiting is no answer), and the event that reports it. The pipeline alone turns
+    it into an HTTP error."""
+    code: str
+    message: str
+    retry_after: int | None = None
+    event: tuple[str, dict] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a budget allows one request: `tokens` held on every token counter (the caller lowers
+    the upstream output cap to tokens - input estimate) and `usd_nano` on every USD counter."""
+    tokens: int
+    usd_nano: int
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """One budget counter as a grant sees it: the tightest `line` on it, its `cap` and what is
+    `used` (settled) and `reserved` (held in flight) in its current window, in tokens or
+    nano-dollars."""
+    line: BudgetLine
+    cap: int
+    used: int
+    reserved: int
+
+    @property
+    def left(self) -> int:
+        return self.cap - self.used - self.reserved
+
+
+_PERIOD_WORD = {"hourly": "hourly", "daily": "daily", "monthly": "monthly", "total": "lifetime"}
+
+
+def counter_id(line: BudgetLine) -> tuple[str, str, str]:
+    return line.key, line.unit, line.period
+
+
+def counter_cap(line: BudgetLine) -> int:
+    """The cap in counter units: whole tokens, or nano-dollars."""
+    return int(line.cap) if line.unit == "tokens" else round(line.cap * _NANO)
+
+
+def tightest_lines(lines: list[BudgetLine]) -> list[BudgetLine]:
+    """One line per counter, the one with the smallest cap (lines on one counter share it)."""
+    plan: dict[tuple[str, str, str], BudgetLine] = {}
+    for line in lines:
+        cid = counter_id(line)
+        if cid not in plan or counter_cap(line) < counter_cap(plan[cid]):
+            plan[cid] = line
+    return list(plan.values())
+
+
+def usd_nano(usd: float) -> int:
+    return max(0, math.ceil(usd * _NANO - 1e-6))  # ceil, but 0.1 * 1e9 stays 100000000
+
+
+def decide_grant(counters: list[Counter], tokens: int, usd: float, now: float,
+                 min_tokens: int = 1, usd_per_token: float = 0.0) -> "Grant | Refusal":
+    """How much of `tokens` (the input estimate plus the output allowance, costing `usd`) the
+    counters can hold, or why none.
+
+    Each token counter clamps the grant to what it has left; `usd_per_token` is the price of each
+    token that may be cut (the output rate), so a USD counter clamps too: granting g tokens holds
+    usd - (tokens - g) * usd_per_token. Refused when a counter cannot grant `min_tokens` (input
+    estimate + 1 is the natural choice) or a USD counter has nothing left; the refusal names the
+    counter whose window resets last."""
+    tokens = max(0, int(tokens))
+    floor_ = min(max(1, int(min_tokens)), tokens)
+    usd_n = usd_nano(usd)
+    rate_n = max(0.0, usd_per_token) * _NANO
+
+    def need(g: int) -> int:  # nano-dollars to hold when granting g tokens
+        return max(0, usd_n - math.floor((tokens - g) * rate_n))
+
+    granted = tokens
+    blocked: tuple[float, Counter] | None = None
+    for c in counters:
+        left = c.left
+        if c.line.unit == "tokens":
+            if left < max(1, floor_):
+                blocked = _later(blocked, c, now)
+            elif left < granted:
+                granted = left
+        elif left <= 0 or need(floor_) > left:
+            blocked = _later(blocked, c, now)
+        elif need(granted) > left:
+            g = tokens - math.ceil((usd_n - left) / rate_n)  # rate_n > 0 here, else need(floor_) > left
+            while g > floor_ and need(g) > left:
+                g -= 1
+            while g < granted and need(g + 1) <= left:
+                g += 1
+            granted = min(granted, g)
+    if blocked is not None:
+        return budget_refusal(blocked[1], floor_, now)
+    return Grant(granted, need(granted))
+
+
+def _later(blocked: "tuple[float, Counter] | None", c: Counter, now: float) -> "tuple[float, Counter]":
+    """Keep the counter whose window resets last: naming the daily budget when the monthly one
+    is also spent would send the user back too early."""
+    end = window_bounds(c.line.period, now)[1]
+    return blocked if blocked is not None and blocked[0] >= end else (end, c)
+
+
+def budget_refusal(c: Counter, floor_: int, now: float) -> Refusal:
+    line, left = c.line, c.left
+    end = window_bounds(line.period, now)[1]
+    tokens = line.unit == "tokens"
+    show = (lambda v: f"{v:,}") if tokens else (lambda v: _fmt_usd(v / _NANO))
+    what = f"{_PERIOD_WORD[line.period]} {'token' if tokens else 'USD'} budget"
+    held = f", {show(c.reserved)} held by requests in flight" if c.reserved else ""
+    status = f"used {show(c.used)} of {show(c.cap)}{held}"
+    if left > 0:
+        wanted = f"{floor_:,} tokens" if tokens else "its minimum cost"
+        head = f"{what} has {show(left)} left, this request needs at least {wanted} ({status})"
+    else:
+        head = f"{what} exhausted ({status})"
+    tail = "it does not reset; ask for a higher cap" if end == math.inf else f"it resets at {utc_iso(end)}"
+    scale = 1 if tokens else _NANO
+    return Refusal("budget_exceeded", f"{head}; {tail}",
+                   event=("budget.exceeded", budget_event(line, (c.used + c.reserved) / scale, c.cap / scale, now)))
+
+
+def rate_refusal(key: str, rule: RateRule, wait: int) -> Refusal:
+    what = "requests" if rule.kind == "requests" else "tokens"
+    return Refusal("rate_limited", f"rate limit reached: {rule.limit} {what} per {_fmt_window(rule.window)} "
+                                   f"({rule.strategy}); retry in {wait}s",
+                   retry_after=wait, event=("rate.exceeded", rate_event(key, rule, wait)))
+
+
+def parallel_refusal(key: str, max_parallel: int) -> Refusal:
+    return Refusal("rate_limited", f"too many requests in flight for this token (max_parallel {max_parallel}); "
+                                   "retry when one finishes",
+                   retry_after=1, event=("rate.exceeded", rate_event(key, None, 1, limit=max_parallel)))
+
+
+def unavailable(what: str) -> Refusal:
+    """The shared state cannot be reached: fail closed (nothing is forwarded ungoverned)."""
+    return Refusal("state_unavailable", f"the proxy cannot reach its shared limits store ({what}), so it cannot "
+                                        "enforce this token's budgets and rate limits; retry shortly, and if "
+                                        "this persists check session.redis in the proxy's config (tokenomics "
+                                        "doctor)", retry_after=1)
 
 
 def estimate_tokens(text_len_chars: int) -> int:

@@ -6,42 +6,36 @@ import math
 import threading
 from typing import Any
 
-from ..errors import ProxyError
-from ..limits.decide import BudgetLine, RateRule, Reservation, _Bucket, _Fixed, _NANO, _PERIODS, _PERIOD_SECONDS, _Sliding, _fmt_usd, _fmt_window, _is_count, budget_event, rate_event, window_bounds
-from ..util import utc_iso
-
-
-_PERIOD_WORD = {"hourly": "hourly", "daily": "daily", "monthly": "monthly", "total": "lifetime"}
+from ..limits.decide import (BudgetLine, Counter, RateRule, Refusal, Reservation, _Bucket, _Fixed, _NANO, _PERIODS,
+                             _PERIOD_SECONDS, _Sliding, _is_count, counter_cap, counter_id, decide_grant,
+                             parallel_refusal, rate_refusal, rate_weight, tightest_lines, window_bounds)
 
 
 _SWEEP_EVERY = 60.0  # seconds between eviction sweeps: bounds memory, amortised to nothing per call
 
 
 class State:
-    """Counters behind one narrow interface: rate-limit windows, parallel slots, budget
-    reservations. Every verb is atomic on its own; callers never read-then-write.
-    MemoryState implements it in-process; a Redis implementation maps each verb to one Lua
-    script over these keys (window starts are computed by the caller and passed in, because
-    calendar months are awkward in Lua):
-      admit   — per (key, rule): a ZSET of timestamps (sliding), INCR with EXPIREAT (fixed), or a
-                hash {level, last} (bucket); check every rule, then write all or none.
-      enter/leave — INCR/DECR of a per-key counter, refused at max_parallel.
-      reserve — per counter a hash {ws, used, reserved}: reset `used` when ws changed, compute the
-                grant across all lines, HINCRBY `reserved` on all; in-flight holds should also sit in
-                a ZSET scored by deadline so a crashed worker's holds expire.
-      settle/release — HINCRBY reserved by -hold (floored at 0) and used by +actual."""
+    """Counters and leases behind one narrow interface: rate-limit windows, parallel slots,
+    budget reservations. Every verb is atomic on its own; callers never read-then-write. The
+    arithmetic (what fits, what is granted, how long to wait, what the refusal says) lives in
+    `limits.decide`; a verb that cannot admit returns that module's Refusal, never raises it.
+    MemoryState implements it in-process, RedisState (limits.redis_state) with one Lua script
+    per verdict, shared by every proxy on the same Redis."""
 
-    def admit(self, key: str, rules: tuple[RateRule, ...], now: float, tokens: int = 0) -> None:
+    def admit(self, key: str, rules: tuple[RateRule, ...], now: float, tokens: int = 0) -> Refusal | None:
+        """Count one request under every rule, or under none (the Refusal of the longest wait)."""
         raise NotImplementedError
 
-    def enter(self, key: str, max_parallel: int | None) -> None:
+    def enter(self, key: str, max_parallel: int | None) -> Refusal | None:
+        """Take a parallel slot (a lease: given back by leave(), or when its holder dies)."""
         raise NotImplementedError
 
     def leave(self, key: str) -> None:
         raise NotImplementedError
 
     def reserve(self, lines: list[BudgetLine], tokens: int, usd: float, now: float,
-                min_tokens: int = 1, usd_per_token: float = 0.0) -> tuple[Reservation, int]:
+                min_tokens: int = 1, usd_per_token: float = 0.0) -> "tuple[Reservation, int] | Refusal":
+        """Hold what decide_grant() allows on every counter of `lines`: (reservation, granted tokens)."""
         raise NotImplementedError
 
     def settle(self, reservation: Reservation, actual_tokens: int, actual_usd: float, now: float) -> None:
@@ -52,6 +46,13 @@ class State:
 
     def usage(self, line: BudgetLine, now: float) -> tuple[float, float]:
         raise NotImplementedError
+
+    def has_pending(self) -> bool:
+        """Whether records wait for a usage journal (only the in-process state keeps one)."""
+        return False
+
+    def close(self) -> None:
+        """Stop background work and let go of connections; the in-process state has none."""
 
 
 class MemoryState(State):
@@ -118,12 +119,11 @@ class MemoryState(State):
 
     # -- rate limits ---------------------------------------------------------------------------
 
-    def admit(self, key: str, rules: tuple[RateRule, ...], now: float, tokens: int = 0) -> None:
-        """Admit one request under every rule or raise 429 rate_limited; all or nothing.
-        Request rules count 1, token rules count `tokens` (an estimate), capped at the rule's
-        limit so an oversized request still passes through an empty window."""
+    def admit(self, key: str, rules: tuple[RateRule, ...], now: float, tokens: int = 0) -> Refusal | None:
+        """Admit one request under every rule or refuse it (rate_limited); all or nothing.
+        Request rules count 1, token rules count `tokens` (an estimate), see rate_weight()."""
         if not rules:
-            return
+            return None
         with self._lock:
             self._maybe_sweep(now)
             plan = []
@@ -139,33 +139,25 @@ class MemoryState(State):
                     else:
                         st = _Bucket(rule, now)
                     self._rates[sk] = st
-                w = 1 if rule.kind == "requests" else max(0, min(tokens, rule.limit))
+                w = rate_weight(rule, tokens)
                 r = st.retry_after(rule, w, now)
                 if r > wait:
                     wait, refusing = r, rule
                 plan.append((st, w))
             if refusing is not None:
-                what = "requests" if refusing.kind == "requests" else "tokens"
-                err = ProxyError(429, "rate_limited",
-                                 f"rate limit reached: {refusing.limit} {what} per "
-                                 f"{_fmt_window(refusing.window)} ({refusing.strategy}); retry in {wait}s",
-                                 headers={"Retry-After": str(wait)})
-                err.event = ("rate.exceeded", rate_event(key, refusing, wait))
-                raise err
+                return rate_refusal(key, refusing, wait)
             for st, w in plan:
                 st.take(w, now)
+            return None
 
-    def enter(self, key: str, max_parallel: int | None) -> None:
+    def enter(self, key: str, max_parallel: int | None) -> Refusal | None:
         """Take a parallel slot (always counted; refused only at max_parallel). Pair with leave()."""
         with self._lock:
             n = self._parallel.get(key, 0)
             if max_parallel is not None and n >= max_parallel:
-                err = ProxyError(429, "rate_limited",
-                                 f"too many requests in flight for this token (max_parallel {max_parallel}); "
-                                 "retry when one finishes", headers={"Retry-After": "1"})
-                err.event = ("rate.exceeded", rate_event(key, None, 1, limit=max_parallel))
-                raise err
+                return parallel_refusal(key, max_parallel)
             self._parallel[key] = n + 1
+            return None
 
     def leave(self, key: str) -> None:
         with self._lock:
@@ -181,92 +173,33 @@ class MemoryState(State):
     # -- budgets -------------------------------------------------------------------------------
 
     def reserve(self, lines: list[BudgetLine], tokens: int, usd: float, now: float,
-                min_tokens: int = 1, usd_per_token: float = 0.0) -> tuple[Reservation, int]:
-        """Hold `tokens` (and `usd`) on every line, or fewer when a line has less left.
-
-        `tokens` is the input estimate plus the output allowance; `usd` its estimated cost;
-        `usd_per_token` the price of each token that may be cut (the output rate), so a USD
-        line can clamp too: granting g tokens holds usd - (tokens - g) * usd_per_token.
-        Returns (reservation, granted tokens); the caller lowers the upstream output limit to
-        granted - input estimate. Raises 429 budget_exceeded when a line cannot grant
-        `min_tokens` (input estimate + 1 is the natural choice), or a USD line has nothing left.
-        """
-        tokens = max(0, int(tokens))
-        floor_ = min(max(1, int(min_tokens)), tokens)
-        usd_n = max(0, math.ceil(usd * _NANO - 1e-6))  # ceil, but 0.1 * 1e9 stays 100000000
-        rate_n = max(0.0, usd_per_token) * _NANO
-
-        def need(g: int) -> int:  # nano-dollars to hold when granting g tokens
-            return max(0, usd_n - math.floor((tokens - g) * rate_n))
-
+                min_tokens: int = 1, usd_per_token: float = 0.0) -> "tuple[Reservation, int] | Refusal":
+        """Hold what decide_grant() allows on every line: (reservation, granted tokens), or its
+        Refusal (budget_exceeded). The caller lowers the upstream output limit to granted - input
+        estimate."""
         with self._lock:
             self._maybe_sweep(now)
-            plan: dict[tuple[str, str, str], list] = {}
-            for line in lines:
-                cid = (line.key, line.unit, line.period)
-                cap = int(line.cap) if line.unit == "tokens" else round(line.cap * _NANO)
-                p = plan.get(cid)
-                if p is None:
-                    plan[cid] = [self._counter(cid, now), cap, line]
-                elif cap < p[1]:
-                    p[1], p[2] = cap, line
-            granted = tokens
-            blocked = None
-            for c, cap, line in plan.values():
-                left = cap - c[1] - c[2]
-                if line.unit == "tokens":
-                    if left < max(1, floor_):
-                        blocked = self._worse(blocked, line, c, cap, left, floor_, now)
-                    elif left < granted:
-                        granted = left
-                elif left <= 0 or need(floor_) > left:
-                    blocked = self._worse(blocked, line, c, cap, left, floor_, now)
-                elif need(granted) > left:
-                    g = tokens - math.ceil((usd_n - left) / rate_n)  # rate_n > 0 here, else need(floor_) > left
-                    while g > floor_ and need(g) > left:
-                        g -= 1
-                    while g < granted and need(g + 1) <= left:
-                        g += 1
-                    granted = min(granted, g)
-            if blocked is not None:
-                raise blocked[1]
-            hold_usd = need(granted)
-            for c, cap, line in plan.values():
-                c[2] += granted if line.unit == "tokens" else hold_usd
+            plan = [(line, self._counter(counter_id(line), now)) for line in tightest_lines(lines)]
+            verdict = decide_grant([Counter(line, counter_cap(line), c[1], c[2]) for line, c in plan],
+                                   tokens, usd, now, min_tokens, usd_per_token)
+            if isinstance(verdict, Refusal):
+                return verdict
+            held = []
+            for line, c in plan:
+                hold = verdict.tokens if line.unit == "tokens" else verdict.usd_nano
+                c[2] += hold
+                held.append([line.key, line.unit, line.period, c[0], hold])
             self._next_id += 1
-            held = tuple([line.key, line.unit, line.period, c[0], granted if line.unit == "tokens" else hold_usd]
-                         for c, cap, line in plan.values())
-            res = Reservation(self._next_id, tuple(p[2] for p in plan.values()), granted, hold_usd, now, held=held)
+            res = Reservation(self._next_id, tuple(line for line, _ in plan), verdict.tokens, verdict.usd_nano,
+                              now, held=tuple(held))
             if self.write_ahead:
                 self._open[res.id] = res
                 self._opened.append([res.id, [row for row in held if row[4]]])
-            return res, granted
+            return res, verdict.tokens
 
     def _closing(self, reservation: Reservation) -> None:
         if self._open.pop(reservation.id, None) is not None:
             self._closed.append(reservation.id)
-
-    def _worse(self, blocked, line: BudgetLine, c: list, cap: int, left: int, floor_: int, now: float):
-        """Keep the refusal whose window resets last: naming the daily budget when the monthly
-        one is also spent would send the user back too early."""
-        end = window_bounds(line.period, now)[1]
-        if blocked is not None and blocked[0] >= end:
-            return blocked
-        tokens = line.unit == "tokens"
-        show = (lambda v: f"{v:,}") if tokens else (lambda v: _fmt_usd(v / _NANO))
-        what = f"{_PERIOD_WORD[line.period]} {'token' if tokens else 'USD'} budget"
-        held = f", {show(c[2])} held by requests in flight" if c[2] else ""
-        status = f"used {show(c[1])} of {show(cap)}{held}"
-        if left > 0:
-            wanted = f"{floor_:,} tokens" if tokens else "its minimum cost"
-            head = f"{what} has {show(left)} left, this request needs at least {wanted} ({status})"
-        else:
-            head = f"{what} exhausted ({status})"
-        tail = "it does not reset; ask for a higher cap" if end == math.inf else f"it resets at {utc_iso(end)}"
-        scale = 1 if tokens else _NANO
-        err = ProxyError(429, "budget_exceeded", f"{head}; {tail}")
-        err.event = ("budget.exceeded", budget_event(line, (c[1] + c[2]) / scale, cap / scale, now))
-        return end, err
 
     def settle(self, reservation: Reservation, actual_tokens: int, actual_usd: float, now: float) -> None:
         """Replace the hold by what the provider reported (may exceed the hold when the input

@@ -30,26 +30,21 @@ def memory_entry(token_hash: str, model: str, role: str, content: str, now: floa
 
 class RedisMemory:
     """The Redis list backend of the conversation log (`memory.redis: true`): the same markdown
-    entries, RPUSHed to `tokenomics:memory:<session_id>` on the server in `session.redis`.
+    entries, RPUSHed to `<session.redis.prefix>memory:<session_id>` on the server in `session.redis`.
     Blocking (call it off the event loop) and never raising, like MemoryWriter."""
 
     enabled = True
 
     def __init__(self, config: "RedisConfig", session_id: str):
-        self.key = f"tokenomics:memory:{session_id}"
+        self.key = f"{getattr(config, 'prefix', 'tokenomics:')}memory:{session_id}"
         self.config = config
         self._client = None
         self._lock = threading.Lock()
         self._failing = False
 
     def _connect(self):
-        import redis  # the `redis` extra; a missing package is reported like any other failure
-        addr = self.config.addr
-        if "://" in addr:
-            return redis.Redis.from_url(addr, socket_timeout=2, socket_connect_timeout=2)
-        host, _, port = addr.rpartition(":")
-        return redis.Redis(host=host or "127.0.0.1", port=int(port or 6379), db=self.config.db,
-                           password=self.config.password or None, socket_timeout=2, socket_connect_timeout=2)
+        from ..limits.redis_state import redis_client  # the one place redis-py is imported
+        return redis_client(self.config)
 
     def append(self, token_hash: str, model: str, entries: list[tuple[str, str]], now: float) -> None:
         if not entries:
