@@ -63,10 +63,12 @@ def wait_until(predicate, timeout: float, what: str):
 
 
 def sessions(data_dir: Path) -> dict[str, list]:
-    """session id -> journal lines (the per-request ledger lines each worker appends)."""
+    """session id -> request lines of its journal (each worker appends its own; the session
+    header line left out)."""
     out = {}
     for path in (data_dir / "sessions").glob("*.jsonl"):
-        out[path.stem.split("_")[-1]] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        out[path.stem.split("_")[-1]] = [line for line in lines if line.get("type") != "session"]
     return out
 
 
