@@ -852,7 +852,6 @@ def cmd_status(args) -> int:
     _out(f"tokenomics is {'running' if running else 'stopped'}" +
          (f" at {printable(url)} (pid {status['pid']}, {workers} worker{'s' if workers != 1 else ''})"
           if running else ""))
-    _out(f"session backend: {config.session.backend}")
     _out(f"tokens: {tokens}" if tokens is not None else f"tokens: unreadable: {printable(unreadable)}")
     keys = ", ".join(f"{name} {'set' if ok else 'missing'}" for name, ok in sorted(status["providers"].items()))
     _out(f"provider keys: {printable(keys)}")
