@@ -110,7 +110,7 @@ def test_provider_and_status_output_escape_catalog_strings(cli, data_dir):
     models = ok(cli("provider", "models", "local")).stdout
     assert_shown_escaped(models, rows=2)
     status = ok(cli("status")).stdout
-    assert_shown_escaped(status, rows=3)
+    assert_shown_escaped(status, rows=4)
     assert json.loads(ok(cli("status", "--json")).stdout)["providers"]["odd" + EVIL] is False
 
 

@@ -352,7 +352,7 @@ def test_start_status_stop_with_two_workers(cli, stub, redis_server):
         assert status["workers"] == 2 and status["backend"] == "redis"
         assert status["url"] == f"http://127.0.0.1:{port}"
         text = cli("status", check=True).stdout
-        assert "2 workers" in text and "session backend: redis" in text
+        assert "2 workers" in text and "limits: redis" in text
     finally:
         stopped = cli("stop", timeout=40)
     assert stopped.returncode == 0, stopped.stderr
