@@ -25,6 +25,7 @@ import tokenomics.http.server
 import tokenomics.pipeline
 import tokenomics.providers
 import tokenomics.records.fanout
+import tokenomics.records.ledger
 import tokenomics.store
 import tokenomics.util
 from tokenomics.limits.decide import BudgetLine
@@ -370,7 +371,7 @@ OPS = st.lists(st.one_of(
     st.tuples(st.just("reserve"), st.integers(1, 5000)),
     st.tuples(st.just("settle"), st.integers(0, 50), st.integers(0, 9000)),
     st.tuples(st.just("release"), st.integers(0, 50)),
-    st.tuples(st.just("commit")), st.tuples(st.just("compact"))), max_size=30)
+    st.tuples(st.just("commit")), st.tuples(st.just("compact")), st.tuples(st.just("write_ahead"))), max_size=30)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -393,8 +394,8 @@ def test_a_crash_charges_settled_usage_and_open_reservations_exactly_once(ops):
                     used += op[2]
                 else:
                     s.release(res)
-            elif op[0] in ("commit", "compact"):
-                (j.commit if op[0] == "commit" else j.compact)(s)
+            elif op[0] in ("commit", "compact", "write_ahead"):  # a kill -9 keeps written lines too
+                {"commit": j.commit, "compact": j.compact, "write_ahead": j.write_ahead}[op[0]](s)
                 durable, durable_open = used, len(open_)
                 durable_holds = sum(r.tokens for r in open_)
         expected = durable + durable_holds  # the files as a kill -9 leaves them: no close()
@@ -429,3 +430,64 @@ def test_reservation_opened_and_settled_in_one_batch_writes_only_its_usage(tmp_p
     s2 = MemoryState()
     UsageJournal(tmp_path / "usage.journal").replay(s2)
     assert s2.usage(TOTAL, 0.0) == (40, 0)
+
+
+def test_a_reservation_written_ahead_is_charged_after_a_kill_and_fsynced_with_its_settlement(tmp_path, monkeypatch):
+    """write_ahead() puts the open reservation in the file without an fsync (a kill -9 keeps it:
+    the kernel has the bytes); the settlement's commit fsyncs both at once: one fsync a request."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    j, s = UsageJournal(tmp_path / "usage.journal"), MemoryState()
+    j.replay(s)
+    res, _ = s.reserve([TOTAL], 100, 0.0, 0.0)
+    j.write_ahead(s)
+    assert synced == [] and j.needs_commit(s)
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    shutil.copy(tmp_path / "usage.journal", crashed)  # what a kill -9 leaves
+    s2 = MemoryState()
+    UsageJournal(crashed / "usage.journal").replay(s2)
+    assert s2.usage(TOTAL, 0.0) == (100, 0)  # charged in full
+    s.settle(res, 40, 0.0, 0.0)
+    j.commit(s)
+    assert synced.count(j._fd) == 1 and not j.needs_commit(s)
+    j.commit(s)
+    assert synced.count(j._fd) == 1  # nothing new: no fsync
+    s3 = MemoryState()
+    UsageJournal(tmp_path / "usage.journal").replay(s3)
+    assert s3.usage(TOTAL, 0.0) == (40, 0)
+
+
+def test_a_governed_request_costs_one_fsync_per_file(tmp_path, monkeypatch):
+    """Reservation, settlement and ledger line of one request: the usage journal and the session
+    journal are each fsync'ed once, before the answer is handed back."""
+    config = tokenomics.config.load_config(None, str(tmp_path), environ={})
+    catalog = tokenomics.providers.Catalog(config, environ={})
+    store = tokenomics.store.TokenStore(config, catalog, environ={})
+    token, _ = store.create({"provider": "mock", "budget": {"tokens": {"total": 100000}}})
+    state, journal = MemoryState(), UsageJournal(tmp_path / "usage.journal")
+    journal.replay(state)
+    ledger = tokenomics.records.ledger.Ledger(str(tmp_path), cwd=str(tmp_path))
+    records = tokenomics.records.fanout.Records(ledger)
+    pipeline = tokenomics.pipeline.Pipeline(config, store, catalog, tokenomics.http.client.UpstreamClient(),
+                                            state=state, journal=journal, environ={}, records=records)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    body = json.dumps({"model": "mock-1", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    req = tokenomics.http.server.Request("POST", "/v1/chat/completions", "", [(b"authorization", f"Bearer {token}".encode())],
+                                         {"authorization": f"Bearer {token}"}, body)
+
+    async def scenario():
+        for _ in range(2):
+            response = await pipeline(req)
+            assert response.status == 200
+            assert not journal.needs_commit(state) and not ledger.has_pending()  # durable before the answer
+
+    asyncio.run(scenario())
+    assert sorted(synced) == sorted([journal._fd, ledger._fd] * 2)
+    lines = (tmp_path / "usage.journal").read_bytes().splitlines()
+    assert [sorted(json.loads(x)) for x in lines] == [["o", "s"], ["c", "d", "s"]] * 2
+    ledger.close()
+    journal.close()

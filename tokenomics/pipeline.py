@@ -368,6 +368,11 @@ def _run_commits(jobs: list) -> list:
     return failures
 
 
+def _log_failures(failures: list) -> None:
+    for exc in failures:
+        log.error("writing the usage journal failed (%s); settled usage stays in memory", exc)
+
+
 class Pipeline:
     """The proxy's request handler. It receives its collaborators (store, catalog, upstream
     client, mock provider) and owns no I/O of its own beyond calling them."""
@@ -387,6 +392,7 @@ class Pipeline:
         self.records = records if records is not None else Records()
         self._journal_waiters: list = []
         self._journal_task: asyncio.Task | None = None
+        self._in_flight = 0     # governed exchanges begun and not completed
         self.log_bodies = (config.logging.request_body, config.logging.response_body)
         self._expired_seen: set = set()
         self._unpriced: set = set()
@@ -426,8 +432,16 @@ class Pipeline:
             response.stream = _CompletingStream(self, response.stream, ex)
         return response
 
+    def _begin(self, ex: Exchange) -> None:
+        """Count a governed exchange in flight until complete()."""
+        ex.governed = True
+        self._in_flight += 1
+        self.records.metrics.inflight(+1)
+
     def complete(self, ex: Exchange) -> None:
         """Hand a finished exchange to the records; a failing record never fails the request."""
+        if ex.governed:
+            self._in_flight -= 1
         if ex.usage is not None:
             ex.cost_usd = cost_usd(ex.model, ex.usage, self.pricing)
             if ex.usage.total_tokens and ex.model not in self._unpriced and price_for(ex.model, self.pricing) is None:
@@ -571,8 +585,7 @@ class Pipeline:
     async def governed(self, req: Request, dialect: Dialect, ex: Exchange) -> Response:
         """The story of a governed request: authenticate, parse, then for the model and each
         fallback: resolve, guard, admit, forward with retries; relay and settle the answer."""
-        ex.governed = True
-        self.records.metrics.inflight(+1)
+        self._begin(ex)
         record = self.authenticate(req, ex)
         body = self.parse_body(req.body)
         ex.model = model = dialect.model(body)
@@ -589,11 +602,7 @@ class Pipeline:
                     raise
                 continue  # this fallback is not allowed or has no budget left: try the next one
             ex.fallback_model = candidate if index else ""
-            try:
-                await self.sync_journal()  # write-ahead: the reservation is on disk before anything leaves
-            except BaseException:
-                attempt.admission.close(None, self.clock())
-                raise
+            self.write_ahead()  # the reservation is in the journal before anything leaves
             try:
                 upstream = await self.forward(req, attempt, ex)
             except BaseException as err:
@@ -901,42 +910,60 @@ class Pipeline:
                 async for _ in run:
                     pass
 
-    async def sync_journal(self) -> None:
-        """Group commit of the usage journal (reservations opened, settlements) and the ledger's
-        request lines: a request waits for one write + fsync of each file that covers it, so its
-        reservation is on disk before it is forwarded and its settlement and ledger line before
-        its response ends. Concurrent requests share those fsyncs; the disk waits happen in
-        worker threads, off the event loop. A commit already running may hold this request's
-        records without having fsync'ed them yet: then the request waits for the next one."""
+    def write_ahead(self) -> None:
+        """Reservations just opened go to the usage journal's file (one write(), no fsync, on the
+        loop) before their request is forwarded: from then on a kill -9 cannot lose them. The
+        fsync comes with the request's settlement, in sync_journal()."""
+        if self.journal is None or not self.state.has_pending():
+            return
+        try:
+            self.journal.write_ahead(self.state)
+        except OSError as exc:
+            log.error("writing the usage journal failed (%s); settled usage stays in memory", exc)
+
+    def _commit_jobs(self) -> list:
+        """What the next group commit has to write and fsync: the usage journal, the ledger."""
+        jobs = []
+        if self.journal is not None and self.journal.needs_commit(self.state):
+            jobs.append(functools.partial(self.journal.commit, self.state))
         ledger = self.records.ledger
-        pending = (self.journal is not None and self.state.has_pending()) or \
-            (ledger is not None and ledger.has_pending())
-        if not pending and (self._journal_task is None or self._journal_task.done()):
+        if ledger is not None and ledger.has_pending():
+            jobs.append(ledger.flush)  # never raises; logs its own failures
+        return jobs
+
+    async def sync_journal(self) -> None:
+        """Group commit of the usage journal (reservations, settlements) and the ledger's request
+        lines: a request waits for one write + fsync of each file that covers it, so its
+        settlement and ledger line (and its reservation, written ahead) are on disk before its
+        response ends. Concurrent requests share those fsyncs, done in a worker thread off the
+        event loop; a request that is the only one in flight commits on the loop instead, which
+        spares it the thread hand-off (nobody else is waiting for the loop). A commit already
+        running may hold this request's records without having fsync'ed them yet: then the
+        request waits for the next one."""
+        idle = self._journal_task is None or self._journal_task.done()
+        if idle and self._in_flight == 0 and not self._journal_waiters:
+            _log_failures(_run_commits(self._commit_jobs()))
+            return
+        if idle and not self._commit_jobs():
             return
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         self._journal_waiters.append(done)
-        if self._journal_task is None or self._journal_task.done():
+        if idle:
             self._journal_task = loop.create_task(self._journal_writer())
         await asyncio.shield(done)
 
     async def _journal_writer(self) -> None:
         loop = asyncio.get_running_loop()
-        ledger = self.records.ledger
         while self._journal_waiters:
             waiters, self._journal_waiters = self._journal_waiters, []
             # Every earlier commit has finished here, so a file with nothing pending has nothing
             # of these waiters' left to make durable. The files that have go to one worker
             # thread in one hand-off: waking a thread costs about as much as an fsync on a
             # small VM, while two fsyncs issued in parallel take as long as in a row.
-            jobs = []
-            if self.journal is not None and self.state.has_pending():
-                jobs.append(functools.partial(self.journal.commit, self.state))
-            if ledger is not None and ledger.has_pending():
-                jobs.append(ledger.flush)  # never raises; logs its own failures
+            jobs = self._commit_jobs()
             if jobs:
-                for exc in await loop.run_in_executor(None, _run_commits, jobs):
-                    log.error("writing the usage journal failed (%s); settled usage stays in memory", exc)
+                _log_failures(await loop.run_in_executor(None, _run_commits, jobs))
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(None)
@@ -1008,8 +1035,7 @@ class Pipeline:
         """Any other /v1 path: only count_tokens and what the token's policy lists in `endpoints`;
         model-checked when a JSON body names a model, rate-limited, recorded, and forwarded
         with the real key swapped in."""
-        ex.governed = True
-        self.records.metrics.inflight(+1)
+        self._begin(ex)
         record = self.authenticate(req, ex)
         policy, path = record.policy, req.path
         # Another spelling of a fixed path (a trailing '/', capitals, a ';param' some servers drop)

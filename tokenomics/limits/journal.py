@@ -1,5 +1,5 @@
-"""The usage journal: settled usage appended with fsync in group commits, replayed at start
-and compacted."""
+"""The usage journal: reservations and settled usage appended, fsync'ed in group commits,
+replayed at start and compacted."""
 
 import json
 import os
@@ -18,9 +18,14 @@ class UsageJournal:
     """Crash-safe persistence of settled usage in the data dir.
 
     `path` is an append-only log: one JSON line {"s": seq, "d": [deltas], "o": [[id, rows]],
-    "c": [ids]} per commit (empty parts left out), written with one write() and fsync'ed:
-    write-ahead, a reservation is opened ("o") on disk before its request is forwarded, and
-    its settlement ("d" and "c") is on disk before the response completes. `path + ".snapshot"`
+    "c": [ids]} per write (empty parts left out), each with one write(). Write-ahead: a
+    reservation is opened ("o") in the file, handed to the kernel by write_ahead(), before its
+    request is forwarded, so a kill -9 of the proxy cannot lose it; commit() then fsyncs it
+    together with its settlement ("d" and "c") before the response completes: one fsync per
+    request (or per group of concurrent requests) rather than two. What this gives up is
+    narrow: a power loss (not a process crash) while a request is in flight can lose that
+    request's open reservation, as it loses the request's answer; once any response has
+    completed, every reservation opened before it is on disk. `path + ".snapshot"`
     holds the counters and the open reservations as of sequence number `seq`, replaced
     atomically (temp file, fsync, rename) when the log grows past `compact_bytes`; the log is
     then truncated. Replay loads the snapshot and applies only log lines with s > seq, so a
@@ -37,8 +42,10 @@ class UsageJournal:
         self.charged_in_flight: tuple[int, int] = (0, 0)  # (requests, tokens) charged in full at replay
         self._fd: int | None = None
         self._seq = 0
-        self._size = 0
-        self._lock = threading.Lock()
+        self._size = 0             # bytes in the log
+        self._synced = 0           # of which fsync'ed
+        self._lock = threading.Lock()        # the file's end: appends, truncation
+        self._sync_lock = threading.Lock()   # one commit (fsync, compaction) at a time
 
     def replay(self, state: MemoryState) -> None:
         """Load the snapshot and the log into `state`; call once at start, before commits."""
@@ -86,7 +93,7 @@ class UsageJournal:
                 os.fsync(fd)
             if self._fd is not None:
                 os.close(self._fd)
-            self._fd, self._seq, self._size = fd, last, end
+            self._fd, self._seq, self._size, self._synced = fd, last, end, end
             state.write_ahead = True
             if orphans:
                 state.skip_ids(max(orphans))
@@ -100,24 +107,51 @@ class UsageJournal:
     def append(self, entries: list) -> None:
         """Durably add one batch of settled deltas (one line, one write, one fsync)."""
         if entries:
-            with self._lock:
-                self._append({"d": entries})
+            with self._sync_lock:
+                with self._lock:
+                    self._append({"d": entries})
+                self._sync()
 
-    def commit(self, state: MemoryState) -> None:
-        """Make every delta settled so far durable: drain `state` into one appended line, and
-        compact when the log is past compact_bytes. Concurrent commits serialise on a lock, so
-        a commit that finds nothing pending returns only after the commit that took its delta
-        has fsync'ed. Blocking I/O: run it in a worker thread if the event loop must not wait."""
+    def write_ahead(self, state: MemoryState) -> None:
+        """Hand what `state` holds for the journal (reservations just opened, among them) to the
+        kernel with one write() and no fsync: cheap enough for the event loop, and safe from a
+        kill -9 from here on. The next commit() fsyncs it."""
         with self._lock:
             record = state.drain_journal()
             if record:
                 self._append(record)
+
+    def needs_commit(self, state: MemoryState) -> bool:
+        """Whether commit() has anything to do: records in `state`, or written bytes not fsync'ed."""
+        return state.has_pending() or self._synced < self._size
+
+    def commit(self, state: MemoryState) -> None:
+        """Make every delta settled so far durable: drain `state` into one appended line, fsync
+        everything written before (write_ahead() lines too), and compact when the log is past
+        compact_bytes. Concurrent commits serialise, so a commit that finds nothing pending
+        returns only after the commit that took its delta has fsync'ed. The fsync holds no lock
+        write_ahead() needs. Blocking I/O: run it in a worker thread if the event loop must not
+        wait."""
+        with self._sync_lock:
+            with self._lock:
+                record = state.drain_journal()
+                if record:
+                    self._append(record)
+            self._sync()
             if self._size > self.compact_bytes:
-                self._compact(state)
+                with self._lock:
+                    self._compact(state)
+
+    def _sync(self) -> None:
+        """fsync what was written so far (call holding _sync_lock, not _lock)."""
+        size = self._size
+        if self._synced < size:
+            os.fsync(self._fd)
+            self._synced = max(self._synced, size)
 
     def compact(self, state: MemoryState) -> None:
         """Write a snapshot of `state` atomically, then truncate the log (e.g. at shutdown)."""
-        with self._lock:
+        with self._sync_lock, self._lock:
             self._compact(state)
 
     def close(self) -> None:
@@ -132,7 +166,6 @@ class UsageJournal:
         line = (json.dumps({"s": self._seq + 1, **record}, separators=(",", ":")) + "\n").encode()
         try:
             _write_all(self._fd, line)
-            os.fsync(self._fd)
         except OSError:
             try:
                 os.ftruncate(self._fd, self._size)  # never leave half a line for the next append
@@ -152,4 +185,4 @@ class UsageJournal:
             fh.write(data)
         os.ftruncate(self._fd, 0)
         os.fsync(self._fd)
-        self._size = 0
+        self._size = self._synced = 0
