@@ -24,13 +24,15 @@ import yaml
 from . import __version__
 from .config import Config, load_config, validate_webhooks
 from .errors import ProxyError, RuntimeFailure, TokenomicsError, UsageError
+from .guard.check import Checker, Hit, Sample, Tally, Verdict, jsonl_samples, read_lines, text_samples
+from .guard.classifier import Classifier
 from .http.client import UpstreamClient
 from .limits.journal import UsageJournal
 from .limits.redis_state import probe as redis_probe, shown_addr
 from .limits.state import MemoryState
 from .limits.usage import budget_windows as _budget_usage
 from .pipeline import upstream_url_for
-from .policy import Policy, select_upstream
+from .policy import Policy, parse_policy, resolve_policy, select_upstream
 from .providers import Catalog, Provider, UnknownProvider
 from .proxy import BackgroundProxy, Proxy, _serve_until_signal, check_available, run_async
 from .records.events import deliver_once, make_event
@@ -1040,6 +1042,131 @@ complete -o default -F _tokenomics tokenomics""")
     return 0
 
 
+def _guard_samples(args) -> "tuple[Any, Any]":
+    """(a function giving a fresh iterator of the samples to check, the stream to close).
+    A named file is read twice: once to validate every line before anything is printed,
+    once to check; stdin is read once."""
+    if args.texts and (args.jsonl or args.text_file):
+        raise UsageError("guard check: give texts as arguments, or --jsonl FILE or --text-file FILE, not both")
+    if args.texts:
+        samples = [Sample(i, 0, t) for i, t in enumerate(args.texts, 1)]
+        return (lambda: iter(samples)), None
+    if not (args.jsonl or args.text_file):
+        raise UsageError("guard check: no texts; give them as arguments, or --jsonl FILE (JSON lines with "
+                         "text and label) or --text-file FILE (one per line); - reads stdin")
+    flag, path = ("--jsonl", args.jsonl) if args.jsonl else ("--text-file", args.text_file)
+    source = "stdin" if path == "-" else path
+
+    def parse(stream):
+        lines = read_lines(stream, source)
+        return jsonl_samples(lines, source) if args.jsonl else text_samples(lines)
+    if path == "-":
+        return (lambda: parse(sys.stdin.buffer)), None
+    try:
+        stream = open(path, "rb")
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot read {path}: {exc.strerror}") from None
+    try:
+        for _ in parse(stream):
+            pass
+    except BaseException:
+        stream.close()
+        raise
+
+    def again():
+        stream.seek(0)
+        return parse(stream)
+    return again, stream
+
+
+def _hit_text(h: Hit) -> str:
+    text = f"{printable(h.rule)} {h.type}/{h.action}"
+    if h.error:
+        return f"{text} error: {h.error}"
+    if h.score is not None:
+        return f"{text} score {h.score:.2f}"
+    return f"{text} x{h.count}" if h.type not in ("jailbreak", "classifier") else text
+
+
+def _verdict_line(v: Verdict) -> str:
+    where = [f"line {v.line}"] if v.line else []
+    if v.label is not None:
+        where.append("attack" if v.label else "benign")
+    head = f"#{v.index}" + (f" ({', '.join(where)})" if where else "") + f" {v.verdict}"
+    if v.hits:
+        return head + ": " + "; ".join(_hit_text(h) for h in v.hits)
+    return head + (f" (jailbreak score {v.jailbreak_score:.2f})" if v.jailbreak_score is not None else "")
+
+
+def _check_summary(summary: dict) -> None:
+    counts = ", ".join(f"{k} {n}" for k, n in summary["verdicts"].items() if n)
+    _out(f"{summary['texts']} texts, {summary['chars']} chars" + (f": {counts}" if counts else ""))
+    if summary["rules"]:
+        _print_table([("RULE", "TYPE", "ACTION", "TEXTS", "ERRORS")] + [
+            (r["rule"], r["type"], r["action"], r["texts"], r["errors"]) for r in summary["rules"]])
+    if not summary["labelled"]:
+        return
+    c = summary["confusion"]
+
+    def figure(value):
+        return "-" if value is None else f"{value:.3f}"
+    _out(f"labelled {summary['labelled']} ({c['tp'] + c['fn']} attack, {c['fp'] + c['tn']} benign): "
+         f"recall {figure(summary['recall'])}, false-positive rate {figure(summary['false_positive_rate'])}, "
+         f"precision {figure(summary['precision'])}")
+    _print_table([("", "FLAGGED", "PASSED"), ("attack", f"TP {c['tp']}", f"FN {c['fn']}"),
+                  ("benign", f"FP {c['fp']}", f"TN {c['tn']}")])
+
+
+def cmd_guard(args) -> int:
+    policy = parse_policy(_read_policy_arg(args.policy))
+    rules = policy.rules
+    if args.model:
+        config = _load(args)
+        try:
+            rules = resolve_policy(policy, args.model, Catalog(config), config).rules
+        except ProxyError as err:
+            raise UsageError(f"--model: {err.message}") from None
+    samples, stream = _guard_samples(args)
+    client = UpstreamClient() if any(r.type == "classifier" for r in rules) else None
+    checker = Checker(rules, args.scope, Classifier(client, os.environ) if client is not None else None)
+    tally = Tally(checker.rules)
+    listing = not args.summary
+
+    def close_json(extra: dict) -> None:
+        """The end of the one JSON document --json prints (results were streamed into it)."""
+        results = ("[]" if not tally.texts else "]") + ",\n" if listing else ""
+        _out(results + '"summary": ' + json.dumps(tally.summary(), indent=2)
+             + "".join(f", {json.dumps(k)}: {json.dumps(v)}" for k, v in extra.items()) + "}")
+
+    async def run() -> None:
+        async for verdict in checker.verdicts(samples()):
+            tally.add(verdict)
+            if listing and args.json:
+                _out(("[" if tally.texts == 1 else ",") + json.dumps(verdict.to_json()))
+            elif listing:
+                _out(_verdict_line(verdict))
+    if args.json:
+        _out('{"results":' if listing else "{")
+    try:
+        asyncio.run(run())
+    except TokenomicsError as exc:
+        if args.json:    # stdout stays one JSON document
+            close_json({"error": str(exc)})
+        raise
+    finally:
+        if client is not None:
+            client.close()
+        if stream is not None:
+            stream.close()
+    for name, n in tally.service_errors():
+        _err(f"tokenomics: classifier rule '{printable(name)}': its service failed on {n} of {tally.texts} texts")
+    if args.json:
+        close_json({})
+    else:
+        _check_summary(tally.summary())
+    return 0
+
+
 async def probe_provider(provider: Provider, client: UpstreamClient, environ, timeout: float = 10.0) -> dict:
     """The cheapest authenticated request a provider answers (its model list): ok, auth
     failure or unreachable, with the latency. Spends no tokens."""
@@ -1441,6 +1568,23 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--token", metavar="HASH-PREFIX", help="only requests made with this token")
         sub.add_argument("--label", metavar="TEXT", help="only requests made with the token(s) labelled TEXT")
     ledger.set_defaults(func=cmd_ledger)
+
+    guard = commands.add_parser("guard", parents=[common], help="try a policy's guardrail rules offline")
+    guard_cmds = guard.add_subparsers(dest="guard_cmd", metavar="ACTION")
+    guard_cmds.required = True
+    check = guard_cmds.add_parser("check", parents=[common], help="run a policy's rules on texts: a verdict per "
+                                  "text, and recall, false-positive rate and a confusion table on labelled texts")
+    check.add_argument("--policy", required=True, help="policy JSON, or @FILE")
+    check.add_argument("--jsonl", metavar="FILE", help='JSON lines {"text": ..., "label": ...} (label optional: '
+                       "attack/benign, 1/0, true/false, flag/pass); - reads stdin")
+    check.add_argument("--text-file", metavar="FILE", help="one text per line; - reads stdin")
+    check.add_argument("--scope", choices=("input", "output"), default="input",
+                       help="which rules apply: input (default) or output (and those of scope both)")
+    check.add_argument("--model", help="also apply the rules of the provider policy matching this model")
+    check.add_argument("--summary", action="store_true", help="print only the summary")
+    check.add_argument("--json", action="store_true")
+    check.add_argument("texts", nargs="*", metavar="TEXT", help="texts to check (instead of a file)")
+    guard.set_defaults(func=cmd_guard)
 
     commands.add_parser("demo", parents=[common], help="a walkthrough on the built-in mock provider "
                         "(no key, no network)").set_defaults(func=cmd_demo)
