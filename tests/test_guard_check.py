@@ -364,3 +364,27 @@ def test_completion_lists_guard_check(cli):
     proc = cli("completion", "bash")
     assert proc.returncode == 0
     assert '        guard) opts="--config --dir --help check" ;;' in proc.stdout.splitlines()
+
+
+def test_cli_rule_selects_rules_by_name(cli, files):
+    policy, data = files
+    proc = cli("guard", "check", "--policy", f"@{policy}", "--jsonl", str(data), "--rule", "injection", "--json")
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)["summary"]
+    assert [r["rule"] for r in s["rules"]] == ["injection"]
+    assert s["confusion"] == {"tp": 2, "fp": 0, "fn": 2, "tn": 4}
+    proc = cli("guard", "check", "--policy", f"@{policy}", "--rule", "nope", "hi")
+    assert proc.returncode == 2 and "no rule named 'nope'" in proc.stderr and "injection, pii, codes" in proc.stderr
+
+
+def test_readme_example_prints_what_the_readme_shows(tmp_path):
+    from test_examples import README, bash, clean_env
+    text = README.read_text()
+    start = text.index("```sh\nprintf '%s\\n' \\\n  '{\"text\": \"Ignore all previous")
+    script = text[start + len("```sh\n"):text.index("```", start + 6)]
+    shown_at = text.index("```\n", text.index("```", start + 6) + 3) + 4
+    shown = text[shown_at:text.index("```", shown_at)]
+    (tmp_path / "examples").symlink_to(README.parent / "examples")
+    proc = bash(script, tmp_path, clean_env(tmp_path / "data"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == shown

@@ -1126,6 +1126,12 @@ def cmd_guard(args) -> int:
             rules = resolve_policy(policy, args.model, Catalog(config), config).rules
         except ProxyError as err:
             raise UsageError(f"--model: {err.message}") from None
+    if args.rule:
+        unknown = sorted(set(args.rule) - {r.name for r in rules})
+        if unknown:
+            raise UsageError(f"--rule: the policy has no rule named {printable(unknown[0])!r}; its rules: "
+                             f"{', '.join(printable(r.name) for r in rules) or 'none'}")
+        rules = tuple(r for r in rules if r.name in args.rule)
     samples, stream = _guard_samples(args)
     client = UpstreamClient() if any(r.type == "classifier" for r in rules) else None
     checker = Checker(rules, args.scope, Classifier(client, os.environ) if client is not None else None)
@@ -1581,6 +1587,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--scope", choices=("input", "output"), default="input",
                        help="which rules apply: input (default) or output (and those of scope both)")
     check.add_argument("--model", help="also apply the rules of the provider policy matching this model")
+    check.add_argument("--rule", action="append", metavar="NAME", help="check only this rule (repeatable)")
     check.add_argument("--summary", action="store_true", help="print only the summary")
     check.add_argument("--json", action="store_true")
     check.add_argument("texts", nargs="*", metavar="TEXT", help="texts to check (instead of a file)")

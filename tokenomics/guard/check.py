@@ -188,13 +188,15 @@ class Checker:
             raise UsageError(f"--scope: expected input or output, got {printable(scope)!r}")
         self.rules = tuple(r for r in rules if r.scope in (scope, "both"))
         self._scope = scope
-        # The Guard gets the local rules under their position as name and with fail deferred to
-        # log, so it scans with every rule and raises for none; mask and anonymize still edit.
-        self._local = tuple(dataclasses.replace(r, name=str(i), action="log" if r.action == "fail" else r.action)
-                            for i, r in enumerate(self.rules) if r.type not in ("jailbreak", "classifier"))
         self._jailbreak = any(r.type == "jailbreak" for r in self.rules)
         self._classifier_positions = tuple(i for i, r in enumerate(self.rules) if r.type == "classifier")
         self._classifiers = tuple(self.rules[i] for i in self._classifier_positions)
+        # The Guard gets the local rules under their position as name and with fail deferred to
+        # log, so it scans with every rule and raises for none. Mask and anonymize edit only
+        # when a classifier will read the edited text (editing a 10 MB text costs memory).
+        kept = ("mask", "anonymize") if self._classifiers else ()
+        self._local = tuple(dataclasses.replace(r, name=str(i), action=r.action if r.action in kept else "log")
+                            for i, r in enumerate(self.rules) if r.type not in ("jailbreak", "classifier"))
         if self._classifiers and classifier is None:
             raise ValueError("classifier rules need a Classifier")
         self._classifier = classifier
