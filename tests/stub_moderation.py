@@ -92,6 +92,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 64    # the default backlog (5) drops the SYNs of a burst of concurrent
+                               # calls, which then arrive a second late
 
 
 class StubModeration:

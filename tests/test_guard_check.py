@@ -203,6 +203,23 @@ def test_classifier_rule_calls_the_service_with_the_masked_text():
     assert sorted(sent) == sorted([f"Please {ATTACK_MARK}, [REDACTED:EMAIL]", "a recipe for bread"])
 
 
+def test_classifier_calls_of_a_batch_never_wait_for_a_slot_past_their_timeout():
+    """Two classifier rules, 20 texts, a service taking 1 s a call and rules allowing 1.7 s:
+    the calls run in batches that fit the concurrency limit (16), so none times out, and the
+    verdicts come back in input order."""
+    with StubModeration() as mod:
+        mod.mode, mod.delay = "slow", 1.0
+        rules = [{"type": "classifier", "name": name, "url": mod.endpoint, "timeout": 1.7, **extra}
+                 for name, extra in (("flags", {}), ("scores", {"threshold": 0.5}))]
+        texts = [f"text {i}" + (f" {ATTACK_MARK}" if i % 5 == 0 else "") for i in range(20)]
+        verdicts = run_classified(rules, texts)
+        calls = mod.calls
+    assert calls == 40
+    assert [v.index for v in verdicts] == list(range(1, 21))
+    assert [h.error for v in verdicts for h in v.hits] == [""] * 8
+    assert [v.verdict for v in verdicts] == ["fail" if i % 5 == 0 else "pass" for i in range(20)]
+
+
 @pytest.mark.parametrize("on_error, verdict", [("fail", "error"), ("allow", "pass")])
 def test_classifier_service_down_follows_on_error(on_error, verdict):
     url = f"http://127.0.0.1:{free_port()}/v1/moderations"

@@ -26,7 +26,8 @@ MAX_LINE_BYTES = DEFAULT_MAX_BODY_BYTES + MiB   # a text the proxy could receive
                                                 # body (10 MiB), so its JSON line fits in this;
                                                 # a longer line is refused before it is held whole
 
-BATCH_TEXTS = MAX_CONCURRENT_CALLS              # texts whose classifier calls run at once
+# Texts whose classifier calls run at once: as many as keep each text's calls (one per classifier
+# rule) within MAX_CONCURRENT_CALLS, so that no call waits for a slot while its timeout runs.
 BATCH_CHARS = 4 * MiB                           # chars held at once while a batch waits on calls
 
 POSITIVE_LABELS = ("attack", "malicious", "unsafe", "flag", "positive", "true", "1")
@@ -191,6 +192,7 @@ class Checker:
         self._jailbreak = any(r.type == "jailbreak" for r in self.rules)
         self._classifier_positions = tuple(i for i, r in enumerate(self.rules) if r.type == "classifier")
         self._classifiers = tuple(self.rules[i] for i in self._classifier_positions)
+        self._batch_texts = max(1, MAX_CONCURRENT_CALLS // max(1, len(self._classifiers)))
         # The Guard gets the local rules under their position as name and with fail deferred to
         # log, so it scans with every rule and raises for none. Mask and anonymize edit only
         # when a classifier will read the edited text (editing a 10 MB text costs memory).
@@ -245,7 +247,7 @@ class Checker:
                                            for r in self._classifiers)))
 
     async def verdicts(self, samples: Iterable[Sample]) -> AsyncIterator[Verdict]:
-        """One Verdict per sample, in order. Classifier calls of up to BATCH_TEXTS texts (and
+        """One Verdict per sample, in order. The classifier calls of several texts (up to
         BATCH_CHARS chars) run concurrently; without classifier rules one text is held at a time."""
         batch: list[tuple[Sample, dict[int, Hit], str, float | None]] = []
         held = 0
@@ -256,7 +258,7 @@ class Checker:
                 continue
             batch.append((sample, hits, text, score))
             held += len(sample.text)
-            if len(batch) >= BATCH_TEXTS or held >= BATCH_CHARS:
+            if len(batch) >= self._batch_texts or held >= BATCH_CHARS:
                 for v in await self._finish(batch):
                     yield v
                 batch, held = [], 0
