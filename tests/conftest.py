@@ -88,7 +88,8 @@ class ProxyProcess:
                 break
             self.stderr_lines.append(line)
             if "listening on" in line:
-                threading.Thread(target=self._drain, daemon=True).start()
+                self._drainer = threading.Thread(target=self._drain, daemon=True)
+                self._drainer.start()
                 return self
         self.proc.kill()
         raise AssertionError("proxy did not become ready:\n" + "".join(self.stderr_lines)
@@ -107,7 +108,9 @@ class ProxyProcess:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout)
+            code = self.proc.wait(timeout)
+            self._drainer.join(5)  # every line the proxy wrote is in stderr_lines
+            return code
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)

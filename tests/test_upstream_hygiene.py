@@ -315,6 +315,20 @@ def health_within(proxy, seconds: float) -> list:
     return answers
 
 
+def hold_connections(proxy, n: int, seconds: float = 10) -> list:
+    """`n` keep-alive connections that each had a 200 /health, retrying those refused while the
+    server still counts connections the test closed; bounded by `seconds`."""
+    held, deadline = [], time.monotonic() + seconds
+    while len(held) < n:
+        assert time.monotonic() < deadline, f"only {len(held)} of {n} connections were served"
+        s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        if http_get(s).startswith(b"HTTP/1.1 200"):
+            held.append(s)
+        else:
+            s.close()
+    return held
+
+
 def test_connections_over_the_cap_get_503_overloaded_and_health_still_answers(cli, start_proxy):
     proxy = start_proxy(config={"server": {"max_connections": 4}})
     held = []
@@ -333,9 +347,14 @@ def test_connections_over_the_cap_get_503_overloaded_and_health_still_answers(cl
         # a refusal closes the longest-idle connection once it sat idle OVERLOAD_RECLAIM_IDLE seconds:
         # a client that retries is served
         assert health_within(proxy, 5 + tokenomics.http.server.OVERLOAD_RECLAIM_IDLE)[-1] == b"200"
-        # a burst over the cap is answered (200 or 503, never a hang) and logged at most once a second
+        # a burst over the cap is answered (200 or 503, never a hang) and logged at most once a second;
+        # while the cap's slots hold connections that are not yet reclaimable (idle under
+        # OVERLOAD_RECLAIM_IDLE), every connection of the burst is over the cap
         started, refused = time.monotonic(), 0
         for _ in range(10):
+            for s in held:
+                s.close()
+            held = hold_connections(proxy, 4)
             burst = [socket.create_connection(("127.0.0.1", proxy.port), timeout=10) for _ in range(8)]
             for s in burst:
                 s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -355,6 +374,17 @@ def test_connections_over_the_cap_get_503_overloaded_and_health_still_answers(cl
     lines = [line for line in proxy.stderr.splitlines() if "connection limit reached" in line]
     assert 1 <= len(lines) <= elapsed / tokenomics.http.server.OVERLOAD_LOG_INTERVAL + 2
     assert "Traceback" not in proxy.stderr
+
+
+def test_shutdown_while_a_refused_connection_lingers_is_clean(cli, start_proxy):
+    proxy = start_proxy(config={"server": {"max_connections": 1}})
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as held, \
+            socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as refused:
+        assert http_get(held).startswith(b"HTTP/1.1 200")
+        # the 503 is written, then the server lingers reading until this client closes
+        assert http_get(refused).startswith(b"HTTP/1.1 503")
+        assert proxy.stop() == 0
+    assert "Traceback" not in proxy.stderr and "CancelledError" not in proxy.stderr
 
 
 @contextlib.contextmanager

@@ -316,7 +316,8 @@ class HTTPServer:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         task = asyncio.current_task()
         if len(self._open) >= self.max_connections:
-            await self._refuse(reader, writer)
+            with contextlib.suppress(asyncio.CancelledError):  # shutdown while a refusal lingers
+                await self._refuse(reader, writer)
             return
         self._open.add(task)
         peer = writer.get_extra_info("peername")
