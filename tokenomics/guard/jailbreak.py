@@ -1,5 +1,6 @@
 """The prompt-injection detector: normalisation (NFKC, invisible characters, leetspeak, base64)
-then scoring of signal families from the lexicon."""
+then scoring of signal families from the lexicon, plus the learned scorer's part (family
+"learned"): the heuristic signals explain a verdict, the learned part generalises past them."""
 
 import base64
 import bisect
@@ -9,6 +10,7 @@ import unicodedata
 from typing import Any, Iterator
 
 from ..guard.lexicon import _B64_RUN_RE, _JB_AI_OWNER_RE, _JB_CONCEPTS, _JB_CORE_DIRECTIVE_RE, _JB_FAMILY_CAP, _JB_FAMILY_REST, _JB_META_RE, _JB_OBFUSCATION_WEIGHT, _JB_QUOTED_RE, _JB_SIGNALS, _JB_STRONG_MODE_RE, _JB_TRIGGER_RE, _JB_WORD_RE, _JB_WORD_SIGNALS
+from ..guard.learned import LearnedScorer
 from ..guard.scan import _SCAN_CACHE_MIN, _cache_get, _cache_put, _text_key
 
 
@@ -221,7 +223,11 @@ _JB_REGEXES = _jb_compile()
 
 
 _JB_FAMILY_ORDER = ("override", "persona", "developer_mode", "prompt_extraction", "filter_bypass",
-                    "role_injection", "harmful_intent", "obfuscation")
+                    "role_injection", "harmful_intent", "obfuscation", "learned")
+
+
+# The learned scorer: its weights are read on first use and kept by this object.
+_LEARNED = LearnedScorer()
 
 
 def _jb_normalize(text: str) -> str:
@@ -401,9 +407,35 @@ def _jb_score(hits: set) -> tuple[float, tuple[str, ...]]:
     return round(max(score, 0.0), 4), tuple(f for f in _JB_FAMILY_ORDER if max(by_family.get(f, (0,))) > 0)
 
 
+def _jb_learned(text: str) -> float:
+    """The learned scorer's part of a text's score (0 to 1), memoised for long texts like the
+    signals; a very long text is scored segment by segment and its best segment counts."""
+    if len(text) > _JB_SEGMENT + 2 * _JB_OVERLAP:
+        return max(_jb_learned(text[lo:hi]) for lo, hi, _ in _segments(len(text), _JB_SEGMENT, _JB_OVERLAP))
+    if len(text) < _SCAN_CACHE_MIN:
+        norm = _jb_normalize(text)
+        return _LEARNED.component(norm, norm.lower())
+    key = ("jbl", _text_key(text))
+    value = _cache_get(key)
+    if value is None:
+        norm = _jb_normalize(text)
+        value = _LEARNED.component(norm, norm.lower())
+        _cache_put(key, value)
+    return value
+
+
+def _jb_total(hits: set, learned: float) -> tuple[float, tuple[str, ...]]:
+    """The heuristic score of `hits` plus the learned part; "learned" is named among the
+    families when that part counted."""
+    score, families = _jb_score(hits)
+    if learned <= 0.0:
+        return score, families
+    return round(score + learned, 4), families + ("learned",)
+
+
 def jailbreak_score(text: str) -> tuple[float, tuple[str, ...]]:
     """(score, families hit) for a text; the text is a prompt injection when the score is at
     least the rule's threshold (JAILBREAK_THRESHOLD by default)."""
     if not text:
         return 0.0, ()
-    return _jb_score(_jb_hits(text))
+    return _jb_total(_jb_hits(text), _jb_learned(text))

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 from ..errors import ProxyError, UsageError
 from ..guard.anonymize import Anonymizer
 from ..guard.classifier import CLASSIFIER_FIELDS, parse_classifier
-from ..guard.jailbreak import _jb_hits, _jb_score, _segments, jailbreak_score
+from ..guard.jailbreak import _jb_hits, _jb_learned, _jb_total, _segments, jailbreak_score
 from ..guard.pii import _pii_candidates, _resolve_overlaps
 from ..guard.scan import PII_TYPES, _PEM_MAX_BODY
 from ..util import _json_type
@@ -482,7 +482,7 @@ class Guard:
                         for part in texts:
                             if part:
                                 hits |= _jb_hits(part)
-                        jb = _jb_score(hits)[0]
+                        jb = _jb_total(hits, _jb_learned(joined))[0]
                     count = 1 if jb >= rule.threshold else 0
                 else:
                     # Only matches no other match of this rule contains (a part's own match is

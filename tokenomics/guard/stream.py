@@ -4,7 +4,7 @@ across chunks is still caught."""
 
 from ..errors import ProxyError
 from ..guard.anonymize import Anonymizer, _CONTEXT_START_RE, _PARTIAL_PLACEHOLDER_RE
-from ..guard.jailbreak import _jb_scan, _jb_score
+from ..guard.jailbreak import _jb_learned, _jb_scan, _jb_total
 from ..guard.pii import _PEM_BODY_RE
 from ..guard.rules import Guard
 
@@ -30,7 +30,7 @@ class StreamGuard:
     masked to the end). Jailbreak rules score each released window together with its context
     and accumulate the signals over the stream, so a phrase that fits in the window counts as
     it would in the whole text."""
-    __slots__ = ("_guard", "_anon", "_holdback", "_context", "_buf", "_done", "_open", "_jb_hits",
+    __slots__ = ("_guard", "_anon", "_holdback", "_context", "_buf", "_done", "_open", "_jb_hits", "_jb_learned",
                  "_jb_fired", "_tail", "_has_jb")
 
     def __init__(self, guard: Guard | None, anonymizer: Anonymizer | None, holdback: int = _STREAM_HOLDBACK) -> None:
@@ -42,6 +42,7 @@ class StreamGuard:
         self._done = 0                   # chars of _buf already released
         self._open: dict[int, str] = {}  # rule index -> label of a match cut at the last release
         self._jb_hits: set = set()
+        self._jb_learned = 0.0
         self._jb_fired: set[int] = set()
         self._tail = ""                  # guarded text held while a placeholder may be in progress
         self._has_jb = self._guard is not None and any(r.type == "jailbreak" for r in self._guard._rules)
@@ -136,7 +137,8 @@ class StreamGuard:
 
     def _check_jailbreak(self, window: str) -> None:
         self._jb_hits |= _jb_scan(window)
-        score = _jb_score(self._jb_hits)[0]
+        self._jb_learned = max(self._jb_learned, _jb_learned(window))
+        score = _jb_total(self._jb_hits, self._jb_learned)[0]
         guard = self._guard
         for i, rule in enumerate(guard._rules):
             if rule.type == "jailbreak" and i not in self._jb_fired and score >= rule.threshold:
