@@ -19,7 +19,7 @@ from .errors import ProxyError
 from .guard.anonymize import Anonymizer
 from .guard.classifier import Classifier, input_texts, output_texts
 from .guard.rules import Guard, json_bytes_in_pieces, scan_off_loop
-from .guard.stream import StreamGuard
+from .guard.stream import GuardStage, StreamGuard
 from .http.client import Upstream, UpstreamCall, UpstreamClient, UpstreamResponse
 from .http.mock import MockUpstream
 from .http.server import Request, Response, answer_output_bytes, error_response
@@ -31,8 +31,9 @@ from .policy import ResolvedPolicy, endpoint_listed, resolve_policy, select_upst
 from .providers import Catalog, Provider
 from .records.exchange import Exchange
 from .records.fanout import Records
-from .relay import StreamRelay, usage_meta
+from .relay import ObserveStage, StreamRelay, usage_meta
 from .store import TokenRecord, TokenStore
+from .translate import TranslateStage
 from .util import DEFAULT_UPSTREAM_TIMEOUT, HASH_PREFIX, log, new_id, utc_iso
 
 if TYPE_CHECKING:  # names used in annotations only
@@ -726,6 +727,21 @@ class Pipeline:
                 return "[withheld: an output rule blocked this answer]"
         return mask
 
+    def stream_relay(self, attempt: "Attempt", dialect: Dialect, ex: Exchange, channel: Callable | None,
+                     whole: Callable[[str], str] | None) -> StreamRelay:
+        """The stages a streamed answer passes through on its way to the client: observe the
+        upstream's usage, translate when the upstream speaks the other dialect, guard when
+        output rules or restoration apply (`channel`, `whole`: see output_guards) or the text is
+        collected; parsed before, written after."""
+        upstream_dialect = attempt.upstream_dialect
+        translator = dialect.stream_translator(upstream_dialect, ex.model, attempt.wants_usage)
+        observe = ObserveStage(upstream_dialect, count_usage=translator is None, strip_usage=attempt.strip_usage)
+        end_check = self.stream_classifiers(attempt)
+        collect = ex.memory is not None or end_check is not None
+        guard = GuardStage(dialect, channel, whole, collect) if channel is not None or collect else None
+        return StreamRelay(dialect, ex, observe, TranslateStage(translator) if translator is not None else None,
+                           guard, log_text=self.masked_output(attempt), end_check=end_check)
+
     def output_guards(self, attempt: "Attempt", ex: Exchange):
         """(stream channel factory, whole-text transformer) for output rules and restoration,
         or (None, None) when the answer passes untouched."""
@@ -798,10 +814,7 @@ class Pipeline:
             return Response(upstream.status, headers, data)
         channel, whole = self.output_guards(attempt, ex)
         if ex.stream:
-            translator = dialect.stream_translator(upstream_dialect, model, attempt.wants_usage)
-            relay = StreamRelay(dialect, ex, channel=channel, full_text=whole, strip_usage=attempt.strip_usage,
-                                translator=translator, meta_dialect=upstream_dialect,
-                                log_text=self.masked_output(attempt), end_check=self.stream_classifiers(attempt))
+            relay = self.stream_relay(attempt, dialect, ex, channel, whole)
             stream = self._finish_stream(relay, upstream, admission, len(attempt.payload))
 
             async def end_stream() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from .errors import ProxyError
 from .limits.prices import Usage
+from .stages import SSEEvent
 
 
 # Pure dict-to-dict functions and two small stream state machines; no I/O, no clock except the
@@ -922,3 +923,32 @@ class ChatToMessagesStream:
         return out + [("error", {"type": "error", "error": {
             "type": "api_error", "message": "the upstream model ended the stream before the answer was complete; "
                                             "retry the request"}})]
+
+
+class TranslateStage:
+    """The stream stage of a translation: upstream events -> events of the client's dialect,
+    by one of the translators above (whose `usage` is the count the upstream reported). Events
+    without data (comments, keep-alives) have nothing to translate and are dropped."""
+    __slots__ = ("translator",)
+
+    def __init__(self, translator: "MessagesToChatStream | ChatToMessagesStream"):
+        self.translator = translator
+
+    @property
+    def usage(self) -> "Usage":
+        return self.translator.usage
+
+    def feed(self, events: list[SSEEvent]) -> list[SSEEvent]:
+        out = []
+        for ev in events:
+            if ev.payload:
+                out += self._events(self.translator.feed(ev.event, ev.payload))
+        return out
+
+    def finish(self) -> list[SSEEvent]:
+        return self._events(self.translator.finish())
+
+    @staticmethod
+    def _events(items: list) -> list[SSEEvent]:
+        return [SSEEvent(None, item[0], payload=item[1]) if isinstance(item, tuple) else SSEEvent(None, payload=item)
+                for item in items]

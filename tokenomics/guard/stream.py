@@ -1,12 +1,14 @@
 """The stream guard: incremental output scanning with a bounded hold-back, so a match split
-across chunks is still caught."""
+across chunks is still caught; and the stream stage that runs it over each output channel."""
 
+from typing import Any, Callable
 
 from ..errors import ProxyError
 from ..guard.anonymize import Anonymizer, _CONTEXT_START_RE, _PARTIAL_PLACEHOLDER_RE
 from ..guard.jailbreak import _jb_learned, _jb_scan, _jb_total
 from ..guard.pii import _PEM_BODY_RE
 from ..guard.rules import Guard
+from ..stages import SSEEvent
 
 
 _STREAM_HOLDBACK = 128             # chars; default of config `guardrails.stream_holdback`
@@ -158,3 +160,89 @@ class StreamGuard:
             if i >= 0 and _PARTIAL_PLACEHOLDER_RE.fullmatch(text, i):
                 self._tail, text = text[i:], text[:i]
         return anon.restore(text)
+
+
+class GuardStage:
+    """The stream stage of the output guards: one StreamGuard (built by `channel`) per output
+    channel of the client's dialect (a choice's content, a tool call's arguments, a block),
+    each delta rewritten to what its channel releases; when a channel closes, what it still
+    held goes out as an extra delta event just before the closing event (the events after it
+    renumbered, where the dialect numbers them). `full_text` rewrites events that repeat a
+    whole text. With `collect`, the model's own text (before any rewrite) is kept in
+    `collected`, for the conversation log and end-of-stream classifier rules."""
+    __slots__ = ("dialect", "channel", "full_text", "collected", "released_text", "_channels", "_seq_shift")
+
+    def __init__(self, dialect: Any, channel: "Callable[[], StreamGuard] | None" = None,
+                 full_text: Callable[[str], str] | None = None, collect: bool = False):
+        self.dialect, self.channel, self.full_text = dialect, channel, full_text
+        self.collected: list[str] | None = [] if collect else None
+        self.released_text = False   # some text passed the output rules
+        self._channels: dict = {}
+        self._seq_shift = 0
+
+    def feed(self, events: list[SSEEvent]) -> list[SSEEvent]:
+        out: list[SSEEvent] = []
+        for ev in events:
+            self._event(ev, out)
+        return out
+
+    def finish(self) -> list[SSEEvent]:
+        return self._flush(list(self._channels), None, None)
+
+    def _event(self, ev: SSEEvent, out: list) -> None:
+        payload, name = ev.payload, ev.event
+        if not isinstance(payload, dict):   # [DONE] and the like: every channel is complete
+            out += self._flush(list(self._channels), None, None)
+            out.append(ev)
+            return
+        dialect = self.dialect
+        changed = False
+        if self.collected is not None:
+            self.collected.extend(holder[key] for _, holder, key in dialect.stream_deltas(name, payload))
+        if self.channel is not None or self.full_text is not None:
+            ends = dialect.stream_ends(name, payload)
+            if ends:
+                out += self._flush(self._closed_channels(ends), payload, name)
+            for ch, holder, key in dialect.stream_deltas(name, payload):
+                guard = self._channels.get(ch)
+                if guard is None:
+                    guard = self._channels[ch] = self.channel()
+                holder[key] = released = guard.feed(holder[key])
+                self.released_text = self.released_text or bool(released)
+                changed = True
+            if self.full_text is not None:
+                for holder, key in dialect.stream_full_texts(name, payload):
+                    holder[key] = self.full_text(holder[key])
+                    changed = True
+        seq = dialect.sequence_field
+        if self._seq_shift and seq is not None and seq in payload:
+            payload[seq] += self._seq_shift
+            changed = True
+        if changed:
+            ev.raw = None
+        out.append(ev)
+
+    def _closed_channels(self, ends: list) -> list:
+        """The open channels an event closes: each end itself, and for a tuple end every
+        channel it is a prefix of (a choice's content, refusal and tool-call arguments)."""
+        out = []
+        for ch in self._channels:
+            for end in ends:
+                if ch == end or (isinstance(end, tuple) and isinstance(ch, tuple) and ch[:len(end)] == end):
+                    out.append(ch)
+                    break
+        return out
+
+    def _flush(self, channels: list, payload: dict | None, event: str | None) -> list[SSEEvent]:
+        out = []
+        for ch in channels:
+            guard = self._channels.pop(ch, None)
+            text = guard.finish() if guard is not None else ""
+            if text:
+                name, extra = self.dialect.tail_event(ch, text, payload or {}, event)
+                seq = self.dialect.sequence_field
+                if seq is not None and seq in (payload or {}):
+                    extra[seq] = payload[seq] + self._seq_shift
+                    self._seq_shift += 1
+                out.append(SSEEvent(None, name, payload=extra))
+        return out

@@ -9,7 +9,7 @@ import time
 from ..dialects import COMPLETIONS, Dialect, EMBEDDINGS, MESSAGES, RESPONSES
 from ..errors import ProxyError
 from ..http.client import UpstreamCall, UpstreamResponse
-from ..http.sse import _sse
+from ..stages import sse_bytes as _sse
 
 
 def _mock_words(text: str) -> list[str]:

@@ -1,24 +1,18 @@
-"""Server-sent events: the event type, an incremental parser, and deadlines."""
+"""Server-sent events: an incremental parser, the stream stage that parses, and deadlines."""
 
 import asyncio
 import contextlib
 import json
 import re
 import sys
-from dataclasses import dataclass
-from typing import Any
 
 from ..errors import ProxyError
+from ..stages import SSEEvent
 from ..util import MiB
 
 
                                         # answers (embeddings of 2,048 inputs) are ~30 MB
 MAX_SSE_EVENT_BYTES = 1 * MiB           # one streamed event: real ones are < 64 KiB; a bigger one is a
-
-
-def _sse(data: dict | str, event: str | None = None) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return (f"event: {event}\n" if event else "").encode() + b"data: " + payload.encode("utf-8") + b"\n\n"
 
 
 if sys.version_info >= (3, 11):
@@ -43,18 +37,6 @@ else:  # pragma: no cover - Python 3.10
         finally:
             if handle is not None:
                 handle.cancel()
-
-
-@dataclass(slots=True)
-class SSEEvent:
-    """One server-sent event: its exact bytes (relayed untouched when nothing changes it),
-    its `event:` name and its joined `data:` lines."""
-    raw: bytes
-    event: str | None = None
-    data: str = ""
-
-    def json(self) -> Any:
-        return json.loads(self.data)
 
 
 _SSE_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
@@ -112,3 +94,28 @@ class SSEParser:
             elif line.startswith("event:"):
                 name = line[6:].strip()
         return SSEEvent(raw, name, "\n".join(data))
+
+
+class SSEParse:
+    """The first stream stage: wire bytes (events with only `raw`) in any chunking -> SSE
+    events, each with its data decoded (a JSON object as a dict, anything else as the string)."""
+    __slots__ = ("_parser",)
+
+    def __init__(self, max_event_bytes: int = MAX_SSE_EVENT_BYTES):
+        self._parser = SSEParser(max_event_bytes)
+
+    def feed(self, events: list[SSEEvent]) -> list[SSEEvent]:
+        out = []
+        for chunk in events:
+            out += self._parser.feed(chunk.raw)
+        return self._decoded(out)
+
+    def finish(self) -> list[SSEEvent]:
+        return self._decoded(self._parser.flush())
+
+    @staticmethod
+    def _decoded(events: list[SSEEvent]) -> list[SSEEvent]:
+        for ev in events:
+            data = ev.data
+            ev.payload = json.loads(data) if data[:1] == "{" else data
+        return events
