@@ -10,7 +10,6 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
-from ..guard.jailbreak import _COMBINING_RE, _CONFUSABLES, _INVISIBLE
 from ..guard.scan import PII_TYPES, _PEM_MAX_BODY, _SCAN_CACHE_MIN, _cache_get, _cache_put, _text_key
 
 
@@ -433,6 +432,7 @@ def _pii_normalize(text: str) -> tuple[str, list | None]:
     positions stay mappable; only the non-ASCII runs that change are walked in Python."""
     if text.isascii():
         return text, None
+    from ..guard.jailbreak import _COMBINING_RE, _CONFUSABLES, _INVISIBLE  # not at start: see rules.py
     pieces: list[str] = []
     segs: list[tuple[int, int, int, int]] = []
     pos = npos = 0                                   # next original / normalised offset

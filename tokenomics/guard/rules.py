@@ -5,6 +5,7 @@ rules call a service, so the Guard only holds them (`classifiers`); guard.classi
 import asyncio
 import bisect
 import functools
+import importlib
 import itertools
 import json
 import re
@@ -16,7 +17,6 @@ from typing import Any, Callable, Iterable
 from ..errors import ProxyError, UsageError
 from ..guard.anonymize import Anonymizer
 from ..guard.classifier import CLASSIFIER_FIELDS, parse_classifier
-from ..guard.jailbreak import _jb_hits, _jb_learned, _jb_total, _segments, jailbreak_score
 from ..guard.pii import _pii_candidates, _resolve_overlaps
 from ..guard.scan import PII_TYPES, _PEM_MAX_BODY
 from ..util import _json_type
@@ -330,6 +330,10 @@ def _compile_rule(raw: Any, where: str) -> Rule:
         if len(name) > _MAX_RULE_NAME:
             raise UsageError(f"{where}.name: longer than {_MAX_RULE_NAME} characters")
     label = name or rtype.upper()
+    if rtype in ("pii", "jailbreak"):
+        # The jailbreak lexicon (whose normaliser pii uses too) takes longer to compile than the
+        # rest of the proxy takes to start: it loads with the first rule that needs it, not at import.
+        importlib.import_module(".jailbreak", __package__)
     if rtype == "regex":
         pattern = raw.get("pattern")
         if not isinstance(pattern, str) or not pattern:
@@ -432,6 +436,7 @@ class Guard:
             for i, rule in enumerate(self._rules):
                 if rule.type == "jailbreak":
                     if jb is None:
+                        from ..guard.jailbreak import jailbreak_score
                         jb = jailbreak_score(text)[0]
                     count = 1 if jb >= rule.threshold else 0
                 else:
@@ -478,6 +483,7 @@ class Guard:
             for i, rule in enumerate(self._rules):
                 if rule.type == "jailbreak":
                     if jb is None:
+                        from ..guard.jailbreak import _jb_hits, _jb_learned, _jb_total
                         hits = set(_jb_hits(joined))
                         for part in texts:
                             if part:
@@ -519,6 +525,7 @@ class Guard:
         GIL for long (see _SCAN_SEGMENT); each match is taken from the segment it starts in."""
         if len(text) <= _SCAN_SEGMENT + 2 * _SCAN_OVERLAP:
             return self._segment_spans(text)
+        from ..guard.jailbreak import _segments
         out: list[list[tuple[int, int, str]]] = [[] for _ in self._rules]
         for lo, hi, core in _segments(len(text), _SCAN_SEGMENT, _SCAN_OVERLAP):
             for i, per_rule in enumerate(self._segment_spans(text[lo:hi])):

@@ -5,7 +5,6 @@ from typing import Any, Callable
 
 from ..errors import ProxyError
 from ..guard.anonymize import Anonymizer, _CONTEXT_START_RE, _PARTIAL_PLACEHOLDER_RE
-from ..guard.jailbreak import _jb_learned, _jb_scan, _jb_total
 from ..guard.pii import _PEM_BODY_RE
 from ..guard.rules import Guard
 from ..stages import SSEEvent
@@ -138,6 +137,7 @@ class StreamGuard:
             raise guard._internal_error(rule) from exc
 
     def _check_jailbreak(self, window: str) -> None:
+        from ..guard.jailbreak import _jb_learned, _jb_scan, _jb_total  # loaded with the rule (rules.py)
         self._jb_hits |= _jb_scan(window)
         self._jb_learned = max(self._jb_learned, _jb_learned(window))
         score = _jb_total(self._jb_hits, self._jb_learned)[0]
