@@ -10,8 +10,6 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import yaml
-
 from .errors import UsageError
 from .limits.prices import parse_pricing
 from .util import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_WRITE_TIMEOUT, HEADER_TIMEOUT, _json_type, _type_name, check_memory_file_name, memory_file_path, parse_duration
@@ -356,6 +354,7 @@ def load_config(config_path: str | None = None, data_dir: str | None = None,
             raise UsageError(f"--config: {config_path} is a directory; name the config file, e.g. "
                              f"--config {os.path.join(config_path, 'config.yaml')}")
         if candidate and os.path.isfile(candidate):
+            import yaml  # only with a config file: a proxy without one starts without the parser
             try:
                 with open(candidate, encoding="utf-8") as fh:
                     raw = yaml.safe_load(fh) or {}

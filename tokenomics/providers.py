@@ -7,8 +7,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import yaml
-
 from .config import Config, _validate_provider_entry
 from .errors import UsageError
 
@@ -102,6 +100,7 @@ class Catalog:
             side = os.path.join(os.path.dirname(config.source) if config.source else config.dir,
                                 "providers.yaml")
             if os.path.isfile(side):
+                import yaml  # only with a providers.yaml (see config.load_config)
                 try:
                     with open(side, encoding="utf-8") as fh:
                         doc = yaml.safe_load(fh) or {}

@@ -38,6 +38,7 @@ except ImportError:
 
 
 MEMORY_TRIM_INTERVAL = 30.0   # seconds between returning freed heap to the OS (~1 ms each)
+STARTUP_TRIM_DELAY = 1.0      # seconds after start: the collection takes ~10 ms, after the listeners open
 
 
 def _release_startup_memory() -> None:
@@ -57,6 +58,8 @@ def _trim_heap() -> None:
 async def _trim_heap_periodically() -> None:
     """Bursts of concurrent requests leave freed heap that glibc keeps; give it back now and
     then so the resident size follows the load down (SPEC §14: memory flat over a long run)."""
+    await asyncio.sleep(STARTUP_TRIM_DELAY)
+    _release_startup_memory()
     while True:
         await asyncio.sleep(MEMORY_TRIM_INTERVAL)
         _trim_heap()
@@ -176,7 +179,6 @@ class Proxy:
             self._tasks.append(loop.create_task(self.sync.run()))
         self.records.emit("server.start", {"version": __version__,
                                            "session_id": self.ledger.session_id if self.ledger else ""})
-        _release_startup_memory()
         if ephemeral_tls is not None:
             context = server_tls_context(self.config) if ephemeral_tls else None
             if ephemeral_tls and context is None:
