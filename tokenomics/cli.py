@@ -77,17 +77,7 @@ def _common_options(parser: argparse.ArgumentParser, suppress: bool) -> None:
                         "$TOKENOMICS_DIR, else ~/.tokenomics)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    _common_options(common, suppress=True)
-    parser = argparse.ArgumentParser(
-        prog="tokenomics", description="A guardrail proxy for LLM traffic: scoped wrapper tokens, budgets, "
-        "rate limits, content rules and a cost ledger in front of OpenAI- and Anthropic-compatible APIs.")
-    _common_options(parser, suppress=False)
-    parser.add_argument("--version", action="version", version=f"tokenomics {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
-
+def _serve_parser(commands, common) -> None:
     serve = commands.add_parser("serve", parents=[common], help="run the proxy in the foreground")
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=_port_arg, help="HTTP port (default 8080, 0 disables)")
@@ -98,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="worker processes on one port (default server.workers, 1; more need the redis backend)")
     serve.set_defaults(func=cmd_serve)
 
+
+def _token_parser(commands, common) -> None:
     token = commands.add_parser("token", parents=[common], help="manage wrapper tokens")
     token_cmds = token.add_subparsers(dest="token_cmd", metavar="ACTION")
     token_cmds.required = True
@@ -121,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--wide", action="store_true", help="full hashes, times and values (wider than 100 columns)")
     token.set_defaults(func=cmd_token)
 
+
+def _run_parser(commands, common) -> None:
     run = commands.add_parser("run", parents=[common], help="wrap a command in an ephemeral proxy",
                               usage="tokenomics run [options] -- CMD [ARGS...]")
     run.add_argument("--token", help="the wrapper token (default $TOKENOMICS_KEY)")
@@ -133,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("cmd", nargs=argparse.REMAINDER, help="the command to run, after --")
     run.set_defaults(func=cmd_run, host=None, port=None, https_port=None, no_tls=False)
 
+
+def _start_parser(commands, common) -> None:
     start = commands.add_parser("start", parents=[common], help="run the proxy in the background")
     start.add_argument("--host")
     start.add_argument("--port", type=_port_arg)
@@ -142,11 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--workers", type=_workers_arg, default=None,
                        help="worker processes on one port (default server.workers, 1; more need the redis backend)")
     start.set_defaults(func=cmd_start)
+
+
+def _stop_parser(commands, common) -> None:
     commands.add_parser("stop", parents=[common], help="stop the background proxy").set_defaults(func=cmd_stop)
+
+
+def _status_parser(commands, common) -> None:
     status = commands.add_parser("status", parents=[common], help="is the background proxy running?")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
 
+
+def _init_parser(commands, common) -> None:
     init = commands.add_parser("init", parents=[common], help="print the variables that point a client at a proxy")
     init.add_argument("--output", choices=("shell", "dotenv", "json"), default="shell")
     init.add_argument("--dotenv", metavar="FILE", help="write a .env file instead of printing")
@@ -156,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--insecure", action="store_true", help="skip TLS verification of an HTTPS proxy (Node)")
     init.set_defaults(func=cmd_init)
 
+
+def _remote_parser(commands, common) -> None:
     remote = commands.add_parser("remote", parents=[common], help="central token server for proxies on other hosts")
     remote.add_argument("--addr", required=True, metavar="HOST:PORT", help="listen address, e.g. 127.0.0.1:9090")
     remote.add_argument("--api-key-env", metavar="NAME", help="variable holding the API key clients send as "
@@ -163,14 +169,20 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument("--tls", action="store_true", help="serve HTTPS with the data dir's certificate")
     remote.set_defaults(func=cmd_remote)
 
+
+def _doctor_parser(commands, common) -> None:
     doctor = commands.add_parser("doctor", parents=[common], help="check the set-up")
     doctor.add_argument("--json", action="store_true")
     doctor.set_defaults(func=cmd_doctor)
 
+
+def _completion_parser(commands, common) -> None:
     completion = commands.add_parser("completion", parents=[common], help="shell completion script")
     completion.add_argument("shell", choices=("bash", "zsh", "fish"))
     completion.set_defaults(func=cmd_completion)
 
+
+def _provider_parser(commands, common) -> None:
     provider = commands.add_parser("provider", parents=[common], help="inspect the provider catalog")
     provider_cmds = provider.add_subparsers(dest="provider_cmd", metavar="ACTION")
     provider_cmds.required = True
@@ -184,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--json", action="store_true")
     provider.set_defaults(func=cmd_provider)
 
+
+def _ledger_parser(commands, common) -> None:
     ledger = commands.add_parser("ledger", parents=[common], help="read the session ledger")
     ledger_cmds = ledger.add_subparsers(dest="ledger_cmd", metavar="ACTION")
     ledger_cmds.required = True
@@ -202,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--label", metavar="TEXT", help="only requests made with the token(s) labelled TEXT")
     ledger.set_defaults(func=cmd_ledger)
 
+
+def _guard_parser(commands, common) -> None:
     guard = commands.add_parser("guard", parents=[common], help="try a policy's guardrail rules offline")
     guard_cmds = guard.add_subparsers(dest="guard_cmd", metavar="ACTION")
     guard_cmds.required = True
@@ -220,17 +236,74 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("texts", nargs="*", metavar="TEXT", help="texts to check (instead of a file)")
     guard.set_defaults(func=cmd_guard)
 
+
+def _demo_parser(commands, common) -> None:
     commands.add_parser("demo", parents=[common], help="a walkthrough on the built-in mock provider "
                         "(no key, no network)").set_defaults(func=cmd_demo)
 
+
+def _version_parser(commands, common) -> None:
     version = commands.add_parser("version", parents=[common], help="print the version")
     version.add_argument("--json", action="store_true")
     version.set_defaults(func=cmd_version)
+
+
+# Every command's parser, in the order `tokenomics --help` lists them.
+_COMMAND_PARSERS = {
+    "serve": _serve_parser,
+    "token": _token_parser,
+    "run": _run_parser,
+    "start": _start_parser,
+    "stop": _stop_parser,
+    "status": _status_parser,
+    "init": _init_parser,
+    "remote": _remote_parser,
+    "doctor": _doctor_parser,
+    "completion": _completion_parser,
+    "provider": _provider_parser,
+    "ledger": _ledger_parser,
+    "guard": _guard_parser,
+    "demo": _demo_parser,
+    "version": _version_parser,
+}
+
+
+def _named_command(argv: list[str]) -> str | None:
+    """The command a command line names, when only global options come before it; None when in
+    doubt (an abbreviated option, -h, --version, a typo): then the whole parser is built."""
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word in ("--config", "--dir"):
+            i += 2
+        elif word.startswith(("--config=", "--dir=")):
+            i += 1
+        else:
+            return word if word in _COMMAND_PARSERS else None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or with `command` of that one alone: parsing one command
+    line needs no other, and building all of them takes longer than `--version` takes to run."""
+    common = argparse.ArgumentParser(add_help=False)
+    _common_options(common, suppress=True)
+    parser = argparse.ArgumentParser(
+        prog="tokenomics", description="A guardrail proxy for LLM traffic: scoped wrapper tokens, budgets, "
+        "rate limits, content rules and a cost ledger in front of OpenAI- and Anthropic-compatible APIs.")
+    _common_options(parser, suppress=False)
+    parser.add_argument("--version", action="version", version=f"tokenomics {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    for name, add in _COMMAND_PARSERS.items():
+        if command is None or name == command:
+            add(commands, common)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_named_command(argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
