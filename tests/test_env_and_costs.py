@@ -37,12 +37,11 @@ def test_cost_text_keeps_four_places_where_they_suffice():
 
 
 def test_run_usage_lines_show_a_small_cost_instead_of_zero():
-    from types import SimpleNamespace
     from tokenomics.cli import _usage_line
-    from tokenomics.limits.prices import Usage
     from tokenomics.records.fanout import SessionTotals
+    from tokenomics.records.rollup import figures
     totals = SessionTotals()
-    totals.add(SimpleNamespace(usage=Usage(input_tokens=12, output_tokens=3), cost_usd=0.0000123, error=""))
+    totals.add(figures(200, "", input_tokens=12, output_tokens=3, cost_usd=0.0000123))
     assert "$0.000012," in totals.line()
     before = {"requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0, "errors": 0}
     after = dict(before, requests=1, input_tokens=12, output_tokens=3, cost_usd=0.0000123)

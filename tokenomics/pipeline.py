@@ -290,7 +290,7 @@ class Admission:
         if usage is None:
             p.state.release(self.reservation)
             return
-        p.state.settle(self.reservation, usage.total_tokens, cost_usd(self.model, usage, p.pricing), now)
+        p.state.settle(self.reservation, usage.total_tokens, p.price(self.ex, usage), now)
         self._budget_events(now)
 
     def abandon(self, err: BaseException, now: float) -> None:
@@ -443,17 +443,23 @@ class Pipeline:
         """Hand a finished exchange to the records; a failing record never fails the request."""
         if ex.governed:
             self._in_flight -= 1
-        if ex.usage is not None:
-            ex.cost_usd = cost_usd(ex.model, ex.usage, self.pricing)
-            if ex.usage.total_tokens and ex.model not in self._unpriced and price_for(ex.model, self.pricing) is None:
-                if len(self._unpriced) < 1000:
-                    self._unpriced.add(ex.model)
-                    log.warning("model %r has no price: its requests count 0 USD; add it under `pricing:` in the "
-                                "config", ex.model)
+        if ex.usage is not None and ex.cost_usd is None:   # not settled: priced here, once
+            self.price(ex, ex.usage)
         try:
             self.records.complete(ex, self.clock())
         except Exception:
             log.exception("recording request %s failed", ex.request_id)
+
+    def price(self, ex: Exchange, usage: Usage) -> float:
+        """The exchange's usage and its cost, computed once: the settlement, the ledger, /stats,
+        /metrics and the session totals all use this figure."""
+        ex.usage, ex.cost_usd = usage, cost_usd(ex.model, usage, self.pricing)
+        if usage.total_tokens and ex.model not in self._unpriced and price_for(ex.model, self.pricing) is None:
+            if len(self._unpriced) < 1000:
+                self._unpriced.add(ex.model)
+                log.warning("model %r has no price: its requests count 0 USD; add it under `pricing:` in the "
+                            "config", ex.model)
+        return ex.cost_usd
 
     # -- steps ------------------------------------------------------------------------------------
     def authenticate(self, req: Request, ex: Exchange | None = None) -> TokenRecord:

@@ -23,7 +23,7 @@ class Exchange:
     status: int = 0
     error: str = ""
     usage: "Usage | None" = None
-    cost_usd: float = 0.0
+    cost_usd: float | None = None                   # set once, when the exchange is priced
     upstream_request_id: str = ""
     upstream_id: str = ""
     upstream_latency_ms: float = 0.0

@@ -5,7 +5,6 @@ import dataclasses
 import json
 import secrets
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, TYPE_CHECKING
 
 from ..config import RedisConfig
@@ -14,7 +13,8 @@ from ..limits.prices import Usage
 from ..records.events import make_event
 from ..records.ledger import RequestRecord
 from ..records.memory import MemoryWriter, RedisMemory
-from ..records.stats import Metrics, Stats
+from ..records.rollup import Rollup
+from ..records.stats import Metrics, Stats, record_figures
 from ..util import HASH_PREFIX, REDACTED, log, usd_text
 
 if TYPE_CHECKING:  # names used in annotations only
@@ -24,30 +24,15 @@ if TYPE_CHECKING:  # names used in annotations only
     from ..records.logs import RequestLogger
 
 
-BLOCKING_CODES = frozenset({"rule_violation", "output_rule_violation", "budget_exceeded", "rate_limited",
-                            "model_not_allowed"})
-
-
-@dataclass(slots=True)
-class SessionTotals:
-    """The one-line summary `run` prints when the wrapped command ends."""
-    requests: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
-    blocked: int = 0
-
-    def add(self, ex: "Exchange") -> None:
-        self.requests += 1
-        if ex.usage is not None:
-            self.input_tokens += ex.usage.input_tokens
-            self.output_tokens += ex.usage.output_tokens
-        self.cost_usd += ex.cost_usd
-        self.blocked += ex.error in BLOCKING_CODES
+class SessionTotals(Rollup):
+    """The rollup of every governed exchange of this process (those refused before their token
+    was known too), for the one-line summary `run` prints when the wrapped command ends."""
+    __slots__ = ()
 
     def line(self) -> str:
-        return (f"tokenomics: {self.requests} requests, {self.input_tokens:,} tokens in / "
-                f"{self.output_tokens:,} out, ${usd_text(self.cost_usd)}, {self.blocked} blocked")
+        return (f"tokenomics: {self.requests} requests, {self.count('input_tokens'):,} tokens in / "
+                f"{self.count('output_tokens'):,} out, ${usd_text(self.cost_usd)}, "
+                f"{self.count('blocked_count')} blocked")
 
 
 def request_record(ex: "Exchange", now: float) -> RequestRecord:
@@ -57,7 +42,7 @@ def request_record(ex: "Exchange", now: float) -> RequestRecord:
         provider=ex.provider, endpoint=ex.endpoint, input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens, cached_input_tokens=usage.cached_input_tokens,
         cache_creation_tokens=usage.cache_creation_tokens, reasoning_tokens=usage.reasoning_tokens,
-        cost_usd=ex.cost_usd, duration_ms=round((now - ex.started) * 1000, 3), status_code=ex.status,
+        cost_usd=ex.cost_usd or 0.0, duration_ms=round((now - ex.started) * 1000, 3), status_code=ex.status,
         stream=ex.stream, error=ex.error, upstream_id=ex.upstream_id, upstream_request_id=ex.upstream_request_id,
         retry_count=ex.retry_count, fallback_model=ex.fallback_model,
         rule_matches=[{k: v for k, v in dataclasses.asdict(m).items() if v is not None}   # score: classifiers only
@@ -141,14 +126,15 @@ class Records:
         if not ex.governed:
             return
         self.metrics.inflight(-1)
-        self.totals.add(ex)
+        rec = request_record(ex, now)
+        deltas = record_figures(rec)    # once: the same figures go to every rollup below
+        self.totals.add(deltas)
         if not ex.token_hash:
             return  # refused before authentication: counted in /metrics only via status
-        rec = request_record(ex, now)
         if self.ledger is not None:
             self.ledger.record(rec)
-        self.stats.observe(rec, ex.key_env)
-        self.metrics.observe(rec, ex.upstream_latency_ms)
+        self.stats.observe(rec, ex.key_env, deltas)
+        self.metrics.observe(rec, ex.upstream_latency_ms, deltas)
         for match in rec.rule_matches:
             self.metrics.inc_guardrail(match["action"], match["type"])
         if ex.error in ("rate_limited", "budget_exceeded"):

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from ..errors import RuntimeFailure, UsageError
-from ..limits.decide import _NANO
+from ..records.rollup import NONE_KEY, Figures, Rollup, figures
 from ..util import HASH_PREFIX, PartialWrite, _write_all, atomic_file, log, parse_duration, parse_rfc3339, printable, rfc3339_ms, usd_text
 
 
@@ -51,23 +51,6 @@ _REQUEST_LINE_HEAD = b'{"type":"request",'
 
 
 _RULE_MATCH_KEYS = ("rule", "type", "action", "scope", "count", "score")   # never the matched text
-
-
-_RULE_VIOLATION_ERRORS = frozenset({"rule_violation", "output_rule_violation"})
-
-
-_RATE_LIMIT_ERRORS = frozenset({"rate_limited"})
-
-
-_BUDGET_ERRORS = frozenset({"budget_exceeded"})   # a spent budget is not a rate limit (§9)
-
-
-_ROLLUP_COUNTS = ("request_count", "input_tokens", "output_tokens", "total_tokens",
-                  "cached_input_tokens", "cache_creation_tokens", "reasoning_tokens", "error_count",
-                  "retry_count", "rule_violation_count", "rate_limit_count", "budget_exceeded_count")
-
-
-_NONE_KEY = "(none)"            # rollup key for an empty model, provider, token or branch
 
 
 @dataclass(slots=True)
@@ -169,70 +152,39 @@ def git_context(cwd: str) -> dict:
 
 # --- rollups -------------------------------------------------------------------------------------
 
-def _row_deltas(row: dict) -> tuple:
-    """What one request row adds to a tally: the _ROLLUP_COUNTS in order, then nano-dollars.
-    Computed once per row and added to every tally the row belongs to."""
-    inp, out = _int(row.get("input_tokens")), _int(row.get("output_tokens"))
-    error = row.get("error") or ""
-    return (1, inp, out, inp + out, _int(row.get("cached_input_tokens")),
-            _int(row.get("cache_creation_tokens")), _int(row.get("reasoning_tokens")),
-            int(_int(row.get("status_code")) >= 400 or bool(error)), _int(row.get("retry_count")),
-            int(error in _RULE_VIOLATION_ERRORS), int(error in _RATE_LIMIT_ERRORS),
-            int(error in _BUDGET_ERRORS), round(_num(row.get("cost_usd")) * _NANO))
-
-
-class _Tally:
-    """The counters of one rollup entry (_ROLLUP_COUNTS, then cost). Cost is summed in integer
-    nano-dollars so a total is exact and independent of the order requests arrive in."""
-    __slots__ = ("sums", "models", "first", "last")
-
-    def __init__(self, per_token: bool = False):
-        self.sums = [0] * (len(_ROLLUP_COUNTS) + 1)
-        self.models: set | None = set() if per_token else None
-        self.first = self.last = None
-
-    def add(self, deltas: tuple, model: str, ts: float | None) -> None:
-        self.sums = [a + b for a, b in zip(self.sums, deltas)]
-        if self.models is not None:
-            self.models.add(model or _NONE_KEY)
-            if ts is not None:
-                self.first = ts if self.first is None else min(self.first, ts)
-                self.last = ts if self.last is None else max(self.last, ts)
-
-    def as_dict(self) -> dict:
-        out: dict[str, Any] = dict(zip(_ROLLUP_COUNTS, self.sums))
-        out["cost_usd"] = self.sums[-1] / _NANO
-        if self.models is not None:
-            out["models_used"] = sorted(self.models)
-            out["first_seen"] = rfc3339_ms(self.first) if self.first is not None else ""
-            out["last_seen"] = rfc3339_ms(self.last) if self.last is not None else ""
-        return out
+def _row_figures(row: dict) -> Figures:
+    """What one request row (as written to the journal) adds to a rollup; computed once per row
+    and added to every rollup the row belongs to. Read leniently: rows come from disk."""
+    return figures(_int(row.get("status_code")), row.get("error") or "", _int(row.get("input_tokens")),
+                   _int(row.get("output_tokens")), _num(row.get("cost_usd")), _int(row.get("cached_input_tokens")),
+                   _int(row.get("cache_creation_tokens")), _int(row.get("reasoning_tokens")),
+                   _int(row.get("retry_count")))
 
 
 class _Rollups:
-    """Totals plus per-model, per-provider, per-token (and optionally per-branch) tallies:
+    """Totals plus per-model, per-provider, per-token (and optionally per-branch) rollups:
     the one place that turns request rows into the §9 numbers, live and when rebuilding."""
     __slots__ = ("totals", "by_model", "by_provider", "by_token", "by_branch")
 
     def __init__(self):
-        self.totals = _Tally()
-        self.by_model: dict[str, _Tally] = {}
-        self.by_provider: dict[str, _Tally] = {}
-        self.by_token: dict[str, _Tally] = {}
-        self.by_branch: dict[str, _Tally] = {}
+        self.totals = Rollup()
+        self.by_model: dict[str, Rollup] = {}
+        self.by_provider: dict[str, Rollup] = {}
+        self.by_token: dict[str, Rollup] = {}
+        self.by_branch: dict[str, Rollup] = {}
 
     def add(self, row: dict, ts: float | None, branch: str | None = None) -> None:
-        deltas, model = _row_deltas(row), row.get("model") or ""
+        deltas, model = _row_figures(row), row.get("model") or ""
         self.totals.add(deltas, model, ts)
         keyed = [(self.by_model, model, False), (self.by_provider, row.get("provider"), False),
                  (self.by_token, row.get("token_hash"), True)]
         if branch is not None:
             keyed.append((self.by_branch, branch, False))
         for table, key, per_token in keyed:
-            key = key or _NONE_KEY
+            key = key or NONE_KEY
             tally = table.get(key)
             if tally is None:
-                tally = table[key] = _Tally(per_token)
+                tally = table[key] = Rollup(per_token)
             tally.add(deltas, model, ts)
 
     def as_dict(self, with_branch: bool = False) -> dict:
@@ -593,7 +545,7 @@ def token_names(labels: dict) -> dict:
 
 def _token_name(row_hash: Any, names: dict | None) -> str:
     row_hash = str(row_hash or "")
-    if not row_hash or row_hash == _NONE_KEY:
+    if not row_hash or row_hash == NONE_KEY:
         return "-"
     return (names or {}).get(row_hash[:HASH_PREFIX]) or row_hash[:12]
 

@@ -6,6 +6,7 @@ import math
 import time
 from typing import TYPE_CHECKING
 
+from ..records.rollup import Figures, Rollup, figures
 from ..util import HASH_PREFIX, rfc3339_ms
 
 if TYPE_CHECKING:  # names used in annotations only
@@ -38,8 +39,11 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 _OTHER = "other"
 
 
-def _is_error(rec: "RequestRecord") -> bool:
-    return rec.status_code >= 400 or bool(rec.error)
+def record_figures(rec: "RequestRecord") -> Figures:
+    """What one finished request adds to a rollup, from its record (whose cost was computed
+    once, when the exchange was priced)."""
+    return figures(rec.status_code, rec.error, rec.input_tokens, rec.output_tokens, rec.cost_usd,
+                   rec.cached_input_tokens, rec.cache_creation_tokens, rec.reasoning_tokens, rec.retry_count)
 
 
 def _capped(value: str, seen: set, cap: int) -> str:
@@ -54,28 +58,6 @@ def _capped(value: str, seen: set, cap: int) -> str:
 
 # --- /stats ------------------------------------------------------------------------------------
 
-class _Rollup:
-    """Running sums for one /stats bucket."""
-    __slots__ = ("requests", "input_tokens", "output_tokens", "cost_usd", "errors")
-
-    def __init__(self):
-        self.requests = self.input_tokens = self.output_tokens = self.errors = 0
-        self.cost_usd = 0.0
-
-    def add(self, rec: "RequestRecord", error: bool) -> None:
-        self.requests += 1
-        self.input_tokens += rec.input_tokens
-        self.output_tokens += rec.output_tokens
-        self.cost_usd += rec.cost_usd
-        self.errors += error
-
-    def to_json(self) -> dict:
-        return {"requests": self.requests, "input_tokens": self.input_tokens,
-                "output_tokens": self.output_tokens,
-                "total_tokens": self.input_tokens + self.output_tokens,
-                "cost_usd": round(self.cost_usd, 8), "errors": self.errors}
-
-
 class Stats:
     """In-process usage rollups since start, served as JSON by `GET /stats`: totals, by model,
     by key env (the env var *name* the upstream key came from), by token hash prefix."""
@@ -84,35 +66,35 @@ class Stats:
                  max_models: int = METRICS_MAX_MODELS):
         self.started_at = time.time() if started_at is None else started_at
         self.max_tokens, self.max_models = max_tokens, max_models
-        self._totals = _Rollup()
-        self._by_model: dict[str, _Rollup] = {}
-        self._by_key_env: dict[str, _Rollup] = {}
-        self._by_token: dict[str, _Rollup] = {}
+        self._totals = Rollup()
+        self._by_model: dict[str, Rollup] = {}
+        self._by_key_env: dict[str, Rollup] = {}
+        self._by_token: dict[str, Rollup] = {}
 
     @staticmethod
-    def _bucket(table: dict, key: str, cap: int) -> _Rollup:
+    def _bucket(table: dict, key: str, cap: int) -> Rollup:
         roll = table.get(key)
         if roll is None:
             if len(table) >= cap:       # "other" itself may make it cap + 1 entries: still bounded
                 key = _OTHER
                 roll = table.get(key)
             if roll is None:
-                roll = table[key] = _Rollup()
+                roll = table[key] = Rollup()
         return roll
 
-    def observe(self, rec: "RequestRecord", key_env: str) -> None:
-        error = _is_error(rec)
-        self._totals.add(rec, error)
-        self._bucket(self._by_model, rec.model or "unknown", self.max_models).add(rec, error)
-        self._bucket(self._by_key_env, key_env or "none", self.max_models).add(rec, error)
+    def observe(self, rec: "RequestRecord", key_env: str, deltas: Figures | None = None) -> None:
+        deltas = record_figures(rec) if deltas is None else deltas
+        self._totals.add(deltas)
+        self._bucket(self._by_model, rec.model or "unknown", self.max_models).add(deltas)
+        self._bucket(self._by_key_env, key_env or "none", self.max_models).add(deltas)
         token = rec.token_hash[:HASH_PREFIX] or "anonymous"
-        self._bucket(self._by_token, token, self.max_tokens).add(rec, error)
+        self._bucket(self._by_token, token, self.max_tokens).add(deltas)
 
     def snapshot(self) -> dict:
-        return {"totals": self._totals.to_json(),
-                "by_model": {k: v.to_json() for k, v in sorted(self._by_model.items())},
-                "by_key_env": {k: v.to_json() for k, v in sorted(self._by_key_env.items())},
-                "by_token": {k: v.to_json() for k, v in sorted(self._by_token.items())},
+        return {"totals": self._totals.stats_json(),
+                "by_model": {k: v.stats_json() for k, v in sorted(self._by_model.items())},
+                "by_key_env": {k: v.stats_json() for k, v in sorted(self._by_key_env.items())},
+                "by_token": {k: v.stats_json() for k, v in sorted(self._by_token.items())},
                 "started_at": rfc3339_ms(self.started_at)}
 
 
@@ -157,8 +139,7 @@ class Metrics:
         self._actions: set = set()
         self._types: set = set()
         self._requests: dict[tuple, int] = {}
-        self._tokens: dict[tuple, int] = {}
-        self._cost: dict[tuple, float] = {}
+        self._by_model: dict[str, Rollup] = {}      # tokens and cost
         self._guardrail: dict[tuple, int] = {}
         self._rejections: dict[tuple, int] = {}
         self._latency_counts = [0] * (len(self.buckets) + 1)   # per bucket, last one is +Inf
@@ -166,7 +147,7 @@ class Metrics:
         self._in_flight = 0
         self._dropped = 0
 
-    def observe(self, rec: "RequestRecord", upstream_latency_ms: float = 0.0) -> None:
+    def observe(self, rec: "RequestRecord", upstream_latency_ms: float = 0.0, deltas: Figures | None = None) -> None:
         """Count one finished request. Latency is observed only when the request was forwarded
         (`upstream_latency_ms` > 0); guardrail actions and rejections have their own calls."""
         model = _capped(rec.model or "unknown", self._models, self.max_models)
@@ -174,10 +155,10 @@ class Metrics:
         status_class = f"{code // 100}xx" if 100 <= code < 600 else _OTHER
         key = (status_class, model)
         self._requests[key] = self._requests.get(key, 0) + 1
-        for direction, n in (("input", rec.input_tokens), ("output", rec.output_tokens)):
-            key = (direction, model)
-            self._tokens[key] = self._tokens.get(key, 0) + n
-        self._cost[(model,)] = self._cost.get((model,), 0.0) + rec.cost_usd
+        roll = self._by_model.get(model)
+        if roll is None:
+            roll = self._by_model[model] = Rollup()
+        roll.add(record_figures(rec) if deltas is None else deltas)
         if upstream_latency_ms > 0:
             seconds = upstream_latency_ms / 1000.0
             self._latency_counts[bisect.bisect_left(self.buckets, seconds)] += 1
@@ -212,8 +193,11 @@ class Metrics:
                            else f"{name} {_prom_number(number)}")
 
         family("tokenomics_requests_total", ("status_class", "model"), self._requests)
-        family("tokenomics_tokens_total", ("direction", "model"), self._tokens)
-        family("tokenomics_cost_usd_total", ("model",), self._cost)
+        rolls = self._by_model.items()
+        family("tokenomics_tokens_total", ("direction", "model"),
+               {(direction, model): roll.count(direction + "_tokens") for model, roll in rolls
+                for direction in ("input", "output")})
+        family("tokenomics_cost_usd_total", ("model",), {(model,): roll.cost_usd for model, roll in rolls})
         name = "tokenomics_upstream_latency_seconds"
         family(name, (), {})
         cumulative = 0
