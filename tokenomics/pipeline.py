@@ -309,7 +309,7 @@ class Admission:
 
     def _budget_events(self, now: float) -> None:
         p = self.pipeline
-        if p.records.dispatcher is not None:
+        if p.records.listening:
             for line in self.lines:
                 used, _ = p.state.usage(line, now)
                 self.ex.events.append(("budget.update", budget_event(line, used, line.cap, now)))
@@ -643,7 +643,7 @@ class Pipeline:
             changed = admission.cap_changed or renamed
             ex.rule_matches.clear()  # a fallback rescans the same content: count it once
             anonymizer = Anonymizer()
-            guard = Guard(route.rules, "input", anonymizer, ex.rule_matches)
+            guard = route.guard("input", anonymizer, ex.rule_matches)
             if guard.active and len(req.body) > _OFF_LOOP_BYTES:   # a long scan must not stall the loop
                 changed |= await scan_off_loop(self.guard_input, guard, dialect, body)
             else:
@@ -676,7 +676,7 @@ class Pipeline:
         if self.log_bodies[0]:
             ex.request_body = payload
         return Attempt(route, admission, upstream_dialect, upstream_body, payload, strip_usage, wants_usage,
-                       anonymizer, Guard(route.rules, "output", anonymizer, ex.rule_matches))
+                       anonymizer, route.guard("output", anonymizer, ex.rule_matches))
 
     @staticmethod
     def guard_input(guard: "Guard", dialect: Dialect, body: dict) -> bool:

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from .config import Config
 from .errors import ProxyError, UsageError
-from .guard.rules import _translate_go_regex, compile_rules
+from .guard.anonymize import Anonymizer
+from .guard.rules import Guard, _translate_go_regex, compile_rules, guard_plan
 from .limits.decide import parse_budget, parse_rate_limit
 from .util import DEFAULT_UPSTREAM_TIMEOUT, _type_name, check_memory_file_name, memory_file_path, non_canonical, parse_duration
 
@@ -73,6 +74,9 @@ class Policy(ProviderPolicy):
     memory: dict = field(default_factory=dict)
     budget: tuple = ()               # (unit, period, cap)
     endpoints: tuple = ()            # passthrough paths this token may reach: exact, or "prefix/*"
+    # (model, native provider) -> (catalog, config, provider URL, ResolvedPolicy): a token's
+    # resolutions, kept as long as this version of its policy (see resolve_policy)
+    resolved: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def _fail(path: str, message: str):
@@ -360,12 +364,38 @@ class ResolvedPolicy:
     rules: tuple
     matched: ProviderPolicy | None
     policy: Policy
+    plans: dict = field(default_factory=dict, compare=False, repr=False)   # direction -> GuardPlan
+
+    def guard(self, direction: str, anonymizer: Anonymizer, matches: list) -> Guard:
+        """A Guard of this route's rules for one request; the rules are sorted out once per route."""
+        plan = self.plans.get(direction)
+        if plan is None:
+            plan = self.plans[direction] = guard_plan(self.rules, direction)
+        return Guard(self.rules, direction, anonymizer, matches, plan=plan)
+
+
+_RESOLVED_PER_POLICY = 32   # resolutions one policy keeps (clients name models; the set stays bounded)
 
 
 def resolve_policy(policy: Policy, model: str, catalog: "Catalog", config: Config,
                    native_provider: str = "openai") -> ResolvedPolicy:
     """§4 resolution: the first matching provider policy is merged on top of the global fields.
-    `native_provider` is the provider the endpoint's own dialect suggests when nothing else picks one."""
+    `native_provider` is the provider the endpoint's own dialect suggests when nothing else picks one.
+    Kept in the policy, so a token resolves each model once per version of its policy; reused
+    only for the same catalog and config while the provider's URL (its env var) is unchanged."""
+    key = (model, native_provider)
+    hit = policy.resolved.get(key)
+    if hit is not None and hit[0] is catalog and hit[1] is config and hit[3].provider.url() == hit[2]:
+        return hit[3]
+    route = _resolve_policy(policy, model, catalog, config, native_provider)
+    if len(policy.resolved) >= _RESOLVED_PER_POLICY:
+        policy.resolved.clear()
+    policy.resolved[key] = (catalog, config, route.provider.url(), route)
+    return route
+
+
+def _resolve_policy(policy: Policy, model: str, catalog: "Catalog", config: Config,
+                    native_provider: str) -> ResolvedPolicy:
     matched = next((pp for pp in policy.providers if pp.matches(model)), None)
     # A provider policy that named M (or matched it by regex) allows it; a catch-all one, or
     # none, leaves the decision to the global model / model_regex.

@@ -84,13 +84,14 @@ def _json_type(value: Any) -> str:
 
 def utc_iso(ts: float) -> str:
     """Unix seconds -> RFC 3339 UTC with a Z, second precision."""
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="seconds")[:-6] + "Z"
 
 
 def rfc3339_ms(ts: float) -> str:
     """Unix seconds -> RFC 3339 UTC with milliseconds (request times need sub-second order)."""
-    d = _dt.datetime.fromtimestamp(ts, _dt.timezone.utc)
-    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
+    # isoformat truncates to milliseconds as `microsecond // 1000` did, at half strftime's cost;
+    # [:-6] drops its "+00:00"
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def parse_rfc3339(text: str) -> float:

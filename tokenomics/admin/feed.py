@@ -63,6 +63,12 @@ class EventHub:
                 sub.loop.call_soon_threadsafe(sub.wake.set)
 
     @property
+    def listening(self) -> bool:
+        """Whether an event emitted now goes anywhere (a webhook dispatcher or an open feed):
+        when not, the records skip building it."""
+        return self.downstream is not None or bool(self._subscribers)
+
+    @property
     def subscribers(self) -> int:
         return len(self._subscribers)
 

@@ -398,27 +398,45 @@ def compile_rules(raw: list, path: str = "rules") -> tuple[Rule, ...]:
     return _compile_rules_cached(doc, path)
 
 
+@dataclass(frozen=True, slots=True)
+class GuardPlan:
+    """What a Guard of one direction applies, worked out from a rules list once (a resolved
+    policy keeps one per direction) rather than for every request."""
+    direction: str
+    rules: tuple            # local rules whose scope covers the direction, in policy order
+    classifiers: tuple      # classifier rules of the direction (applied by guard.classifier)
+    pii_types: tuple        # the PII types any of `rules` detects
+
+
+def guard_plan(rules: tuple[Rule, ...], direction: str) -> GuardPlan:
+    if direction not in ("input", "output"):
+        raise ValueError("direction must be 'input' or 'output'")
+    mine = tuple(r for r in rules if r.scope in (direction, "both"))
+    local = tuple(r for r in mine if r.type != "classifier")
+    types: dict[str, None] = {}
+    for r in local:
+        if r.type == "pii":
+            types.update(dict.fromkeys(r.detect))
+    return GuardPlan(direction, local, tuple(r for r in mine if r.type == "classifier"), tuple(types))
+
+
 class Guard:
     """Applies the rules whose scope covers one direction ('input' or 'output') to texts of one
     request, recording RuleMatch entries into the shared `matches` list. Fails closed: an
-    unexpected exception while scanning is a 500 guardrail_error, never unchecked text."""
+    unexpected exception while scanning is a 500 guardrail_error, never unchecked text.
+    `plan` (from guard_plan(rules, direction)) spares working out the rules again."""
     __slots__ = ("_rules", "_direction", "_anonymizer", "_matches", "_pii_types", "classifiers")
 
     def __init__(self, rules: tuple[Rule, ...], direction: str, anonymizer: Anonymizer,
-                 matches: list[RuleMatch]) -> None:
-        if direction not in ("input", "output"):
-            raise ValueError("direction must be 'input' or 'output'")
-        mine = tuple(r for r in rules if r.scope in (direction, "both"))
-        self._rules = tuple(r for r in mine if r.type != "classifier")
-        self.classifiers = tuple(r for r in mine if r.type == "classifier")   # applied by guard.classifier
+                 matches: list[RuleMatch], plan: GuardPlan | None = None) -> None:
+        if plan is None or plan.direction != direction:
+            plan = guard_plan(rules, direction)
+        self._rules = plan.rules
+        self.classifiers = plan.classifiers
         self._direction = direction
         self._anonymizer = anonymizer
         self._matches = matches
-        types: dict[str, None] = {}
-        for r in self._rules:
-            if r.type == "pii":
-                types.update(dict.fromkeys(r.detect))
-        self._pii_types = tuple(types)
+        self._pii_types = plan.pii_types
 
     @property
     def active(self) -> bool:
