@@ -82,13 +82,13 @@ _WINDOW_NAMES = {"hourly": "per hour", "daily": "per day", "monthly": "per month
 def _amount(unit: str, value: Any, cap: bool = False) -> str:
     """Tokens with thousands separators; dollars as the ledger shows them (never a real cost
     as $0.0000), a cap as written in the policy."""
-    from ..records.ledger import format_usd
     if value is None:
         return "?"
     if unit == "tokens":
         return f"{int(value):,}"
     if cap or value == 0:
         return "$" + (f"{value:f}".rstrip("0").rstrip(".") or "0")
+    from ..records.ledger import format_usd
     return "$" + format_usd(value)
 
 

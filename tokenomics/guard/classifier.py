@@ -8,7 +8,6 @@ verdict over a parsed answer, and `Classifier`, which owns the HTTP calls (throu
 client it is handed: no redirects followed, the key redacted from answers) and a bounded cache
 of answers per text. Nothing here logs or echoes a text, a key or an answer's body."""
 
-import asyncio
 import hashlib
 import json
 import math
@@ -16,10 +15,13 @@ import re
 import urllib.parse
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ..errors import ProxyError, RuntimeFailure, UsageError
 from ..util import _json_type, log, parse_duration
+
+if TYPE_CHECKING:
+    import asyncio
 
 
 DEFAULT_TIMEOUT = 2.0              # s per rule and request: a local classifier answers in tens of ms,
@@ -296,6 +298,7 @@ class Classifier:
                 key = self._environ.get(spec.api_key_env, "")
                 if not key:
                     return Finding(False, error=f"the key variable {spec.api_key_env} is not set on the proxy")
+            import asyncio  # not at the top: policies compile (rules.py) in commands that run no loop
             limit = limit or asyncio.Semaphore(MAX_CONCURRENT_CALLS)
             tasks = [asyncio.ensure_future(self._call(spec, keyed[k], key, limit)) for k in missing]
             try:
@@ -326,7 +329,7 @@ class Classifier:
             return Finding(False, error=str(exc))
         return Finding(hit, best)
 
-    async def _call(self, spec: ClassifierSpec, text: str, key: str, limit: asyncio.Semaphore) -> tuple:
+    async def _call(self, spec: ClassifierSpec, text: str, key: str, limit: "asyncio.Semaphore") -> tuple:
         body = {"input": text}
         if spec.model:
             body["model"] = spec.model
@@ -376,6 +379,7 @@ class Classifier:
         rules = guard.classifiers
         if not rules:
             return
+        import asyncio
         limit = asyncio.Semaphore(MAX_CONCURRENT_CALLS)
         findings = await asyncio.gather(*(self.classify(r.classifier, texts, limit) for r in rules))
         for rule, found in zip(rules, findings):

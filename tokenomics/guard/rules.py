@@ -2,7 +2,6 @@
 policy), and the Guard that applies them to the texts of a request or response. Classifier
 rules call a service, so the Guard only holds them (`classifiers`); guard.classifier applies them."""
 
-import asyncio
 import bisect
 import functools
 import importlib
@@ -651,6 +650,7 @@ async def scan_off_loop(fn: Callable[..., Any], *args: Any) -> Any:
     """Run a long scan (`fn(*args)`) in a worker thread, so the event loop keeps answering.
     Scans are pure Python and regex calls that hold the GIL: long texts are cut into segments
     (see _SCAN_SEGMENT) and the interpreter hands the GIL over every millisecond."""
+    import asyncio  # here, not at the top: `token` and other commands that compile policies run no loop
     if sys.getswitchinterval() > _SCAN_SWITCH_INTERVAL:
         sys.setswitchinterval(_SCAN_SWITCH_INTERVAL)
     return await asyncio.to_thread(fn, *args)
