@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from tokenomics.records.fanout import Records, SessionTotals
-from tokenomics.records.ledger import RequestRecord, _request_row, _row_figures
+from tokenomics.records.ledger import RequestRecord, _request_row, row_figures
 from tokenomics.records.rollup import BLOCKING_ERRORS, COUNTS, Rollup, figures, is_error
 from tokenomics.records.stats import Metrics, Stats, record_figures
 from tokenomics.records.exchange import Exchange
@@ -71,7 +71,7 @@ def record(i: int, status: int, error: str, cost: float) -> RequestRecord:
 
 def test_a_request_adds_the_same_figures_from_its_record_and_its_journal_row():
     rec = record(7, 429, "budget_exceeded", 0.000123)
-    assert record_figures(rec) == _row_figures(_request_row(rec))
+    assert record_figures(rec) == row_figures(_request_row(rec))
 
 
 def test_every_record_keeper_counts_the_same_exchange_the_same_way():

@@ -18,7 +18,8 @@ from .. import __version__
 from ..errors import ProxyError, RuntimeFailure, TokenomicsError, UsageError
 from ..http.server import Request, Response, error_response, json_response
 from ..limits.usage import budget_windows
-from ..records.ledger import _when, find_session, load_sessions, parse_when, summarize
+from ..records.ledger import _when, find_session, load_sessions, parse_when, row_figures, summarize
+from ..records.rollup import Rollup
 from ..router import ADMIN_PREFIX, basic_auth_ok, is_loopback_client
 from ..util import HASH_PREFIX, TOKEN_PREFIX, log, parse_duration, parse_rfc3339, rfc3339_ms, utc_iso
 from .feed import EventHub
@@ -280,25 +281,20 @@ class AdminApp:
 
     @staticmethod
     def series(sessions: list, since: float | None, until: float | None, size: int) -> list[dict]:
-        points: dict[int, dict] = {}
+        points: dict[int, Rollup] = {}
         for session in sessions:
             for row in session.get("requests") or ():
                 ts = _when(row.get("timestamp"))
                 if ts is None or (since is not None and ts < since) or (until is not None and ts >= until):
                     continue
                 t = int(ts - ts % size)
-                p = points.get(t)
-                if p is None:
-                    p = points[t] = {"t": rfc3339_ms(t), "requests": 0, "input_tokens": 0, "output_tokens": 0,
-                                     "cost_usd": 0.0}
-                p["requests"] += 1
-                p["input_tokens"] += int(row.get("input_tokens") or 0)
-                p["output_tokens"] += int(row.get("output_tokens") or 0)
-                p["cost_usd"] += float(row.get("cost_usd") or 0.0)
-        out = [points[t] for t in sorted(points)][-MAX_SERIES_POINTS:]
-        for p in out:
-            p["cost_usd"] = round(p["cost_usd"], 9)
-        return out
+                roll = points.get(t)
+                if roll is None:
+                    roll = points[t] = Rollup()
+                roll.add(row_figures(row))
+        return [{"t": rfc3339_ms(t), "requests": roll.requests, "input_tokens": roll.count("input_tokens"),
+                 "output_tokens": roll.count("output_tokens"), "cost_usd": round(roll.cost_usd, 9)}
+                for t, roll in sorted(points.items())][-MAX_SERIES_POINTS:]
 
     # -- keys -------------------------------------------------------------------------------------
     def key_json(self, record: "TokenRecord", spent: dict, now: float) -> dict:

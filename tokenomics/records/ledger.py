@@ -152,7 +152,7 @@ def git_context(cwd: str) -> dict:
 
 # --- rollups -------------------------------------------------------------------------------------
 
-def _row_figures(row: dict) -> Figures:
+def row_figures(row: dict) -> Figures:
     """What one request row (as written to the journal) adds to a rollup; computed once per row
     and added to every rollup the row belongs to. Read leniently: rows come from disk."""
     return figures(_int(row.get("status_code")), row.get("error") or "", _int(row.get("input_tokens")),
@@ -174,7 +174,7 @@ class _Rollups:
         self.by_branch: dict[str, Rollup] = {}
 
     def add(self, row: dict, ts: float | None, branch: str | None = None) -> None:
-        deltas, model = _row_figures(row), row.get("model") or ""
+        deltas, model = row_figures(row), row.get("model") or ""
         self.totals.add(deltas, model, ts)
         keyed = [(self.by_model, model, False), (self.by_provider, row.get("provider"), False),
                  (self.by_token, row.get("token_hash"), True)]
