@@ -76,7 +76,7 @@ _E164_RE = re.compile(
     r"(?<![\w+])\+[1-9][0-9]{0,3}(?:[ .-]?\(?[0-9]{1,4}\)?){1,6}(?![\w]|[.,-]?[0-9])")
 
 
-_IPV4_HINT_RE = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}")
+_IPV4_HINT_RE = re.compile(r"[0-9][0-9]{0,2}\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}")   # [0-9] first: see above
 
 
 _IPV4_RE = re.compile(
@@ -162,7 +162,7 @@ _GITHUB_RE = re.compile(
     r"(?<![A-Za-z0-9_])(?:gh[pousr]_[A-Za-z0-9]{36,251}|github_pat_[A-Za-z0-9_]{22,255})(?![A-Za-z0-9_])")
 
 
-_IBAN_RE = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,36}(?![A-Za-z0-9])")
+_IBAN_RE = re.compile(r"[A-Z](?<![A-Za-z0-9][A-Z])[A-Z][0-9]{2}(?: ?[A-Z0-9]){11,36}(?![A-Za-z0-9])")
 
 
 _IBAN_LENGTHS = {
@@ -314,7 +314,7 @@ def _find_ip_address(text: str) -> Iterator[tuple[int, int]]:
             m = _IPV4_RE.match(text, hint.start())
             if m and not _IPV4_VERSION_CONTEXT_RE.search(text, max(0, m.start() - 12), m.start()):
                 yield m.span()
-    if ":" in text:
+    if text.count(":") >= 2:                                     # _IPV6_RE's look-ahead needs two
         for m in _IPV6_RE.finditer(text):
             cand = m.group()
             if not any(c.isdigit() for c in cand):
@@ -454,9 +454,16 @@ _PII_FINDERS: dict[str, Callable[[str], Iterator[tuple[int, int]]]] = {
     "github_token": _find_github_token, "iban": _find_iban}
 
 
-# Types none of whose patterns can match a text without an ASCII digit (the detectors see the
-# NFKC form, where fullwidth digits are ASCII): a text without one skips them.
-_NEEDS_DIGIT = frozenset({"ssn", "credit_card", "phone", "ip_address", "iban"})
+# The ASCII digits every match of a type holds at least (the detectors see the NFKC form, where
+# fullwidth digits are ASCII): a text with fewer skips the type. SSN 3-2-4 or 9 in a row; a card
+# 13 to 19; a phone number an exchange and line (7), E.164 8 or more; an IBAN its check digits;
+# an IPv6 address one digit (an IPv4 one four).
+_MIN_DIGITS = {"ssn": 9, "credit_card": 13, "phone": 7, "ip_address": 1, "iban": 2}
+
+
+def _digit_count(text: str) -> int:
+    return (text.count("0") + text.count("1") + text.count("2") + text.count("3") + text.count("4")
+            + text.count("5") + text.count("6") + text.count("7") + text.count("8") + text.count("9"))
 
 
 def _has_digit(text: str) -> bool:
@@ -542,10 +549,11 @@ def _pii_candidates(text: str, types: tuple[str, ...]) -> tuple[tuple[int, int, 
     out = []
     digits = None
     for t in types:
-        if t in _NEEDS_DIGIT:
+        need = _MIN_DIGITS.get(t)
+        if need is not None:
             if digits is None:
-                digits = _has_digit(norm)
-            if not digits:
+                digits = _digit_count(norm)
+            if digits < need:
                 continue
         out.extend((s, e, t) for s, e in _PII_FINDERS[t](norm) if e > s)
     if segs is not None:
