@@ -99,6 +99,14 @@ def _json_tree_problem(value: Any) -> str:
     return ""
 
 
+def _plainly_fine(raw: bytes) -> bool:
+    """Whether the raw body cannot hold what _json_tree_problem looks for, so its walk can be
+    skipped: in ASCII without NUL (which json reads as UTF-8) a lone surrogate needs a \\u
+    escape, and nesting deeper than MAX_JSON_DEPTH needs more brackets than that."""
+    return (isinstance(raw, bytes) and raw.isascii() and b"\\u" not in raw and b"\x00" not in raw
+            and raw.count(b"{") + raw.count(b"[") <= MAX_JSON_DEPTH)
+
+
 def credential(req: Request) -> str:
     """The client's token, from the places SDKs put it (§5 order)."""
     h = req.headers
@@ -501,7 +509,7 @@ class Pipeline:
             raise ProxyError(400, "invalid_request", "the request body is not valid JSON (UTF-8)") from None
         if not isinstance(body, dict):
             raise ProxyError(400, "invalid_request", "the request body must be a JSON object")
-        problem = _json_tree_problem(body)
+        problem = "" if _plainly_fine(raw) else _json_tree_problem(body)
         if problem:
             raise ProxyError(400, "invalid_request", f"the request body {problem}")
         return body
