@@ -63,8 +63,8 @@ def test_dedup_drops_repeats_and_texts_given_both_labels():
 
 
 def test_tokens_and_char_ngrams():
-    assert learned.tokens("ignore   all—previous!! <|im_start|>") == ["ignore", "all", "—", "previous", "!!", "<|",
-                                                                      "im", "start", "|>"]
+    assert learned.tokens("ignore   all—previous!! <|im_start|>") == ["ignore", "all—previous", "!", "!", "<", "|",
+                                                                      "im", "_", "start", "|", ">"]
     assert learned.char_ngrams("ab") == ["<ab", "ab>", "<ab>"]
     assert "<ig" in learned.char_ngrams("ignore") and "ore>" in learned.char_ngrams("ignore")
 
@@ -97,7 +97,7 @@ def test_suffix_statistics():
                         "revert with \"\\!--Two [ [ [ {")
     assert suffix["punct_tokens"] > prose["punct_tokens"]
     assert suffix["camel"] > prose["camel"] == 0
-    assert suffix["punct_runs"] > prose["punct_runs"]
+    assert suffix["word_length"] != prose["word_length"] and 0 < suffix["word_length"] <= 1
 
 
 def test_windows_cover_long_texts():

@@ -8,9 +8,12 @@ word, of its character n-grams (summed once per distinct word and kept in a boun
 of the bigram it closes; a text longer than one window is scored window by window (prefix sums)
 and its best window counts, so an injection buried in a long document is not diluted by it."""
 
+import collections
 import importlib.resources
+import itertools
 import json
 import math
+import operator
 import re
 import threading
 from dataclasses import dataclass
@@ -23,25 +26,31 @@ CHAR_NGRAMS = (3, 4)               # character n-gram sizes, taken inside "<word
 MAX_TOKENS = 8192                  # tokens scored per text (bounded work on hostile input)
 _WORD_CACHE_SIZE = 65536           # distinct words whose summed weights are kept
 
-_TOKEN_RE = re.compile(r"[^\W_]+|[^\w\s]+")
+# Tokens: runs of anything but white space and ASCII punctuation, and each ASCII punctuation mark.
+_TOKEN_RE = re.compile(r"[^\s!-/:-@\[-`{-~]+|[!-/:-@\[-`{-~]")
+_PUNCT = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
-# Structural signals, each scaled to about [0, 1].
-_ROLE_RE = re.compile(r"<\|[a-z_]+\|>|\[/?(?:inst|system|sys)\]|<</?sys>>|^\s*#{2,}\s*\w+|^\s*(?:system|assistant"
-                      r"|user|human|ai|developer|admin)\s*:", re.M)
-_IMPERATIVE_RE = re.compile(
-    r"(?:^|[.!?:\n]\s*)(?:please\s+)?(?:ignore|forget|disregard|pretend|act|imagine|respond|reply|answer|print|say"
-    r"|output|repeat|reveal|tell|write|stop|do|don't|never|always|you\s+(?:must|will|are|shall))\b", re.M)
-_AI_RE = re.compile(r"\b(?:ai|llm|chatgpt|gpt|assistant|language\s+model|chatbot|model|claude|bot)\b")
-_YOU_RE = re.compile(r"\byou(?:r|rs|rself)?\b")
+# Structural signals, each scaled to about [0, 1]; counted with C-level passes (str.count,
+# set membership over the tokens) so that they cost little next to the n-grams.
+_ROLE_MARKERS = ("<|", "|>", "[inst]", "[/inst]", "<<sys>>", "[system]", "system:", "assistant:", "user:", "human:",
+                 "###", "developer:", "admin:")
+_IMPERATIVES = ("ignore forget disregard pretend act imagine respond reply answer print say output repeat reveal tell "
+                "write stop do don never always must obey comply bypass override").split()
+_AI_WORDS = "ai llm chatgpt gpt assistant model chatbot claude bot dan gemini copilot agent".split()
+_YOU_WORDS = "you your yours yourself".split()
+# What each counted token is, so that one C-level pass (Counter over a map) counts them all.
+_TOKEN_KIND = {**dict.fromkeys(_PUNCT, "punct"), **dict.fromkeys(_IMPERATIVES, "imperative"),
+               **dict.fromkeys(_AI_WORDS, "ai"), **dict.fromkeys(_YOU_WORDS, "you")}
 _CAMEL_RE = re.compile(r"[a-z][A-Z][a-z]")
-_PUNCT_RUN_RE = re.compile(r"[^\w\s]{3,}")
+_UPPER_RE = re.compile(r"[A-Z]")
 _SCRIPTS = (("latin_ext", re.compile(r"[\u00c0-\u024f]")), ("cyrillic", re.compile(r"[\u0400-\u04ff]")),
             ("cjk", re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")), ("arabic", re.compile(r"[\u0600-\u06ff]")),
             ("indic", re.compile(r"[\u0900-\u0dff]")), ("greek", re.compile(r"[\u0370-\u03ff]")))
 
 
 def tokens(lower: str) -> list[str]:
-    """Word and punctuation-run tokens of lower-cased normalised text."""
+    """Word tokens (with any non-ASCII punctuation they carry) and single ASCII punctuation
+    marks of lower-cased normalised text."""
     return _TOKEN_RE.findall(lower)[:MAX_TOKENS]
 
 
@@ -56,22 +65,23 @@ def structure(text: str, lower: str, toks: list[str]) -> dict[str, float]:
     reader, character statistics of adversarial suffixes, and script mix."""
     n = max(1, len(toks))
     chars = max(1, len(text))
-    words = [t for t in toks if t[0].isalnum()]
-    nw = max(1, len(words))
+    kinds = collections.Counter(map(_TOKEN_KIND.get, toks))
+    punct = kinds["punct"]
+    nw = max(1, n - punct)
+    spaces = lower.count(" ") + lower.count("\n")
     out = {
-        "roles": min(1.0, len(_ROLE_RE.findall(lower)) / 3),
-        "imperative": min(1.0, len(_IMPERATIVE_RE.findall(lower)) * 8 / nw),
-        "ai": min(1.0, len(_AI_RE.findall(lower)) * 10 / nw),
-        "you": min(1.0, len(_YOU_RE.findall(lower)) * 8 / nw),
-        "punct_tokens": (n - len(words)) / n,
-        "punct_runs": min(1.0, len(_PUNCT_RUN_RE.findall(text)) * 20 / n),
+        "roles": min(1.0, sum(lower.count(m) for m in _ROLE_MARKERS) / 3),
+        "imperative": min(1.0, kinds["imperative"] * 8 / nw),
+        "ai": min(1.0, kinds["ai"] * 10 / nw),
+        "you": min(1.0, kinds["you"] * 8 / nw),
+        "punct_tokens": punct / n,
         "camel": min(1.0, len(_CAMEL_RE.findall(text)) * 20 / n),
-        "upper": sum(1 for c in text if c.isupper()) / chars if len(text) < 4096 else 0.0,
-        "long_words": sum(1 for w in words if len(w) > 14) / nw,
+        "upper": len(_UPPER_RE.findall(text)) / chars,
+        "word_length": min(1.0, max(0, len(lower) - spaces - punct) / nw / 12),
         "length": min(1.0, math.log1p(len(text)) / 10),
     }
     if not text.isascii():
-        letters = max(1, sum(1 for t in words for _ in t) if len(words) < 2048 else chars)
+        letters = max(1, len(text) - text.count(" "))
         present = 0
         for name, rx in _SCRIPTS:
             share = len(rx.findall(text)) / letters
@@ -131,6 +141,7 @@ class LearnedScorer:
         self._bias = 0.0
         self._calibration = Calibration(1.0, 1.0)
         self._words: dict[str, float] = {}
+        self._bigrams: dict[str, float] = {}
 
     def _load(self) -> dict[str, float]:
         with self._lock:
@@ -141,7 +152,9 @@ class LearnedScorer:
                     model = json.loads(raw)
                 self._bias = float(model["bias"])
                 self._calibration = Calibration(float(model["calibration"]["low"]), float(model["calibration"]["high"]))
-                self._weights = {k: float(v) for k, v in model["weights"].items()}
+                weights = {k: float(v) for k, v in model["weights"].items()}
+                self._bigrams = {k[2:]: v for k, v in weights.items() if k.startswith("b:")}
+                self._weights = weights
             return self._weights
 
     @property
@@ -149,16 +162,10 @@ class LearnedScorer:
         self._load()
         return self._calibration
 
-    def _word(self, w: dict[str, float], t: str) -> float:
-        s = self._words.get(t)
-        if s is None:
-            s = w.get("w:" + t, 0.0)
-            for g in char_ngrams(t):
-                s += w.get("c:" + g, 0.0)
-            if len(self._words) >= _WORD_CACHE_SIZE:
-                self._words.clear()
-            self._words[t] = s
-        return s
+    @staticmethod
+    def _word(w: dict[str, float], t: str) -> float:
+        """The summed weights of a word and of its character n-grams."""
+        return w.get("w:" + t, 0.0) + sum(w.get("c:" + g, 0.0) for g in char_ngrams(t))
 
     def probability(self, text: str, lower: str) -> float:
         """The model's probability that a (normalised) text is a prompt injection."""
@@ -169,13 +176,22 @@ class LearnedScorer:
         base = self._bias
         for k, v in structure(text, lower, toks).items():
             base += w.get("s:" + k, 0.0) * v
-        prefix = [0.0]
-        acc, prev = 0.0, "^"
-        for t in toks:
-            acc += self._word(w, t) + w.get("b:" + prev + " " + t, 0.0)
-            prefix.append(acc)
-            prev = t
-        best = max(base + (prefix[hi] - prefix[lo]) / math.sqrt(hi - lo) for lo, hi in windows(len(toks)))
+        words = self._words
+        missing = set(toks).difference(words)
+        if len(words) + len(missing) > _WORD_CACHE_SIZE:
+            words.clear()
+            missing = set(toks)
+        for t in missing:
+            words[t] = self._word(w, t)
+        # Per token: its word's weights plus the bigram it closes, summed in C-level passes.
+        unigrams = map(words.__getitem__, toks)
+        bigrams = map(self._bigrams.get, map(" ".join, zip(itertools.chain(("^",), toks), toks)), itertools.repeat(0.0))
+        n = len(toks)
+        if n <= WINDOW:
+            best = base + sum(map(operator.add, unigrams, bigrams)) / math.sqrt(n)
+        else:
+            prefix = list(itertools.accumulate(map(operator.add, unigrams, bigrams), initial=0.0))
+            best = max(base + (prefix[hi] - prefix[lo]) / math.sqrt(hi - lo) for lo, hi in windows(n))
         return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, best))))
 
     def component(self, text: str, lower: str) -> float:
