@@ -1,5 +1,7 @@
 """Shared fixtures: the CLI as a subprocess, a stub upstream, and real `tokenomics serve` processes."""
+import asyncio
 import json
+import logging
 import os
 import select
 import signal
@@ -44,6 +46,67 @@ def base_env(data_dir: Path, **extra) -> dict:
     return env
 
 
+# Commands that only read and write the data dir and print: these run `tokenomics.cli.main` in
+# this process (the same code `python -m tokenomics` runs, without 0.2-0.5 s of interpreter start
+# per call). Commands that serve, fork, wait on signals or run other programs (serve, run, start,
+# stop, status, remote, demo, doctor) always run as a subprocess, as do calls with their own
+# PYTHON* variables, and so does everything when
+# TOKENOMICS_TEST_SUBPROCESS=1 (to check that both ways agree).
+IN_PROCESS = frozenset({"token", "ledger", "guard", "provider", "completion", "version", "init"})
+
+
+def in_process(args, env: dict) -> bool:
+    if os.environ.get("TOKENOMICS_TEST_SUBPROCESS"):
+        return False
+    # What the interpreter itself reads (a planted sitecustomize, -X options) needs a new one.
+    if {k: v for k, v in env.items() if k.startswith("PYTHON")} != _INTERPRETER_ENV:
+        return False
+    args = [str(a) for a in args]
+    if args[:1] in (["--version"], ["--help"], ["-h"]):
+        return True
+    words = [a for a in args if not a.startswith("-")]
+    return bool(words) and words[0] in IN_PROCESS
+
+
+_INTERPRETER_ENV = {k: v for k, v in base_env(Path(".")).items() if k.startswith("PYTHON")}
+
+
+def run_in_process(args: list, cwd: Path, env: dict, input: str | None) -> subprocess.CompletedProcess:
+    """`python -m tokenomics ARGS` as main(ARGS) here: its own environment, working directory,
+    standard streams and logging handler for the call, all restored after it."""
+    import contextlib
+    import io
+    import logging
+    import traceback
+
+    from tokenomics.cli import main
+    saved_env, saved_cwd, saved_stdin = dict(os.environ), os.getcwd(), sys.stdin
+    logger = logging.getLogger("tokenomics")
+    saved_handlers, saved_level, saved_propagate = logger.handlers[:], logger.level, logger.propagate
+    stdout, stderr = io.StringIO(), io.StringIO()
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    sys.stdin = io.TextIOWrapper(io.BytesIO((input or "").encode()), encoding="utf-8")
+    logger.handlers = []
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except BaseException:  # what the interpreter does with an exception main() let out
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+        sys.stdin = saved_stdin
+        logger.handlers, logger.level, logger.propagate = saved_handlers, saved_level, saved_propagate
+    return subprocess.CompletedProcess([*TOKENOMICS, *args], int(code or 0), stdout.getvalue(), stderr.getvalue())
+
+
 class CLI:
     """Runs `python -m tokenomics ...` with a given data dir and environment."""
 
@@ -52,9 +115,12 @@ class CLI:
         self.env = env or base_env(data_dir)
 
     def __call__(self, *args, env: dict | None = None, input: str | None = None, timeout: float = 60,
-                 check: bool = False) -> subprocess.CompletedProcess:
-        proc = subprocess.run([*TOKENOMICS, *args], cwd=self.cwd, env=env or self.env,
-                              input=input, capture_output=True, text=True, timeout=timeout)
+                 check: bool = False, subprocess_only: bool = False) -> subprocess.CompletedProcess:
+        if not subprocess_only and in_process(args, env or self.env):
+            proc = run_in_process(list(args), cwd=self.cwd, env=env or self.env, input=input)
+        else:
+            proc = subprocess.run([*TOKENOMICS, *args], cwd=self.cwd, env=env or self.env,
+                                  input=input, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"tokenomics {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
         return proc
@@ -117,6 +183,91 @@ class ProxyProcess:
             raise AssertionError("proxy did not stop within the grace period")
 
 
+class InProcessProxy:
+    """`tokenomics serve` as the same objects in this process: the real server on a loopback port,
+    on its own event loop in a thread, with the configuration and environment the subprocess would
+    have (its environment is handed in, never this process's). What it logs is collected in
+    `stderr_lines` in the format `serve` writes. A graceful stop is the SIGTERM path; tests that
+    kill the process, read its pid or run files, or run workers use ProxyProcess."""
+
+    def __init__(self, cli: CLI, args: list, env: dict):
+        self.cli, self.args, self.env = cli, args, dict(env)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.stderr_lines: list[str] = []
+        self.background = None
+
+    def start(self, timeout: float = 15.0) -> "InProcessProxy":
+        import logging
+
+        from tokenomics.cli import build_parser
+        from tokenomics.commands import serve_overrides
+        from tokenomics.config import load_config
+        from tokenomics.proxy import BackgroundProxy, Proxy, check_available
+        from tokenomics.records.logs import redacting_filter
+
+        self._handler = None
+        args = build_parser().parse_args(["serve", "--port", str(self.port), "--no-tls", *map(str, self.args)])
+        cwd = os.getcwd()
+        os.chdir(self.cli.cwd)  # ./config.yaml, ./.env and the ledger's git context are the cwd's
+        try:
+            config = load_config(args.config, args.dir, environ=self.env, overrides=serve_overrides(args))
+            check_available(config, 1)
+            logger = logging.getLogger("tokenomics")
+            self._handler = _LinesHandler(self.stderr_lines)
+            self._handler.setFormatter(logging.Formatter("tokenomics %(levelname)s: %(message)s"))
+            self._handler.addFilter(redacting_filter())
+            logger.addHandler(self._handler)
+            logger.propagate = False
+            logger.setLevel(getattr(logging, config.logging.level.upper(), logging.INFO))
+            background = BackgroundProxy(Proxy(config, environ=self.env))
+            background.thread.start()
+            self.background = background
+            urls = asyncio.run_coroutine_threadsafe(background.proxy.start(), background.loop).result(timeout)
+        except Exception as exc:
+            self.stop()
+            raise AssertionError(f"proxy did not become ready: {exc}\n" + self.stderr) from exc
+        finally:
+            os.chdir(cwd)
+        for url in urls:
+            self.stderr_lines.append(f"tokenomics listening on {url}\n")
+        return self
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.stderr_lines)
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 15.0) -> int:
+        import logging
+        import traceback
+        if sig not in (signal.SIGTERM, signal.SIGINT):
+            raise AssertionError(f"an in-process proxy stops gracefully only; use ProxyProcess for {sig!r}")
+        if self.background is None:
+            if self._handler is not None:
+                logging.getLogger("tokenomics").removeHandler(self._handler)
+                self._handler = None
+            return 0
+        background, self.background = self.background, None
+        try:
+            background.stop()
+            return 0
+        except Exception:
+            self.stderr_lines.append(traceback.format_exc())
+            return 1
+        finally:
+            if self._handler is not None:
+                logging.getLogger("tokenomics").removeHandler(self._handler)
+
+
+class _LinesHandler(logging.Handler):
+    def __init__(self, lines: list):
+        super().__init__()
+        self.lines = lines
+
+    def emit(self, record):
+        self.lines.append(self.format(record) + "\n")
+
+
 @pytest.fixture
 def data_dir(tmp_path) -> Path:
     d = tmp_path / "data"
@@ -138,12 +289,15 @@ def stub():
 
 
 @pytest.fixture
-def start_proxy(cli):
-    """Factory: start_proxy(upstream_url=..., config=dict|None, env=dict|None, args=[...])."""
+def start_proxy(cli, request):
+    """Factory: start_proxy(upstream_url=..., config=dict|None, env=dict|None, args=[...],
+    subprocess=False): in this process unless `subprocess`, workers or the test's
+    `subprocess_proxy` mark (a test that kills the proxy, reads its pid, run files, memory or
+    standard output) ask for a real `tokenomics serve`."""
     started = []
 
     def start(upstream_url: str | None = None, config: dict | None = None, env: dict | None = None,
-              args: list | None = None) -> ProxyProcess:
+              args: list | None = None, subprocess: bool = False) -> ProxyProcess | InProcessProxy:
         extra = list(args or [])
         if upstream_url:
             extra += ["--upstream-url", upstream_url]
@@ -152,7 +306,10 @@ def start_proxy(cli):
             import yaml
             path.write_text(yaml.safe_dump(config))
             extra += ["--config", str(path)]
-        proxy = ProxyProcess(cli, extra, base_env(cli.data_dir, **(env or {})))
+        env = base_env(cli.data_dir, **(env or {}))
+        kind = ProxyProcess if (subprocess or "--workers" in extra or request.node.get_closest_marker("subprocess_proxy")
+                                or os.environ.get("TOKENOMICS_TEST_SUBPROCESS")) else InProcessProxy
+        proxy = kind(cli, extra, env)
         started.append(proxy)
         return proxy.start()
 

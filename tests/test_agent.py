@@ -730,7 +730,8 @@ def test_pyz_build_is_reproducible(pyz, tmp_path):
 # --- the installed console script ---------------------------------------------------------------
 
 def test_console_script_installed(tmp_path):
-    exe = shutil.which("tokenomics")
+    # pip puts the script beside the interpreter it installed into, on PATH or not
+    exe = shutil.which("tokenomics", path=os.path.dirname(sys.executable)) or shutil.which("tokenomics")
     if exe is None:
         if os.environ.get("CI"):
             pytest.fail("CI installs the package with pip -e, but no `tokenomics` is on PATH")

@@ -168,6 +168,7 @@ def test_max_parallel_one(cli, stub, start_proxy):
     client.chat.completions.create(**BODY)  # the slot is free again
 
 
+@pytest.mark.subprocess_proxy
 @pytest.mark.parametrize("how", ["graceful", "kill -9"])
 def test_budget_survives_restart(cli, stub, start_proxy, how):
     u = unit_usage(cli, stub, start_proxy)

@@ -242,6 +242,7 @@ def test_answers_without_usage_are_charged_the_proxys_own_count(cli, stub, start
 
 # --- write-ahead reservations across kill -9 -------------------------------------------------------
 
+@pytest.mark.subprocess_proxy
 def test_requests_in_flight_at_kill_9_are_charged_in_full_after_restart(cli, stub, start_proxy, data_dir):
     body = json.dumps({**BODY, "max_tokens": 1000}).encode()
     hold = math.ceil(len(body) / 4) + 1000  # input estimate + output allowance
@@ -278,6 +279,7 @@ def test_requests_in_flight_at_kill_9_are_charged_in_full_after_restart(cli, stu
     assert charged(data_dir) == 3 * hold
 
 
+@pytest.mark.subprocess_proxy
 def test_streams_cut_by_kill_9_leave_nothing_unbilled(cli, stub, start_proxy, data_dir):
     token = cli.token({"budget": {"tokens": {"total": 1_000_000}}})
     proxy = start_proxy(upstream_url=stub.url)
@@ -293,6 +295,7 @@ def test_streams_cut_by_kill_9_leave_nothing_unbilled(cli, stub, start_proxy, da
 
 # --- the ledger line is on disk before the answer ---------------------------------------------------
 
+@pytest.mark.subprocess_proxy
 def test_kill_9_right_after_answers_loses_no_ledger_line(cli, stub, start_proxy, data_dir):
     token = cli.token({})
     proxy = start_proxy(upstream_url=stub.url)

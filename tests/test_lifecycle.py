@@ -155,6 +155,7 @@ def test_pid_file_without_a_pid_is_named(cli):
 
 # --- foreground serve ---------------------------------------------------------------------------
 
+@pytest.mark.subprocess_proxy
 def test_status_and_run_see_a_foreground_serve(cli, start_proxy):
     token = cli.token(MOCK)
     proxy = start_proxy()

@@ -448,6 +448,7 @@ def test_client_disconnect_cancels_upstream_stream(setup, stub):
     stream_then_hang_up(proxy, token, CHAT, stub)
 
 
+@pytest.mark.subprocess_proxy
 def test_sigterm_finishes_in_flight_request(setup, stub):
     proxy, token = setup
     stub.script(delay=1.0)

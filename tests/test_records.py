@@ -341,6 +341,7 @@ def test_graceful_session_totals_git_and_ledger_summary(cli, stub, start_proxy):
 
 # --- 2. kill -9 ----------------------------------------------------------------------------------
 
+@pytest.mark.subprocess_proxy
 def test_kill_9_journal_alone_serves_the_ledger_commands(cli, stub, start_proxy):
     token, _ = make_token(cli, {})
     proxy = start_proxy(upstream_url=stub.url)
@@ -383,6 +384,7 @@ def test_kill_9_journal_alone_serves_the_ledger_commands(cli, stub, start_proxy)
     assert summary["totals"]["input_tokens"] == stub_in
 
 
+@pytest.mark.subprocess_proxy
 def test_kill_9_right_after_the_last_response_loses_at_most_half_a_second(cli, stub, start_proxy):
     """Steady requests for ~1.7 s, then kill -9 straight after the last response. To make the
     bound testable whatever the flusher's phase, the last 0.7 s start right after a flush was
@@ -682,6 +684,7 @@ def test_metrics_parse_and_count_what_was_sent_and_stats_agree(cli, stub, start_
 
 # --- 6. secrets are never written ------------------------------------------------------------------
 
+@pytest.mark.subprocess_proxy
 def test_no_raw_token_or_upstream_key_is_ever_written(cli, stub, start_proxy):
     env = {"TOKENOMICS_ENCRYPTION_KEY": None}
     created = [cli("token", "create", "--policy", json.dumps(policy), "--json", check=True)

@@ -172,6 +172,7 @@ def bomb() -> bytes:
     return b"".join(out)
 
 
+@pytest.mark.subprocess_proxy
 def test_gzip_bomb_is_a_502_and_memory_stays_bounded(setup, stub, bomb):
     proxy, token = setup
     assert len(bomb) < 600_000
