@@ -494,3 +494,45 @@ def test_a_governed_request_costs_one_fsync_per_file(tmp_path, monkeypatch):
     assert [sorted(json.loads(x)) for x in lines] == [["o", "s"], ["c", "d", "s"]] * 2
     ledger.close()
     journal.close()
+
+
+def test_in_process_cancelled_request_is_no_longer_in_flight(tmp_path):
+    """A request cancelled while its upstream is still answering (the client left) stops counting
+    as in flight: a later request alone then commits its journal on the loop, and /metrics'
+    in-flight gauge returns to 0."""
+    config = tokenomics.config.load_config(None, str(tmp_path), environ={})
+    catalog = tokenomics.providers.Catalog(config, environ={})
+    store = tokenomics.store.TokenStore(config, catalog, environ={})
+    token, _ = store.create({"upstream_url": "http://127.0.0.1:9/v1", "budget": {"tokens": {"total": 100000}}})
+
+    class Stalled:   # an upstream that never answers
+        speaks_every_dialect, serves_passthrough = False, True
+
+        async def send(self, call):
+            await asyncio.Event().wait()
+
+        def close(self):
+            pass
+
+    records = tokenomics.records.fanout.Records()
+    pipeline = tokenomics.pipeline.Pipeline(config, store, catalog, tokenomics.http.client.UpstreamClient(),
+                                            environ={"OPENAI_API_KEY": "sk-test"}, records=records,
+                                            upstreams={"http": Stalled()})
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    req = tokenomics.http.server.Request("POST", "/v1/chat/completions", "", [(b"authorization", f"Bearer {token}".encode())],
+                                         {"authorization": f"Bearer {token}"}, body)
+
+    async def scenario():
+        task = asyncio.ensure_future(pipeline(req))
+        for _ in range(100):          # until the request is waiting on the upstream
+            await asyncio.sleep(0)
+            if pipeline._in_flight:
+                break
+        assert pipeline._in_flight == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert pipeline._in_flight == 0
+    assert records.metrics._in_flight == 0

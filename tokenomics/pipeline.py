@@ -432,6 +432,13 @@ class Pipeline:
             ex.status, ex.error = 500, "internal_error"
             response = error_response(family, ProxyError(500, "internal_error", "the proxy failed on this "
                                                          "request; it was not forwarded. See the proxy log."))
+        except BaseException:
+            # Cancelled (the client left, the proxy is stopping): no longer in flight. Left
+            # counted, every later request would take sync_journal's thread hand-off, even alone.
+            if ex.governed:
+                self._in_flight -= 1
+                self.records.metrics.inflight(-1)
+            raise
         response.headers.append(("x-tokenomics-request-id", ex.request_id))
         if response.stream is None:
             self.complete(ex)
