@@ -34,6 +34,7 @@ _PUNCT = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 # set membership over the tokens) so that they cost little next to the n-grams.
 _ROLE_MARKERS = ("<|", "|>", "[inst]", "[/inst]", "<<sys>>", "[system]", "system:", "assistant:", "user:", "human:",
                  "###", "developer:", "admin:")
+_ROLE_RE = re.compile("|".join(map(re.escape, _ROLE_MARKERS)))
 _IMPERATIVES = ("ignore forget disregard pretend act imagine respond reply answer print say output repeat reveal tell "
                 "write stop do don never always must obey comply bypass override").split()
 _AI_WORDS = "ai llm chatgpt gpt assistant model chatbot claude bot dan gemini copilot agent".split()
@@ -70,7 +71,7 @@ def structure(text: str, lower: str, toks: list[str]) -> dict[str, float]:
     nw = max(1, n - punct)
     spaces = lower.count(" ") + lower.count("\n")
     out = {
-        "roles": min(1.0, sum(lower.count(m) for m in _ROLE_MARKERS) / 3),
+        "roles": min(1.0, len(_ROLE_RE.findall(lower)) / 3),
         "imperative": min(1.0, kinds["imperative"] * 8 / nw),
         "ai": min(1.0, kinds["ai"] * 10 / nw),
         "you": min(1.0, kinds["you"] * 8 / nw),
@@ -142,6 +143,7 @@ class LearnedScorer:
         self._calibration = Calibration(1.0, 1.0)
         self._words: dict[str, float] = {}
         self._bigrams: dict[str, float] = {}
+        self._struct: dict[str, float] = {}
 
     def _load(self) -> dict[str, float]:
         with self._lock:
@@ -154,6 +156,7 @@ class LearnedScorer:
                 self._calibration = Calibration(float(model["calibration"]["low"]), float(model["calibration"]["high"]))
                 weights = {k: float(v) for k, v in model["weights"].items()}
                 self._bigrams = {k[2:]: v for k, v in weights.items() if k.startswith("b:")}
+                self._struct = {k[2:]: v for k, v in weights.items() if k.startswith("s:")}
                 self._weights = weights
             return self._weights
 
@@ -173,9 +176,8 @@ class LearnedScorer:
         toks = tokens(lower)
         if not toks:
             return 0.0
-        base = self._bias
-        for k, v in structure(text, lower, toks).items():
-            base += w.get("s:" + k, 0.0) * v
+        struct = self._struct
+        base = self._bias + sum(struct.get(k, 0.0) * v for k, v in structure(text, lower, toks).items())
         words = self._words
         missing = set(toks).difference(words)
         if len(words) + len(missing) > _WORD_CACHE_SIZE:
