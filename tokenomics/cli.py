@@ -179,7 +179,7 @@ def _doctor_parser(commands, common) -> None:
 def _completion_parser(commands, common) -> None:
     completion = commands.add_parser("completion", parents=[common], help="shell completion script")
     completion.add_argument("shell", choices=("bash", "zsh", "fish"))
-    completion.set_defaults(func=cmd_completion)
+    completion.set_defaults(func=cmd_completion, full_parser=build_parser)  # the script lists every command
 
 
 def _provider_parser(commands, common) -> None:

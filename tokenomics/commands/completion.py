@@ -6,8 +6,7 @@ from . import out
 
 
 def cmd_completion(args) -> int:
-    from ..cli import build_parser  # the parser is built there; imported when this runs, not before
-    parser = build_parser()
+    parser = args.full_parser()  # handed in by the CLI, which builds the parser
     commands = {}
     for action in parser._subparsers._group_actions:
         for name, sub in action.choices.items():
