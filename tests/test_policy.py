@@ -15,7 +15,6 @@ import tokenomics.providers
 import tokenomics.records.exchange
 import tokenomics.util
 from tokenomics.errors import ProxyError, UsageError
-from tokenomics.pipeline import upstream_url_for
 from tokenomics.policy import parse_policy, resolve_policy, select_upstream
 
 CATALOG = tokenomics.providers.Catalog(environ={})   # no *_BASE_URL from the machine leaks into the catalog
@@ -468,4 +467,4 @@ def test_select_upstream_directly():
     ("https://x.example/v1?a=1", "openai", "/v1/models", "", "https://x.example/v1/models?a=1"),
 ])
 def test_upstream_url_for(base, provider, path, query, expected):
-    assert upstream_url_for(base, CATALOG.get(provider), path, query) == expected
+    assert CATALOG.get(provider).endpoint(base, path, query) == expected

@@ -149,28 +149,6 @@ def _strip_query_key(query: str) -> str:
                                    if k != "key"])
 
 
-def upstream_url_for(base: str, provider: Provider, path: str, query: str, model: str = "") -> str:
-    """Join the upstream base URL and the client's path, following each dialect's convention:
-    an OpenAI-style base includes the version (…/v1, …/v1beta/openai) and replaces the client's
-    leading /v1; an Anthropic-style base is a prefix to the whole path. `chat_path` replaces the
-    chat endpoint and may carry `{model}` and a query (classic Azure deployments); an Azure
-    endpoint given with a path (…/openai/v1) is used as an OpenAI-style base instead."""
-    parts = urllib.parse.urlsplit(base)
-    prefix = parts.path.rstrip("/")
-    anthropic = provider.dialect == "anthropic"
-    native_chat = "/v1/messages" if anthropic else "/v1/chat/completions"
-    extra = ""
-    if provider.chat_path and path == native_chat and not (prefix and "{model}" in provider.chat_path):
-        chat_path, _, extra = provider.chat_path.replace("{model}", urllib.parse.quote(model, safe="")).partition("?")
-        target = prefix + chat_path
-    elif prefix and path.startswith("/v1/") and not anthropic:
-        target = prefix + path[3:]
-    else:
-        target = prefix + path
-    query = "&".join(q for q in (parts.query, extra, query) if q)
-    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, target, query, ""))
-
-
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 
 
@@ -530,7 +508,7 @@ class Pipeline:
                                                           "on the proxy; set it and restart the proxy")
         return key
 
-    def upstream_headers(self, req: Request, provider: Provider, key: str, ex: Exchange,
+    def upstream_headers(self, req: Request, provider: Provider, auth: list, ex: Exchange,
                          body_len: int, host: str, governed: bool, translated: bool = False) -> list:
         headers = [("host", host)]
         sent = set()
@@ -545,10 +523,7 @@ class Pipeline:
         for name, value in provider.headers.items():
             if name.lower().encode("latin-1") not in sent:
                 headers.append((name, str(value)))
-        if key and provider.auth_scheme == "bearer":
-            headers.append(("authorization", f"Bearer {key}"))
-        elif key and provider.auth_scheme == "header":
-            headers.append((provider.auth_header or "x-api-key", key))
+        headers += auth
         # Uncompressed answers only (passthrough too): the key is redacted from, and the size limit
         # applies to, bytes the proxy can read; a body it cannot decode could hide either.
         headers.append(("accept-encoding", "identity"))
@@ -579,15 +554,13 @@ class Pipeline:
             raise ProxyError(502, "upstream_unreachable", f"provider '{provider.name}' has no upstream URL; "
                                                           f"{hint} on the proxy")
         key = self.upstream_key(key_env)
-        query = _strip_query_key(req.query)
-        if key and provider.auth_scheme == "query":
-            query = "&".join(q for q in (query, urllib.parse.urlencode({provider.auth_header or "key": key})) if q)
+        auth, query = provider.credentials(key, _strip_query_key(req.query))
         path = req.path
         if dialect and path != dialect.path:  # translated: the upstream's own endpoint
             path = dialect.path
-        url = upstream_url_for(base_url, provider, path, query, (parsed or {}).get("model", "") if dialect else "")
+        url = provider.endpoint(base_url, path, query, (parsed or {}).get("model", "") if dialect else "")
         host = urllib.parse.urlsplit(url).netloc
-        headers = self.upstream_headers(req, provider, key, ex, body_len, host, governed=bool(dialect),
+        headers = self.upstream_headers(req, provider, auth, ex, body_len, host, governed=bool(dialect),
                                         translated=path != req.path)
         return url, headers, key, provider.insecure
 

@@ -4,6 +4,7 @@ import base64
 import difflib
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -44,6 +45,41 @@ class Provider:
         """The upstream URL, overridden by the provider's base-URL env var when that is set."""
         env = self.environ if self.environ is not None else os.environ
         return (env.get(self.base_url_env) if self.base_url_env else "") or self.upstream_url
+
+    def endpoint(self, base: str, path: str, query: str = "", model: str = "") -> str:
+        """The upstream URL of a request path, following each wire format's convention: an
+        OpenAI-style base includes the version (…/v1, …/v1beta/openai) and replaces the client's
+        leading /v1; an Anthropic-style base is a prefix to the whole path. `chat_path` replaces
+        the chat endpoint and may carry `{model}` and a query (classic Azure deployments); an Azure
+        endpoint given with a path (…/openai/v1) is used as an OpenAI-style base instead."""
+        parts = urllib.parse.urlsplit(base)
+        prefix = parts.path.rstrip("/")
+        anthropic = self.dialect == "anthropic"
+        native_chat = "/v1/messages" if anthropic else "/v1/chat/completions"
+        extra = ""
+        if self.chat_path and path == native_chat and not (prefix and "{model}" in self.chat_path):
+            chat_path, _, extra = self.chat_path.replace("{model}", urllib.parse.quote(model, safe="")).partition("?")
+            target = prefix + chat_path
+        elif prefix and path.startswith("/v1/") and not anthropic:
+            target = prefix + path[3:]
+        else:
+            target = prefix + path
+        query = "&".join(q for q in (parts.query, extra, query) if q)
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, target, query, ""))
+
+    def credentials(self, key: str, query: str = "") -> tuple[list[tuple[str, str]], str]:
+        """(headers, query) that carry `key` the way this provider authenticates: a bearer or
+        named header, or a query parameter added to `query`. Used by forwarding and by
+        `provider test`, so both present a key alike."""
+        if not key:
+            return [], query
+        if self.auth_scheme == "bearer":
+            return [("authorization", f"Bearer {key}")], query
+        if self.auth_scheme == "header":
+            return [(self.auth_header or "x-api-key", key)], query
+        if self.auth_scheme == "query":
+            return [], "&".join(q for q in (query, urllib.parse.urlencode({self.auth_header or "key": key})) if q)
+        return [], query
 
 
 _OPENAI_MODELS = ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "o3", "o3-mini",

@@ -25,7 +25,6 @@ async def probe_provider(provider: Provider, client: UpstreamClient, environ, ti
     failure or unreachable, with the latency. Spends no tokens."""
     import urllib.parse
 
-    from ..pipeline import upstream_url_for
     result = {"provider": provider.name, "status": "", "http_status": 0, "latency_ms": 0.0, "detail": ""}
     if provider.url().startswith("mock://"):
         return {**result, "status": "ok", "detail": "built in"}
@@ -34,15 +33,10 @@ async def probe_provider(provider: Provider, client: UpstreamClient, environ, ti
         return {**result, "status": "no_key", "detail": f"{provider.api_key_env} is not set"}
     if not provider.url():
         return {**result, "status": "unreachable", "detail": f"no URL: set {provider.base_url_env}"}
-    url = upstream_url_for(provider.url(), provider, "/v1/models", "")
+    auth, query = provider.credentials(key)
+    url = provider.endpoint(provider.url(), "/v1/models", query)
     headers = [("host", urllib.parse.urlsplit(url).netloc), ("accept", "application/json")]
-    headers += [(k, str(v)) for k, v in provider.headers.items()]
-    if key and provider.auth_scheme == "bearer":
-        headers.append(("authorization", f"Bearer {key}"))
-    elif key and provider.auth_scheme == "header":
-        headers.append((provider.auth_header or "x-api-key", key))
-    elif key and provider.auth_scheme == "query":
-        url += ("&" if "?" in url else "?") + urllib.parse.urlencode({provider.auth_header or "key": key})
+    headers += [(k, str(v)) for k, v in provider.headers.items()] + auth
     started = time.monotonic()
     try:
         upstream = await client.request("GET", url, headers, b"", timeout, insecure=provider.insecure)
