@@ -440,6 +440,7 @@ def test_jailbreak_scan_linear_on_hostile_runs():
 # ---------------------------------------------------------------------------- off the event loop
 
 
+@pytest.mark.subprocess_proxy  # the event loop's latency is measured: no test-side work shares its GIL
 def test_health_answers_while_a_10mb_prompt_is_scanned(cli, start_proxy):
     token = cli.token({"rules": [{"type": "pii", "action": "mask"}, {"type": "jailbreak", "action": "fail"}]})
     with StubUpstream() as stub:

@@ -144,10 +144,13 @@ def _stop_parser(commands, common) -> None:
     commands.add_parser("stop", parents=[common], help="stop the background proxy").set_defaults(func=cmd_stop)
 
 
-def _status_parser(commands, common) -> None:
-    status = commands.add_parser("status", parents=[common], help="is the background proxy running?")
-    status.add_argument("--json", action="store_true")
-    status.set_defaults(func=cmd_status)
+def _report_parser(name: str, help: str, func):
+    """The parser builder of a command whose only option is --json (status, doctor)."""
+    def build(commands, common) -> None:
+        report = commands.add_parser(name, parents=[common], help=help)
+        report.add_argument("--json", action="store_true")
+        report.set_defaults(func=func)
+    return build
 
 
 def _init_parser(commands, common) -> None:
@@ -168,12 +171,6 @@ def _remote_parser(commands, common) -> None:
                         "a bearer token (default TOKENOMICS_REMOTE_KEY; required beyond loopback)")
     remote.add_argument("--tls", action="store_true", help="serve HTTPS with the data dir's certificate")
     remote.set_defaults(func=cmd_remote)
-
-
-def _doctor_parser(commands, common) -> None:
-    doctor = commands.add_parser("doctor", parents=[common], help="check the set-up")
-    doctor.add_argument("--json", action="store_true")
-    doctor.set_defaults(func=cmd_doctor)
 
 
 def _completion_parser(commands, common) -> None:
@@ -255,10 +252,10 @@ _COMMAND_PARSERS = {
     "run": _run_parser,
     "start": _start_parser,
     "stop": _stop_parser,
-    "status": _status_parser,
+    "status": _report_parser("status", "is the background proxy running?", cmd_status),
     "init": _init_parser,
     "remote": _remote_parser,
-    "doctor": _doctor_parser,
+    "doctor": _report_parser("doctor", "check the set-up", cmd_doctor),
     "completion": _completion_parser,
     "provider": _provider_parser,
     "ledger": _ledger_parser,
