@@ -15,15 +15,17 @@ import tokenomics
 import tokenomics.config
 import tokenomics.providers
 import tokenomics.store
-from conftest import ANTHROPIC_KEY, OPENAI_KEY, free_port
+from conftest import ANTHROPIC_KEY, OPENAI_KEY, free_port, sdk_http_client
 from stub_upstream import DEFAULT_REPLY
 
 
 def oa(proxy, token, **kw) -> openai.OpenAI:
+    kw.setdefault("http_client", sdk_http_client(openai))
     return openai.OpenAI(base_url=proxy.url + "/v1", api_key=token, max_retries=0, timeout=20, **kw)
 
 
 def an(proxy, token, **kw) -> anthropic.Anthropic:
+    kw.setdefault("http_client", sdk_http_client(anthropic))
     return anthropic.Anthropic(base_url=proxy.url, api_key=token, max_retries=0, timeout=20, **kw)
 
 

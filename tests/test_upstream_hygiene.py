@@ -18,7 +18,7 @@ import tokenomics.errors
 import tokenomics.http.client
 import tokenomics.http.server
 import tokenomics.http.sse
-from conftest import ANTHROPIC_KEY, OPENAI_KEY
+from conftest import ANTHROPIC_KEY, OPENAI_KEY, sdk_http_client
 from stub_upstream import DEFAULT_REPLY
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}
@@ -26,7 +26,8 @@ MSG = {"model": "claude-sonnet-4-6", "max_tokens": 5, "messages": [{"role": "use
 
 
 def oa(proxy, token) -> openai.OpenAI:
-    return openai.OpenAI(base_url=proxy.url + "/v1", api_key=token, max_retries=0, timeout=20)
+    return openai.OpenAI(base_url=proxy.url + "/v1", api_key=token, max_retries=0, timeout=20,
+                         http_client=sdk_http_client(openai))
 
 
 def raw(proxy, method, path, body=None, headers=None, timeout=20):

@@ -1106,7 +1106,13 @@ class Bench:
         try:
             for n in (1, 2):
                 port = free_port()
-                cmd = serve_cmd(a.python, a.tokenomics, self.data, port, module=True) + ["--config", str(conf)]
+                # A data dir of its own (one proxy serves a data dir): the tokens, nothing else.
+                data = self.tmp / f"data-redis-{n}"
+                data.mkdir()
+                for name in ("tokens.json", "hash.key"):
+                    if (self.data / name).exists():
+                        shutil.copy2(self.data / name, data / name)
+                cmd = serve_cmd(a.python, a.tokenomics, data, port, module=True) + ["--config", str(conf)]
                 if n > 1:
                     cmd += ["--workers", str(n)]
                 try:
