@@ -91,7 +91,6 @@ def run_in_process(args: list, cwd: Path, env: dict, input: str | None) -> subpr
     standard streams and logging handler for the call, all restored after it."""
     import contextlib
     import io
-    import logging
     import traceback
 
     from tokenomics.cli import main
@@ -213,8 +212,6 @@ class InProcessProxy:
         self.background = None
 
     def start(self, timeout: float = 15.0) -> "InProcessProxy":
-        import logging
-
         from tokenomics.cli import build_parser
         from tokenomics.commands import serve_overrides
         from tokenomics.config import load_config
@@ -253,7 +250,6 @@ class InProcessProxy:
         return "".join(self.stderr_lines)
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 15.0) -> int:
-        import logging
         import traceback
         if sig not in (signal.SIGTERM, signal.SIGINT):
             raise AssertionError(f"an in-process proxy stops gracefully only; use ProxyProcess for {sig!r}")
