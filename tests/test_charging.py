@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -220,6 +221,84 @@ def test_in_process_stream_closed_before_its_first_byte_is_settled(tmp_path):
     used, held = pipeline.state.usage(line, time.time())
     assert held == 0 and used > 0
     assert records.totals.requests == 1
+
+
+
+def _chunked_sse(payload: dict) -> bytes:
+    data = b"data: " + json.dumps(payload).encode() + b"\n\n"
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def _word_event(text: str) -> bytes:
+    return _chunked_sse({"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o-mini",
+                         "choices": [{"index": 0, "delta": {"content": text}}]})
+
+
+def test_in_process_words_that_arrived_while_the_loop_was_busy_are_charged(tmp_path):
+    """The client left; while the proxy takes in what the upstream still sends, its event loop is
+    busy for longer than STREAM_LEFT_READ and 20 more words arrive meanwhile. When the loop runs
+    again the deadline has passed, but those words are in the proxy's socket: they are charged,
+    not dropped with the connection (a timer firing first used to throw them away)."""
+    go, sent, done = threading.Event(), threading.Event(), threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(DEADLINE)
+
+    def upstream():  # one raw HTTP/1.1 exchange: 3 words, then 20 more when told, then wait
+        with listener, listener.accept()[0] as conn:
+            conn.settimeout(DEADLINE)
+            head = b""
+            while b"\r\n\r\n" not in head:  # bounded by the socket timeout
+                head += conn.recv(65536)
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            body = head.partition(b"\r\n\r\n")[2]
+            while len(body) < length:
+                body += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                         + b"".join(_word_event(WORD) for _ in range(3)))
+            go.wait(DEADLINE)
+            conn.sendall(b"".join(_word_event(WORD) for _ in range(20)))
+            sent.set()
+            done.wait(DEADLINE)
+
+    server = threading.Thread(target=upstream, daemon=True)
+    server.start()
+    config = tokenomics.config.load_config(None, str(tmp_path), environ={}, overrides={
+        "server": {"upstream_url": f"http://127.0.0.1:{listener.getsockname()[1]}"}})
+    catalog = tokenomics.providers.Catalog(config, environ={"OPENAI_API_KEY": "sk-test-key"})
+    store = tokenomics.store.TokenStore(config, catalog, environ={})
+    token, _ = store.create({"budget": {"tokens": {"total": 100000}}})
+    line = BudgetLine(store.lookup(token).hash[:tokenomics.util.HASH_PREFIX], "tokens", "total", 100000)
+    pipeline = tokenomics.pipeline.Pipeline(config, store, catalog, tokenomics.http.client.UpstreamClient(),
+                                            environ={"OPENAI_API_KEY": "sk-test-key"})
+    body = json.dumps({**BODY, "stream": True}).encode()
+    req = tokenomics.http.server.Request("POST", "/v1/chat/completions", "", [(b"authorization", f"Bearer {token}".encode())],
+                                         {"authorization": f"Bearer {token}"}, body)
+
+    def busy_loop():  # the event loop is held while the upstream sends, past the read deadline
+        go.set()
+        assert sent.wait(DEADLINE)
+        time.sleep(tokenomics.pipeline.STREAM_LEFT_READ * 2)
+
+    async def scenario():
+        response = await pipeline(req)
+        assert response.status == 200
+        seen = b""
+        async for piece in response.stream:  # bounded: the upstream sent 3 words and waits
+            seen += piece
+            if seen.count(WORD.strip().encode()) >= 3:
+                break
+        asyncio.get_running_loop().call_soon(busy_loop)
+        await response.stream.aclose()  # the client is gone
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        done.set()
+        server.join(DEADLINE)
+    used, held = pipeline.state.usage(line, time.time())
+    own_input = math.ceil(len(body) / 4)
+    assert held == 0
+    assert used >= own_input + 23 * math.ceil(len(WORD) / 4), used  # every word the upstream sent
 
 
 # --- answers without usage ------------------------------------------------------------------------

@@ -14,6 +14,11 @@ class RuntimeFailure(TokenomicsError):
     """Something went wrong at run time: the CLI exits 1 with this message."""
 
 
+class StreamStopped(TokenomicsError):
+    """An upstream body read no further because its reader set a deadline (a stream whose
+    client left is taken in only until then): not an error of the upstream's."""
+
+
 class ProxyError(TokenomicsError):
     """An error answered to a proxy client: HTTP status, stable `code`, and a message that says
     what happened and what to do (never a secret, never the text that matched a rule)."""

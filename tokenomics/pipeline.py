@@ -170,8 +170,6 @@ MAX_RETRY_AFTER = 20.0      # seconds: a longer Retry-After is better answered b
 
 
 STREAM_LEFT_READ = 0.05     # seconds a stream whose client left is still read (not relayed) before the
-
-
                             # upstream is cancelled: what it already sent (often its usage event) is on
                             # the wire within a round trip; longer would pay for output nobody reads
 
@@ -890,7 +888,7 @@ class Pipeline:
                 yield out
         finally:
             if not relay.complete:
-                await self._read_what_was_sent(run)
+                await self._read_what_was_sent(run, upstream)
             await run.aclose()  # its own finally (usage into the exchange) must run now, not at GC
             self._settle_stream(relay, upstream, admission, sent_bytes)
 
@@ -908,14 +906,15 @@ class Pipeline:
         admission.close(usage, self.clock())
 
     @staticmethod
-    async def _read_what_was_sent(run: AsyncIterator[bytes]) -> None:
+    async def _read_what_was_sent(run: AsyncIterator[bytes], upstream: UpstreamResponse) -> None:
         """The client left (or the relay failed) before the upstream's stream ended: take in, without
-        relaying, what the upstream has already sent (its usage event is often among it), for at
-        most STREAM_LEFT_READ seconds, so the charge is the upstream's own figure where it can be."""
-        with contextlib.suppress(Exception):  # TimeoutError, the upstream breaking, an output rule
-            async with _deadline(STREAM_LEFT_READ):
-                async for _ in run:
-                    pass
+        relaying, what the upstream sends for STREAM_LEFT_READ seconds more (its usage event is often
+        among it), then what has already arrived, so the charge is the upstream's own figure where
+        it can be, and never less than what it sent before the proxy stopped reading."""
+        upstream.read_until(STREAM_LEFT_READ)
+        with contextlib.suppress(Exception):  # StreamStopped, the upstream breaking, an output rule
+            async for _ in run:
+                pass
 
     def write_ahead(self) -> None:
         """Reservations just opened go to the usage journal's file (one write(), no fsync, on the

@@ -11,19 +11,14 @@ from typing import Any, AsyncIterator, Callable, Iterator, Protocol
 
 import h11
 
-from ..errors import ProxyError
+from ..errors import ProxyError, StreamStopped
 from ..http.sse import _deadline
 from ..util import DEFAULT_MAX_RESPONSE_BYTES, MAX_HEADER_BYTES
 
-
-                                        # hostile or broken upstream (and would stall the relay)
 INFLATE_STEP_BYTES = 64 * 1024          # decompressed bytes produced per zlib call: a bomb grows by steps
-
-
 POOL_MAX_IDLE_PER_ORIGIN = 32           # idle keep-alive connections kept per upstream origin
-
-
 POOL_IDLE_SECONDS = 50.0                # providers close idle connections after ~60 s; stay below
+LATE_READ_TURNS = 32                    # event-loop turns a stopped read still takes in what arrives
 
 
 def _raise_upstream_timeout(seconds: float):
@@ -33,21 +28,45 @@ def _raise_upstream_timeout(seconds: float):
 
 class _UpstreamConnection:
     """One keep-alive connection to an upstream origin, driven by an h11 client state machine."""
-    __slots__ = ("origin", "reader", "writer", "h11", "idle_since")
+    __slots__ = ("origin", "reader", "writer", "h11", "idle_since", "late_turns")
 
     def __init__(self, origin, reader, writer):
         self.origin, self.reader, self.writer = origin, reader, writer
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
         self.idle_since = 0.0
+        self.late_turns = 0   # event-loop turns taken after a read_until() deadline
 
-    async def next_event(self, timeout: float):
+    async def next_event(self, timeout: float, stop_at: float | None = None):
         while True:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            async with _deadline(timeout):
-                data = await self.reader.read(65536)
+            if stop_at is None:
+                async with _deadline(timeout):
+                    data = await self.reader.read(65536)
+            else:
+                data = await self._arrived(min(stop_at, time.monotonic() + timeout))
             self.h11.receive_data(data)
+
+    async def _arrived(self, stop_at: float) -> bytes:
+        """The next bytes when reading stops at `stop_at` (time.monotonic()): waited for until
+        then; after it, only bytes that have already arrived — the reader's buffer, and what the
+        kernel holds, taken in by letting the event loop turn (at most LATE_READ_TURNS times) —
+        so that a timer firing on a busy loop cannot throw away what the upstream already sent.
+        StreamStopped once nothing more has arrived."""
+        left = stop_at - time.monotonic()
+        if left > 0:
+            with contextlib.suppress(TimeoutError):
+                async with _deadline(left):
+                    return await self.reader.read(65536)
+        for _ in range(2):  # a loop turn resumes this task before it reads the sockets found ready
+            if _stream_buffered(self.reader) or self.late_turns >= LATE_READ_TURNS:
+                break
+            self.late_turns += 1
+            await asyncio.sleep(0)
+        if _stream_buffered(self.reader):
+            return await self.reader.read(65536)  # returns at once: the bytes are there
+        raise StreamStopped("the read stopped at its deadline")
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -112,6 +131,7 @@ class UpstreamResponse:
             headers = [(k, v.replace(self._secret, _REDACTED_BYTES)) for k, v in headers]
         self.status, self.headers, self._conn, self._pool, self._timeout = status, headers, conn, pool, timeout
         self._static = body
+        self._stop_at: float | None = None
         self.max_bytes = max_bytes
         self.decode = True
         self.header_map = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in headers} \
@@ -128,7 +148,7 @@ class UpstreamResponse:
         try:
             while True:
                 try:
-                    event = await conn.next_event(self._timeout)
+                    event = await conn.next_event(self._timeout, self._stop_at)
                 except TimeoutError:
                     _raise_upstream_timeout(self._timeout)
                 except (OSError, h11.RemoteProtocolError) as exc:
@@ -164,6 +184,11 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         return b"".join([piece async for piece in self.chunks()])
+
+    def read_until(self, seconds: float) -> None:
+        """Read the body for at most `seconds` more, then only what has already arrived, and end
+        it with StreamStopped (for a stream nobody relays any more: what it has sent still counts)."""
+        self._stop_at = time.monotonic() + seconds
 
     def close(self) -> None:
         if self._conn is not None:
