@@ -3,7 +3,6 @@ import asyncio
 import json
 import logging
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -158,26 +157,23 @@ class ProxyProcess:
         self.proc = subprocess.Popen(
             [*TOKENOMICS, "serve", "--port", str(self.port), "--no-tls", *self.args],
             cwd=self.cli.cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([self.proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.stderr_lines.append(line)
-            if "listening on" in line:
-                self._drainer = threading.Thread(target=self._drain, daemon=True)
-                self._drainer.start()
-                return self
+        # One thread reads stderr from the start (select() on the pipe under a buffered reader
+        # misses a line that arrived in the same read as the one before it).
+        self._ready = threading.Event()
+        self._drainer = threading.Thread(target=self._drain, daemon=True)
+        self._drainer.start()
+        if self._ready.wait(timeout) and any("listening on" in line for line in self.stderr_lines):
+            return self
         self.proc.kill()
-        raise AssertionError("proxy did not become ready:\n" + "".join(self.stderr_lines)
-                             + (self.proc.stderr.read() or ""))
+        self._drainer.join(5.0)
+        raise AssertionError("proxy did not become ready:\n" + "".join(self.stderr_lines))
 
     def _drain(self):
         for line in self.proc.stderr:
             self.stderr_lines.append(line)
+            if "listening on" in line:
+                self._ready.set()
+        self._ready.set()  # end of stderr: the process is gone
 
     @property
     def stderr(self) -> str:
