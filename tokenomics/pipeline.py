@@ -21,7 +21,7 @@ from .guard.classifier import Classifier, input_texts, output_texts
 from .guard.rules import Guard, json_bytes_in_pieces, scan_off_loop
 from .guard.stream import GuardStage, StreamGuard
 from .http.client import Upstream, UpstreamCall, UpstreamClient, UpstreamResponse
-from .http.mock import MockUpstream
+from .http.upstreams import default_upstreams, upstream_for
 from .http.server import Request, Response, answer_output_bytes, error_response
 from .http.sse import _deadline
 from .limits.decide import BudgetLine, Refusal, budget_event, estimate_tokens
@@ -382,8 +382,7 @@ class Pipeline:
         self._expired_seen: set = set()
         self._unpriced: set = set()
         # Upstream by base URL scheme, chosen once per request by `upstream_for`.
-        self.upstreams = upstreams if upstreams is not None else {
-            "http": client, "https": client, "mock": MockUpstream()}
+        self.upstreams = upstreams if upstreams is not None else default_upstreams(client)
 
     async def __call__(self, req: Request) -> Response:
         """One /v1 request, routed here by the Router (which has checked the path is canonical)."""
@@ -541,8 +540,7 @@ class Pipeline:
     def upstream_for(self, base_url: str) -> Upstream:
         """The upstream that serves a base URL (the pooled client when no scheme is known: it
         then reports the URL as unusable)."""
-        scheme = base_url.partition("://")[0].lower() if "://" in base_url else ""
-        return self.upstreams.get(scheme) or self.client
+        return upstream_for(self.upstreams, base_url, self.client)
 
     def upstream_address(self, req: Request, provider: Provider, base_url: str, key_env: str, body_len: int,
                          ex: Exchange, dialect: Dialect | None, parsed: dict | None) -> tuple[str, list, str, bool]:

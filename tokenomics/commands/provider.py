@@ -20,13 +20,19 @@ def provider_key_presence(catalog: Catalog, environ=None) -> dict:
     return {p.name: bool(environ.get(p.api_key_env)) for p in catalog.all() if p.api_key_env}
 
 
-async def probe_provider(provider: Provider, client: UpstreamClient, environ, timeout: float = 10.0) -> dict:
+async def probe_provider(provider: Provider, client: UpstreamClient, environ, timeout: float = 10.0,
+                         upstreams: dict | None = None) -> dict:
     """The cheapest authenticated request a provider answers (its model list): ok, auth
-    failure or unreachable, with the latency. Spends no tokens."""
+    failure or unreachable, with the latency. Spends no tokens. The upstream is chosen as the
+    pipeline chooses it; one that serves no passthrough path (the in-process mock) has no
+    model list to ask and nothing to reach: it is built in."""
     import urllib.parse
 
+    from ..http.upstreams import default_upstreams, upstream_for
+
     result = {"provider": provider.name, "status": "", "http_status": 0, "latency_ms": 0.0, "detail": ""}
-    if provider.url().startswith("mock://"):
+    upstreams = default_upstreams(client) if upstreams is None else upstreams
+    if not upstream_for(upstreams, provider.url(), client).serves_passthrough:
         return {**result, "status": "ok", "detail": "built in"}
     key = environ.get(provider.api_key_env, "") if provider.api_key_env else ""
     if provider.api_key_env and not key:
@@ -84,9 +90,13 @@ def cmd_provider(args) -> int:
     from ..http.client import UpstreamClient
 
     async def run_all():
+        from ..http.upstreams import default_upstreams
+
         client = UpstreamClient()
+        upstreams = default_upstreams(client)
         try:
-            return await asyncio.gather(*(probe_provider(catalog.get(n), client, os.environ) for n in names))
+            return await asyncio.gather(*(probe_provider(catalog.get(n), client, os.environ, upstreams=upstreams)
+                                          for n in names))
         finally:
             client.close()
 
