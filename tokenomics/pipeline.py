@@ -172,6 +172,8 @@ MAX_RETRY_AFTER = 20.0      # seconds: a longer Retry-After is better answered b
 STREAM_LEFT_READ = 0.05     # seconds a stream whose client left is still read (not relayed) before the
                             # upstream is cancelled: what it already sent (often its usage event) is on
                             # the wire within a round trip; longer would pay for output nobody reads
+STREAM_LEFT_CAP = 1.0       # seconds that take-in may last in all, whatever the stages do (an output
+                            # classifier judging an answer nobody receives must not hold the slot)
 
 
 def retry_delay(backoff: float, attempt: int, retry_after: str | None) -> float:
@@ -911,8 +913,9 @@ class Pipeline:
         it can be, and never less than what it sent before the proxy stopped reading."""
         upstream.read_until(STREAM_LEFT_READ)
         with contextlib.suppress(Exception):  # StreamStopped, the upstream breaking, an output rule
-            async for _ in run:
-                pass
+            async with _deadline(STREAM_LEFT_CAP):
+                async for _ in run:
+                    pass
 
     def write_ahead(self) -> None:
         """Reservations just opened go to the usage journal's file (one write(), no fsync, on the

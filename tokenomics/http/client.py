@@ -189,6 +189,8 @@ class UpstreamResponse:
         """Read the body for at most `seconds` more, then only what has already arrived, and end
         it with StreamStopped (for a stream nobody relays any more: what it has sent still counts)."""
         self._stop_at = time.monotonic() + seconds
+        if self._conn is not None:
+            self._conn.late_turns = 0  # a pooled connection may have been stopped before
 
     def close(self) -> None:
         if self._conn is not None:
