@@ -143,15 +143,14 @@ def test_h11_client_sends_to_the_address_the_call_builds(monkeypatch):
     assert seen == [("POST", "https://api.example/v1/x", [("host", "api.example")], b"{}", 5.0, True, "sk")]
 
 
-def test_pipeline_chooses_the_upstream_by_scheme():
-    from tokenomics.pipeline import Pipeline
+def test_forwarder_chooses_the_upstream_by_scheme():
+    from tokenomics.forward import Forwarder
     client, mock = UpstreamClient(), MockUpstream()
-    pipeline = Pipeline.__new__(Pipeline)  # only the upstream table is under test
-    pipeline.client, pipeline.upstreams = client, {"http": client, "https": client, "mock": mock}
-    assert pipeline.upstream_for("mock://") is mock
-    assert pipeline.upstream_for("MOCK://x") is mock
-    assert pipeline.upstream_for("https://api.openai.com/v1") is client
-    assert pipeline.upstream_for("") is client  # it then explains the missing URL
+    forwarder = Forwarder(client, {"http": client, "https": client, "mock": mock}, environ={})
+    assert forwarder.upstream_for("mock://") is mock
+    assert forwarder.upstream_for("MOCK://x") is mock
+    assert forwarder.upstream_for("https://api.openai.com/v1") is client
+    assert forwarder.upstream_for("") is client  # it then explains the missing URL
 
 
 def test_chat_strips_only_the_usage_it_asked_for():

@@ -8,6 +8,7 @@ import tokenomics
 import tokenomics.config
 import tokenomics.dialects
 import tokenomics.errors
+import tokenomics.forward
 import tokenomics.http.client
 import tokenomics.http.server
 import tokenomics.pipeline
@@ -405,12 +406,12 @@ def test_provider_without_url_is_refused_not_sent_elsewhere():
     for raw in ({"provider": "generic"}, {"providers": {"generic": [{}]}}, {"provider": "azure_openai"}):
         route = resolve(raw, "m", config=CONFIG)
         assert route.upstream_url == "", raw
-        pipeline = tokenomics.pipeline.Pipeline(CONFIG, None, CATALOG, tokenomics.http.client.UpstreamClient(), environ={})
+        forwarder = tokenomics.forward.Forwarder(tokenomics.http.client.UpstreamClient(), environ={})
         ex = tokenomics.records.exchange.Exchange("tkn_x", "/v1/chat/completions", 0.0)
         req = tokenomics.http.server.Request("POST", "/v1/chat/completions", "", [], {}, b"{}")
         with pytest.raises(tokenomics.errors.ProxyError) as info:
-            asyncio.run(pipeline.send(req, route.provider, route.upstream_url, route.base_key_env, b"{}", 5, ex,
-                                      tokenomics.dialects.CHAT, {}))
+            asyncio.run(forwarder.send(req, route.provider, route.upstream_url, route.base_key_env, b"{}", 5, ex,
+                                       tokenomics.dialects.CHAT, {}))
         assert (info.value.status, info.value.code) == (502, "upstream_unreachable")
         assert route.provider.base_url_env in info.value.message
 

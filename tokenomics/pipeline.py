@@ -3,11 +3,9 @@ relay, settle, record."""
 
 import asyncio
 import contextlib
-import functools
 import json
 import os
 import re
-import secrets
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -16,19 +14,20 @@ from typing import Any, AsyncIterator, Callable, TYPE_CHECKING
 from .config import Config
 from .dialects import Dialect, GOVERNED, check_model_name, dialect_family
 from .errors import ProxyError
+from .forward import RETRYABLE_CODES, Forwarder, rate_limit_meta
 from .guard.anonymize import Anonymizer
 from .guard.classifier import Classifier, input_texts, output_texts
 from .guard.rules import Guard, json_bytes_in_pieces, scan_off_loop
 from .guard.stream import GuardStage, StreamGuard
-from .http.client import Upstream, UpstreamCall, UpstreamClient, UpstreamResponse
-from .http.upstreams import default_upstreams, upstream_for
+from .http.client import Upstream, UpstreamClient, UpstreamResponse
 from .http.server import Request, Response, answer_output_bytes, error_response
 from .http.sse import _deadline
 from .limits.decide import BudgetLine, Refusal, budget_event, estimate_tokens
 from .limits.prices import Usage, charged_usage, cost_usd, price_for
+from .limits.journal import GroupCommit, UsageJournal
 from .limits.state import MemoryState
 from .policy import ResolvedPolicy, endpoint_listed, resolve_policy, select_upstream
-from .providers import Catalog, Provider
+from .providers import Catalog
 from .records.exchange import Exchange
 from .records.fanout import Records
 from .relay import ObserveStage, StreamRelay, usage_meta
@@ -37,7 +36,6 @@ from .translate import TranslateStage
 from .util import DEFAULT_UPSTREAM_TIMEOUT, HASH_PREFIX, log, new_id, utc_iso
 
 if TYPE_CHECKING:  # names used in annotations only
-    from .limits.journal import UsageJournal
     from .limits.state import State
 
 
@@ -52,16 +50,6 @@ MAX_JSON_DEPTH = 128                    # nesting levels in a request body; tool
 
 
                                         # deeper bodies would exhaust the recursion of later walks
-
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade", "proxy-connection",
-})
-
-
-# Client credentials: never forwarded, the real key is injected instead.
-AUTH_HEADERS = frozenset({"authorization", "x-api-key", "x-goog-api-key", "api-key"})
-
 
 _OFF_LOOP_BYTES = 64 * 1024        # bodies above this are scanned in a worker thread: the
 
@@ -142,13 +130,6 @@ def check_request(dialect: Dialect, body: dict) -> None:
         raise shape_error(dialect) from None
 
 
-def _strip_query_key(query: str) -> str:
-    if "key=" not in query:
-        return query
-    return urllib.parse.urlencode([(k, v) for k, v in urllib.parse.parse_qsl(query, keep_blank_values=True)
-                                   if k != "key"])
-
-
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
 
 
@@ -157,48 +138,11 @@ ROUTE_METHODS = {**{path: ("POST",) for path in GOVERNED}, COUNT_TOKENS_PATH: ("
                  "/v1/models": ("GET", "HEAD")}
 
 
-_NOT_FORWARDED = frozenset(n.encode() for n in HOP_BY_HOP | AUTH_HEADERS | {"host", "content-length"})
-
-
-_NOT_RELAYED = HOP_BY_HOP | {"content-length"}
-
-
-_RETRYABLE_CODES = frozenset({"upstream_unreachable", "upstream_timeout"})
-
-
-MAX_RETRY_AFTER = 20.0      # seconds: a longer Retry-After is better answered by a fallback or the client
-
-
 STREAM_LEFT_READ = 0.05     # seconds a stream whose client left is still read (not relayed) before the
                             # upstream is cancelled: what it already sent (often its usage event) is on
                             # the wire within a round trip; longer would pay for output nobody reads
 STREAM_LEFT_CAP = 1.0       # seconds that take-in may last in all, whatever the stages do (an output
                             # classifier judging an answer nobody receives must not hold the slot)
-
-
-def retry_delay(backoff: float, attempt: int, retry_after: str | None) -> float:
-    """Exponential backoff with jitter (50-100% of backoff * 2^attempt); an upstream's
-    Retry-After (seconds) wins when longer, capped at MAX_RETRY_AFTER."""
-    delay = backoff * (2 ** attempt) * (0.5 + secrets.randbelow(1000) / 2000)
-    if retry_after:
-        with contextlib.suppress(ValueError):
-            delay = max(delay, float(retry_after))
-    return min(delay, MAX_RETRY_AFTER)
-
-
-_RATE_LIMIT_HEADERS = (
-    "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-requests",
-    "x-ratelimit-reset-tokens", "x-ratelimit-limit-requests", "x-ratelimit-limit-tokens",
-    "anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-tokens-remaining",
-    "anthropic-ratelimit-requests-reset", "anthropic-ratelimit-tokens-reset",
-    "anthropic-ratelimit-input-tokens-remaining", "anthropic-ratelimit-output-tokens-remaining",
-    "x-ratelimit-remaining", "retry-after")
-
-
-def rate_limit_meta(headers: dict) -> dict:
-    """The upstream's rate-limit headers (OpenAI, Azure, Anthropic), normalised to one dict."""
-    found = {name: headers[name] for name in _RATE_LIMIT_HEADERS if name in headers}
-    return {"rate_limit": found} if found else {}
 
 
 @dataclass(slots=True)
@@ -332,7 +276,7 @@ class _CompletingStream:
                 await self.ex.end_stream()
         self.pipeline.complete(self.ex)
         if self.ex.governed:
-            await self.pipeline.sync_journal()  # before the last chunk: kill -9 loses no answered request
+            await self.pipeline.sync()  # before the last chunk: kill -9 loses no answered request
 
 
 REFUSAL_STATUS = {"budget_exceeded": 429, "rate_limited": 429, "state_unavailable": 503}
@@ -344,25 +288,10 @@ def refusal_error(refusal: Refusal) -> ProxyError:
     return ProxyError(REFUSAL_STATUS[refusal.code], refusal.code, refusal.message, headers=headers)
 
 
-def _run_commits(jobs: list) -> list:
-    """Run each journal commit in turn (in a worker thread); the exceptions they raised."""
-    failures = []
-    for job in jobs:
-        try:
-            job()
-        except Exception as exc:  # one file failing must not keep the other from its commit
-            failures.append(exc)
-    return failures
-
-
-def _log_failures(failures: list) -> None:
-    for exc in failures:
-        log.error("writing the usage journal failed (%s); settled usage stays in memory", exc)
-
-
 class Pipeline:
     """The proxy's request handler. It receives its collaborators (store, catalog, upstream
-    client, mock provider) and owns no I/O of its own beyond calling them."""
+    client and the upstreams by scheme, state, usage journal, records), builds from them its
+    Forwarder and its GroupCommit, and owns no I/O of its own beyond calling them."""
 
     def __init__(self, config: Config, store: TokenStore, catalog: Catalog, client: UpstreamClient,
                  state: "State | None" = None, journal: "UsageJournal | None" = None,
@@ -377,14 +306,12 @@ class Pipeline:
         self.classifier = classifier if classifier is not None else Classifier(client, self.environ)
         self.clock = clock
         self.records = records if records is not None else Records()
-        self._journal_waiters: list = []
-        self._journal_task: asyncio.Task | None = None
         self._in_flight = 0     # governed exchanges begun and not completed
         self.log_bodies = (config.logging.request_body, config.logging.response_body)
         self._expired_seen: set = set()
         self._unpriced: set = set()
-        # Upstream by base URL scheme, chosen once per request by `upstream_for`.
-        self.upstreams = upstreams if upstreams is not None else default_upstreams(client)
+        self.forwarder = Forwarder(client, upstreams, self.environ)
+        self.commits = GroupCommit(journal, self.state, self.records.ledger)
 
     async def __call__(self, req: Request) -> Response:
         """One /v1 request, routed here by the Router (which has checked the path is canonical)."""
@@ -411,7 +338,7 @@ class Pipeline:
                                                          "request; it was not forwarded. See the proxy log."))
         except BaseException:
             # Cancelled (the client left, the proxy is stopping): no longer in flight. Left
-            # counted, every later request would take sync_journal's thread hand-off, even alone.
+            # counted, every later request would take the group commit's thread hand-off, even alone.
             if ex.governed:
                 self._in_flight -= 1
                 self.records.metrics.inflight(-1)
@@ -420,7 +347,7 @@ class Pipeline:
         if response.stream is None:
             self.complete(ex)
             if ex.governed:
-                await self.sync_journal()  # settlement and ledger line on disk before the answer leaves
+                await self.sync()  # settlement and ledger line on disk before the answer leaves
         else:
             response.stream = _CompletingStream(self, response.stream, ex)
         return response
@@ -430,6 +357,10 @@ class Pipeline:
         ex.governed = True
         self._in_flight += 1
         self.records.metrics.inflight(+1)
+
+    async def sync(self) -> None:
+        """Settlement and ledger line of every finished exchange on disk (the group commit)."""
+        await self.commits.sync(alone=self._in_flight == 0)
 
     def complete(self, ex: Exchange) -> None:
         """Hand a finished exchange to the records; a failing record never fails the request."""
@@ -498,83 +429,6 @@ class Pipeline:
             raise ProxyError(400, "invalid_request", f"the request body {problem}")
         return body
 
-    def upstream_key(self, key_env: str) -> str:
-        if not key_env:
-            return ""
-        key = self.environ.get(key_env, "")
-        if not key:
-            raise ProxyError(500, "upstream_key_missing", f"the provider key variable {key_env} is not set "
-                                                          "on the proxy; set it and restart the proxy")
-        return key
-
-    def upstream_headers(self, req: Request, provider: Provider, auth: list, ex: Exchange,
-                         body_len: int, host: str, governed: bool, translated: bool = False) -> list:
-        headers = [("host", host)]
-        sent = set()
-        for name, value in req.raw_headers:
-            lower = name.lower()
-            if lower in _NOT_FORWARDED or lower == b"accept-encoding":
-                continue
-            if translated and lower.startswith((b"anthropic-", b"openai-")):
-                continue  # the other provider's protocol headers mean nothing (or harm) upstream
-            sent.add(lower)
-            headers.append((name, value))
-        for name, value in provider.headers.items():
-            if name.lower().encode("latin-1") not in sent:
-                headers.append((name, str(value)))
-        headers += auth
-        # Uncompressed answers only (passthrough too): the key is redacted from, and the size limit
-        # applies to, bytes the proxy can read; a body it cannot decode could hide either.
-        headers.append(("accept-encoding", "identity"))
-        headers.append(("x-client-request-id", ex.request_id))
-        headers.append(("content-length", str(body_len)))
-        return headers
-
-    async def send(self, req: Request, provider: Provider, base_url: str, key_env: str, body: bytes,
-                   timeout: float, ex: Exchange, dialect: Dialect | None = None,
-                   parsed: dict | None = None) -> UpstreamResponse:
-        """Forward to the base URL's upstream with the real key swapped in."""
-        def address() -> tuple[str, list, str, bool]:
-            return self.upstream_address(req, provider, base_url, key_env, len(body), ex, dialect, parsed)
-        call = UpstreamCall(req.method, req.path, body, timeout, ex.request_id, dialect, parsed, address)
-        return await self.upstream_for(base_url).send(call)
-
-    def upstream_for(self, base_url: str) -> Upstream:
-        """The upstream that serves a base URL (the pooled client when no scheme is known: it
-        then reports the URL as unusable)."""
-        return upstream_for(self.upstreams, base_url, self.client)
-
-    def upstream_address(self, req: Request, provider: Provider, base_url: str, key_env: str, body_len: int,
-                         ex: Exchange, dialect: Dialect | None, parsed: dict | None) -> tuple[str, list, str, bool]:
-        """(url, headers, key, insecure) of a request to a network upstream."""
-        if not base_url:
-            hint = f"set {provider.base_url_env}" if provider.base_url_env else "set upstream_url in the policy"
-            raise ProxyError(502, "upstream_unreachable", f"provider '{provider.name}' has no upstream URL; "
-                                                          f"{hint} on the proxy")
-        key = self.upstream_key(key_env)
-        auth, query = provider.credentials(key, _strip_query_key(req.query))
-        path = req.path
-        if dialect and path != dialect.path:  # translated: the upstream's own endpoint
-            path = dialect.path
-        url = provider.endpoint(base_url, path, query, (parsed or {}).get("model", "") if dialect else "")
-        host = urllib.parse.urlsplit(url).netloc
-        headers = self.upstream_headers(req, provider, auth, ex, body_len, host, governed=bool(dialect),
-                                        translated=path != req.path)
-        return url, headers, key, provider.insecure
-
-    def client_headers(self, upstream: UpstreamResponse, ex: Exchange, decoded: bool) -> list:
-        out = []
-        for name, value in upstream.headers:
-            key = name.decode("latin-1") if isinstance(name, bytes) else name
-            lower = key.lower()
-            if lower in _NOT_RELAYED or (decoded and lower == "content-encoding"):
-                continue
-            out.append((key, value.decode("latin-1") if isinstance(value, bytes) else value))
-        ex.upstream_request_id = upstream.header_map.get("x-request-id") or upstream.header_map.get("request-id", "")
-        if ex.model:
-            out.append(("x-tokenomics-model", ex.model))
-        return out
-
     async def governed(self, req: Request, dialect: Dialect, ex: Exchange) -> Response:
         """The story of a governed request: authenticate, parse, then for the model and each
         fallback: resolve, guard, admit, forward with retries; relay and settle the answer."""
@@ -595,16 +449,17 @@ class Pipeline:
                     raise
                 continue  # this fallback is not allowed or has no budget left: try the next one
             ex.fallback_model = candidate if index else ""
-            self.write_ahead()  # the reservation is in the journal before anything leaves
+            self.commits.write_ahead()  # the reservation is in the journal before anything leaves
             try:
-                upstream = await self.forward(req, attempt, ex)
+                upstream = await self.forwarder.forward(req, attempt.route, attempt.payload, ex,
+                                                        attempt.upstream_dialect, attempt.upstream_body)
             except BaseException as err:
                 attempt.admission.abandon(err, self.clock())
-                if isinstance(err, ProxyError) and err.code in _RETRYABLE_CODES and not last:
+                if isinstance(err, ProxyError) and err.code in RETRYABLE_CODES and not last:
                     continue
                 raise
             if upstream.status in record.policy.retry.retry_on and not last:
-                await self._discard(upstream)
+                await self.forwarder.discard(upstream)
                 attempt.admission.close(None, self.clock())
                 continue
             try:
@@ -759,45 +614,11 @@ class Pipeline:
             return None
         return lambda text: self.classifier.check(guard, [text])
 
-    async def forward(self, req: Request, attempt: "Attempt", ex: Exchange) -> UpstreamResponse:
-        """Send, retrying connection failures and `retry_on` statuses with exponential backoff
-        and jitter (Retry-After honoured, capped). Nothing has reached the client yet."""
-        retry = attempt.route.policy.retry
-        route = attempt.route
-        for n in range(retry.max_retries + 1):
-            started = time.monotonic()
-            try:
-                upstream = await self.send(req, route.provider, route.upstream_url, route.base_key_env,
-                                           attempt.payload, route.timeout, ex, attempt.upstream_dialect,
-                                           attempt.upstream_body)
-            except ProxyError as err:
-                if err.code not in _RETRYABLE_CODES or n == retry.max_retries:
-                    raise
-                delay = retry_delay(retry.backoff, n, None)
-            else:
-                ex.upstream_latency_ms = round((time.monotonic() - started) * 1000, 3)
-                if upstream.status not in retry.retry_on or n == retry.max_retries:
-                    return upstream
-                delay = retry_delay(retry.backoff, n, upstream.header_map.get("retry-after"))
-                await self._discard(upstream)
-            ex.retry_count += 1
-            await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
-
-    @staticmethod
-    async def _discard(upstream: UpstreamResponse) -> None:
-        """Drop an answer we will not relay; read small ones so the connection can be reused."""
-        try:
-            async with _deadline(1.0):
-                await upstream.read()
-        except (ProxyError, TimeoutError):
-            upstream.close()
-
     async def respond(self, attempt: "Attempt", upstream: UpstreamResponse, dialect: Dialect,
                       ex: Exchange) -> Response:
         """Relay the upstream's answer in the client's dialect and settle the reservation."""
         model, upstream_dialect, admission = ex.model, attempt.upstream_dialect, attempt.admission
-        headers = self.client_headers(upstream, ex, upstream.decoded)
+        headers = self.forwarder.client_headers(upstream, ex, upstream.decoded)
         ex.status = upstream.status
         ex.provider_meta = rate_limit_meta(upstream.header_map)
         if upstream.status != 200:
@@ -858,7 +679,7 @@ class Pipeline:
     def upstream_dialect(self, dialect: Dialect, route: ResolvedPolicy) -> Dialect:
         """The dialect the upstream speaks for this request: the client's own, or the other one
         of chat ⇄ messages when the model's provider speaks the other family."""
-        if self.upstream_for(route.upstream_url).speaks_every_dialect:
+        if self.forwarder.upstream_for(route.upstream_url).speaks_every_dialect:
             return dialect
         upstream = dialect.speaking(route.provider.dialect)
         if upstream is not None:
@@ -916,64 +737,6 @@ class Pipeline:
             async with _deadline(STREAM_LEFT_CAP):
                 async for _ in run:
                     pass
-
-    def write_ahead(self) -> None:
-        """Reservations just opened go to the usage journal's file (one write(), no fsync, on the
-        loop) before their request is forwarded: from then on a kill -9 cannot lose them. The
-        fsync comes with the request's settlement, in sync_journal()."""
-        if self.journal is None or not self.state.has_pending():
-            return
-        try:
-            self.journal.write_ahead(self.state)
-        except OSError as exc:
-            log.error("writing the usage journal failed (%s); settled usage stays in memory", exc)
-
-    def _commit_jobs(self) -> list:
-        """What the next group commit has to write and fsync: the usage journal, the ledger."""
-        jobs = []
-        if self.journal is not None and self.journal.needs_commit(self.state):
-            jobs.append(functools.partial(self.journal.commit, self.state))
-        ledger = self.records.ledger
-        if ledger is not None and ledger.has_pending():
-            jobs.append(ledger.flush)  # never raises; logs its own failures
-        return jobs
-
-    async def sync_journal(self) -> None:
-        """Group commit of the usage journal (reservations, settlements) and the ledger's request
-        lines: a request waits for one write + fsync of each file that covers it, so its
-        settlement and ledger line (and its reservation, written ahead) are on disk before its
-        response ends. Concurrent requests share those fsyncs, done in a worker thread off the
-        event loop; a request that is the only one in flight commits on the loop instead, which
-        spares it the thread hand-off (nobody else is waiting for the loop). A commit already
-        running may hold this request's records without having fsync'ed them yet: then the
-        request waits for the next one."""
-        idle = self._journal_task is None or self._journal_task.done()
-        if idle and self._in_flight == 0 and not self._journal_waiters:
-            _log_failures(_run_commits(self._commit_jobs()))
-            return
-        if idle and not self._commit_jobs():
-            return
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        self._journal_waiters.append(done)
-        if idle:
-            self._journal_task = loop.create_task(self._journal_writer())
-        await asyncio.shield(done)
-
-    async def _journal_writer(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._journal_waiters:
-            waiters, self._journal_waiters = self._journal_waiters, []
-            # Every earlier commit has finished here, so a file with nothing pending has nothing
-            # of these waiters' left to make durable. The files that have go to one worker
-            # thread in one hand-off: waking a thread costs about as much as an fsync on a
-            # small VM, while two fsyncs issued in parallel take as long as in a row.
-            jobs = self._commit_jobs()
-            if jobs:
-                _log_failures(await loop.run_in_executor(None, _run_commits, jobs))
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
 
     def budget_lines(self, record: TokenRecord, route: ResolvedPolicy) -> list:
         key = record.hash[:HASH_PREFIX]
@@ -1061,13 +824,13 @@ class Pipeline:
         if request_rules:
             self.check(self.state.admit(record.hash[:HASH_PREFIX], request_rules, self.clock()), ex)
         provider, base_url = select_upstream(policy, None, self.catalog, self.config, native)
-        if not self.upstream_for(base_url).serves_passthrough:
+        if not self.forwarder.upstream_for(base_url).serves_passthrough:
             raise ProxyError(404, "not_found", f"the mock provider does not serve {req.path}")
         key_env = record.policy.base_key_env or provider.api_key_env
         ex.provider, ex.key_env = provider.name, key_env
-        upstream = await self.send(req, provider, base_url, key_env, req.body,
-                                   record.policy.timeout or DEFAULT_UPSTREAM_TIMEOUT, ex)
-        headers = self.client_headers(upstream, ex, decoded=upstream.decoded)
+        upstream = await self.forwarder.send(req, provider, base_url, key_env, req.body,
+                                             record.policy.timeout or DEFAULT_UPSTREAM_TIMEOUT, ex)
+        headers = self.forwarder.client_headers(upstream, ex, decoded=upstream.decoded)
         ex.status = upstream.status
         return Response(upstream.status, headers, stream=upstream.chunks())
 
