@@ -59,6 +59,14 @@ What it does:
      at 64 connections, writes the folded stacks to PATH.1conn and PATH.64conn and prints the
      top 20 functions by self time of each.
 
+Each plain load run also records the CPU time (user + system, from /proc) that the serving
+process spent per request: "CPU per request" rows, and bare's CPU over the target's as the share of
+bare's rate the target would reach on a core of its own. On a machine whose cores other work shares,
+req/s and latency move with that work; CPU per request hardly does, so compare changes on it.
+
+The proxy and the bare forwarder run on uvloop when the interpreter has it (the `fast` extra:
+pip install 'tokenomics[fast]'); the report says which loop ran.
+
 Output: machine info (CPU model, cores, load, Python, uvloop, nginx/wrk versions, date), one
 table (metric, direct, minimal, typical, minimal vs direct, typical vs direct), the issue-8
 targets as PASS/MISS lines, and, with --json PATH, the same figures (plus per-round values) as
@@ -71,6 +79,7 @@ start and end is reported so a noisy run can be recognised.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -263,6 +272,26 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) of a process and its direct children (nginx's
+    worker), from /proc; 0.0 where /proc cannot tell."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0.0
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                    if int(stat.rpartition(")")[2].split()[1]) == pid:
+                        pids.append(int(entry))
+    for p in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def dir_size_mb(path: Path) -> float:
@@ -874,6 +903,8 @@ class Bench:
                                               module=a.serve_as == "module"), self.env,
                                     self.work, self.tmp / "proxy.log")
         self.procs.append(self.proxy)
+        # whose CPU time a target's requests cost (the proxy serves both policies)
+        self.pids = {"direct": ng.pid, "bare": bare.pid, "minimal": self.proxy.pid, "typical": self.proxy.pid}
         log(f"tokenomics serve on http://{HOST}:{self.px_port} (pid {self.proxy.pid}, ready in {t * 1000:.0f} ms)")
         body, sbody = request_body(False), request_body(True)
         # target -> (port, path, token, body) for non-streamed and streamed traffic
@@ -950,6 +981,17 @@ class Bench:
             return run_wrk(self.wrk, url, lua, 1 if conns == 1 else 2, conns, seconds)
         return run_asyncio_load(url, body, token, conns, seconds)
 
+    def measured_load(self, t: str, conns: int) -> dict:
+        """A plain load run with the CPU time its target's process spent per request ("cpu_us"),
+        the settling second after it included (the answers still in flight): unlike req/s and
+        latency, hardly moved by other load on the machine's cores."""
+        pid = self.pids[t]
+        c0 = cpu_seconds(pid)
+        d = self.load("plain", t, conns, self.args.duration)
+        time.sleep(SETTLE)
+        d["cpu_us"] = (cpu_seconds(pid) - c0) / d["requests"] * 1e6 if d["requests"] else float("nan")
+        return d
+
     def note_errors(self, what: str, d: dict):
         if d["errors"]:
             self.errors.append(f"{what}: {d['status']} non-2xx, {d['connect']} connect, {d['read']} read, "
@@ -961,13 +1003,11 @@ class Bench:
             order = TARGETS[r % len(TARGETS):] + TARGETS[:r % len(TARGETS)]
             log(f"round {r + 1}/{a.rounds} (order {', '.join(order)})")
             for t in order:
-                d = self.load("plain", t, 1, a.duration)
-                time.sleep(SETTLE)
+                d = self.measured_load(t, 1)
                 self.note_errors(f"1 conn {t}", d)
                 self.results["lat1"][t].append(d)
             for t in order:
-                d = self.load("plain", t, 64, a.duration)
-                time.sleep(SETTLE)
+                d = self.measured_load(t, 64)
                 self.note_errors(f"64 conn {t}", d)
                 self.results["conc64"][t].append(d)
             n = len(STREAM_TARGETS)
@@ -980,8 +1020,10 @@ class Bench:
                                     "slowest_total": sorted(total)[-5:]})
             lat = {t: self.results["lat1"][t][-1]["p50"] for t in TARGETS}
             c64 = {t: self.results["conc64"][t][-1]["rps"] for t in TARGETS}
+            cpu = {t: self.results["conc64"][t][-1]["cpu_us"] for t in TARGETS}
             log("  1 conn p50 us " + ", ".join(f"{t} {lat[t]}" for t in TARGETS)
-                + " | 64 conn req/s " + ", ".join(f"{t} {c64[t]:.0f}" for t in TARGETS))
+                + " | 64 conn req/s " + ", ".join(f"{t} {c64[t]:.0f}" for t in TARGETS)
+                + " | 64 conn CPU us/req " + ", ".join(f"{t} {cpu[t]:.0f}" for t in TARGETS))
 
     def profile(self):
         """py-spy samples of the proxy under the typical policy, at 1 and at 64 connections."""
@@ -1215,6 +1257,12 @@ class Bench:
         c64 = rps_cmp(rps64)
         row("64 conn throughput", "req/s", {t: med(rps64[t]) for t in TARGETS}, c64)
         row("64 conn latency p99", "ms", {t: ms(p99_64[t]) for t in TARGETS}, lat_cmp(p99_64, 1e-3))
+        cpu1, cpu64 = per_round("lat1", "cpu_us"), per_round("conc64", "cpu_us")
+        for label, vals in (("1 conn CPU per request", cpu1), ("64 conn CPU per request", cpu64)):
+            r = ratio(vals)
+            # bare's CPU over the target's: the req/s share the target would reach on a core of its own
+            row(label, "us", {t: med(vals[t]) for t in TARGETS},
+                {t: {"ratio": r[t], "text": f"x{r[t]:.2f} ({100 / r[t]:.1f}% of bare's rate)"} for t in PROXIED})
         for key, label in (("ttfb_p50", "stream first byte p50"), ("ttfb_p99", "stream first byte p99"),
                            ("total_p50", "stream total p50"), ("total_p99", "stream total p99")):
             b = stream["bare"][key]
@@ -1312,7 +1360,9 @@ def print_report(res: dict) -> None:
     print(f"tokenomics benchmark  {m['date']}")
     print(f"machine: {m['cpu']}, {m['cores']} cores ({m['cores_available']} available), {m['memory']} RAM, "
           f"Linux {m['kernel']}")
-    print(f"python {m['python']} ({m['python_executable']}), uvloop {'present' if m['uvloop'] else 'absent'}, "
+    loop = ("uvloop (proxy and bare forwarder alike)" if m["uvloop"] else
+            "asyncio's own loop: uvloop is absent (the `fast` extra); the figures are not the production ones")
+    print(f"python {m['python']} ({m['python_executable']}), event loop {loop}, "
           f"{m['tokenomics']} (sha256 {m['tokenomics_sha256']}), nginx {m['nginx']}")
     s = res["settings"]
     print(f"load generator: {s['load']}")
