@@ -16,7 +16,8 @@ from ..http.sse import _deadline
 from ..util import DEFAULT_MAX_RESPONSE_BYTES, MAX_HEADER_BYTES
 
 INFLATE_STEP_BYTES = 64 * 1024          # decompressed bytes produced per zlib call: a bomb grows by steps
-POOL_MAX_IDLE_PER_ORIGIN = 32           # idle keep-alive connections kept per upstream origin
+POOL_MAX_IDLE_PER_ORIGIN = 256          # idle keep-alive connections kept per upstream origin: above the
+                                        # usual concurrency, or every burst closes some and reconnects
 POOL_IDLE_SECONDS = 50.0                # providers close idle connections after ~60 s; stay below
 LATE_READ_TURNS = 32                    # event-loop turns a stopped read still takes in what arrives
 
