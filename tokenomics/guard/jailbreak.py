@@ -11,6 +11,7 @@ from typing import Any, Iterator
 
 from ..guard.lexicon import _B64_RUN_RE, _JB_AI_OWNER_RE, _JB_CONCEPTS, _JB_CORE_DIRECTIVE_RE, _JB_FAMILY_CAP, _JB_FAMILY_REST, _JB_META_RE, _JB_OBFUSCATION_WEIGHT, _JB_QUOTED_RE, _JB_SIGNALS, _JB_STRONG_MODE_RE, _JB_TRIGGER_RE, _JB_WORD_RE, _JB_WORD_SIGNALS
 from ..guard.learned import LearnedScorer
+from ..guard.needs import Needs
 from ..guard.scan import _SCAN_CACHE_MIN, _cache_get, _cache_put, _text_key
 
 
@@ -107,15 +108,20 @@ _LEET_WORDS = frozenset(
 class _JbPositions(dict):
     """Word-index spans of each concept in `v` (starts: char offset of each word), found on
     first use: most windows have no directive, role or secret word, and then the concepts
-    that only qualify those (dismiss, anchor, reveal...) are never searched."""
-    __slots__ = ("v", "starts")
+    that only qualify those (dismiss, anchor, reveal...) are never searched; nor is a concept
+    whose needed words `v` lacks (`present`: its _Needs mask)."""
+    __slots__ = ("v", "starts", "present")
 
-    def __init__(self, v: str, starts: list[int]):
+    def __init__(self, v: str, starts: list[int], present: int):
         super().__init__()
-        self.v, self.starts = v, starts
+        self.v, self.starts, self.present = v, starts, present
 
     def __missing__(self, name: str) -> list[tuple[int, int]]:
         starts, spans = self.starts, []
+        need = _NEEDS.need[_CONCEPT_NEED[name]]
+        if self.present & need != need:
+            self[name] = spans
+            return spans
         for m in _JB_CONCEPTS[name].finditer(self.v):
             a = bisect.bisect_right(starts, m.start()) - 1
             b = bisect.bisect_right(starts, max(m.start(), m.end() - 1)) - 1
@@ -144,14 +150,15 @@ def _jb_starts_in(spans: list[tuple[int, int]], lo: int, hi: int) -> bool:
     return lo <= hi and i < len(spans) and spans[i][0] <= hi
 
 
-def _jb_concept_hits(v: str, hits: set) -> None:
-    for sid, family, weight, rx in _JB_WORD_SIGNALS:
-        if rx.search(v):
+def _jb_concept_hits(v: str, hits: set, present: int) -> None:
+    need = _NEEDS.need
+    for k, (sid, family, weight, rx) in enumerate(_JB_WORD_SIGNALS, _WORD_NEED):
+        if present & need[k] == need[k] and rx.search(v):
             hits.add((sid, family, weight))
     starts = [m.start() for m in _JB_WORD_RE.finditer(v)]
     if not starts:
         return
-    c = _JbPositions(v, starts)
+    c = _JbPositions(v, starts, present)
     for a, b in c["directive"]:
         if not _jb_near(c["dismiss"], a, b, 6):
             if c["changed"] and _jb_near(c["changed"], a, b, 6) and any(
@@ -204,22 +211,54 @@ def _jb_concept_hits(v: str, hits: set) -> None:
             hits.add(("c-mode", "developer_mode", 1.0) if strong else ("c-mode-weak", "developer_mode", 0.6))
 
 
-def _jb_compile() -> tuple[tuple[re.Pattern, dict, bool], ...]:
-    """One alternation per family and case mode (strongest signals first, so that where two
-    signals of a family start at the same place the stronger one is taken)."""
+def _jb_compile() -> tuple[tuple[tuple[tuple[int, str, float], re.Pattern, int], ...], ...]:
+    """The phrase signals grouped per family and case mode, strongest first: where two signals
+    of a family match at the same place only the stronger one counts (as in one alternation
+    per family). Each signal: (its hit, its pattern, its index in _NEEDS)."""
     groups: dict[tuple[str, bool], list] = {}
     for i, (family, weight, pattern) in enumerate(_JB_SIGNALS):
         cased = pattern.startswith("cs:")
-        groups.setdefault((family, cased), []).append((i, family, weight, pattern.removeprefix("cs:")))
-    compiled = []
-    for (_, cased), sigs in groups.items():
-        sigs.sort(key=lambda s: -s[2])
-        rx = re.compile("|".join(f"(?P<s{i}>{p})" for i, _, _, p in sigs))
-        compiled.append((rx, {f"s{i}": (i, f, w) for i, f, w, _ in sigs}, cased))
-    return tuple(compiled)
+        groups.setdefault((family, cased), []).append(((i, family, weight), re.compile(pattern.removeprefix("cs:")), i))
+    for sigs in groups.values():
+        sigs.sort(key=lambda s: -s[0][2])
+    return (tuple(tuple(sigs) for (_, cased), sigs in groups.items() if not cased),
+            tuple(tuple(sigs) for (_, cased), sigs in groups.items() if cased))
 
 
-_JB_REGEXES = _jb_compile()
+_JB_GROUPS, _JB_CASED_GROUPS = _jb_compile()
+
+
+# Needs of every pattern run on a window: the phrase signals, then the word signals, then the concepts.
+_NEEDS = Needs([p.removeprefix("cs:") for _, _, p in _JB_SIGNALS] + [rx.pattern for *_, rx in _JB_WORD_SIGNALS]
+                + [rx.pattern for rx in _JB_CONCEPTS.values()])
+
+
+_WORD_NEED = len(_JB_SIGNALS)
+
+
+_CONCEPT_NEED = {name: _WORD_NEED + len(_JB_WORD_SIGNALS) + k for k, name in enumerate(_JB_CONCEPTS)}
+
+
+def _jb_phrase_hits(v: str, groups: tuple, present: int, hits: set) -> None:
+    """The phrase signals of `groups` found in v: in each family, a signal counts where it
+    matches at a place no stronger signal of its family matches. Signals whose needed words
+    v lacks (`present`: its _Needs mask) cannot match and are not run."""
+    need = _NEEDS.need
+    for sigs in groups:
+        live = [(hit, rx) for hit, rx, k in sigs if present & need[k] == need[k]]
+        if len(live) == 1:
+            if live[0][1].search(v):
+                hits.add(live[0][0])
+            continue
+        taken: set[int] = set()                  # where a stronger signal of the family matched
+        for hit, rx in live:
+            m = rx.search(v)
+            while m:                             # every place the signal matches
+                p = m.start()
+                if p not in taken:
+                    hits.add(hit)
+                    taken.add(p)
+                m = rx.search(v, p + 1)
 
 
 _JB_FAMILY_ORDER = ("override", "persona", "developer_mode", "prompt_extraction", "filter_bypass",
@@ -314,14 +353,10 @@ def _jb_window_hits(norm: str, hits: set) -> None:
         if fixed != variants[-1]:
             variants.append(fixed)
     for v in variants:
-        _jb_concept_hits(v, hits)
-    for rx, names, cased in _JB_REGEXES:
-        for v in ((norm,) if cased else variants):
-            # Overlapping search: a signal may start inside another one's match.
-            m = rx.search(v)
-            while m:
-                hits.add(names[m.lastgroup])
-                m = rx.search(v, m.start() + 1)
+        present = _NEEDS.mask(v)
+        _jb_concept_hits(v, hits, present)
+        _jb_phrase_hits(v, _JB_GROUPS, present, hits)
+    _jb_phrase_hits(norm, _JB_CASED_GROUPS, _NEEDS.mask(norm), hits)
 
 
 def _jb_scan(text: str) -> set:
