@@ -25,6 +25,7 @@ import tokenomics.http.client
 import tokenomics.http.server
 import tokenomics.pipeline
 import tokenomics.providers
+import tokenomics.proxy
 import tokenomics.records.fanout
 import tokenomics.records.ledger
 import tokenomics.store
@@ -514,12 +515,19 @@ def test_reservation_opened_and_settled_in_one_batch_writes_only_its_usage(tmp_p
     assert s2.usage(TOTAL, 0.0) == (40, 0)
 
 
+def _count_syncs(monkeypatch) -> list:
+    """The fds fsync'ed or fdatasync'ed from now on, in order."""
+    synced: list = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda fd, real=real: (synced.append(fd), real(fd))[1])
+    return synced
+
+
 def test_a_reservation_written_ahead_is_charged_after_a_kill_and_fsynced_with_its_settlement(tmp_path, monkeypatch):
     """write_ahead() puts the open reservation in the file without an fsync (a kill -9 keeps it:
     the kernel has the bytes); the settlement's commit fsyncs both at once: one fsync a request."""
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    synced = _count_syncs(monkeypatch)
     j, s = UsageJournal(tmp_path / "usage.journal"), MemoryState()
     j.replay(s)
     res, _ = s.reserve([TOTAL], 100, 0.0, 0.0)
@@ -541,38 +549,164 @@ def test_a_reservation_written_ahead_is_charged_after_a_kill_and_fsynced_with_it
     assert s3.usage(TOTAL, 0.0) == (40, 0)
 
 
-def test_a_governed_request_costs_one_fsync_per_file(tmp_path, monkeypatch):
-    """Reservation, settlement and ledger line of one request: the usage journal and the session
-    journal are each fsync'ed once, before the answer is handed back."""
-    config = tokenomics.config.load_config(None, str(tmp_path), environ={})
+def _in_process_setup(data_dir):
+    """A pipeline over a usage journal and a session ledger in `data_dir`, with one mock token."""
+    config = tokenomics.config.load_config(None, str(data_dir), environ={})
     catalog = tokenomics.providers.Catalog(config, environ={})
     store = tokenomics.store.TokenStore(config, catalog, environ={})
     token, _ = store.create({"provider": "mock", "budget": {"tokens": {"total": 100000}}})
-    state, journal = MemoryState(), UsageJournal(tmp_path / "usage.journal")
+    state, journal = MemoryState(), UsageJournal(data_dir / "usage.journal")
     journal.replay(state)
-    ledger = tokenomics.records.ledger.Ledger(str(tmp_path), cwd=str(tmp_path))
+    ledger = tokenomics.records.ledger.Ledger(str(data_dir), cwd=str(data_dir))
     records = tokenomics.records.fanout.Records(ledger)
     pipeline = tokenomics.pipeline.Pipeline(config, store, catalog, tokenomics.http.client.UpstreamClient(),
                                             state=state, journal=journal, environ={}, records=records)
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
     body = json.dumps({"model": "mock-1", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}).encode()
     req = tokenomics.http.server.Request("POST", "/v1/chat/completions", "", [(b"authorization", f"Bearer {token}".encode())],
                                          {"authorization": f"Bearer {token}"}, body)
+    return pipeline, journal, ledger, req
+
+
+def _ledger_ids(path) -> list:
+    return [json.loads(line)["request_id"] for line in Path(path).read_bytes().splitlines()
+            if line.startswith(b'{"type":"request"')]
+
+
+def test_a_governed_request_costs_one_durable_write(tmp_path, monkeypatch):
+    """Reservation, settlement and ledger line of one request: one fsync in all, of the usage
+    journal, whose line carries the ledger line; the ledger's own file is written (not
+    fsync'ed) before the answer is handed back."""
+    pipeline, journal, ledger, req = _in_process_setup(tmp_path)
+    synced = _count_syncs(monkeypatch)
+    ids = []
 
     async def scenario():
         for _ in range(2):
             response = await pipeline(req)
             assert response.status == 200
             assert not journal.needs_commit(state) and not ledger.has_pending()  # durable before the answer
+            ids.append(dict(response.headers)["x-tokenomics-request-id"])
+            assert _ledger_ids(ledger.journal_path) == ids   # in the ledger's file already
 
+    state = pipeline.state
     asyncio.run(scenario())
-    assert sorted(synced) == sorted([journal._fd, ledger._fd] * 2)
-    lines = (tmp_path / "usage.journal").read_bytes().splitlines()
-    assert [sorted(json.loads(x)) for x in lines] == [["o", "s"], ["c", "d", "s"]] * 2
+    assert synced == [journal._fd] * 2
+    lines = [json.loads(x) for x in (tmp_path / "usage.journal").read_bytes().splitlines()]
+    assert [sorted(x) for x in lines] == [["o", "s"], ["c", "d", "s", "x"]] * 2
+    name, _, text = lines[1]["x"]
+    assert name == os.path.basename(ledger.journal_path) and json.loads(text)["request_id"] == ids[0]
+    ledger_fd = ledger._fd
+    ledger.close()
+    assert synced[2] == ledger_fd   # the lines handed over are fsync'ed at close (then the summary's files)
+    journal.close()
+
+
+@pytest.mark.parametrize("kill_at", ["before the ledger write", "after the ledger write"])
+def test_a_kill_around_the_ledger_write_keeps_the_answered_request_exactly_once(tmp_path, monkeypatch, kill_at):
+    """What a kill -9 leaves right after the usage journal's commit (before the ledger line is
+    written to its own file) or right after the ledger write: the restarted proxy's ledger holds
+    the answered request once, whichever it was; a second restart adds nothing."""
+    live, crashed = tmp_path / "live", tmp_path / "crashed"
+    live.mkdir()
+    pipeline, journal, ledger, req = _in_process_setup(live)
+    real_commit, real_write = UsageJournal.commit, tokenomics.records.ledger.Ledger._write
+    kill = {"armed": False}
+
+    def snapshot():
+        if kill["armed"]:
+            kill["armed"] = False
+            shutil.copytree(live, crashed)   # the files as a kill -9 at this instant leaves them
+
+    def commit(self, *args, **kwargs):
+        real_commit(self, *args, **kwargs)
+        if kill_at == "before the ledger write":
+            snapshot()
+
+    def write(self, data):
+        real_write(self, data)
+        if kill_at == "after the ledger write":
+            snapshot()
+    monkeypatch.setattr(UsageJournal, "commit", commit)
+    monkeypatch.setattr(tokenomics.records.ledger.Ledger, "_write", write)
+
+    async def scenario():
+        first = await pipeline(req)          # an earlier request, already in the ledger's file
+        kill["armed"] = True
+        second = await pipeline(req)
+        return [dict(r.headers)["x-tokenomics-request-id"] for r in (first, second)]
+
+    ids = asyncio.run(scenario())
+    assert crashed.exists()
+    ledger_file = crashed / "sessions" / os.path.basename(ledger.journal_path)
+    before = _ledger_ids(ledger_file)
+    assert before == (ids[:1] if kill_at == "before the ledger write" else ids)
+    monkeypatch.undo()
+    for _ in range(2):   # restart, then restart again
+        config = tokenomics.config.load_config(None, str(crashed), environ={})
+        state, restarted = tokenomics.proxy.build_state(config)
+        restarted.close()
+        assert _ledger_ids(ledger_file) == ids
+    (session,) = [s for s in tokenomics.records.ledger.load_sessions(str(crashed))
+                  if s["session_id"] == ledger.session_id]
+    assert [r["request_id"] for r in session["requests"]] == ids
     ledger.close()
     journal.close()
+
+
+def test_the_journal_forgets_carried_ledger_lines_only_once_the_ledger_has_fsynced_them(tmp_path, monkeypatch):
+    """Compaction truncates the usage journal's log, and the ledger lines it carried with it:
+    the ledger file is fsync'ed first. While the ledger cannot write, the log keeps them (no
+    compaction), and they are carried again until written; a restart then finds each once."""
+    pipeline, journal, ledger, req = _in_process_setup(tmp_path)
+    journal.compact_bytes = 1   # compact after every commit that may
+    synced = _count_syncs(monkeypatch)
+    ledger_fd, journal_fd = ledger._fd, journal._fd
+
+    async def one() -> str:
+        response = await pipeline(req)
+        assert response.status == 200
+        return dict(response.headers)["x-tokenomics-request-id"]
+
+    ids = [asyncio.run(one())]
+    assert synced[:2] == [journal_fd, ledger_fd] and synced[-1] == journal_fd   # ledger, then truncation
+    assert (tmp_path / "usage.journal").stat().st_size == 0
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        ledger._fd = full   # every ledger write fails with ENOSPC
+        ids += [asyncio.run(one()), asyncio.run(one())]
+    finally:
+        ledger._fd = ledger_fd
+        os.close(full)
+    carried = [json.loads(x).get("x") for x in (tmp_path / "usage.journal").read_bytes().splitlines()]
+    assert [[json.loads(x)["request_id"] for x in c[2].splitlines()] for c in carried if c] == \
+        [ids[1:2], ids[1:3]]   # kept, and the first carried again
+    assert _ledger_ids(ledger.journal_path) == ids[:1]
+    ids.append(asyncio.run(one()))   # the ledger writes again: all three lines, then compaction
+    assert _ledger_ids(ledger.journal_path) == ids
+    assert (tmp_path / "usage.journal").stat().st_size == 0
+    journal.close()
+    config = tokenomics.config.load_config(None, str(tmp_path), environ={})
+    tokenomics.proxy.build_state(config)[1].close()
+    assert _ledger_ids(ledger.journal_path) == ids
+    ledger.close()
+
+
+def test_restore_carried_truncates_a_torn_tail_and_skips_what_it_cannot_read(tmp_path):
+    """A ledger line torn by the crash is cut off before the restored lines go after it; carried
+    items of the wrong shape or naming another file than a session journal are ignored."""
+    sessions = tmp_path / "sessions"
+    sessions.mkdir()
+    name = "2026-12-04_0123abcd.jsonl"
+    kept = b'{"type":"request","request_id":"req_a","model":"m"}\n'
+    (sessions / name).write_bytes(b'{"type":"session","session_id":"0123abcd"}\n' + kept + b'{"type":"requ')
+    carried = [[name, 10, kept.decode() + '{"type":"request","request_id":"req_b","model":"m"}\n'],
+               ["../../etc/passwd", 0, '{"type":"request","request_id":"req_x"}\n'], "junk", [name, -1, "x"]]
+    restore = tokenomics.records.ledger.restore_carried
+    assert restore(str(tmp_path), carried) == 1
+    assert _ledger_ids(sessions / name) == ["req_a", "req_b"]
+    assert (sessions / name).read_bytes().endswith(b'"req_b","model":"m"}\n')
+    assert restore(str(tmp_path), carried) == 0
+    assert not (tmp_path / "etc").exists()
 
 
 def test_in_process_cancelled_request_is_no_longer_in_flight(tmp_path):

@@ -20,7 +20,7 @@ from .pipeline import Pipeline
 from .providers import Catalog
 from .records.events import WebhookDispatcher
 from .records.fanout import Records
-from .records.ledger import Ledger
+from .records.ledger import Ledger, restore_carried
 from .records.logs import LogOptions, RequestLogger
 from .router import Route, Router
 from .store import TokenStore, ensure_data_dir
@@ -103,7 +103,13 @@ def build_state(config: Config) -> "tuple[State, UsageJournal | None]":
         return RedisState(config.session.redis), None
     state = MemoryState()
     journal = UsageJournal(os.path.join(config.dir, "usage.journal"))
-    journal.replay(state)
+
+    def restore(carried: list) -> None:
+        restored = restore_carried(config.dir, carried)
+        if restored:
+            log.warning("ledger: %d answered requests were missing from their session journal after the "
+                        "proxy last stopped; restored them from the usage journal", restored)
+    journal.replay(state, restore)
     return state, journal
 
 

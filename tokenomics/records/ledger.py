@@ -17,12 +17,15 @@ from typing import Any, Callable, Iterator
 
 from ..errors import RuntimeFailure, UsageError
 from ..records.rollup import NONE_KEY, Figures, Rollup, figures
-from ..util import HASH_PREFIX, PartialWrite, _write_all, atomic_file, log, parse_duration, parse_rfc3339, printable, rfc3339_ms, usd_text
+from ..util import HASH_PREFIX, PartialWrite, _fsync_dir, _write_all, atomic_file, log, parse_duration, parse_rfc3339, printable, rfc3339_ms, usd_text
 
 
-# The journal is the source of truth: one JSON line per governed request, appended in batches
-# (one write + fsync per batch, in a worker thread, group-committed with the usage journal
-# before the request's response completes) so the event loop never waits on the disk. The
+# The journal is the source of truth: one JSON line per governed request, appended in batches.
+# With a usage journal, a batch is handed over to it (Ledger.handing_over): carried in the usage
+# journal's line, whose fsync is the batch's durability, then written here without an fsync of
+# its own; restore_carried() puts back at start what a crash kept from this file. Without one
+# (Redis), a batch gets one write + fsync here. Both happen in the group commit, before the
+# request's response completes, and off the event loop when other requests are in flight. The
 # summary JSON is a convenience written on graceful shutdown; every reader also works from
 # journals alone.
 
@@ -228,9 +231,11 @@ class Ledger:
     on close(), the summary `<date>_<id>.json`. <date> is the UTC date the session started.
 
     record() only serialises and appends to an in-memory batch (no disk I/O); flush() writes the
-    batch with one write and one fsync. The pipeline calls flush() in a worker thread, in the
-    same group commit as the usage journal, before a request's response completes, so a kill -9
-    loses no answered request; run_flusher() flushes whatever else is pending every
+    batch with one write and one fsync; handing_over() gives the batch to the usage journal's
+    commit and then writes it without an fsync (the journal's covers it). The group commit does
+    one of them before a request's response completes, so a kill -9 loses no answered request;
+    sync() fsyncs what was handed over, before the usage journal may forget it (compaction).
+    run_flusher() flushes whatever else is pending every
     `flush_interval` seconds; a graceful stop (cancel the flusher, then close()) loses nothing. A journal write that fails keeps the batch and
     retries it on the next flush (logging once), holding at most _LEDGER_MAX_PENDING lines."""
 
@@ -257,6 +262,9 @@ class Ledger:
         self._lock = threading.Lock()           # guards _pending (record on the loop, flush in a thread)
         self._write_lock = threading.Lock()     # one flush at a time, so batches land in order
         self._failing = False
+        self._written = 0                       # bytes in the journal file
+        self._unsynced = False                  # handed-over lines written and not fsync'ed yet
+        self._torn = False                      # _pending[0] is the unwritten tail of a line
         self._summary: dict | None = None
         header = {"type": "session", "session_id": session_id, "started_at": rfc3339_ms(self.started_at),
                   "git": {"branch": self.git_start["branch"], "commit_start": self.git_start["commit"],
@@ -271,8 +279,10 @@ class Ledger:
                                  "check that the data dir is writable (or pass --dir)") from None
         try:
             os.fchmod(self._fd, 0o600)
-            _write_all(self._fd, _json_bytes(header) + b"\n")
+            line = _json_bytes(header) + b"\n"
+            _write_all(self._fd, line)
             os.fsync(self._fd)
+            self._written = len(line)
         except OSError as exc:
             os.close(self._fd)
             raise RuntimeFailure(f"cannot write the session journal {self.journal_path}: {exc.strerror}") \
@@ -309,29 +319,116 @@ class Ledger:
     def flush(self) -> None:
         """Write the pending batch to the journal with one write and one fsync. Blocking: run it
         in a thread from async code (run_flusher does). Never raises: a failed write is logged
-        once and its unwritten bytes stay queued for the next flush."""
+        once and its unwritten bytes stay queued for the next flush. Lines handed over and not
+        fsync'ed yet are fsync'ed too."""
         with self._write_lock:
+            self._flush()
+
+    def _flush(self) -> None:
+        """flush(), holding _write_lock."""
+        with self._lock:
+            if self._fd < 0:
+                return
+            batch, self._pending = self._pending, []
+        if not batch and not self._unsynced:
+            return
+        data = b"".join(batch)
+        try:
+            self._write(data)
+            self._unsynced = True
+            os.fsync(self._fd)
+            self._unsynced = False
+        except OSError as exc:
+            written = exc.written if isinstance(exc, PartialWrite) else len(data)  # else fsync failed
+            if written < len(data):
+                with self._lock:
+                    self._pending.insert(0, data[written:])
+                self._torn = self._torn or 0 < written
+            self._failed(exc)
+            return
+        self._torn = False
+        self._recovered()
+
+    @contextlib.contextmanager
+    def handing_over(self) -> Iterator[list | None]:
+        """Hand the pending batch to the usage journal: the block gets [file name, offset, lines]
+        to carry in its commit (None when nothing is pending), and when it ends without an error
+        the lines are written here with no fsync: the journal's fsync made them durable, and
+        restore_carried() puts them back after a crash. When the block fails the batch stays
+        queued for the next commit or flush. After a write that failed part-way (the batch then
+        starts inside a line) the batch is flushed here instead. Blocking: holds the file
+        through the block, so the lines land at the offset named."""
+        with self._write_lock:
+            if self._torn:
+                self._flush()
             with self._lock:
-                if not self._pending or self._fd < 0:
-                    return
-                batch, self._pending = self._pending, []
+                if not self._pending or self._fd < 0 or self._torn:
+                    batch = []
+                else:
+                    batch, self._pending = self._pending, []
+            if not batch:
+                yield None
+                return
             data = b"".join(batch)
             try:
-                _write_all(self._fd, data)
-                os.fsync(self._fd)
+                yield [os.path.basename(self.journal_path), self._written, data.decode("utf-8")]
+            except BaseException:
+                self._requeue(batch)
+                raise
+            at = self._written
+            try:
+                self._write(data)
             except OSError as exc:
-                written = exc.written if isinstance(exc, PartialWrite) else len(data)  # else fsync failed
-                if written < len(data):
-                    with self._lock:
-                        self._pending.insert(0, data[written:])
-                if not self._failing:
-                    self._failing = True
-                    log.error("ledger: cannot write the session journal %s: %s; retrying every %.1f s",
-                              self.journal_path, exc.strerror or exc, self.flush_interval)
+                self._failed(exc)
+                written = self._written - at
+                if written:
+                    try:
+                        os.ftruncate(self._fd, at)  # whole lines only, so they can be carried again
+                    except OSError:
+                        self._requeue([data[written:]])
+                        self._torn = True
+                        return
+                    self._written = at
+                self._requeue(batch)
                 return
-            if self._failing:
-                self._failing = False
-                log.warning("ledger: session journal writes recovered")
+            self._unsynced = True
+            self._recovered()
+
+    def sync(self) -> bool:
+        """fsync the lines handed over and written since the last fsync. True when every line
+        ever handed over is on disk here (the usage journal need not keep them any longer)."""
+        with self._write_lock:
+            if self._unsynced and self._fd >= 0:
+                try:
+                    os.fsync(self._fd)
+                except OSError as exc:
+                    self._failed(exc)
+                    return False
+                self._unsynced = False
+            return not self._failing and not self._unsynced
+
+    def _write(self, data: bytes) -> None:
+        try:
+            _write_all(self._fd, data)
+        except PartialWrite as exc:
+            self._written += exc.written
+            raise
+        self._written += len(data)
+
+    def _requeue(self, batch: list) -> None:
+        with self._lock:
+            self._pending[:0] = batch
+
+    def _failed(self, exc: OSError) -> None:
+        if not self._failing:
+            self._failing = True
+            log.error("ledger: cannot write the session journal %s: %s; retrying every %.1f s",
+                      self.journal_path, exc.strerror or exc, self.flush_interval)
+
+    def _recovered(self) -> None:
+        if self._failing:
+            self._failing = False
+            log.warning("ledger: session journal writes recovered")
 
     async def run_flusher(self) -> None:
         """Background task: flush every flush_interval seconds (off the event loop). Cancel it to
@@ -380,6 +477,82 @@ class Ledger:
                       "every request", self.summary_path, exc.strerror or exc, self.journal_path)
         self._summary = head
         return head
+
+
+def restore_carried(data_dir: str, carried: list) -> int:
+    """Put back into their session journals the request lines the usage journal carried
+    (Ledger.handing_over) where a crash kept them from the file, each exactly once: a line whose
+    request id the file already holds is not written again. Call it at start, before the usage
+    journal forgets them (its compaction). Returns how many lines were written."""
+    files: dict[str, list] = {}   # file name -> [lowest offset named, lines in order]
+    for item in carried:
+        if not (isinstance(item, list) and len(item) == 3):
+            continue
+        name, at, text = item
+        if not (isinstance(name, str) and _SESSION_FILE_RE.match(name) and name.endswith(".jsonl")
+                and isinstance(at, int) and at >= 0 and isinstance(text, str)):
+            continue
+        entry = files.setdefault(name, [at, []])
+        entry[0] = min(entry[0], at)
+        entry[1] += [line for line in text.encode("utf-8").split(b"\n") if line]
+    restored = 0
+    for name, (at, lines) in files.items():
+        try:
+            restored += _restore_lines(os.path.join(data_dir, "sessions", name), at, lines)
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot restore answered requests into the session journal {name}: "
+                                 f"{exc.strerror or exc}; check that {data_dir} is writable") from None
+    return restored
+
+
+def _line_request_id(line: bytes) -> str | None:
+    if not line.startswith(_REQUEST_LINE_HEAD):
+        return None
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row.get("request_id") if isinstance(row, dict) else None
+
+
+def _restore_lines(path: str, at: int, lines: list[bytes]) -> int:
+    """Append to `path` those of `lines` whose request id it does not hold from offset `at` on
+    (every line carried for it was written there or later; before it the file was fsync'ed)."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    created = not os.path.exists(path)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        size = os.fstat(fd).st_size
+        start = min(at, size)
+        if start and os.pread(fd, 1, start - 1) != b"\n":
+            start = 0   # not a line boundary: read it all
+        chunks, offset = [], start
+        while offset < size:
+            chunk = os.pread(fd, min(size - offset, 1 << 20), offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+        data = b"".join(chunks)
+        end = data.rfind(b"\n") + 1    # after it: a line torn by the crash
+        seen = {_line_request_id(line) for line in data[:end].split(b"\n")}
+        missing = []
+        for line in lines:
+            rid = _line_request_id(line)
+            if rid is not None and rid not in seen:
+                seen.add(rid)
+                missing.append(line + b"\n")
+        if not missing:
+            return 0
+        os.ftruncate(fd, start + end)   # the restored lines must not glue onto a torn one
+        os.lseek(fd, 0, os.SEEK_END)
+        _write_all(fd, b"".join(missing))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        _fsync_dir(os.path.dirname(path))
+    return len(missing)
 
 
 def _write_summary(path: str, head: dict, journal_path: str) -> None:
