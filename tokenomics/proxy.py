@@ -39,6 +39,7 @@ except ImportError:
 
 MEMORY_TRIM_INTERVAL = 30.0   # seconds between returning freed heap to the OS (~1 ms each)
 STARTUP_TRIM_DELAY = 1.0      # seconds after start: the collection takes ~10 ms, after the listeners open
+GC_YOUNG_THRESHOLD = 10_000   # net container allocations between young collections in a serving process
 
 
 def _release_startup_memory() -> None:
@@ -49,17 +50,35 @@ def _release_startup_memory() -> None:
     _trim_heap()
 
 
+def _tune_gc() -> None:
+    """The cyclic collector in a process that serves: the objects that exist once started
+    (config, compiled rules, detector tables) are frozen, so a full collection no longer walks
+    them (40-100 ms each on this heap, a pause every request in flight waits out), and young
+    collections wait for GC_YOUNG_THRESHOLD net allocations rather than 700: with 64 requests
+    in flight the live request objects alone passed 700, so every few requests a collection
+    walked them and promoted them, only for refcounting to free them a moment later (64
+    connections, typical policy, ~8,000 requests: ~400 collections, 140 ms of CPU -> none).
+    Garbage cycles are still collected, a threshold's worth at a time."""
+    import gc
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 def _trim_heap() -> None:
     with contextlib.suppress(Exception):
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-async def _trim_heap_periodically() -> None:
+async def _trim_heap_periodically(tune_gc: bool = False) -> None:
     """Bursts of concurrent requests leave freed heap that glibc keeps; give it back now and
-    then so the resident size follows the load down (SPEC §14: memory flat over a long run)."""
+    then so the resident size follows the load down (SPEC §14: memory flat over a long run).
+    `tune_gc`: the process only serves (see _tune_gc), set once start-up's garbage is gone."""
     await asyncio.sleep(STARTUP_TRIM_DELAY)
     _release_startup_memory()
+    if tune_gc:
+        _tune_gc()
     while True:
         await asyncio.sleep(MEMORY_TRIM_INTERVAL)
         _trim_heap()
@@ -169,6 +188,7 @@ class Proxy:
                                  max_connections=config.server.max_connections or default_max_connections(),
                                  write_timeout=config.server.write_timeout)
         self.urls: list[str] = []
+        self.serving_process = False   # True: this process does nothing but serve (serve, a worker)
 
     async def start(self, ephemeral_tls: bool | None = None) -> list[str]:
         """Open the configured listeners, or with `ephemeral_tls` set one listener on a free
@@ -179,7 +199,7 @@ class Proxy:
             self._tasks.append(loop.create_task(self.ledger.run_flusher()))
         if self.dispatcher is not None:
             self._tasks.append(loop.create_task(self.dispatcher.run()))
-        self._tasks.append(loop.create_task(_trim_heap_periodically()))
+        self._tasks.append(loop.create_task(_trim_heap_periodically(self.serving_process)))
         if self.sync is not None:
             await self.sync.start()
             self._tasks.append(loop.create_task(self.sync.run()))
@@ -238,6 +258,7 @@ async def _serve_until_signal(proxy: Proxy, ready: Callable[[list[str]], None] |
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    proxy.serving_process = True
     urls = await proxy.start()
     if ready is not None:
         ready(urls)
