@@ -6,9 +6,9 @@ import bisect
 import itertools
 import re
 
-from tokenomics.guard.jailbreak import (_B64_MAX_CHARS, _B64_MAX_RUNS, _JB_MAX_WINDOW, _JB_SPELL_MAX_TEXT, _JB_WINDOW,
+from tokenomics.guard.jailbreak import (_B64_MAX_CHARS, _B64_MAX_RUNS, _JB_MAX_WINDOW, _JB_SPELL_MAX_TEXT, _JB_SPELL_WORDS, _JB_WINDOW,
                                         _LEET, _LEET_CAND_RE, _LEET_WORDS, _NL_RE, _SPACED_RE, _SPACED_SEP_RE, _WS_RE,
-                                        _b64_text, _jb_fold, _jb_normalize, _jb_spellfix)
+                                        _b64_text, _jb_fold, _jb_normalize)
 from tokenomics.guard.lexicon import (_B64_RUN_RE, _JB_OBFUSCATION_WEIGHT, _JB_AI_OWNER_RE, _JB_CONCEPTS, _JB_CORE_DIRECTIVE_RE, _JB_META_RE,
                                       _JB_QUOTED_RE, _JB_SIGNALS, _JB_STRONG_MODE_RE, _JB_TRIGGER_RE, _JB_WORD_RE,
                                       _JB_WORD_SIGNALS)
@@ -130,6 +130,29 @@ def _jb_compile() -> tuple[tuple[re.Pattern, dict, bool], ...]:
 
 
 _JB_REGEXES = _jb_compile()
+
+
+def _one_edit(a: str, b: str) -> bool:
+    """Whether a and b differ by one insertion, deletion, substitution or adjacent swap."""
+    la, lb = len(a), len(b)
+    if abs(la - lb) > 1:
+        return False
+    i = 0
+    while i < min(la, lb) and a[i] == b[i]:
+        i += 1
+    if la == lb:
+        return a[i + 1:] == b[i + 1:] or (i + 1 < la and a[i] == b[i + 1] and a[i + 1] == b[i] and a[i + 2:] == b[i + 2:])
+    return a[i:] == b[i + 1:] if la < lb else a[i + 1:] == b[i:]
+
+
+def _jb_spellfix(m: re.Match) -> str:
+    word = m.group()
+    if len(word) < 5:
+        return word
+    for key in _JB_SPELL_WORDS:
+        if word != key and word[0] == key[0] and _one_edit(word, key):
+            return key
+    return word
 
 
 def _jb_windows(lower: str) -> list[tuple[int, int]]:

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import jb_reference
 from tokenomics.guard import jailbreak, lexicon
-from tokenomics.guard.needs import Needs, pattern_needs
+from tokenomics.guard.needs import Needs, pattern_needs, read_table, table
 
 DATA = Path(__file__).parent / "data"
 
@@ -94,19 +94,36 @@ def _patterns() -> list[tuple[int, re.Pattern]]:
     return out
 
 
-def test_the_prefilter_never_rules_out_a_pattern_that_matches():
-    need, checked, ruled_out = jailbreak._NEEDS.need, 0, 0
+def test_the_prefilter_never_rules_out_a_pattern_or_place_that_matches():
+    needs, checked, ruled_out, places_checked = jailbreak._NEEDS, 0, 0, 0
     patterns = _patterns()
+    assert sorted(k for k, _ in patterns) == list(range(needs.size))
     for text in CORPUS:
-        for v in (text.lower(), text):
-            present = jailbreak._NEEDS.mask(v)
+        for v in (text.lower(), text, jailbreak._jb_fold(text.lower())):
+            mask, _ = needs.scan(v)
+            view = jailbreak._View(v)
             for k, rx in patterns:
-                live = present & need[k] == need[k]
+                live = mask & needs.need[k] == needs.need[k]
+                assert live == bool(view.live >> k & 1)
                 ruled_out += not live
-                if rx.search(v):
-                    checked += 1
-                    assert live, (rx.pattern[:60], v[:80])
-    assert checked > 1000 and ruled_out > checked     # it matters, and was put to the test
+                m = rx.search(v)
+                if m is None:
+                    continue
+                checked += 1
+                assert live, (rx.pattern[:60], v[:80])
+                if needs.started >> k & 1:               # every place a match starts is a candidate
+                    starts = set(view.places[1 << k])
+                    while m:
+                        places_checked += 1
+                        assert m.start() in starts, (rx.pattern[:60], v[:80], m.start())
+                        m = rx.search(v, m.start() + 1)
+    assert checked > 1000 and ruled_out > checked and places_checked > checked   # it was put to the test
+
+
+def test_the_shipped_needs_table_is_current():
+    # Written by tools/lexicon_needs.py; rerun it after changing the lexicon or needs.py.
+    assert jailbreak._KNOWN == read_table(table(jailbreak._ANALYSED))
+    assert len(jailbreak._KNOWN) == len(set(jailbreak._ANALYSED))
 
 
 def test_pattern_needs():

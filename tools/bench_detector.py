@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Microseconds per KB of the jailbreak detector on texts of about 200 B, 1 KB and 10 KB:
 the learned scorer alone (warm: its per-word cache filled by earlier texts; cold: that cache
-emptied before every text) and the whole public jailbreak_score (heuristic signals plus learned part).
+emptied before every text), the heuristic signals alone (_jb_scan: normalising, windows,
+phrase signals, concepts) and the whole public jailbreak_score (heuristic signals plus learned part).
 
     python3 tools/bench_detector.py [--passes 5]
 
@@ -70,9 +71,10 @@ def main() -> int:
         cold.probability(norm, norm.lower())
 
     for size, calls in ((200, 200), (1024, 100), (10240, 20)):
-        row = [measure(f, size, args.passes, calls) for f in (learned_warm, learned_cold, jailbreak.jailbreak_score)]
+        row = [measure(f, size, args.passes, calls)
+               for f in (learned_warm, learned_cold, jailbreak._jb_scan, jailbreak.jailbreak_score)]
         print(f"{size:>6} B: learned {row[0]:7.1f} us/KB warm, {row[1]:7.1f} us/KB cold; "
-              f"jailbreak_score {row[2]:8.1f} us/KB")
+              f"signals {row[2]:8.1f} us/KB; jailbreak_score {row[3]:8.1f} us/KB")
     return 0
 
 

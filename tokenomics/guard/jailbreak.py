@@ -11,7 +11,8 @@ from typing import Any, Iterator
 
 from ..guard.lexicon import _B64_RUN_RE, _JB_AI_OWNER_RE, _JB_CONCEPTS, _JB_CORE_DIRECTIVE_RE, _JB_FAMILY_CAP, _JB_FAMILY_REST, _JB_META_RE, _JB_OBFUSCATION_WEIGHT, _JB_QUOTED_RE, _JB_SIGNALS, _JB_STRONG_MODE_RE, _JB_TRIGGER_RE, _JB_WORD_RE, _JB_WORD_SIGNALS
 from ..guard.learned import LearnedScorer
-from ..guard.needs import Needs
+from ..guard.needs import Needs, read_table, starting_places
+from ..guard.needs_table import TABLE
 from ..guard.scan import _SCAN_CACHE_MIN, _cache_get, _cache_put, _text_key
 
 
@@ -105,24 +106,66 @@ _LEET_WORDS = frozenset(
     "content verbatim hidden secret pretend evil ethics censorship disable turn off".split())
 
 
+class _View:
+    """What the prefilter tells about one text: the patterns whose needed pieces it has
+    (`live`, bit k for pattern k of _NEEDS), and where those that have starts may start."""
+    __slots__ = ("live", "places")
+
+    def __init__(self, v: str):
+        mask, places = _NEEDS.scan(v)
+        self.live = _NEEDS.live(mask)
+        self.places = starting_places(places, self.live & _NEEDS.started)
+
+    def matches(self, rx: re.Pattern, v: str, k: int) -> bool:
+        """rx.search(v) is not None, for pattern k."""
+        if not self.live >> k & 1:
+            return False
+        if _NEEDS.started >> k & 1:
+            return any(rx.match(v, p) for p in self.places.get(1 << k, ()))
+        return rx.search(v) is not None
+
+    def places_of(self, rx: re.Pattern, v: str, k: int) -> list[int]:
+        """Every place where pattern k matches (overlapping matches too)."""
+        if not self.live >> k & 1:
+            return []
+        if _NEEDS.started >> k & 1:
+            return [p for p in self.places.get(1 << k, ()) if rx.match(v, p)]
+        out, m = [], rx.search(v)
+        while m:
+            out.append(m.start())
+            m = rx.search(v, m.start() + 1)
+        return out
+
+    def finditer(self, rx: re.Pattern, v: str, k: int) -> Iterator[re.Match]:
+        """rx.finditer(v), for pattern k (whose matches, where it has starts, are not empty)."""
+        if not self.live >> k & 1:
+            return
+        if not _NEEDS.started >> k & 1:
+            yield from rx.finditer(v)
+            return
+        end = 0
+        for p in self.places.get(1 << k, ()):
+            if p >= end:
+                m = rx.match(v, p)
+                if m:
+                    yield m
+                    end = m.end()
+
+
 class _JbPositions(dict):
     """Word-index spans of each concept in `v` (starts: char offset of each word), found on
     first use: most windows have no directive, role or secret word, and then the concepts
     that only qualify those (dismiss, anchor, reveal...) are never searched; nor is a concept
-    whose needed words `v` lacks (`present`: its _Needs mask)."""
-    __slots__ = ("v", "starts", "present")
+    whose needed pieces `v` lacks (see _View)."""
+    __slots__ = ("v", "starts", "view")
 
-    def __init__(self, v: str, starts: list[int], present: int):
+    def __init__(self, v: str, starts: list[int], view: _View):
         super().__init__()
-        self.v, self.starts, self.present = v, starts, present
+        self.v, self.starts, self.view = v, starts, view
 
     def __missing__(self, name: str) -> list[tuple[int, int]]:
         starts, spans = self.starts, []
-        need = _NEEDS.need[_CONCEPT_NEED[name]]
-        if self.present & need != need:
-            self[name] = spans
-            return spans
-        for m in _JB_CONCEPTS[name].finditer(self.v):
+        for m in self.view.finditer(_JB_CONCEPTS[name], self.v, _CONCEPT_NEED[name]):
             a = bisect.bisect_right(starts, m.start()) - 1
             b = bisect.bisect_right(starts, max(m.start(), m.end() - 1)) - 1
             spans.append((a, b))
@@ -150,15 +193,14 @@ def _jb_starts_in(spans: list[tuple[int, int]], lo: int, hi: int) -> bool:
     return lo <= hi and i < len(spans) and spans[i][0] <= hi
 
 
-def _jb_concept_hits(v: str, hits: set, present: int) -> None:
-    need = _NEEDS.need
+def _jb_concept_hits(v: str, hits: set, view: _View) -> None:
     for k, (sid, family, weight, rx) in enumerate(_JB_WORD_SIGNALS, _WORD_NEED):
-        if present & need[k] == need[k] and rx.search(v):
+        if view.matches(rx, v, k):
             hits.add((sid, family, weight))
     starts = [m.start() for m in _JB_WORD_RE.finditer(v)]
     if not starts:
         return
-    c = _JbPositions(v, starts, present)
+    c = _JbPositions(v, starts, view)
     for a, b in c["directive"]:
         if not _jb_near(c["dismiss"], a, b, 6):
             if c["changed"] and _jb_near(c["changed"], a, b, 6) and any(
@@ -228,37 +270,61 @@ def _jb_compile() -> tuple[tuple[tuple[tuple[int, str, float], re.Pattern, int],
 _JB_GROUPS, _JB_CASED_GROUPS = _jb_compile()
 
 
-# Needs of every pattern run on a window: the phrase signals, then the word signals, then the concepts.
-_NEEDS = Needs([p.removeprefix("cs:") for _, _, p in _JB_SIGNALS] + [rx.pattern for *_, rx in _JB_WORD_SIGNALS]
-                + [rx.pattern for rx in _JB_CONCEPTS.values()])
+# Needs of every pattern run on a window: the phrase signals, then the word signals, then the
+# concepts. Their analyses ship in needs_table.py (written by
+# tools/lexicon_needs.py), as making them takes longer than the rest of the import.
+_WINDOW_PATTERNS = ([p.removeprefix("cs:") for _, _, p in _JB_SIGNALS] + [rx.pattern for *_, rx in _JB_WORD_SIGNALS]
+                    + [rx.pattern for rx in _JB_CONCEPTS.values()])
+
+
+_ANALYSED = _WINDOW_PATTERNS
+
+
+_KNOWN = read_table(TABLE)
+
+
+_NEEDS = Needs(_WINDOW_PATTERNS, _KNOWN)
 
 
 _WORD_NEED = len(_JB_SIGNALS)
 
 
+def _jb_gate(ks: list[int]) -> tuple[str, ...] | None:
+    """Strings one of which a text contains wherever one of the patterns ks of _NEEDS
+    matches (None: no such strings): the letters of each pattern's first needed pieces."""
+    out: set[str] = set()
+    for k in ks:
+        first = 1 << k                               # the bit of pattern k's first set
+        pieces = {piece for piece, bits in _NEEDS.bits.items() if bits & first}
+        if not pieces:
+            return None
+        out |= {piece.strip("^$") for piece in pieces}
+    return tuple(sorted(out))
+
+
+# The cased signals (DAN) need their own look at the window; most windows have none of their words.
+_JB_CASED_GATE = _jb_gate([i for i, (_, _, p) in enumerate(_JB_SIGNALS) if p.startswith("cs:")])
+
+
 _CONCEPT_NEED = {name: _WORD_NEED + len(_JB_WORD_SIGNALS) + k for k, name in enumerate(_JB_CONCEPTS)}
 
 
-def _jb_phrase_hits(v: str, groups: tuple, present: int, hits: set) -> None:
+def _jb_phrase_hits(v: str, groups: tuple, view: _View, hits: set) -> None:
     """The phrase signals of `groups` found in v: in each family, a signal counts where it
-    matches at a place no stronger signal of its family matches. Signals whose needed words
-    v lacks (`present`: its _Needs mask) cannot match and are not run."""
-    need = _NEEDS.need
+    matches at a place no stronger signal of its family matches."""
     for sigs in groups:
-        live = [(hit, rx) for hit, rx, k in sigs if present & need[k] == need[k]]
+        live = [sig for sig in sigs if view.live >> sig[2] & 1]
         if len(live) == 1:
-            if live[0][1].search(v):
-                hits.add(live[0][0])
+            hit, rx, k = live[0]
+            if view.matches(rx, v, k):
+                hits.add(hit)
             continue
         taken: set[int] = set()                  # where a stronger signal of the family matched
-        for hit, rx in live:
-            m = rx.search(v)
-            while m:                             # every place the signal matches
-                p = m.start()
+        for hit, rx, k in live:
+            for p in view.places_of(rx, v, k):
                 if p not in taken:
                     hits.add(hit)
                     taken.add(p)
-                m = rx.search(v, p + 1)
 
 
 _JB_FAMILY_ORDER = ("override", "persona", "developer_mode", "prompt_extraction", "filter_bypass",
@@ -302,12 +368,40 @@ def _one_edit(a: str, b: str) -> bool:
 
 def _jb_spellfix(m: re.Match) -> str:
     word = m.group()
-    if len(word) < 5:
-        return word
-    for key in _JB_SPELL_WORDS:
-        if word != key and word[0] == key[0] and _one_edit(word, key):
-            return key
-    return word
+    fixed = _SPELL_MEMO.get(word)
+    if fixed is None:
+        fixed = word
+        if len(word) >= 5:
+            for key in _JB_SPELL_WORDS:
+                if word != key and word[0] == key[0] and _one_edit(word, key):
+                    fixed = key
+                    break
+        if len(word) <= _SPELL_MEMO_WORD:
+            if len(_SPELL_MEMO) >= _SPELL_MEMO_SIZE:
+                _SPELL_MEMO.clear()
+            _SPELL_MEMO[word] = fixed
+    return fixed
+
+
+_SPELL_MEMO: dict[str, str] = {}   # word -> its spelling fix (texts repeat their words)
+
+
+_SPELL_MEMO_SIZE = 20000           # words kept (then forgotten at once)
+
+
+_SPELL_MEMO_WORD = 40              # chars; longer words are fixed, not kept
+
+
+def _jb_spellfixed(text: str) -> str:
+    """_JB_WORD_RE.sub(_jb_spellfix, text), without the rewrite where no word changes."""
+    memo = _SPELL_MEMO
+    for word in _JB_WORD_RE.findall(text):
+        fixed = memo.get(word)
+        if fixed != word:
+            if fixed is None and len(word) < 5:
+                continue                         # too short to fix
+            return _JB_WORD_RE.sub(_jb_spellfix, text)
+    return text
 
 
 def _jb_windows(lower: str) -> list[tuple[int, int]]:
@@ -322,7 +416,7 @@ def _jb_windows(lower: str) -> list[tuple[int, int]]:
         if word in _LEET_WORDS or _JB_TRIGGER_RE.search(word):
             pos.append(m.start())
     if not pos and len(lower) <= _JB_SPELL_MAX_TEXT:
-        fixed = _JB_WORD_RE.sub(_jb_spellfix, lower)
+        fixed = _jb_spellfixed(lower)
         if fixed != lower and _JB_TRIGGER_RE.search(fixed):
             pos.append(0)
     if not pos:
@@ -349,14 +443,15 @@ def _jb_window_hits(norm: str, hits: set) -> None:
     if folded != lower and sorted(_JB_TRIGGER_RE.findall(folded)) != sorted(_JB_TRIGGER_RE.findall(lower)):
         variants.append(folded)                  # obfuscation changed what reads as a trigger
     if len(lower) <= _JB_SPELL_MAX_TEXT:
-        fixed = _JB_WORD_RE.sub(_jb_spellfix, variants[-1])
+        fixed = _jb_spellfixed(variants[-1])
         if fixed != variants[-1]:
             variants.append(fixed)
     for v in variants:
-        present = _NEEDS.mask(v)
-        _jb_concept_hits(v, hits, present)
-        _jb_phrase_hits(v, _JB_GROUPS, present, hits)
-    _jb_phrase_hits(norm, _JB_CASED_GROUPS, _NEEDS.mask(norm), hits)
+        view = _View(v)
+        _jb_concept_hits(v, hits, view)
+        _jb_phrase_hits(v, _JB_GROUPS, view, hits)
+    if _JB_CASED_GATE is None or any(w in norm for w in _JB_CASED_GATE):
+        _jb_phrase_hits(norm, _JB_CASED_GROUPS, _View(norm), hits)
 
 
 def _jb_scan(text: str) -> set:

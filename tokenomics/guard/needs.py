@@ -6,11 +6,15 @@ of letters of the text, at its start ("^ign"), at its end ("ions$") or as the wh
 parsed pattern and is conservative: where it cannot tell (classes, repeats that may be empty,
 case-insensitive groups), it requires nothing.
 
-`Needs` holds the sets of many patterns as bits: `mask(text)` has the bit of every set that
-the text satisfies, and pattern k can match only if `mask & need[k] == need[k]`."""
+`Needs` holds the sets of many patterns as bits: `scan(text)` has the bit of every set that
+the text satisfies, and `live` of that the bit of every pattern that may match there (the
+j-th set of pattern k of n is bit j * n + k, so that one shift per set tells all patterns)."""
 
 import re
-from typing import Iterable
+import functools
+import hashlib
+import json
+from typing import Any, Iterable
 
 try:
     from re import _parser as _sre              # Python 3.11+
@@ -20,6 +24,9 @@ except ImportError:  # pragma: no cover - Python 3.10
 _MAX_STRINGS = 64                 # strings per set; larger products are not enumerated
 
 
+_MAX_STARTS = 1024                # strings a match may start with; more are not enumerated
+
+
 _MIN_WEIGHT = 3.0                 # a set whose weakest piece weighs less is not kept (such
                                   # pieces are in nearly every text); weight: letters, plus
 _ANCHOR_WEIGHT = 1.5              # this for each end of the piece tied to an end of its run
@@ -27,6 +34,9 @@ _MAX_SETS = 3                     # sets kept per pattern (the heaviest first)
 
 
 _BOUND = "\0"                     # stands for \b in the strings a node matches
+
+
+CHAR = "\1"                       # a start piece that is one character, not letters
 
 
 _RUN_MAX = 40                     # chars; longer letter runs are looked at, not kept
@@ -45,12 +55,13 @@ _REPEATS = tuple(op for op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "
 _GROUPS = tuple(op for op in (_sre.SUBPATTERN, getattr(_sre, "ATOMIC_GROUP", None)) if op)
 
 
-def _product(a: set[str] | None, b: set[str] | None) -> set[str] | None:
-    if a is None or b is None or len(a) * len(b) > _MAX_STRINGS:
+def _product(a: set[str] | None, b: set[str] | None, cap: int = _MAX_STRINGS) -> set[str] | None:
+    if a is None or b is None or len(a) * len(b) > cap:
         return None
     return {x + y for x in a for y in b}
 
 
+@functools.lru_cache(maxsize=4096)
 def _weight(piece: str) -> float:
     return len(piece.strip("^$")) + _ANCHOR_WEIGHT * (piece.startswith("^") + piece.endswith("$"))
 
@@ -87,8 +98,19 @@ def _class_chars(items: list) -> set[str] | None:
     return chars if len(chars) <= _MAX_STRINGS else None
 
 
+_MEMO: dict[tuple[Any, int], tuple[set[str] | None, list[frozenset[str]]]] = {}   # within one analyse()
+
+
 def _node(op, av) -> tuple[set[str] | None, list[frozenset[str]]]:
     """(every string the node can match, if few; the sets of pieces it needs)."""
+    key = (op, id(av))
+    found = _MEMO.get(key)
+    if found is None:
+        found = _MEMO[key] = _node_once(op, av)
+    return found
+
+
+def _node_once(op, av) -> tuple[set[str] | None, list[frozenset[str]]]:
     if op is _sre.AT:
         return ({_BOUND} if av is _sre.AT_BOUNDARY else {""}), []
     if op in _ZERO_WIDTH:
@@ -156,57 +178,212 @@ def _seq(items: Iterable) -> tuple[set[str] | None, list[frozenset[str]]]:
     return exact, needed
 
 
+def _starts(items, i: int = 0) -> set[str] | None:
+    """Strings (with _BOUND for \\b) one of which begins every match of the nodes items[i:]."""
+    data = getattr(items, "data", items)
+    prefix = {""}
+    for k in range(i, len(data)):
+        op, av = data[k]
+        if op is _sre.LITERAL:
+            prefix = {x + chr(av) for x in prefix}
+            continue
+        e, _ = _node(op, av)
+        if e is not None:
+            joined = _product(prefix, e, _MAX_STARTS)
+            if joined is None:
+                return prefix
+            prefix = joined
+            continue
+        sub: set[str] | None = None
+        if op in _REPEATS:
+            sub = _starts(av[2])
+            if av[0] == 0 and sub is not None:       # taken, or skipped for what follows
+                rest = _starts(data, k + 1)
+                sub = None if rest is None else sub | rest
+        elif op is _sre.BRANCH:
+            sub = set()
+            for alt in av[1]:
+                first = _starts(alt)
+                if first is None:
+                    sub = None
+                    break
+                sub |= first
+        elif op in _GROUPS:
+            if op is _sre.SUBPATTERN and not av[1] & (re.IGNORECASE | re.LOCALE):
+                sub = _starts(av[3])
+            elif op is not _sre.SUBPATTERN:
+                sub = _starts(av)
+        joined = _product(prefix, sub, _MAX_STARTS) if sub is not None else None
+        return prefix if joined is None else joined
+    return prefix
+
+
+def _start_piece(s: str) -> str | None:
+    """The piece a match that begins with s begins with: letters, or CHAR and a character
+    that is no letter ("<" for "<|"); None for the empty string."""
+    anchored = s.startswith(_BOUND)
+    s = s.lstrip(_BOUND)
+    m = LETTERS_RE.match(s)
+    if m is None:
+        return CHAR + s[0] if s else None
+    return ("^" if anchored else "") + m.group() + ("$" if m.end() < len(s) else "")
+
+
+def analyse(pattern: str) -> tuple[tuple[frozenset[str], ...], frozenset[str] | None]:
+    """(pattern_needs(pattern), pattern_starts(pattern)), from one parse."""
+    parsed = _sre.parse(pattern)
+    if parsed.state.flags & (re.IGNORECASE | re.LOCALE):
+        return (), None
+    try:
+        _, needed = _seq(parsed)
+        starts = _starts(parsed)
+    finally:
+        _MEMO.clear()                                # its keys are ids of this parse's nodes
+    pieces: set[str] | None = set()
+    for s in starts or ():
+        piece = _start_piece(s)
+        if piece is None:
+            pieces = None
+            break
+        pieces.add(piece)
+    return tuple(sorted(set(needed), key=_score, reverse=True)[:_MAX_SETS]), (frozenset(pieces) if pieces else None)
+
+
 def pattern_needs(pattern: str) -> tuple[frozenset[str], ...]:
     """The sets of pieces that every match of `pattern` (compiled without flags) contains one
     piece of each. Empty: the pattern could match anywhere."""
-    parsed = _sre.parse(pattern)
-    if parsed.state.flags & (re.IGNORECASE | re.LOCALE):
-        return ()
-    _, needed = _seq(parsed)
-    return tuple(sorted(set(needed), key=_score, reverse=True)[:_MAX_SETS])
+    return analyse(pattern)[0]
+
+
+def pattern_starts(pattern: str) -> frozenset[str] | None:
+    """The pieces one of which every match of `pattern` (compiled without flags) begins
+    with, or None: a match can start only where one of them starts in a run of letters (or
+    at a character that is no letter: CHAR and that character)."""
+    return analyse(pattern)[1]
+
+
+Analysis = tuple[tuple[frozenset[str], ...], frozenset[str] | None]
+
+
+def pattern_key(pattern: str) -> str:
+    return hashlib.blake2b(pattern.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+
+
+def table(patterns: Iterable[str]) -> str:
+    """The analyses of `patterns` as JSON text, keyed by pattern_key (see read_table)."""
+    rows = {}
+    for pattern in patterns:
+        needs, starts = analyse(pattern)
+        rows[pattern_key(pattern)] = [[sorted(p) for p in needs], sorted(starts) if starts else None]
+    return json.dumps(rows, sort_keys=True, separators=(",", ":"))
+
+
+def read_table(text: str) -> dict[str, Analysis]:
+    return {key: (tuple(frozenset(p) for p in needs), frozenset(starts) if starts else None)
+            for key, (needs, starts) in json.loads(text).items()}
 
 
 class Needs:
-    """The needs of many patterns, and a text's pieces (from its letter runs, whose results
-    are kept: texts repeat their words)."""
+    """The needs and starts of many patterns, and a text's pieces (from its letter runs,
+    whose results are kept: texts repeat their words). `known`: analyses already made (see
+    table); the other patterns are analysed here."""
 
-    def __init__(self, patterns: Iterable[str]):
+    def __init__(self, patterns: Iterable[str], known: dict[str, Analysis] | None = None):
+        patterns = list(patterns)
+        n = self.size = len(patterns)
         self.need: list[int] = []
         self.bits: dict[str, int] = {}
-        bit = 0
-        for pattern in patterns:
+        self.starts: dict[str, int] = {}             # start piece -> bits (1 << k) of pattern k
+        self.chars: dict[str, int] = {}              # start character -> bits (1 << k) of pattern k
+        self.started = 0                             # the bits of patterns that have starts
+        self._free = [0] * _MAX_SETS                 # per set j: patterns with fewer sets than j + 1
+        for k, pattern in enumerate(patterns):
             mask = 0
-            for pieces in pattern_needs(pattern):
-                for piece in pieces:
-                    self.bits[piece] = self.bits.get(piece, 0) | 1 << bit
-                mask |= 1 << bit
-                bit += 1
+            found = known.get(pattern_key(pattern)) if known else None
+            needs, starts = found if found is not None else analyse(pattern)
+            for j in range(_MAX_SETS):
+                if j >= len(needs):
+                    self._free[j] |= 1 << k
+                    continue
+                bit = 1 << (j * n + k)
+                for piece in needs[j]:
+                    self.bits[piece] = self.bits.get(piece, 0) | bit
+                mask |= bit
             self.need.append(mask)
-        self._longest = max((len(p.strip("^$")) for p in self.bits), default=0)
-        self._heads = frozenset(p[:3] for p in self.bits if p[0] != "^" and p[-1] != "$")
-        self._runs: dict[str, int] = {}
+            for piece in starts or ():
+                if piece[0] == CHAR:
+                    self.chars[piece[1]] = self.chars.get(piece[1], 0) | 1 << k
+                else:
+                    self.starts[piece] = self.starts.get(piece, 0) | 1 << k
+                self.started |= 1 << k
+        self._longest = max((len(p.strip("^$")) for p in (*self.bits, *self.starts)), default=0)
+        self._runs: dict[str, tuple[int, tuple[tuple[int, int], ...]]] = {}
 
-    def _run_mask(self, run: str) -> int:
-        bits, n, longest = self.bits, len(run), self._longest
-        mask = bits.get("^" + run + "$", 0)
+    def _run_info(self, run: str) -> tuple[int, tuple[tuple[int, int], ...]]:
+        """(the need bits the run satisfies, (offset, bits of the patterns that may start there)...)."""
+        bits, starts, n, longest = self.bits, self.starts, len(run), self._longest
+        at: dict[int, int] = {}
+
+        def look(key: str, offset: int) -> int:
+            b = starts.get(key)
+            if b:
+                at[offset] = at.get(offset, 0) | b
+            return bits.get(key, 0)
+
+        mask = look("^" + run + "$", 0)
         for j in range(1, min(n, longest) + 1):
-            mask |= bits.get("^" + run[:j], 0) | bits.get(run[n - j:] + "$", 0)
-        heads = self._heads
-        for i in range(n - 2):
-            if run[i:i + 3] in heads:
-                for j in range(i + 3, min(n, i + longest) + 1):
-                    mask |= bits.get(run[i:j], 0)
-        return mask
+            mask |= look("^" + run[:j], 0) | look(run[n - j:] + "$", n - j)
+        for i in range(n):
+            for j in range(i + 1, min(n, i + longest) + 1):
+                mask |= look(run[i:j], i)
+        return mask, tuple(sorted(at.items()))
 
-    def mask(self, text: str) -> int:
-        mask, runs = 0, self._runs
-        for run in set(LETTERS_RE.findall(text)):
-            m = runs.get(run)
-            if m is None:
-                m = self._run_mask(run)
+    def scan(self, text: str) -> tuple[int, list[tuple[int, int]]]:
+        """(the need bits `text` satisfies, [(place, bits of the patterns that may start there)...])."""
+        mask, places, runs = 0, [], self._runs
+        for m in LETTERS_RE.finditer(text):
+            run = m.group()
+            info = runs.get(run)
+            if info is None:
+                info = self._run_info(run)
                 if len(run) <= _RUN_MAX:
                     if len(runs) >= _RUNS_KEPT:
                         runs.clear()
-                    runs[run] = m
-            mask |= m
-        return mask
+                    runs[run] = info
+            mask |= info[0]
+            if info[1]:
+                start = m.start()
+                places.extend((start + offset, b) for offset, b in info[1])
+        found = False
+        for c, b in self.chars.items():
+            i = text.find(c)
+            while i >= 0:
+                places.append((i, b))
+                found = True
+                i = text.find(c, i + 1)
+        if found:
+            places.sort()
+        return mask, places
+
+    def live(self, mask: int) -> int:
+        """The bits (1 << k) of the patterns k whose needs `mask` satisfies."""
+        n, all_ = self.size, (1 << self.size) - 1
+        live = all_
+        for j, free in enumerate(self._free):
+            live &= (mask >> (j * n)) & all_ | free
+        return live
+
+    def mask(self, text: str) -> int:
+        return self.scan(text)[0]
+
+
+def starting_places(places: list[tuple[int, int]], wanted: int) -> dict[int, list[int]]:
+    """{bit of pattern k: the places (ascending) where k may start} for the patterns in `wanted`."""
+    out: dict[int, list[int]] = {}
+    for place, b in places:
+        b &= wanted
+        while b:
+            low = b & -b
+            out.setdefault(low, []).append(place)
+            b ^= low
+    return out
