@@ -101,6 +101,40 @@ class _ClientGone(Exception):
     """The client closed its connection; nothing more can be sent."""
 
 
+class _ClientProtocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol, which also tells when the client goes away (end of its data,
+    or the connection lost): the handler of a request then in progress is cancelled from here,
+    so no task has to sit in a read beside every request to find out."""
+
+    def __init__(self, reader: asyncio.StreamReader, connected: Callable, loop):
+        super().__init__(reader, connected, loop=loop)
+        self.gone = False            # the client has closed its side (or the connection is lost)
+        self.waiting: "asyncio.Task | None" = None   # the connection task while it awaits a handler
+        self.cancelled = False       # `waiting` was cancelled because the client left
+
+    def _client_left(self) -> None:
+        self.gone = True
+        task, self.waiting = self.waiting, None
+        if task is not None:
+            self.cancelled = True
+            task.cancel()
+
+    def eof_received(self):
+        keep_open = super().eof_received()
+        self._client_left()
+        return keep_open
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        self._client_left()
+
+
+def _uncancel(task: asyncio.Task) -> int:
+    """Withdraw one cancellation request of `task`; the number still pending (3.10: none kept)."""
+    uncancel = getattr(task, "uncancel", None)
+    return uncancel() if uncancel is not None else 0
+
+
 def _fd_limit() -> int:
     try:
         import resource
@@ -169,9 +203,12 @@ class HTTPServer:
         loop = asyncio.get_running_loop()
         if loop.get_exception_handler() is None:
             loop.set_exception_handler(self._loop_exception)
-        server = await asyncio.start_server(self._connection, host, port, ssl=ssl_context, limit=1 << 20,
-                                            backlog=_accept_backlog(self.max_connections), reuse_address=True,
-                                            reuse_port=reuse_port or None)
+
+        def protocol() -> _ClientProtocol:   # asyncio.start_server's, with the departure hook
+            return _ClientProtocol(asyncio.StreamReader(limit=1 << 20, loop=loop), self._connection, loop)
+        server = await loop.create_server(protocol, host, port, ssl=ssl_context,
+                                          backlog=_accept_backlog(self.max_connections), reuse_address=True,
+                                          reuse_port=reuse_port or None)
         self._servers.append(server)
         return server
 
@@ -387,42 +424,32 @@ class HTTPServer:
             await self._write(conn, writer, resp, head_only=False)
 
     async def _respond(self, conn, reader, writer, request: Request) -> bool:
-        """Run the handler while watching for the client going away; write the response."""
-        loop = asyncio.get_running_loop()
-        gone = loop.create_future()
-        handler = loop.create_task(self.handler(request))
-        # The client leaving cancels the handler (a no-op once it has answered): cheaper per
-        # request than asyncio.wait over both, which builds and tears down a waiter each time.
-        gone.add_done_callback(lambda _: handler.cancel())
-        watcher = loop.create_task(self._watch(reader, gone, conn))
+        """Run the handler, cancelled if the client goes away meanwhile (the protocol tells:
+        no task reads beside it); write the response. False: the connection is done."""
+        task = asyncio.current_task()
+        proto = writer.transport.get_protocol()
+        if not isinstance(proto, _ClientProtocol):   # not a connection of listen(): nobody tells
+            proto = _ClientProtocol(reader, None, asyncio.get_running_loop())
+        proto.cancelled = False
+        proto.waiting = task
+        if proto.gone:   # left before its request was read: the handler stops at its first wait
+            asyncio.get_running_loop().call_soon(proto._client_left)
         try:
-            try:
-                response = await handler
-            except asyncio.CancelledError:
-                if gone.done() and not asyncio.current_task().cancelling():
-                    return False  # the client left: its handler was cancelled, not this connection
-                raise
-            await self._write(conn, writer, response, head_only=request.method == "HEAD", gone=gone)
-            return not gone.done()
+            response = await self.handler(request)
+        except asyncio.CancelledError:
+            if proto.cancelled and not _uncancel(task):
+                return False  # the client left: its handler was cancelled, not this connection
+            raise
         finally:
-            watcher.cancel()
-            with contextlib.suppress(BaseException):
-                await watcher  # the reader must be free before the next request is read
-            if not gone.done():
-                gone.cancel()
+            proto.waiting = None
+        if proto.cancelled:   # the handler answered although cancelled: the client is gone all the same
+            _uncancel(task)
+            return False
+        await self._write(conn, writer, response, head_only=request.method == "HEAD", gone=proto)
+        return not proto.gone
 
-    @staticmethod
-    async def _watch(reader, gone: asyncio.Future, conn) -> None:
-        """Resolve `gone` when the client closes; bytes of a pipelined next request are kept."""
-        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-            data = await reader.read(65536)
-            if data:
-                conn.receive_data(data)
-                return
-        if not gone.done():
-            gone.set_result(True)
-
-    async def _write(self, conn, writer, response: Response, head_only: bool, gone=None) -> None:
+    async def _write(self, conn, writer, response: Response, head_only: bool,
+                     gone: "_ClientProtocol | None" = None) -> None:
         headers = [(k, v) for k, v in response.headers if k.lower() not in ("content-length", "transfer-encoding",
                                                                             "connection")]
         if self._closing:
@@ -444,7 +471,7 @@ class HTTPServer:
             await self._drain(writer)
             try:
                 async for chunk in stream:
-                    if gone is not None and gone.done():
+                    if gone is not None and gone.gone:
                         raise _ClientGone()
                     if chunk:
                         writer.write(conn.send(h11.Data(data=chunk)))
