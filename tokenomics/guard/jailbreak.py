@@ -454,19 +454,43 @@ def _jb_window_hits(norm: str, hits: set) -> None:
         _jb_phrase_hits(norm, _JB_CASED_GROUPS, _View(norm), hits)
 
 
+_WINDOW_HITS: dict[bytes, frozenset] = {}   # digest of a window -> its signals
+
+
+_WINDOW_HITS_KEPT = 8192           # windows whose signals are kept (then forgotten at once)
+
+
+def _jb_window_hits_kept(window: str) -> frozenset:
+    """_jb_window_hits of a window, kept for windows seen again: a conversation resends its
+    history with each turn, and the windows of the old turns come out as they were (the
+    text-level caches miss, as the text grew)."""
+    if len(window) < _SCAN_CACHE_MIN:
+        hits: set = set()
+        _jb_window_hits(window, hits)
+        return frozenset(hits)
+    key = _text_key(window)
+    found = _WINDOW_HITS.get(key)
+    if found is None:
+        hits = set()
+        _jb_window_hits(window, hits)
+        found = frozenset(hits)
+        if len(_WINDOW_HITS) >= _WINDOW_HITS_KEPT:
+            _WINDOW_HITS.clear()
+        _WINDOW_HITS[key] = found
+    return found
+
+
 def _jb_scan(text: str) -> set:
     """The signals of one text. In talk about prompt injection, quoted text is left out."""
     hits: set = set()
     norm = _jb_normalize(text)
     lower = norm.lower()
     for s, e in _jb_windows(lower):
-        window: set = set()
-        _jb_window_hits(norm[s:e], window)
+        window = _jb_window_hits_kept(norm[s:e])
         if window and _JB_META_RE.search(lower, s, e):
             unquoted = _JB_QUOTED_RE.sub(" ", norm[s:e])
             if unquoted != norm[s:e]:
-                window = set()
-                _jb_window_hits(unquoted, window)
+                window = _jb_window_hits_kept(unquoted)
         hits |= window
     for k, m in enumerate(_B64_RUN_RE.finditer(text)):
         if k >= _B64_MAX_RUNS:
