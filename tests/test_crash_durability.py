@@ -1,0 +1,280 @@
+"""Answered requests across crashes (SPEC §7, §9): the usage journal's line carries the ledger's
+request lines, so a kill -9 of a real `tokenomics serve` between the journal's fdatasync and the
+ledger's write, or in the middle of that write, costs no ledger line and no budget charge, and
+neither does a second restart; what the journal carries is the ledger record, never the prompt
+or the token; without a usage journal the ledger fsyncs itself."""
+import asyncio
+import json
+import os
+import signal
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+import tokenomics.config
+import tokenomics.http.client
+import tokenomics.http.server
+import tokenomics.pipeline
+import tokenomics.providers
+import tokenomics.proxy
+import tokenomics.records.fanout
+import tokenomics.records.ledger
+import tokenomics.store
+from conftest import TOKENOMICS, base_env
+from test_charging import BODY, DEADLINE, charged
+from test_proxy import raw
+from test_workers import alive, children, redis_config, wait_until
+
+
+def ledger_ids(data_dir: Path) -> dict[str, list]:
+    """session journal file name -> the request ids of its complete request lines, in order."""
+    out = {}
+    for path in sorted((data_dir / "sessions").glob("*.jsonl")):
+        ids = []
+        for line in path.read_bytes().splitlines(keepends=True):
+            if line.startswith(b'{"type":"request"') and line.endswith(b"\n"):
+                ids.append(json.loads(line)["request_id"])
+        out[path.name] = ids
+    return out
+
+
+def answer(proxy, token: str, body: dict) -> tuple[int, str]:
+    status, headers, _ = raw(proxy, "POST", "/v1/chat/completions", body, {"Authorization": f"Bearer {token}"})
+    return status, headers["x-tokenomics-request-id"]
+
+
+def answered_then_killed(cli, stub, start_proxy, data_dir, token: str) -> list[str]:
+    """A real `serve` answers a plain request, a stream and a refusal, then dies by kill -9."""
+    proxy = start_proxy(upstream_url=stub.url, subprocess=True)
+    ids = []
+    for body, status in ((BODY, 200), ({**BODY, "stream": True}, 200), ({**BODY, "model": 3}, 400), (BODY, 200)):
+        got, rid = answer(proxy, token, body)
+        assert got == status
+        ids.append(rid)
+    proxy.stop(signal.SIGKILL)
+    return ids
+
+
+# --- kill -9 between the journal's fdatasync and the ledger's write, or in the middle of it ---------
+
+@pytest.mark.subprocess_proxy
+@pytest.mark.parametrize("crash", ["last line never written", "last line torn", "nothing lost"])
+def test_kill_9_around_the_ledger_write_then_two_restarts_keep_each_answer_and_charge_once(
+        cli, stub, start_proxy, data_dir, crash):
+    """What a kill -9 leaves in the session journal right after the usage journal's fdatasync
+    (the last line not written yet), or in the middle of its write (half of it), or after it:
+    the restarted proxy puts the line back once, a second restart (after another kill -9)
+    and a graceful third add nothing, and the budget is charged once for each answer."""
+    token = cli.token({"budget": {"tokens": {"total": 1_000_000}}})
+    ids = answered_then_killed(cli, stub, start_proxy, data_dir, token)
+    spent = charged(data_dir)
+    assert spent > 0
+    (name,) = ledger_ids(data_dir)
+    path = data_dir / "sessions" / name
+    assert ledger_ids(data_dir) == {name: ids}
+    data = path.read_bytes()
+    last = data.rstrip(b"\n").rfind(b"\n") + 1   # where the last request line starts
+    if crash == "last line never written":
+        path.write_bytes(data[:last])
+    elif crash == "last line torn":
+        path.write_bytes(data[:last + (len(data) - last) // 2])
+    for restart in range(3):
+        proxy = start_proxy(upstream_url=stub.url, subprocess=True)
+        restored = crash != "nothing lost" and restart == 0
+        assert ("restored them from the usage journal" in proxy.stderr) == restored, proxy.stderr
+        assert ledger_ids(data_dir)[name] == ids   # each once, in the order answered
+        assert path.read_bytes().endswith(b"}\n")  # no torn fragment left inside the file
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert charged(data_dir) == spent
+        if restart < 2:
+            proxy.stop(signal.SIGKILL)
+        else:
+            assert proxy.stop(signal.SIGTERM) == 0
+    assert charged(data_dir) == spent
+    sessions = tokenomics.records.ledger.load_sessions(str(data_dir))
+    (crashed,) = [s for s in sessions if s["session_id"] == name.split("_")[1][:8]]
+    assert [r["request_id"] for r in crashed["requests"]] == ids
+
+
+@pytest.mark.subprocess_proxy
+def test_a_stream_answered_before_the_kill_is_in_the_ledger_and_charged_once(cli, stub, start_proxy, data_dir):
+    """A stream's ledger line rides in the usage journal's line committed before its last chunk:
+    cut from the session journal by a crash, it comes back once with its whole usage."""
+    token = cli.token({"budget": {"tokens": {"total": 1_000_000}}})
+    proxy = start_proxy(upstream_url=stub.url, subprocess=True)
+    stub.set_stream_chunks(["abcdefg "] * 40)
+    status, rid = answer(proxy, token, {**BODY, "stream": True})
+    assert status == 200
+    proxy.stop(signal.SIGKILL)
+    (name,) = ledger_ids(data_dir)
+    path = data_dir / "sessions" / name
+    before = [json.loads(x) for x in path.read_bytes().splitlines()][-1]
+    assert before["request_id"] == rid and before["stream"] and before["output_tokens"] >= 40
+    spent = charged(data_dir)
+    data = path.read_bytes()
+    path.write_bytes(data[:data.rstrip(b"\n").rfind(b"\n") + 1])   # the line the kill kept from the file
+    for _ in range(2):
+        proxy = start_proxy(upstream_url=stub.url, subprocess=True)
+        proxy.stop(signal.SIGKILL)
+    rows = [json.loads(x) for x in path.read_bytes().splitlines()]
+    assert [r for r in rows if r["type"] == "request"] == [before]
+    assert charged(data_dir) == spent
+
+
+# --- what the journal carries: the ledger record, never the prompt or the token --------------------
+
+def test_a_huge_prompt_is_not_carried_and_no_file_holds_the_token(cli, stub, start_proxy, data_dir):
+    """A 4 MB prompt: its usage journal line carries the ledger record (about a kilobyte), not
+    the prompt; no file in the data dir holds the prompt or the raw token; what the change
+    writes is private (0600 files, a 0700 sessions dir)."""
+    token = cli.token({"budget": {"tokens": {"total": 10_000_000}}})
+    proxy = start_proxy(upstream_url=stub.url)
+    marker = "zqxj-prompt-marker-"
+    prompt = (marker * (4 * 1024 * 1024 // len(marker)))
+    body = {**BODY, "messages": [{"role": "user", "content": prompt}]}
+    status, rid = answer(proxy, token, body)
+    assert status == 200
+    assert answer(proxy, token, BODY)[0] == 200
+    lines = (data_dir / "usage.journal").read_bytes().splitlines()
+    carrying = [x for x in lines if rid.encode() in x]
+    assert len(carrying) == 1 and len(carrying[0]) < 4096, [len(x) for x in carrying]
+    assert proxy.stop() == 0
+    files = [p for p in data_dir.rglob("*") if p.is_file()]
+    assert any(p.name == "usage.journal.snapshot" for p in files)
+    for p in files:
+        content = p.read_bytes()
+        assert token.encode() not in content, p
+        assert marker.encode() not in content, p
+    for p in [data_dir / "usage.journal", data_dir / "usage.journal.snapshot",
+              *(data_dir / "sessions").iterdir()]:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    assert stat.S_IMODE((data_dir / "sessions").stat().st_mode) == 0o700
+
+
+@pytest.mark.subprocess_proxy
+def test_a_session_journal_restored_after_it_was_lost_is_private_and_holds_no_token(cli, stub, start_proxy, data_dir):
+    """A crashed session's journal gone altogether (the kill came before anything of it reached
+    the disk, or it was moved away): the restart rebuilds it from the usage journal, 0600, with
+    the token's hash prefix only."""
+    token = cli.token({"budget": {"tokens": {"total": 1_000_000}}})
+    ids = answered_then_killed(cli, stub, start_proxy, data_dir, token)
+    (name,) = ledger_ids(data_dir)
+    (data_dir / "sessions" / name).unlink()
+    proxy = start_proxy(upstream_url=stub.url, subprocess=True)
+    assert ledger_ids(data_dir)[name] == ids
+    path = data_dir / "sessions" / name
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert token.encode() not in path.read_bytes()
+    assert proxy.stop() == 0
+
+
+# --- without a usage journal the ledger's own fsync makes the line durable -------------------------
+
+def _pipeline(data_dir: Path, state, journal, policy: dict, config=None):
+    config = config or tokenomics.config.load_config(None, str(data_dir), environ={})
+    catalog = tokenomics.providers.Catalog(config, environ={})
+    store = tokenomics.store.TokenStore(config, catalog, environ={})
+    token, _ = store.create({"provider": "mock", **policy})
+    ledger = tokenomics.records.ledger.Ledger(str(data_dir), cwd=str(data_dir))
+    records = tokenomics.records.fanout.Records(ledger)
+    pipeline = tokenomics.pipeline.Pipeline(config, store, catalog, tokenomics.http.client.UpstreamClient(),
+                                            state=state, journal=journal, environ={}, records=records)
+    body = json.dumps({"model": "mock-1", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    req = tokenomics.http.server.Request("POST", "/v1/chat/completions", "", [(b"authorization", f"Bearer {token}".encode())],
+                                         {"authorization": f"Bearer {token}"}, body)
+    return pipeline, ledger, req
+
+
+def _synced_paths(monkeypatch) -> list:
+    """The files fsync'ed or fdatasync'ed from now on, by path, in order."""
+    synced: list = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+
+        def sync(fd, real=real):
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            return real(fd)
+        monkeypatch.setattr(os, name, sync)
+    return synced
+
+
+def test_with_redis_keeping_the_counters_the_ledger_fsyncs_each_answer_itself(tmp_path, monkeypatch, redis_server):
+    """session.backend: redis (what --workers needs): no usage journal to carry the ledger's
+    lines, so the ledger's own fsync covers each answered request before its answer."""
+    (tmp_path / "config.yaml").write_text(json.dumps(redis_config(redis_server)))   # JSON is YAML
+    config = tokenomics.config.load_config(str(tmp_path / "config.yaml"), str(tmp_path), environ={})
+    state, journal = tokenomics.proxy.build_state(config)
+    assert journal is None
+    pipeline, ledger, req = _pipeline(tmp_path, state, journal, {"budget": {"tokens": {"total": 100000}}}, config)
+    synced = _synced_paths(monkeypatch)
+
+    async def scenario():
+        for n in range(2):
+            response = await pipeline(req)
+            assert response.status == 200
+            rid = dict(response.headers)["x-tokenomics-request-id"]
+            assert synced.count(ledger.journal_path) == n + 1                  # fsync'ed ...
+            assert rid in ledger_ids(tmp_path)[os.path.basename(ledger.journal_path)]   # ... with its line
+
+    asyncio.run(scenario())
+    assert not (tmp_path / "usage.journal").exists()
+    ledger.close()
+    state.close()
+
+
+# --- another process on the same data dir ----------------------------------------------------------
+
+@pytest.mark.subprocess_proxy
+def test_a_second_process_on_the_data_dir_restores_nothing_into_a_live_session(cli, stub, start_proxy, data_dir):
+    """While a proxy serves, its last answered line may be in the usage journal and not yet in
+    its session journal (the instant between the two writes, made to last here by cutting the
+    line off). A second `serve` on the dir is refused before it replays anything, and `token
+    show` reads a copy of the journal: neither writes into the live session, so the live proxy's
+    own write cannot be doubled. Once the live proxy is gone, a restart puts the line back once."""
+    token = cli.token({"budget": {"tokens": {"total": 1_000_000}}})
+    proxy = start_proxy(upstream_url=stub.url, subprocess=True)
+    ids = [answer(proxy, token, BODY)[1] for _ in range(2)]
+    (name,) = ledger_ids(data_dir)
+    path = data_dir / "sessions" / name
+    data = path.read_bytes()
+    path.write_bytes(data[:data.rstrip(b"\n").rfind(b"\n") + 1])
+    before = {p: p.read_bytes() for p in data_dir.rglob("*") if p.is_file() and p.name != "proxy.lock"}
+    second = subprocess.run([*TOKENOMICS, "serve", "--port", "0", "--no-tls", "--upstream-url", stub.url],
+                            cwd=cli.cwd, env=base_env(data_dir), capture_output=True, text=True, timeout=DEADLINE * 3)
+    assert second.returncode != 0 and "another tokenomics proxy is serving" in second.stderr, second.stderr
+    shown = cli("token", "list", "--json")
+    assert shown.returncode == 0, shown.stderr
+    after = {p: p.read_bytes() for p in data_dir.rglob("*") if p.is_file() and p.name != "proxy.lock"}
+    assert after == before
+    assert ledger_ids(data_dir)[name] == ids[:1]
+    proxy.stop(signal.SIGKILL)
+    proxy = start_proxy(upstream_url=stub.url, subprocess=True)
+    assert ledger_ids(data_dir)[name] == ids
+    assert proxy.stop() == 0
+
+
+@pytest.mark.subprocess_proxy
+def test_workers_killed_outright_keep_every_answered_ledger_line(cli, stub, start_proxy, data_dir, redis_server):
+    """--workers 2 (Redis keeps the counters; no worker opens the usage journal): each worker's
+    ledger fsyncs its own lines, so a kill -9 of the supervisor and its workers keeps every
+    answered request, once, and a restart adds nothing."""
+    token = cli.token({"budget": {"tokens": {"total": 1_000_000}}})
+    config = redis_config(redis_server)
+    proxy = start_proxy(upstream_url=stub.url, config=config, args=["--workers", "2"])
+    workers = wait_until(lambda: (lambda c: len(c) == 2 and c)(children(proxy.proc.pid)), 10, "two workers")
+    ids = []
+    for n in range(8):
+        status, rid = answer(proxy, token, {**BODY, "stream": n % 2 == 1})
+        assert status == 200
+        ids.append(rid)
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    proxy.stop(signal.SIGKILL)
+    wait_until(lambda: not any(alive(p) for p in workers), 10, "the workers to be gone")
+    found = sorted(i for v in ledger_ids(data_dir).values() for i in v)
+    assert found == sorted(ids)
+    assert not (data_dir / "usage.journal").exists()
+    proxy = start_proxy(upstream_url=stub.url, config=config, args=["--workers", "2"])
+    assert proxy.stop() == 0
+    assert sorted(i for v in ledger_ids(data_dir).values() for i in v) == sorted(ids)
