@@ -6,12 +6,20 @@ import bisect
 import itertools
 import re
 
-from tokenomics.guard.jailbreak import (_B64_MAX_CHARS, _B64_MAX_RUNS, _JB_MAX_WINDOW, _JB_SPELL_MAX_TEXT, _JB_SPELL_WORDS, _JB_WINDOW,
-                                        _LEET, _LEET_CAND_RE, _LEET_WORDS, _NL_RE, _SPACED_RE, _SPACED_SEP_RE, _WS_RE,
-                                        _b64_text, _jb_fold, _jb_normalize)
-from tokenomics.guard.lexicon import (_B64_RUN_RE, _JB_OBFUSCATION_WEIGHT, _JB_AI_OWNER_RE, _JB_CONCEPTS, _JB_CORE_DIRECTIVE_RE, _JB_META_RE,
-                                      _JB_QUOTED_RE, _JB_SIGNALS, _JB_STRONG_MODE_RE, _JB_TRIGGER_RE, _JB_WORD_RE,
-                                      _JB_WORD_SIGNALS)
+from tokenomics.guard.jailbreak import (_B64_MAX_CHARS, _B64_MAX_RUNS, _INNER_PUNCT_RE, _JB_MAX_WINDOW, _JB_SPELL_MAX_TEXT,
+                                        _JB_SPELL_WORDS, _JB_WINDOW, _LEET, _LEET_CAND_RE, _LEET_INNER_RE, _LEET_WORD_RE,
+                                        _LEET_WORDS, _NL_RE, _SPACED_RE, _SPACED_SEP_RE, _WS_RE, _b64_text, _jb_normalize)
+from tokenomics.guard.lexicon import (_B64_RUN_RE, _JB_AI_OWNER_RE, _JB_CONCEPTS, _JB_CORE_DIRECTIVE_RE, _JB_META_RE,
+                                      _JB_OBFUSCATION_WEIGHT, _JB_QUOTED_RE, _JB_SIGNALS, _JB_STRONG_MODE_RE,
+                                      _JB_TRIGGER_WORDS, _JB_WORD_RE, _JB_WORD_SIGNALS, _word_trie)
+
+
+# The trigger regex as first written (the lexicon's is the same alternation, flattened).
+_JB_TRIGGER_RE = re.compile(
+    _word_trie(_JB_TRIGGER_WORDS)
+    + r"|\bdan\b|mode\b|<\||<<\s*/?\s*sys|\[\s*/?\s*(?:inst|system|admin|developer)|</?\s*(?:system|sys|admin|developer"
+    r"|root|instructions)\b|#{2,}\s*(?:system|instruction|new|admin|override|developer)|(?:system|admin|developer|root"
+    r"|human)\s*:|assistant\s*:\s*sure|\b(?:ai|llm|bot|agent)s?\s*[,:]")
 
 
 class _JbPositions(dict):
@@ -130,6 +138,15 @@ def _jb_compile() -> tuple[tuple[re.Pattern, dict, bool], ...]:
 
 
 _JB_REGEXES = _jb_compile()
+
+
+def _jb_fold(lower: str) -> str:
+    """Matching-only copy: leetspeak folded inside words that also contain letters,
+    punctuation inside words dropped (i.g.n.o.r.e, ignore.all.previous), letter spacing joined."""
+    folded = _LEET_WORD_RE.sub(lambda m: m.group().translate(_LEET) if any(c.isalpha() for c in m.group()) else m.group(), lower)
+    folded = _LEET_INNER_RE.sub("i", folded)
+    folded = _SPACED_RE.sub(lambda m: _SPACED_SEP_RE.sub("", m.group()), folded)
+    return _INNER_PUNCT_RE.sub(" ", folded)
 
 
 def _one_edit(a: str, b: str) -> bool:

@@ -84,6 +84,19 @@ _TEXTS = st.lists(st.one_of(st.sampled_from(_words()), st.sampled_from(_PUNCT)),
 def test_fast_scan_equals_reference_on_random_lexicon_texts(text):
     for variant in (text, text.upper(), text.capitalize()):
         assert jailbreak._jb_scan(variant) == jb_reference._jb_scan(variant)
+    lower = text.lower()
+    assert ([m.span() for m in lexicon._JB_TRIGGER_RE.finditer(lower)]
+            == [m.span() for m in jb_reference._JB_TRIGGER_RE.finditer(lower)])
+
+
+def test_the_flat_trigger_regex_finds_what_the_nested_one_did():
+    found = 0
+    for text in CORPUS:
+        for v in (text.lower(), jailbreak._jb_fold(text.lower())):
+            spans = [m.span() for m in lexicon._JB_TRIGGER_RE.finditer(v)]
+            assert spans == [m.span() for m in jb_reference._JB_TRIGGER_RE.finditer(v)], v[:80]
+            found += len(spans)
+    assert found > 1000
 
 
 def _patterns() -> list[tuple[int, re.Pattern]]:

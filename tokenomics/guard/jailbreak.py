@@ -63,10 +63,17 @@ _SPACED_RE = re.compile(r"(?<![\w])(?:[a-z0-9@$][ ._*/-]){3,}[a-z0-9@$](?![\w])"
 _SPACED_SEP_RE = re.compile(r"[ ._*/-]")
 
 
+# What every match of _SPACED_RE contains, found faster (it starts with a class, not a look-behind).
+_SPACED_PRE_RE = re.compile(r"[a-z0-9@$][ ._*/-][a-z0-9@$][ ._*/-][a-z0-9@$][ ._*/-][a-z0-9@$]")
+
+
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"})
 
 
 _LEET_WORD_RE = re.compile(r"[a-z0-9@$]*[0-9@$][a-z0-9@$]*")
+
+
+_LEET_CHAR_RE = re.compile(r"[0-9@$]")      # in every match of _LEET_WORD_RE and _LEET_CAND_RE
 
 
 _LEET_INNER_RE = re.compile(r"(?<=[a-z])[!|](?=[a-z])")
@@ -108,19 +115,25 @@ _LEET_WORDS = frozenset(
 
 class _View:
     """What the prefilter tells about one text: the patterns whose needed pieces it has
-    (`live`, bit k for pattern k of _NEEDS), and where those that have starts may start."""
-    __slots__ = ("live", "places")
+    (`live`, bit k for pattern k of _NEEDS), and where those that have starts may start.
+    A plain view (v None) tells nothing: every pattern is searched for, which is cheaper
+    for a few patterns than looking at the text's words."""
+    __slots__ = ("live", "places", "started")
 
-    def __init__(self, v: str):
+    def __init__(self, v: str | None):
+        if v is None:
+            self.live, self.places, self.started = -1, {}, 0
+            return
         mask, places = _NEEDS.scan(v)
         self.live = _NEEDS.live(mask)
-        self.places = starting_places(places, self.live & _NEEDS.started)
+        self.started = _NEEDS.started
+        self.places = starting_places(places, self.live & self.started)
 
     def matches(self, rx: re.Pattern, v: str, k: int) -> bool:
         """rx.search(v) is not None, for pattern k."""
         if not self.live >> k & 1:
             return False
-        if _NEEDS.started >> k & 1:
+        if self.started >> k & 1:
             return any(rx.match(v, p) for p in self.places.get(1 << k, ()))
         return rx.search(v) is not None
 
@@ -128,7 +141,7 @@ class _View:
         """Every place where pattern k matches (overlapping matches too)."""
         if not self.live >> k & 1:
             return []
-        if _NEEDS.started >> k & 1:
+        if self.started >> k & 1:
             return [p for p in self.places.get(1 << k, ()) if rx.match(v, p)]
         out, m = [], rx.search(v)
         while m:
@@ -140,7 +153,7 @@ class _View:
         """rx.finditer(v), for pattern k (whose matches, where it has starts, are not empty)."""
         if not self.live >> k & 1:
             return
-        if not _NEEDS.started >> k & 1:
+        if not self.started >> k & 1:
             yield from rx.finditer(v)
             return
         end = 0
@@ -150,6 +163,9 @@ class _View:
                 if m:
                     yield m
                     end = m.end()
+
+
+_PLAIN = _View(None)
 
 
 class _JbPositions(dict):
@@ -347,9 +363,13 @@ def _jb_normalize(text: str) -> str:
 def _jb_fold(lower: str) -> str:
     """Matching-only copy: leetspeak folded inside words that also contain letters,
     punctuation inside words dropped (i.g.n.o.r.e, ignore.all.previous), letter spacing joined."""
-    folded = _LEET_WORD_RE.sub(lambda m: m.group().translate(_LEET) if any(c.isalpha() for c in m.group()) else m.group(), lower)
-    folded = _LEET_INNER_RE.sub("i", folded)
-    folded = _SPACED_RE.sub(lambda m: _SPACED_SEP_RE.sub("", m.group()), folded)
+    folded = lower
+    if _LEET_CHAR_RE.search(folded):
+        folded = _LEET_WORD_RE.sub(lambda m: m.group().translate(_LEET) if any(c.isalpha() for c in m.group()) else m.group(), folded)
+    if "!" in folded or "|" in folded:
+        folded = _LEET_INNER_RE.sub("i", folded)
+    if _SPACED_PRE_RE.search(folded):
+        folded = _SPACED_RE.sub(lambda m: _SPACED_SEP_RE.sub("", m.group()), folded)
     return _INNER_PUNCT_RE.sub(" ", folded)
 
 
@@ -408,10 +428,10 @@ def _jb_windows(lower: str) -> list[tuple[int, int]]:
     """Where to look: every signal contains a trigger word, so only the text around trigger
     words (plainly written, letter-spaced, leetspeak or, in short texts, misspelt) is analysed."""
     pos = [m.start() for m in _JB_TRIGGER_RE.finditer(lower)]
-    for m in _SPACED_RE.finditer(lower):
+    for m in _SPACED_RE.finditer(lower) if _SPACED_PRE_RE.search(lower) else ():
         if _JB_TRIGGER_RE.search(_SPACED_SEP_RE.sub("", m.group())):
             pos.append(m.start())
-    for m in _LEET_CAND_RE.finditer(lower):
+    for m in _LEET_CAND_RE.finditer(lower) if _LEET_CHAR_RE.search(lower) else ():
         word = m.group().translate(_LEET)
         if word in _LEET_WORDS or _JB_TRIGGER_RE.search(word):
             pos.append(m.start())
@@ -451,7 +471,7 @@ def _jb_window_hits(norm: str, hits: set) -> None:
         _jb_concept_hits(v, hits, view)
         _jb_phrase_hits(v, _JB_GROUPS, view, hits)
     if _JB_CASED_GATE is None or any(w in norm for w in _JB_CASED_GATE):
-        _jb_phrase_hits(norm, _JB_CASED_GROUPS, _View(norm), hits)
+        _jb_phrase_hits(norm, _JB_CASED_GROUPS, _PLAIN, hits)
 
 
 _WINDOW_HITS: dict[bytes, frozenset] = {}   # digest of a window -> its signals

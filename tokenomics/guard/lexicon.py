@@ -87,11 +87,21 @@ _JB_TRIGGER_WORDS = tuple(w.strip() for w in (
     "sem filtr, sem censur, sem limit, senza filtr, senza restri, senza censur, senza limit").split(","))
 
 
+def _flat(trie: str) -> str:
+    """The alternatives of a _word_trie, for an alternation of their own."""
+    assert trie.startswith("(?:") and trie.endswith(")") and "" not in _JB_TRIGGER_WORDS
+    return trie[3:-1]
+
+
+# Every alternative starts with a literal character ("\\bdan" is written "d(?<=\\bd)an"), so
+# that `re` skips the places where none can start and tries the alternatives' first characters
+# rather than each whole alternative: twice as fast as the same regex with the trie nested.
 _JB_TRIGGER_RE = re.compile(
-    _word_trie(_JB_TRIGGER_WORDS)
-    + r"|\bdan\b|mode\b|<\||<<\s*/?\s*sys|\[\s*/?\s*(?:inst|system|admin|developer)|</?\s*(?:system|sys|admin|developer"
-    r"|root|instructions)\b|#{2,}\s*(?:system|instruction|new|admin|override|developer)|(?:system|admin|developer|root"
-    r"|human)\s*:|assistant\s*:\s*sure|\b(?:ai|llm|bot|agent)s?\s*[,:]")
+    _flat(_word_trie(_JB_TRIGGER_WORDS))
+    + r"|d(?<=\bd)an\b|mode\b|<\||<<\s*/?\s*sys|\[\s*/?\s*(?:inst|system|admin|developer)|</?\s*(?:system|sys|admin"
+    r"|developer|root|instructions)\b|##+\s*(?:system|instruction|new|admin|override|developer)|system\s*:|admin\s*:"
+    r"|developer\s*:|root\s*:|human\s*:|assistant\s*:\s*sure|a(?<=\ba)is?\s*[,:]|l(?<=\bl)lms?\s*[,:]|b(?<=\bb)ots?\s*[,:]"
+    r"|a(?<=\ba)gents?\s*[,:]")
 
 
 _B64_RUN_RE = re.compile(r"[A-Za-z0-9+/_-]{%d,}={0,2}" % _B64_MIN_RUN)
