@@ -13,14 +13,9 @@ from pathlib import Path
 
 import pytest
 import tokenomics.config
-import tokenomics.http.client
 import tokenomics.http.server
-import tokenomics.pipeline
-import tokenomics.providers
 import tokenomics.proxy
-import tokenomics.records.fanout
 import tokenomics.records.ledger
-import tokenomics.store
 from conftest import TOKENOMICS, base_env
 from test_charging import BODY, DEADLINE, charged
 from test_proxy import raw
@@ -171,19 +166,25 @@ def test_a_session_journal_restored_after_it_was_lost_is_private_and_holds_no_to
 
 # --- without a usage journal the ledger's own fsync makes the line durable -------------------------
 
-def _pipeline(data_dir: Path, state, journal, policy: dict, config=None):
-    config = config or tokenomics.config.load_config(None, str(data_dir), environ={})
-    catalog = tokenomics.providers.Catalog(config, environ={})
-    store = tokenomics.store.TokenStore(config, catalog, environ={})
-    token, _ = store.create({"provider": "mock", **policy})
-    ledger = tokenomics.records.ledger.Ledger(str(data_dir), cwd=str(data_dir))
-    records = tokenomics.records.fanout.Records(ledger)
-    pipeline = tokenomics.pipeline.Pipeline(config, store, catalog, tokenomics.http.client.UpstreamClient(),
-                                            state=state, journal=journal, environ={}, records=records)
-    body = json.dumps({"model": "mock-1", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}).encode()
-    req = tokenomics.http.server.Request("POST", "/v1/chat/completions", "", [(b"authorization", f"Bearer {token}".encode())],
-                                         {"authorization": f"Bearer {token}"}, body)
-    return pipeline, ledger, req
+def _proxy(data_dir: Path, monkeypatch, config: dict | None = None) -> "tokenomics.proxy.Proxy":
+    """The objects `serve` builds over `data_dir` (its usage journal or Redis, its ledger), in
+    this process and not listening: tests call its pipeline."""
+    path = None
+    if config is not None:
+        path = data_dir / "config.yaml"
+        path.write_text(json.dumps(config))   # JSON is YAML
+    monkeypatch.chdir(data_dir)   # the ledger's git context is the cwd's
+    loaded = tokenomics.config.load_config(str(path) if path else None, str(data_dir), environ={})
+    return tokenomics.proxy.Proxy(loaded, environ={})
+
+
+def _request(proxy, policy: dict) -> tokenomics.http.server.Request:
+    """A chat request to the mock provider with a new token of `policy`."""
+    token, _ = proxy.store.create({"provider": "mock", **policy})
+    body = json.dumps({"model": "mock-1", "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]})
+    auth = f"Bearer {token}"
+    return tokenomics.http.server.Request("POST", "/v1/chat/completions", "", [(b"authorization", auth.encode())],
+                                          {"authorization": auth}, body.encode())
 
 
 def _synced_paths(monkeypatch) -> list:
@@ -202,11 +203,10 @@ def _synced_paths(monkeypatch) -> list:
 def test_with_redis_keeping_the_counters_the_ledger_fsyncs_each_answer_itself(tmp_path, monkeypatch, redis_server):
     """session.backend: redis (what --workers needs): no usage journal to carry the ledger's
     lines, so the ledger's own fsync covers each answered request before its answer."""
-    (tmp_path / "config.yaml").write_text(json.dumps(redis_config(redis_server)))   # JSON is YAML
-    config = tokenomics.config.load_config(str(tmp_path / "config.yaml"), str(tmp_path), environ={})
-    state, journal = tokenomics.proxy.build_state(config)
-    assert journal is None
-    pipeline, ledger, req = _pipeline(tmp_path, state, journal, {"budget": {"tokens": {"total": 100000}}}, config)
+    proxy = _proxy(tmp_path, monkeypatch, redis_config(redis_server))
+    assert proxy.journal is None
+    pipeline, ledger = proxy.pipeline, proxy.ledger
+    req = _request(proxy, {"budget": {"tokens": {"total": 100000}}})
     synced = _synced_paths(monkeypatch)
 
     async def scenario():
@@ -218,9 +218,8 @@ def test_with_redis_keeping_the_counters_the_ledger_fsyncs_each_answer_itself(tm
             assert rid in ledger_ids(tmp_path)[os.path.basename(ledger.journal_path)]   # ... with its line
 
     asyncio.run(scenario())
+    asyncio.run(proxy.stop())
     assert not (tmp_path / "usage.journal").exists()
-    ledger.close()
-    state.close()
 
 
 # --- another process on the same data dir ----------------------------------------------------------
