@@ -565,7 +565,7 @@ class Pipeline:
         """What the conversation log keeps of an answer: output rules applied, placeholders kept."""
         if not attempt.guard_out.active:
             return lambda text: text
-        quiet = Guard(attempt.route.rules, "output", attempt.anonymizer, [])
+        quiet = attempt.route.guard("output", attempt.anonymizer, [])   # the route's plan: no sorting again
 
         def mask(text: str) -> str:
             try:
@@ -599,7 +599,7 @@ class Pipeline:
         holdback = self.config.guardrails.stream_holdback
         # Events that repeat a whole text (Responses *.done) are rewritten the same way, with
         # their matches not counted twice.
-        quiet = Guard(attempt.route.rules, "output", attempt.anonymizer, []) if guard is not None else None
+        quiet = attempt.route.guard("output", attempt.anonymizer, []) if guard is not None else None
 
         def whole(text: str) -> str:
             text = quiet.scan(text) if quiet is not None else text
