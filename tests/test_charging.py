@@ -502,17 +502,22 @@ def test_reservation_opened_and_settled_in_one_batch_writes_only_its_usage(tmp_p
     res, _ = s.reserve([TOTAL], 100, 0.0, 0.0)
     s.settle(res, 40, 0.0, 0.0)
     j.commit(s)
-    (line,) = (tmp_path / "usage.journal").read_bytes().splitlines()
+    (line,) = _log_lines(tmp_path / "usage.journal")
     assert json.loads(line) == {"s": 1, "d": [["k", "tokens", "total", 0.0, 40]]}
     res, _ = s.reserve([TOTAL], 100, 0.0, 0.0)
     j.commit(s)  # write-ahead: the open reservation is on disk ...
     s.release(res)
     j.commit(s)  # ... and so is its release: it will not be charged after a crash
-    recs = [json.loads(x) for x in (tmp_path / "usage.journal").read_bytes().splitlines()]
+    recs = [json.loads(x) for x in _log_lines(tmp_path / "usage.journal")]
     assert recs[1]["o"] == [[res.id, [["k", "tokens", "total", 0.0, 100]]]] and recs[2]["c"] == [res.id]
     s2 = MemoryState()
     UsageJournal(tmp_path / "usage.journal").replay(s2)
     assert s2.usage(TOTAL, 0.0) == (40, 0)
+
+
+def _log_lines(path) -> list:
+    """The usage journal's lines (the log ends where the zeros written ahead of it start)."""
+    return Path(path).read_bytes().partition(b"\0")[0].splitlines()
 
 
 def _count_syncs(monkeypatch) -> list:
@@ -591,7 +596,7 @@ def test_a_governed_request_costs_one_durable_write(tmp_path, monkeypatch):
     state = pipeline.state
     asyncio.run(scenario())
     assert synced == [journal._fd] * 2
-    lines = [json.loads(x) for x in (tmp_path / "usage.journal").read_bytes().splitlines()]
+    lines = [json.loads(x) for x in _log_lines(tmp_path / "usage.journal")]
     assert [sorted(x) for x in lines] == [["o", "s"], ["c", "d", "s", "x"]] * 2
     name, _, text = lines[1]["x"]
     assert name == os.path.basename(ledger.journal_path) and json.loads(text)["request_id"] == ids[0]
@@ -677,7 +682,7 @@ def test_the_journal_forgets_carried_ledger_lines_only_once_the_ledger_has_fsync
     finally:
         ledger._fd = ledger_fd
         os.close(full)
-    carried = [json.loads(x).get("x") for x in (tmp_path / "usage.journal").read_bytes().splitlines()]
+    carried = [json.loads(x).get("x") for x in _log_lines(tmp_path / "usage.journal")]
     assert [[json.loads(x)["request_id"] for x in c[2].splitlines()] for c in carried if c] == \
         [ids[1:2], ids[1:3]]   # kept, and the first carried again
     assert _ledger_ids(ledger.journal_path) == ids[:1]

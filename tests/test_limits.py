@@ -687,7 +687,7 @@ def test_journal_round_trip_and_file_modes(tmp_path):
         j.commit(s)  # nothing pending: nothing written
         assert s.drain() == []
         assert mode(j.path) == 0o600
-        assert len((tmp_path / "usage.jsonl").read_bytes().splitlines()) == 1
+        assert len((tmp_path / "usage.jsonl").read_bytes().partition(b"\0")[0].splitlines()) == 1
         j.compact(s)
         assert mode(j.snapshot_path) == 0o600
     finally:
@@ -718,6 +718,43 @@ def test_journal_replay_ignores_a_torn_last_line(tmp_path):
     s = MemoryState()
     UsageJournal(path).replay(s)
     assert s.usage(line, T0) == (35, 0)
+
+
+def test_journal_lines_overwrite_zeros_written_ahead_so_most_commits_keep_the_file_size(tmp_path, monkeypatch):
+    """A commit writes zeros ahead of the log (never past compact_bytes), so the next commits'
+    lines land on them and leave the file's size alone: their fdatasync has no size to commit.
+    Replay reads the log up to its first NUL, cuts a torn line there, and appends after it."""
+    path = tmp_path / "usage.jsonl"
+    line = BudgetLine("k", "tokens", "total", 10**9)
+    j, s = UsageJournal(path, compact_bytes=200_000), MemoryState()
+    j.replay(s)
+    synced = []
+    real = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(fd), real(fd))[1])
+    sizes = []
+    for n in range(1, 51):
+        spend(s, line, n, T0)
+        j.commit(s)
+        sizes.append(os.path.getsize(path))
+    assert synced == [j._fd] * 50   # one fdatasync per commit, nothing else
+    assert len(set(sizes)) == 1 and 100_000 < sizes[0] <= 200_000   # written ahead once, then overwritten
+    data = path.read_bytes()
+    log, zeros = data[:data.index(b"\0")], data[data.index(b"\0"):]
+    assert len(log.splitlines()) == 50 and zeros.strip(b"\0") == b""
+    j.close()
+    with open(path, "r+b") as f:  # kill -9 in the middle of a write over the zeros
+        f.seek(len(log))
+        f.write(b'{"s":51,"d":[["k","tokens","total",0.0,1')
+    j, s = UsageJournal(path), MemoryState()
+    j.replay(s)
+    assert s.usage(line, T0) == (sum(range(51)), 0)
+    spend(s, line, 1000, T0)
+    j.commit(s)     # after the last whole line, not glued onto the fragment
+    j.close()
+    s = MemoryState()
+    UsageJournal(path).replay(s)
+    assert s.usage(line, T0) == (sum(range(51)) + 1000, 0)
+    assert len(path.read_bytes().partition(b"\0")[0].splitlines()) == 51
 
 
 def test_journal_compaction_keeps_totals_and_bounds_the_log(tmp_path):
