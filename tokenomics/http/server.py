@@ -246,8 +246,8 @@ class HTTPServer:
             raise h11.RemoteProtocolError("unexpected event before the request", 400)
         raw_headers = event.headers.raw_items()
         headers: dict[str, str] = {}
-        for name, value in event.headers:
-            key = name.decode("latin-1")
+        for name, value in raw_headers:     # a list: iterating h11's Headers goes item by item in Python
+            key = name.lower().decode("latin-1")
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
         target = event.target.decode("latin-1")
