@@ -183,3 +183,15 @@ def test_a_resent_conversation_reuses_the_signals_of_its_old_windows(monkeypatch
     scanned.clear()
     jailbreak._WINDOW_HITS.clear()
     assert jailbreak._jb_scan(grown) == after and len(scanned) > 20
+
+
+def test_every_hit_a_concept_block_adds_is_listed_for_its_skip():
+    # A block of _jb_concept_hits is skipped where all it can add is found already: a hit
+    # added there but missing from _JB_CONCEPT_BLOCK_HITS would then be lost.
+    source = Path(jailbreak.__file__).read_text(encoding="utf-8")
+    body = source[source.index("def _jb_concept_hits"):source.index("def _jb_compile")]
+    added = {(sid, family, float(w)) for sid, family, w in re.findall(r'\("(c-[a-z-]+)", "([a-z_]+)", ([0-9.]+)\)', body)}
+    listed = set().union(*jailbreak._JB_CONCEPT_BLOCK_HITS.values())
+    assert added == listed and len(added) == 16
+    blocks = set(re.findall(r'for a, b in spans\("([a-z_]+)"\)', body))
+    assert blocks == set(jailbreak._JB_CONCEPT_BLOCK_HITS)

@@ -209,15 +209,35 @@ def _jb_starts_in(spans: list[tuple[int, int]], lo: int, hi: int) -> bool:
     return lo <= hi and i < len(spans) and spans[i][0] <= hi
 
 
+# What each block of _jb_concept_hits can add, by the concept it loops over.
+_JB_CONCEPT_BLOCK_HITS = {
+    "directive": {("c-changed", "override", 0.5), ("c-override", "override", 1.0), ("c-override-weak", "override", 0.4)},
+    "strong_safety": {("c-filter", "filter_bypass", 1.0), ("c-filter-weak", "filter_bypass", 0.6),
+                      ("c-filter-off", "filter_bypass", 1.0), ("c-filter-off-weak", "filter_bypass", 0.6)},
+    "safety": {("c-filter-yours", "filter_bypass", 0.8), ("c-filter-weak", "filter_bypass", 0.5)},
+    "role": {("c-persona", "persona", 1.0), ("c-persona-bad", "persona", 0.6)},
+    "secret": {("c-extract", "prompt_extraction", 1.0)},
+    "ai_reader": {("c-indirect", "override", 1.0)},
+    "recency": {("c-recency", "persona", 0.4)},
+    "mode": {("c-mode", "developer_mode", 1.0), ("c-mode-weak", "developer_mode", 0.6)},
+}
+
+
 def _jb_concept_hits(v: str, hits: set, view: _View) -> None:
     for k, (sid, family, weight, rx) in enumerate(_JB_WORD_SIGNALS, _WORD_NEED):
-        if view.matches(rx, v, k):
+        if (sid, family, weight) not in hits and view.matches(rx, v, k):
             hits.add((sid, family, weight))
     starts = [m.start() for m in _JB_WORD_RE.finditer(v)]
     if not starts:
         return
     c = _JbPositions(v, starts, view)
-    for a, b in c["directive"]:
+
+    def spans(name: str) -> list[tuple[int, int]]:
+        """The spans of a concept that starts a block, none if all the block adds is in hits
+        (from another variant of the window)."""
+        return [] if hits.issuperset(_JB_CONCEPT_BLOCK_HITS[name]) else c[name]
+
+    for a, b in spans("directive"):
         if not _jb_near(c["dismiss"], a, b, 6):
             if c["changed"] and _jb_near(c["changed"], a, b, 6) and any(
                     v[starts[x]:starts[x] + 4] == "your" for x, _ in _jb_near(c["anchor"], a, b, 3)):
@@ -232,55 +252,57 @@ def _jb_concept_hits(v: str, hits: set, view: _View) -> None:
             hits.add(("c-override", "override", 1.0))
         elif _jb_near(c["dismiss"], a, b, 4):
             hits.add(("c-override-weak", "override", 0.4))
-    for a, b in c["strong_safety"]:
+    for a, b in spans("strong_safety"):
         addressed = bool(_jb_near(c["you"], a, b, 4)) and not _jb_near(c["user_owned"], a, b, 4)
         if _jb_near(c["dismiss"], a, b, 5):
             hits.add(("c-filter", "filter_bypass", 1.0) if addressed else ("c-filter-weak", "filter_bypass", 0.6))
         if _jb_near(c["off"], a, b, 3):
             hits.add(("c-filter-off", "filter_bypass", 1.0) if addressed else ("c-filter-off-weak", "filter_bypass", 0.6))
-    for a, b in c["safety"]:
+    for a, b in spans("safety"):
         addressed = bool(_jb_near(c["you"], a, b, 3)) and not _jb_near(c["user_owned"], a, b, 3)
         if _jb_near(c["dismiss"], a, b, 4) or _jb_near(c["off"], a, b, 2):
             hits.add(("c-filter-yours", "filter_bypass", 0.8) if addressed else ("c-filter-weak", "filter_bypass", 0.5))
-    for a, b in c["role"]:
+    for a, b in spans("role"):
         if any(x > b for x, _ in _jb_near(c["unbound"], a, b, 14)):
             hits.add(("c-persona", "persona", 1.0))
         if any(x > b for x, _ in _jb_near(c["bad_persona"], a, b, 6)):
             hits.add(("c-persona-bad", "persona", 0.6))
-    for a, b in c["secret"]:
+    for a, b in spans("secret"):
         for x, _ in _jb_near(c["reveal"], a, b, 8):
             if not _jb_starts_in(c["negation"], a - 3, x - 1):
                 hits.add(("c-extract", "prompt_extraction", 1.0))
                 break
     # A note addressed to an AI reader that asks for secrecy, exfiltration or a new task is an
     # indirect injection (documents, web pages, e-mails); the address alone is only a hint.
-    for a, b in c["ai_reader"]:
+    for a, b in spans("ai_reader"):
         if _jb_near(c["payload"], a, b, 30):
             hits.add(("c-indirect", "override", 1.0))
             break
     # "From now on" + talk to the model: a behaviour change, never enough alone.
-    for a, b in c["recency"]:
+    for a, b in spans("recency"):
         if _jb_near(c["you"], a, b, 10):
             hits.add(("c-recency", "persona", 0.4))
             break
-    for a, b in c["mode"]:
+    for a, b in spans("mode"):
         if _jb_near(c["mode_on"], a, b, 3):
             strong = _JB_STRONG_MODE_RE.search(v, starts[max(0, a - 2)], starts[b] + 5) is not None
             hits.add(("c-mode", "developer_mode", 1.0) if strong else ("c-mode-weak", "developer_mode", 0.6))
 
 
-def _jb_compile() -> tuple[tuple[tuple[tuple[int, str, float], re.Pattern, int], ...], ...]:
+def _jb_compile() -> tuple[tuple[tuple[tuple[tuple[tuple[int, str, float], re.Pattern, int], ...], int], ...], ...]:
     """The phrase signals grouped per family and case mode, strongest first: where two signals
     of a family match at the same place only the stronger one counts (as in one alternation
-    per family). Each signal: (its hit, its pattern, its index in _NEEDS)."""
+    per family). Each signal: (its hit, its pattern, its index in _NEEDS); each family: (its
+    signals, the bits of their indices)."""
     groups: dict[tuple[str, bool], list] = {}
     for i, (family, weight, pattern) in enumerate(_JB_SIGNALS):
         cased = pattern.startswith("cs:")
         groups.setdefault((family, cased), []).append(((i, family, weight), re.compile(pattern.removeprefix("cs:")), i))
     for sigs in groups.values():
         sigs.sort(key=lambda s: -s[0][2])
-    return (tuple(tuple(sigs) for (_, cased), sigs in groups.items() if not cased),
-            tuple(tuple(sigs) for (_, cased), sigs in groups.items() if cased))
+    family = {key: sum(1 << k for _, _, k in sigs) for key, sigs in groups.items()}
+    return (tuple((tuple(sigs), family[key]) for key, sigs in groups.items() if not key[1]),
+            tuple((tuple(sigs), family[key]) for key, sigs in groups.items() if key[1]))
 
 
 _JB_GROUPS, _JB_CASED_GROUPS = _jb_compile()
@@ -327,16 +349,24 @@ _CONCEPT_NEED = {name: _WORD_NEED + len(_JB_WORD_SIGNALS) + k for k, name in enu
 
 def _jb_phrase_hits(v: str, groups: tuple, view: _View, hits: set) -> None:
     """The phrase signals of `groups` found in v: in each family, a signal counts where it
-    matches at a place no stronger signal of its family matches."""
-    for sigs in groups:
+    matches at a place no stronger signal of its family matches. Signals already in `hits`
+    (from another variant of the window) are looked for only as far as weaker ones need."""
+    for sigs, family in groups:
+        if not view.live & family:
+            continue
         live = [sig for sig in sigs if view.live >> sig[2] & 1]
-        if len(live) == 1:
+        last = len(live) - 1                     # the weakest signal not yet found
+        while last >= 0 and live[last][0] in hits:
+            last -= 1
+        if last < 0:
+            continue
+        if last == 0:
             hit, rx, k = live[0]
             if view.matches(rx, v, k):
                 hits.add(hit)
             continue
         taken: set[int] = set()                  # where a stronger signal of the family matched
-        for hit, rx, k in live:
+        for hit, rx, k in live[:last + 1]:
             for p in view.places_of(rx, v, k):
                 if p not in taken:
                     hits.add(hit)

@@ -11,9 +11,12 @@ the text satisfies, and `live` of that the bit of every pattern that may match t
 j-th set of pattern k of n is bit j * n + k, so that one shift per set tells all patterns)."""
 
 import re
+import collections
 import functools
 import hashlib
+import itertools
 import json
+import operator
 from typing import Any, Iterable
 
 try:
@@ -48,6 +51,9 @@ _RUNS_KEPT = 20000                # letter runs whose pieces are kept (then forg
 # Letters (and other word characters that are neither digits nor "_"): a text's runs of them
 # are where its pieces are looked up.
 LETTERS_RE = re.compile(r"[^\W\d_]+")
+
+
+_SPLIT_RE = re.compile(r"([^\W\d_]+)")
 
 
 _ZERO_WIDTH = (_sre.AT, _sre.ASSERT, _sre.ASSERT_NOT)
@@ -340,20 +346,21 @@ class Needs:
 
     def scan(self, text: str) -> tuple[int, list[tuple[int, int]]]:
         """(the need bits `text` satisfies, [(place, bits of the patterns that may start there)...])."""
-        mask, places, runs = 0, [], self._runs
-        for m in LETTERS_RE.finditer(text):
-            run = m.group()
-            info = runs.get(run)
-            if info is None:
-                info = self._run_info(run)
-                if len(run) <= _RUN_MAX:
-                    if len(runs) >= _RUNS_KEPT:
-                        runs.clear()
-                    runs[run] = info
-            mask |= info[0]
-            if info[1]:
-                start = m.start()
-                places.extend((start + offset, b) for offset, b in info[1])
+        parts = _SPLIT_RE.split(text)             # between, run, between, run, ..., between
+        runs, cache = parts[1::2], self._runs
+        infos = list(map(cache.get, runs))
+        if None in infos:
+            for i, info in enumerate(infos):
+                if info is None:
+                    run = runs[i]
+                    info = infos[i] = self._run_info(run)
+                    if len(run) <= _RUN_MAX:
+                        if len(cache) >= _RUNS_KEPT:
+                            cache.clear()
+                        cache[run] = info
+        mask = functools.reduce(operator.or_, map(operator.itemgetter(0), infos), 0)
+        ends = list(itertools.accumulate(map(len, parts)))       # ends[2 * i]: where run i starts
+        places = [(ends[2 * i] + offset, b) for i, info in enumerate(infos) if info[1] for offset, b in info[1]]
         found = False
         for c, b in self.chars.items():
             i = text.find(c)
@@ -379,11 +386,33 @@ class Needs:
 
 def starting_places(places: list[tuple[int, int]], wanted: int) -> dict[int, list[int]]:
     """{bit of pattern k: the places (ascending) where k may start} for the patterns in `wanted`."""
-    out: dict[int, list[int]] = {}
+    out: collections.defaultdict[int, list[int]] = collections.defaultdict(list)
+    bits_of = _BITS_OF
     for place, b in places:
         b &= wanted
-        while b:
-            low = b & -b
-            out.setdefault(low, []).append(place)
-            b ^= low
+        if b:
+            single = bits_of.get(b)
+            if single is None:
+                single = _bits(b)
+            for low in single:
+                out[low].append(place)
     return out
+
+
+_BITS_OF: dict[int, tuple[int, ...]] = {}   # a set of patterns' bits -> each bit (they recur)
+
+
+_BITS_KEPT = 20000
+
+
+def _bits(b: int) -> tuple[int, ...]:
+    single = []
+    rest = b
+    while rest:
+        low = rest & -rest
+        single.append(low)
+        rest ^= low
+    if len(_BITS_OF) >= _BITS_KEPT:
+        _BITS_OF.clear()
+    _BITS_OF[b] = single = tuple(single)
+    return single
