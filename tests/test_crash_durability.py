@@ -4,6 +4,7 @@ ledger's write, or in the middle of that write, costs no ledger line and no budg
 neither does a second restart; what the journal carries is the ledger record, never the prompt
 or the token; without a usage journal the ledger fsyncs itself."""
 import asyncio
+import http.client
 import json
 import os
 import signal
@@ -115,6 +116,131 @@ def test_a_stream_answered_before_the_kill_is_in_the_ledger_and_charged_once(cli
     rows = [json.loads(x) for x in path.read_bytes().splitlines()]
     assert [r for r in rows if r["type"] == "request"] == [before]
     assert charged(data_dir) == spent
+
+
+# The same instants, hit in a real `serve`: a sitecustomize planted on its path makes the N-th
+# write of the session journal (one per answered request here) kill the process with SIGKILL
+# right before it (the usage journal's commit has returned), half-way through it, or right after.
+KILL_HOOK = """
+import os, signal
+import tokenomics.records.ledger as _ledger
+
+_real, _count = _ledger.Ledger._write, [0]
+
+def _write(self, data):
+    _count[0] += 1
+    if _count[0] == int(os.environ["CRASH_WRITE"]):
+        how = os.environ["CRASH_HOW"]
+        if how == "torn":
+            os.write(self._fd, data[:len(data) // 2])
+        elif how == "after":
+            _real(self, data)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _real(self, data)
+
+_ledger.Ledger._write = _write
+"""
+
+
+@pytest.mark.subprocess_proxy
+@pytest.mark.parametrize("how", ["before", "torn", "after"])
+def test_a_serve_killed_at_its_ledger_write_is_restored_once_and_charged_once(
+        cli, stub, start_proxy, data_dir, tmp_path, how):
+    """SIGKILL of a real `serve` inside the group commit of its third request: after the usage
+    journal's fdatasync and before, during or after the session journal's write. The client
+    gets no answer; the restarted proxy's ledger holds the three requests once each, a second
+    restart (after another kill -9) adds nothing, and the budget was charged exactly what the
+    ledger records, once."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_HOOK)
+    token = cli.token({"budget": {"tokens": {"total": 1_000_000}}})
+    proxy = start_proxy(upstream_url=stub.url, subprocess=True, env={
+        "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", ""), str(Path(__file__).parent.parent)]),
+        "CRASH_WRITE": "3", "CRASH_HOW": how})
+    ids = [answer(proxy, token, body)[1] for body in (BODY, {**BODY, "stream": True})]
+    with pytest.raises((OSError, http.client.HTTPException)):
+        answer(proxy, token, BODY)
+    assert proxy.proc.wait(DEADLINE) == -signal.SIGKILL
+    (name,) = ledger_ids(data_dir)
+    path = data_dir / "sessions" / name
+    found = ledger_ids(data_dir)[name]
+    assert found[:2] == ids and len(found) == (3 if how == "after" else 2)
+    assert path.read_bytes().endswith(b"\n") == (how != "torn")   # the kill did tear the line
+    spent = charged(data_dir)
+    for restart in range(2):
+        proxy = start_proxy(upstream_url=stub.url, subprocess=True)
+        rows = [json.loads(x) for x in path.read_bytes().splitlines()]
+        requests = [r for r in rows if r["type"] == "request"]
+        assert [r["request_id"] for r in requests][:2] == ids and len(requests) == 3
+        assert len({r["request_id"] for r in requests}) == 3
+        assert path.read_bytes().endswith(b"}\n")
+        assert charged(data_dir) == spent == sum(r["input_tokens"] + r["output_tokens"] for r in requests)
+        proxy.stop(signal.SIGKILL)
+
+
+COMPACT_HOOK = """
+import os, signal
+import tokenomics.limits.journal as _journal
+
+_init, _truncate, _count = _journal.UsageJournal.__init__, os.ftruncate, [0]
+
+def _small(self, path, compact_bytes=0):
+    _init(self, path, int(os.environ["COMPACT_BYTES"]))
+
+def _ftruncate(fd, length):
+    if length == 0 and os.readlink(f"/proc/self/fd/{fd}").endswith("usage.journal"):
+        _count[0] += 1
+        if _count[0] == int(os.environ["CRASH_COMPACTION"]):
+            if os.environ["CRASH_HOW"] == "after the truncation":
+                _truncate(fd, length)
+            os.kill(os.getpid(), signal.SIGKILL)
+    return _truncate(fd, length)
+
+_journal.UsageJournal.__init__ = _small
+os.ftruncate = _ftruncate
+"""
+
+
+@pytest.mark.subprocess_proxy
+@pytest.mark.parametrize("how", ["after the snapshot, before the truncation", "after the truncation"])
+def test_a_serve_killed_in_the_middle_of_a_compaction_keeps_each_answer_and_charge_once(
+        cli, stub, start_proxy, data_dir, tmp_path, how):
+    """A real `serve` whose usage journal compacts every ~2 answers (what 1 MiB does every
+    ~1,200), killed by SIGKILL inside its second compaction: once the snapshot is renamed into
+    place and before the log is truncated (the log's lines, carried ledger lines among them,
+    are all in the snapshot's past), or right after the truncation. The session journal was
+    fsync'ed before the compaction began, so the restart has each answer once in the ledger and
+    charged once (the request whose commit was compacting is in the ledger and charged, though
+    its answer was never sent)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(COMPACT_HOOK)
+    token = cli.token({"budget": {"tokens": {"total": 1_000_000}}})
+    proxy = start_proxy(upstream_url=stub.url, subprocess=True, env={
+        "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", ""), str(Path(__file__).parent.parent)]),
+        "COMPACT_BYTES": "1500", "CRASH_COMPACTION": "2", "CRASH_HOW": how})
+    ids = []
+    for n in range(20):   # bounded: the second compaction comes after ~4 answers
+        try:
+            status, rid = answer(proxy, token, {**BODY, "stream": n % 2 == 1})
+        except (OSError, http.client.HTTPException):
+            break
+        assert status == 200
+        ids.append(rid)
+    assert proxy.proc.wait(DEADLINE) == -signal.SIGKILL
+    assert len(ids) >= 3
+    assert (data_dir / "usage.journal.snapshot").exists()
+    for restart in range(2):
+        proxy = start_proxy(upstream_url=stub.url, subprocess=True)
+        (name,) = [n for n, found in ledger_ids(data_dir).items() if found[:1] == ids[:1]]
+        requests = [json.loads(x) for x in (data_dir / "sessions" / name).read_bytes().splitlines()
+                    if x.startswith(b'{"type":"request"')]
+        # the killed commit's request: written to the ledger and charged, its answer never sent
+        assert [r["request_id"] for r in requests][:len(ids)] == ids and len(requests) == len(ids) + 1
+        assert len({r["request_id"] for r in requests}) == len(requests)
+        assert charged(data_dir) == sum(r["input_tokens"] + r["output_tokens"] for r in requests)
+        proxy.stop(signal.SIGKILL)
 
 
 # --- what the journal carries: the ledger record, never the prompt or the token --------------------
