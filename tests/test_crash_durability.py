@@ -142,6 +142,15 @@ _ledger.Ledger._write = _write
 """
 
 
+def serve_with_hook(stub, start_proxy, tmp_path: Path, hook_source: str, **env):
+    """A real `serve` with `hook_source` as its sitecustomize (run at interpreter start)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(hook_source)
+    path = os.pathsep.join([str(hook), str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])
+    return start_proxy(upstream_url=stub.url, subprocess=True, env={"PYTHONPATH": path, **env})
+
+
 @pytest.mark.subprocess_proxy
 @pytest.mark.parametrize("how", ["before", "torn", "after"])
 def test_a_serve_killed_at_its_ledger_write_is_restored_once_and_charged_once(
@@ -151,13 +160,8 @@ def test_a_serve_killed_at_its_ledger_write_is_restored_once_and_charged_once(
     gets no answer; the restarted proxy's ledger holds the three requests once each, a second
     restart (after another kill -9) adds nothing, and the budget was charged exactly what the
     ledger records, once."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(KILL_HOOK)
     token = cli.token({"budget": {"tokens": {"total": 1_000_000}}})
-    proxy = start_proxy(upstream_url=stub.url, subprocess=True, env={
-        "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", ""), str(Path(__file__).parent.parent)]),
-        "CRASH_WRITE": "3", "CRASH_HOW": how})
+    proxy = serve_with_hook(stub, start_proxy, tmp_path, KILL_HOOK, CRASH_WRITE="3", CRASH_HOW=how)
     ids = [answer(proxy, token, body)[1] for body in (BODY, {**BODY, "stream": True})]
     with pytest.raises((OSError, http.client.HTTPException)):
         answer(proxy, token, BODY)
@@ -213,13 +217,9 @@ def test_a_serve_killed_in_the_middle_of_a_compaction_keeps_each_answer_and_char
     fsync'ed before the compaction began, so the restart has each answer once in the ledger and
     charged once (the request whose commit was compacting is in the ledger and charged, though
     its answer was never sent)."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(COMPACT_HOOK)
     token = cli.token({"budget": {"tokens": {"total": 1_000_000}}})
-    proxy = start_proxy(upstream_url=stub.url, subprocess=True, env={
-        "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", ""), str(Path(__file__).parent.parent)]),
-        "COMPACT_BYTES": "1500", "CRASH_COMPACTION": "2", "CRASH_HOW": how})
+    proxy = serve_with_hook(stub, start_proxy, tmp_path, COMPACT_HOOK, COMPACT_BYTES="1500",
+                            CRASH_COMPACTION="2", CRASH_HOW=how)
     ids = []
     for n in range(20):   # bounded: the second compaction comes after ~4 answers
         try:
