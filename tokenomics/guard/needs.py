@@ -42,6 +42,10 @@ _BOUND = "\0"                     # stands for \b in the strings a node matches
 CHAR = "\1"                       # a start piece that is one character, not letters
 
 
+_NONLETTER = "\2"                 # in the strings a match starts with: a character that is no
+                                  # letter (\s, \d), so the letters before it end their run
+
+
 _RUN_MAX = 40                     # chars; longer letter runs are looked at, not kept
 
 
@@ -194,6 +198,8 @@ def _starts(items, i: int = 0) -> set[str] | None:
             prefix = {x + chr(av) for x in prefix}
             continue
         e, _ = _node(op, av)
+        if e is None and op is _sre.IN and _no_letters(av):
+            e = {_NONLETTER}
         if e is not None:
             joined = _product(prefix, e, _MAX_STARTS)
             if joined is None:
@@ -224,6 +230,20 @@ def _starts(items, i: int = 0) -> set[str] | None:
     return prefix
 
 
+def _no_letters(items: list) -> bool:
+    """Whether a class (\s, \d, [\s,]) matches no letter."""
+    for op, av in items:
+        if op is _sre.CATEGORY:
+            if av not in (_sre.CATEGORY_SPACE, _sre.CATEGORY_DIGIT):
+                return False
+        elif op is _sre.LITERAL:
+            if LETTERS_RE.match(chr(av)):
+                return False
+        else:
+            return False                             # NEGATE, ranges
+    return True
+
+
 def _start_piece(s: str) -> str | None:
     """The piece a match that begins with s begins with: letters, or CHAR and a character
     that is no letter ("<" for "<|"); None for the empty string."""
@@ -231,7 +251,7 @@ def _start_piece(s: str) -> str | None:
     s = s.lstrip(_BOUND)
     m = LETTERS_RE.match(s)
     if m is None:
-        return CHAR + s[0] if s else None
+        return CHAR + s[0] if s and s[0] != _NONLETTER else None
     return ("^" if anchored else "") + m.group() + ("$" if m.end() < len(s) else "")
 
 
