@@ -4,11 +4,13 @@ ledger's write, or in the middle of that write, costs no ledger line and no budg
 neither does a second restart; what the journal carries is the ledger record, never the prompt
 or the token; without a usage journal the ledger fsyncs itself."""
 import asyncio
+import concurrent.futures
 import http.client
 import json
 import os
 import signal
 import stat
+import threading
 import subprocess
 from pathlib import Path
 
@@ -17,8 +19,8 @@ import tokenomics.config
 import tokenomics.http.server
 import tokenomics.proxy
 import tokenomics.records.ledger
-from conftest import TOKENOMICS, base_env
-from test_charging import BODY, DEADLINE, charged
+from conftest import TOKENOMICS, ProxyProcess, base_env
+from test_charging import BODY, DEADLINE, charged, poll
 from test_proxy import raw
 from test_workers import alive, children, redis_config, wait_until
 
@@ -241,6 +243,87 @@ def test_a_serve_killed_in_the_middle_of_a_compaction_keeps_each_answer_and_char
         assert len({r["request_id"] for r in requests}) == len(requests)
         assert charged(data_dir) == sum(r["input_tokens"] + r["output_tokens"] for r in requests)
         proxy.stop(signal.SIGKILL)
+
+
+RESTORE_HOOK = """
+import os, signal
+import tokenomics.records.ledger as _ledger
+
+_real = _ledger._write_all
+
+def _write_all(fd, data):
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(os.environ["CRASH_FILE"]):   # restore_carried's write
+        os.write(fd, data[:len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _real(fd, data)
+
+_ledger._write_all = _write_all
+"""
+
+
+@pytest.mark.subprocess_proxy
+def test_a_restart_killed_while_it_restores_leaves_the_next_restart_to_finish_once(
+        cli, stub, start_proxy, data_dir, tmp_path):
+    """The first proxy dies before its third ledger write; the restart that puts the line back
+    dies by SIGKILL half-way through that write (a torn restored line); the next restart cuts
+    the fragment off and writes the line once."""
+    token = cli.token({"budget": {"tokens": {"total": 1_000_000}}})
+    proxy = serve_with_hook(stub, start_proxy, tmp_path, KILL_HOOK, CRASH_WRITE="3", CRASH_HOW="before")
+    ids = [answer(proxy, token, BODY)[1] for _ in range(2)]
+    with pytest.raises((OSError, http.client.HTTPException)):
+        answer(proxy, token, BODY)
+    assert proxy.proc.wait(DEADLINE) == -signal.SIGKILL
+    (name,) = ledger_ids(data_dir)
+    path = data_dir / "sessions" / name
+    assert ledger_ids(data_dir)[name] == ids
+    (tmp_path / "hook" / "sitecustomize.py").write_text(RESTORE_HOOK)
+    dying = ProxyProcess(cli, ["--upstream-url", stub.url], base_env(data_dir, CRASH_FILE=name, PYTHONPATH=os.pathsep.join(
+        [str(tmp_path / "hook"), str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")])))
+    with pytest.raises(AssertionError, match="did not become ready"):
+        dying.start()
+    assert dying.proc.wait(DEADLINE) == -signal.SIGKILL
+    assert not path.read_bytes().endswith(b"\n")   # the restored line is torn
+    spent = charged(data_dir)
+    proxy = start_proxy(upstream_url=stub.url, subprocess=True)
+    requests = [json.loads(x) for x in path.read_bytes().splitlines() if x.startswith(b'{"type":"request"')]
+    assert [r["request_id"] for r in requests][:2] == ids and len(requests) == 3
+    assert len({r["request_id"] for r in requests}) == 3 and path.read_bytes().endswith(b"}\n")
+    assert charged(data_dir) == spent == sum(r["input_tokens"] + r["output_tokens"] for r in requests)
+    assert proxy.stop() == 0
+
+
+@pytest.mark.subprocess_proxy
+def test_concurrent_answers_killed_at_a_random_instant_are_each_in_the_ledger_once(cli, stub, start_proxy, data_dir):
+    """Eight clients at once (group commits of several requests, off the event loop), the proxy
+    killed by SIGKILL while they run: every request a client got its answer for is in the
+    ledger, no request is there twice, before and after two restarts."""
+    token = cli.token({"budget": {"tokens": {"total": 100_000_000}}})
+    proxy = start_proxy(upstream_url=stub.url, subprocess=True)
+    answered: list = []
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        for i in range(200):   # bounded; the kill ends it sooner
+            try:
+                status, rid = answer(proxy, token, {**BODY, "stream": (n + i) % 3 == 0})
+            except (OSError, http.client.HTTPException, KeyError):
+                return
+            assert status == 200
+            with lock:
+                answered.append(rid)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        clients = [pool.submit(client, n) for n in range(8)]
+        assert poll(lambda: len(answered) >= 120), len(answered)
+        proxy.stop(signal.SIGKILL)
+        for c in clients:
+            c.result(DEADLINE)
+    for restart in range(3):
+        found = [i for ids in ledger_ids(data_dir).values() for i in ids]
+        assert len(found) == len(set(found))
+        assert set(answered) <= set(found), len(set(answered) - set(found))
+        if restart < 2:
+            start_proxy(upstream_url=stub.url, subprocess=True).stop(signal.SIGKILL)
 
 
 # --- what the journal carries: the ledger record, never the prompt or the token --------------------
