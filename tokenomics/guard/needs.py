@@ -231,7 +231,7 @@ def _starts(items, i: int = 0) -> set[str] | None:
 
 
 def _no_letters(items: list) -> bool:
-    """Whether a class (\s, \d, [\s,]) matches no letter."""
+    """Whether a class (\\s, \\d, [\\s,]) matches no letter."""
     for op, av in items:
         if op is _sre.CATEGORY:
             if av not in (_sre.CATEGORY_SPACE, _sre.CATEGORY_DIGIT):
