@@ -42,6 +42,10 @@ _BOUND = "\0"                     # stands for \b in the strings a node matches
 CHAR = "\1"                       # a start piece that is one character, not letters
 
 
+_TEXT_START = "\3"                # ^ or \A (patterns are compiled without MULTILINE): the text's
+                                  # first place, the only one where a match so begun may start
+
+
 _NONLETTER = "\2"                 # in the strings a match starts with: a character that is no
                                   # letter (\s, \d), so the letters before it end their run
 
@@ -122,7 +126,9 @@ def _node(op, av) -> tuple[set[str] | None, list[frozenset[str]]]:
 
 def _node_once(op, av) -> tuple[set[str] | None, list[frozenset[str]]]:
     if op is _sre.AT:
-        return ({_BOUND} if av is _sre.AT_BOUNDARY else {""}), []
+        if av is _sre.AT_BOUNDARY:
+            return {_BOUND}, []
+        return ({_TEXT_START} if av in (_sre.AT_BEGINNING, _sre.AT_BEGINNING_STRING) else {""}), []
     if op in _ZERO_WIDTH:
         return {""}, []
     if op is _sre.IN:
@@ -247,6 +253,8 @@ def _no_letters(items: list) -> bool:
 def _start_piece(s: str) -> str | None:
     """The piece a match that begins with s begins with: letters, or CHAR and a character
     that is no letter ("<" for "<|"); None for the empty string."""
+    if s.lstrip(_BOUND).startswith(_TEXT_START):
+        return _TEXT_START
     anchored = s.startswith(_BOUND)
     s = s.lstrip(_BOUND)
     m = LETTERS_RE.match(s)
@@ -321,6 +329,7 @@ class Needs:
         self.bits: dict[str, int] = {}
         self.starts: dict[str, int] = {}             # start piece -> bits (1 << k) of pattern k
         self.chars: dict[str, int] = {}              # start character -> bits (1 << k) of pattern k
+        self.at_start = 0                            # the bits of patterns that may start at 0
         self.started = 0                             # the bits of patterns that have starts
         self._free = [0] * _MAX_SETS                 # per set j: patterns with fewer sets than j + 1
         for k, pattern in enumerate(patterns):
@@ -337,7 +346,9 @@ class Needs:
                 mask |= bit
             self.need.append(mask)
             for piece in starts or ():
-                if piece[0] == CHAR:
+                if piece == _TEXT_START:
+                    self.at_start |= 1 << k
+                elif piece[0] == CHAR:
                     self.chars[piece[1]] = self.chars.get(piece[1], 0) | 1 << k
                 else:
                     self.starts[piece] = self.starts.get(piece, 0) | 1 << k
@@ -382,6 +393,8 @@ class Needs:
         ends = list(itertools.accumulate(map(len, parts)))       # ends[2 * i]: where run i starts
         places = [(ends[2 * i] + offset, b) for i, info in enumerate(infos) if info[1] for offset, b in info[1]]
         found = False
+        if self.at_start:
+            places.insert(0, (0, self.at_start))
         for c, b in self.chars.items():
             i = text.find(c)
             while i >= 0:
