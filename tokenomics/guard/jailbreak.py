@@ -436,7 +436,7 @@ def _jb_spellfix(m: re.Match) -> str:
 _SPELL_MEMO: dict[str, str] = {}   # word -> its spelling fix (texts repeat their words)
 
 
-_SPELL_MEMO_SIZE = 20000           # words kept (then forgotten at once)
+_SPELL_MEMO_SIZE = 8192           # words kept (then forgotten at once)
 
 
 _SPELL_MEMO_WORD = 40              # chars; longer words are fixed, not kept
@@ -507,7 +507,7 @@ def _jb_window_hits(norm: str, hits: set) -> None:
 _WINDOW_HITS: dict[bytes, frozenset] = {}   # digest of a window -> its signals
 
 
-_WINDOW_HITS_KEPT = 8192           # windows whose signals are kept (then forgotten at once)
+_WINDOW_HITS_KEPT = 4096           # windows whose signals are kept (then forgotten at once)
 
 
 def _jb_window_hits_kept(window: str) -> frozenset:

@@ -53,7 +53,7 @@ _NONLETTER = "\2"                 # in the strings a match starts with: a charac
 _RUN_MAX = 40                     # chars; longer letter runs are looked at, not kept
 
 
-_RUNS_KEPT = 20000                # letter runs whose pieces are kept (then forgotten at once)
+_RUNS_KEPT = 8192                 # letter runs whose pieces are kept (then forgotten at once; ~1 MB)
 
 
 # Letters (and other word characters that are neither digits nor "_"): a text's runs of them
@@ -435,7 +435,7 @@ def starting_places(places: list[tuple[int, int]], wanted: int) -> dict[int, lis
 _BITS_OF: dict[int, tuple[int, ...]] = {}   # a set of patterns' bits -> each bit (they recur)
 
 
-_BITS_KEPT = 20000
+_BITS_KEPT = 4096
 
 
 def _bits(b: int) -> tuple[int, ...]:
