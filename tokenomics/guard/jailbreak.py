@@ -73,7 +73,10 @@ _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t
 _LEET_WORD_RE = re.compile(r"[a-z0-9@$]*[0-9@$][a-z0-9@$]*")
 
 
-_LEET_CHAR_RE = re.compile(r"[0-9@$]")      # in every match of _LEET_WORD_RE and _LEET_CAND_RE
+# A digit, @ or $ next to a letter (or to | or !, next to a letter in turn): every text that
+# _LEET_WORD_RE changes or _LEET_CAND_RE matches has one (both need a letter and one of those
+# in one run of such characters); written to start with its class, so that re skips to those.
+_LEET_CHAR_RE = re.compile(r"[0-9@$](?:(?<=[a-z|!][0-9@$])|(?=[a-z|!]))")
 
 
 _LEET_INNER_RE = re.compile(r"(?<=[a-z])[!|](?=[a-z])")
@@ -417,7 +420,10 @@ def _one_edit(a: str, b: str) -> bool:
 
 
 def _jb_spellfix(m: re.Match) -> str:
-    word = m.group()
+    return _spell_word(m.group())
+
+
+def _spell_word(word: str) -> str:
     fixed = _SPELL_MEMO.get(word)
     if fixed is None:
         fixed = word
@@ -442,16 +448,21 @@ _SPELL_MEMO_SIZE = 8192           # words kept (then forgotten at once)
 _SPELL_MEMO_WORD = 40              # chars; longer words are fixed, not kept
 
 
+_JB_WORD_SPLIT_RE = re.compile(f"({_JB_WORD_RE.pattern})")    # between, word, between, ..., between
+
+
 def _jb_spellfixed(text: str) -> str:
-    """_JB_WORD_RE.sub(_jb_spellfix, text), without the rewrite where no word changes."""
-    memo = _SPELL_MEMO
-    for word in _JB_WORD_RE.findall(text):
-        fixed = memo.get(word)
-        if fixed != word:
-            if fixed is None and len(word) < 5:
-                continue                         # too short to fix
-            return _JB_WORD_RE.sub(_jb_spellfix, text)
-    return text
+    """_JB_WORD_RE.sub(_jb_spellfix, text), its words looked up (mostly) rather than matched
+    one by one, and no rewrite where none changes."""
+    parts = _JB_WORD_SPLIT_RE.split(text)
+    words = parts[1::2]
+    fixed = list(map(_SPELL_MEMO.get, words))
+    if None in fixed:
+        fixed = [f if f is not None else _spell_word(w) for f, w in zip(fixed, words)]
+    if fixed == words:
+        return text
+    parts[1::2] = fixed
+    return "".join(parts)
 
 
 def _jb_windows(lower: str) -> list[tuple[int, int]]:
