@@ -20,7 +20,7 @@ TARGET = ROOT / "tokenomics" / "guard" / "needs_table.py"
 
 
 def render() -> str:
-    data = needs.table(jailbreak._ANALYSED)
+    data = needs.table(jailbreak._WINDOW_PATTERNS)
     assert '"""' not in data and "\\\n" not in data
     return ('"""What the jailbreak detector\'s patterns need (see needs.py), keyed by pattern_key.\n'
             'Written by tools/lexicon_needs.py; do not edit."""\n\n'
@@ -29,7 +29,7 @@ def render() -> str:
 
 def main() -> int:
     TARGET.write_text(render(), encoding="utf-8")
-    print(f"wrote {TARGET.relative_to(ROOT)} ({len(jailbreak._ANALYSED)} patterns)")
+    print(f"wrote {TARGET.relative_to(ROOT)} ({len(jailbreak._WINDOW_PATTERNS)} patterns)")
     return 0
 
 

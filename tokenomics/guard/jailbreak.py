@@ -292,7 +292,7 @@ def _jb_concept_hits(v: str, hits: set, view: _View) -> None:
             hits.add(("c-mode", "developer_mode", 1.0) if strong else ("c-mode-weak", "developer_mode", 0.6))
 
 
-def _jb_compile() -> tuple[tuple[tuple[tuple[tuple[tuple[int, str, float], re.Pattern, int], ...], int], ...], ...]:
+def _jb_compile() -> tuple[tuple, tuple]:
     """The phrase signals grouped per family and case mode, strongest first: where two signals
     of a family match at the same place only the stronger one counts (as in one alternation
     per family). Each signal: (its hit, its pattern, its index in _NEEDS); each family: (its
@@ -312,13 +312,10 @@ _JB_GROUPS, _JB_CASED_GROUPS = _jb_compile()
 
 
 # Needs of every pattern run on a window: the phrase signals, then the word signals, then the
-# concepts. Their analyses ship in needs_table.py (written by
-# tools/lexicon_needs.py), as making them takes longer than the rest of the import.
+# concepts. Their analyses ship in needs_table.py (tools/lexicon_needs.py writes it), as making
+# them takes longer than the rest of the import.
 _WINDOW_PATTERNS = ([p.removeprefix("cs:") for _, _, p in _JB_SIGNALS] + [rx.pattern for *_, rx in _JB_WORD_SIGNALS]
                     + [rx.pattern for rx in _JB_CONCEPTS.values()])
-
-
-_ANALYSED = _WINDOW_PATTERNS
 
 
 _KNOWN = read_table(TABLE)

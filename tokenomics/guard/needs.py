@@ -4,19 +4,22 @@ every match contains a piece of each set. A piece is a string of letters, found 
 of letters of the text, at its start ("^ign"), at its end ("ions$") or as the whole run
 ("^dan$") where the pattern puts a word boundary or a non-letter there. The analysis reads the
 parsed pattern and is conservative: where it cannot tell (classes, repeats that may be empty,
-case-insensitive groups), it requires nothing.
+case-insensitive groups), it requires nothing. It also finds the pieces a match starts with
+(a word start, any letters, one non-letter character, the text's start): a pattern is then
+tried only where one of them is, with re's match, instead of searched for.
 
 `Needs` holds the sets of many patterns as bits: `scan(text)` has the bit of every set that
 the text satisfies, and `live` of that the bit of every pattern that may match there (the
-j-th set of pattern k of n is bit j * n + k, so that one shift per set tells all patterns)."""
+j-th set of pattern k of n is bit j * n + k, so that one shift per set tells all patterns);
+`scan` also gives the places where patterns may start."""
 
-import re
 import collections
 import functools
 import hashlib
 import itertools
 import json
 import operator
+import re
 from typing import Any, Iterable
 
 try:
