@@ -517,7 +517,8 @@ def _line_request_id(line: bytes) -> str | None:
 
 def _restore_lines(path: str, at: int, lines: list[bytes]) -> int:
     """Append to `path` those of `lines` whose request id it does not hold from offset `at` on
-    (every line carried for it was written there or later; before it the file was fsync'ed)."""
+    (every line carried for it was written there or later; before it the file was fsync'ed),
+    and fsync the file."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     created = not os.path.exists(path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -542,11 +543,13 @@ def _restore_lines(path: str, at: int, lines: list[bytes]) -> int:
             if rid is not None and rid not in seen:
                 seen.add(rid)
                 missing.append(line + b"\n")
-        if not missing:
-            return 0
-        os.ftruncate(fd, start + end)   # the restored lines must not glue onto a torn one
-        os.lseek(fd, 0, os.SEEK_END)
-        _write_all(fd, b"".join(missing))
+        if missing:
+            os.ftruncate(fd, start + end)   # the restored lines must not glue onto a torn one
+            os.lseek(fd, 0, os.SEEK_END)
+            _write_all(fd, b"".join(missing))
+        # Even with nothing missing: the crashed proxy wrote its handed-over lines without an
+        # fsync, so they may be in the page cache only, and the usage journal may forget its
+        # copies (compaction) as soon as this returns.
         os.fsync(fd)
     finally:
         os.close(fd)
