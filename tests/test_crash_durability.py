@@ -486,3 +486,70 @@ def test_workers_killed_outright_keep_every_answered_ledger_line(cli, stub, star
     proxy = start_proxy(upstream_url=stub.url, config=config, args=["--workers", "2"])
     assert proxy.stop() == 0
     assert sorted(i for v in ledger_ids(data_dir).values() for i in v) == sorted(ids)
+
+
+# --- what a restart must make durable before the usage journal forgets it --------------------------
+
+def _disk_events(monkeypatch) -> list:
+    """(what, path) for every fsync/fdatasync and every truncation to 0 from now on, in order."""
+    events: list = []
+    for name in ("fsync", "fdatasync"):
+        real = getattr(os, name)
+
+        def sync(fd, real=real):
+            events.append(("sync", os.readlink(f"/proc/self/fd/{fd}")))
+            return real(fd)
+        monkeypatch.setattr(os, name, sync)
+    real_truncate = os.ftruncate
+
+    def truncate(fd, length):
+        if length == 0:
+            events.append(("truncate", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_truncate(fd, length)
+    monkeypatch.setattr(os, "ftruncate", truncate)
+    return events
+
+
+@pytest.mark.subprocess_proxy
+@pytest.mark.parametrize("forgets", ["at replay (a request was in flight)", "at the restarted proxy's first compaction"])
+def test_a_restart_fsyncs_the_crashed_session_journal_before_the_usage_journal_forgets_its_lines(
+        cli, stub, start_proxy, data_dir, monkeypatch, forgets):
+    """The killed proxy wrote its answered ledger lines without an fsync (the usage journal's
+    fdatasync covered them); after a kill -9 they are in the page cache only. The restart finds
+    them all in the file, so it restores nothing; when the usage journal then truncates its log
+    (the replay's compaction of an orphaned reservation, or the new proxy's first compaction,
+    which fsyncs only the new session's journal), the only durable copy of those lines is gone
+    while the crashed session's journal was never fsync'ed: a power loss then loses answered
+    requests. The restart must fsync the files the carried lines belong to before that."""
+    token = cli.token({"budget": {"tokens": {"total": 1_000_000}}})
+    proxy = start_proxy(upstream_url=stub.url, subprocess=True)
+    ids = [answer(proxy, token, BODY)[1] for _ in range(3)]
+    if forgets.startswith("at replay"):
+        stub.script(hang=True, times=1)
+
+        def in_flight():
+            try:
+                return answer(proxy, token, BODY)[0]
+            except (OSError, http.client.HTTPException):
+                return None   # the proxy died under it
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            call = pool.submit(in_flight)
+            assert stub.wait_for(lambda: len(stub.requests) == 4, timeout=DEADLINE)
+            proxy.stop(signal.SIGKILL)
+            assert call.result(DEADLINE) is None
+    else:
+        proxy.stop(signal.SIGKILL)
+    (name,) = ledger_ids(data_dir)
+    journal_path = str(data_dir / "usage.journal")
+    assert ledger_ids(data_dir)[name] == ids   # in the file (the page cache), nothing to restore
+    events = _disk_events(monkeypatch)
+    restarted = _proxy(data_dir, monkeypatch)
+    if not forgets.startswith("at replay"):
+        restarted.journal.compact_bytes = 1   # the log is past its size: compact after this commit
+        req = _request(restarted, {})
+        assert asyncio.run(restarted.pipeline(req)).status == 200
+    asyncio.run(restarted.stop())
+    assert ("truncate", journal_path) in events, events   # the usage journal forgot the lines
+    forgot = events.index(("truncate", journal_path))
+    synced_first = [os.path.basename(path) for what, path in events[:forgot] if what == "sync"]
+    assert name in synced_first, f"{name} was not fsync'ed before the usage journal's truncation; only {synced_first}"
