@@ -262,6 +262,7 @@ class Ledger:
         self._lock = threading.Lock()           # guards _pending (record on the loop, flush in a thread)
         self._write_lock = threading.Lock()     # one flush at a time, so batches land in order
         self._failing = False
+        self._flushing = False                  # flush() took a batch and has not written it yet
         self._written = 0                       # bytes in the journal file
         self._unsynced = False                  # handed-over lines written and not fsync'ed yet
         self._torn = False                      # _pending[0] is the unwritten tail of a line
@@ -304,8 +305,9 @@ class Ledger:
         self._rollups.add(row, _num(rec.timestamp))
 
     def has_pending(self) -> bool:
-        """Whether recorded lines wait for flush()."""
-        return bool(self._pending)
+        """Whether recorded lines wait for flush(), or a flush running in another thread (the
+        background flusher) holds lines it has not made durable yet: a commit must wait for it."""
+        return bool(self._pending) or self._flushing
 
     def _drop_oldest(self) -> None:
         # Index 0 may be the unwritten tail of a half-written line: keep it, or the line tears.
@@ -330,6 +332,7 @@ class Ledger:
             if self._fd < 0:
                 return
             batch, self._pending = self._pending, []
+            self._flushing = bool(batch)
         if not batch and not self._unsynced:
             return
         data = b"".join(batch)
@@ -346,6 +349,8 @@ class Ledger:
                 self._torn = self._torn or 0 < written
             self._failed(exc)
             return
+        finally:
+            self._flushing = False   # after a failure, once the unwritten rest is queued again
         self._torn = False
         self._recovered()
 
