@@ -553,3 +553,60 @@ def test_a_restart_fsyncs_the_crashed_session_journal_before_the_usage_journal_f
     forgot = events.index(("truncate", journal_path))
     synced_first = [os.path.basename(path) for what, path in events[:forgot] if what == "sync"]
     assert name in synced_first, f"{name} was not fsync'ed before the usage journal's truncation; only {synced_first}"
+
+
+# --- an answer and a background flush --------------------------------------------------------------
+
+def test_an_answer_is_not_handed_back_while_a_background_flush_holds_its_ledger_line(tmp_path, monkeypatch):
+    """The ledger's background flusher (run_flusher, in a worker thread) may take the pending
+    batch, with an answered request's line in it, right after the request recorded it. With
+    another request in flight and nothing for the usage journal (a token without a budget),
+    GroupCommit.sync() then sees nothing pending and hands the answer back at once, while the
+    line is in no file yet: a kill -9 at that instant loses an answered request. Here the
+    flusher has taken the batch and is held before its write (for at most 2 s, so that a proxy
+    that rightly waits for it is not held forever): the answer must not come back before the
+    line is in the session journal or carried by the usage journal."""
+    proxy = _proxy(tmp_path, monkeypatch)
+    pipeline, ledger = proxy.pipeline, proxy.ledger
+    req = _request(proxy, {})
+    entered, release = threading.Event(), threading.Event()
+    flushers: list = []
+    real_write_all, real_record = tokenomics.records.ledger._write_all, tokenomics.records.ledger.Ledger.record
+
+    def write_all(fd, data):
+        if threading.current_thread().name == "flusher":
+            entered.set()
+            release.wait(2.0)
+        return real_write_all(fd, data)
+
+    def record(self, rec):
+        real_record(self, rec)
+        flusher = threading.Thread(target=self.flush, name="flusher")   # run_flusher's thread, now
+        flusher.start()
+        flushers.append(flusher)
+        assert entered.wait(DEADLINE)   # it took the batch and has not written it
+
+    monkeypatch.setattr(tokenomics.records.ledger, "_write_all", write_all)
+    monkeypatch.setattr(tokenomics.records.ledger.Ledger, "record", record)
+
+    def durable(rid: str) -> bool:
+        return (rid in ledger_ids(tmp_path)[os.path.basename(ledger.journal_path)]
+                or rid.encode() in (tmp_path / "usage.journal").read_bytes())
+
+    async def scenario():
+        pipeline._in_flight += 1   # another request is in flight
+        try:
+            response = await asyncio.wait_for(pipeline(req), DEADLINE)
+            rid = dict(response.headers)["x-tokenomics-request-id"]
+            return response.status, rid, durable(rid)
+        finally:
+            pipeline._in_flight -= 1
+            release.set()
+
+    status, rid, durable_when_answered = asyncio.run(scenario())
+    for flusher in flushers:
+        flusher.join(DEADLINE)
+    monkeypatch.undo()
+    asyncio.run(proxy.stop())
+    assert status == 200 and durable(rid)
+    assert durable_when_answered, "the answer came back while its ledger line was in memory only"
