@@ -247,8 +247,11 @@ class Proxy:
             self.ledger.close()
         os.close(self._lock_fd)
         if self.journal is not None:
-            self.journal.commit(self.state)
-            self.journal.compact(self.state)
+            self.journal.commit(self.state, compact=False)
+            # The log may carry answered requests' ledger lines the ledger could not write (a
+            # full disk): then it keeps them for the next start to restore.
+            if self.ledger is None or self.ledger.sync():
+                self.journal.compact(self.state)
             self.journal.close()
         self.state.close()
 
