@@ -610,3 +610,38 @@ def test_an_answer_is_not_handed_back_while_a_background_flush_holds_its_ledger_
     asyncio.run(proxy.stop())
     assert status == 200 and durable(rid)
     assert durable_when_answered, "the answer came back while its ledger line was in memory only"
+
+
+# --- a session journal that cannot be written ------------------------------------------------------
+
+def _answer_in_process(proxy, req) -> str:
+    response = asyncio.run(proxy.pipeline(req))
+    assert response.status == 200
+    return dict(response.headers)["x-tokenomics-request-id"]
+
+
+def test_a_graceful_stop_keeps_the_carried_lines_its_ledger_could_not_write(tmp_path, monkeypatch):
+    """While the session journal refuses writes (ENOSPC here, from /dev/full), answered
+    requests' lines are durable only in the usage journal's lines that carry them (and carry
+    them again with every commit until written). A graceful stop then fails to write them at
+    the ledger's close, and must leave the usage journal's log holding them so the next start
+    restores them; Proxy.stop() compacts the journal regardless (proxy.py: journal.commit() and
+    journal.compact() after ledger.close(), without GroupCommit's `ledger.sync()` check), so
+    the next start finds nothing to restore and the two answers are gone from the ledger."""
+    proxy = _proxy(tmp_path, monkeypatch)
+    req = _request(proxy, {"budget": {"tokens": {"total": 100000}}})
+    ledger = proxy.ledger
+    ids = [_answer_in_process(proxy, req)]
+    real_fd, full = ledger._fd, os.open("/dev/full", os.O_WRONLY)
+    ledger._fd = full   # every write of the session journal fails with ENOSPC from now on
+    try:
+        ids += [_answer_in_process(proxy, req) for _ in range(2)]
+        assert all(rid.encode() in (tmp_path / "usage.journal").read_bytes() for rid in ids[1:])
+        asyncio.run(proxy.stop())   # its close() closes /dev/full
+    finally:
+        os.close(real_fd)
+    name = os.path.basename(ledger.journal_path)
+    assert ledger_ids(tmp_path)[name] == ids[:1]
+    restarted = _proxy(tmp_path, monkeypatch)
+    asyncio.run(restarted.stop())
+    assert ledger_ids(tmp_path)[name] == ids, "answered requests lost by the graceful stop"
