@@ -245,7 +245,6 @@ class Proxy:
                 await task
         if self.ledger is not None:
             self.ledger.close()
-        os.close(self._lock_fd)
         if self.journal is not None:
             self.journal.commit(self.state, compact=False)
             # The log may carry answered requests' ledger lines the ledger could not write (a
@@ -254,6 +253,9 @@ class Proxy:
                 self.journal.compact(self.state)
             self.journal.close()
         self.state.close()
+        # Last: a proxy that takes the data dir then must find the journal as this one leaves it,
+        # not have its own lines truncated by this one's compaction.
+        os.close(self._lock_fd)
 
 
 async def _serve_until_signal(proxy: Proxy, ready: Callable[[list[str]], None] | None = None) -> None:
