@@ -8,6 +8,7 @@ import concurrent.futures
 import http.client
 import json
 import os
+import shutil
 import signal
 import stat
 import threading
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import tokenomics.config
+import tokenomics.errors
+import tokenomics.limits.journal
 import tokenomics.http.server
 import tokenomics.proxy
 import tokenomics.records.ledger
@@ -645,3 +648,50 @@ def test_a_graceful_stop_keeps_the_carried_lines_its_ledger_could_not_write(tmp_
     restarted = _proxy(tmp_path, monkeypatch)
     asyncio.run(restarted.stop())
     assert ledger_ids(tmp_path)[name] == ids, "answered requests lost by the graceful stop"
+
+
+# --- a proxy that starts while the last one is stopping --------------------------------------------
+
+def test_a_proxy_started_while_the_last_one_stops_keeps_its_charges(tmp_path, monkeypatch):
+    """Proxy.stop() releases the data dir's lock before its usage journal's last commit and
+    compaction (proxy.py: os.close(self._lock_fd) before journal.commit()/compact()). A proxy
+    starting in that instant takes the lock, replays the log and answers a request (its
+    reservation, settlement and carried ledger line appended to the same log); the stopping
+    proxy's compaction then writes its own snapshot and truncates the log under it. Killed
+    -9 after that (the files copied as it leaves them), the new proxy's charge is gone: the
+    restart counts only the stopping proxy's usage."""
+    data, crashed = tmp_path / "data", tmp_path / "crashed"
+    data.mkdir()
+    first = _proxy(data, monkeypatch)
+    req = _request(first, {"budget": {"tokens": {"total": 100000}}})
+    assert asyncio.run(first.pipeline(req)).status == 200
+    spent_first = charged(data)
+    real_commit = tokenomics.limits.journal.UsageJournal.commit
+    tried, second = [], []
+
+    def commit(self, *args, **kwargs):
+        if self is first.journal and not tried:   # the stopping proxy's last commit
+            tried.append(True)
+            try:
+                second.append(_proxy(data, monkeypatch))
+            except tokenomics.errors.RuntimeFailure as exc:   # refused: the dir is still locked
+                assert "another tokenomics proxy is serving" in str(exc)
+            else:
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:   # its own loop, as its own process
+                    assert pool.submit(asyncio.run, second[0].pipeline(req)).result(DEADLINE).status == 200
+        return real_commit(self, *args, **kwargs)
+    monkeypatch.setattr(tokenomics.limits.journal.UsageJournal, "commit", commit)
+    asyncio.run(first.stop())
+    assert tried
+    if not second:
+        return   # no second proxy while the first one still writes its journal: nothing can interleave
+    shutil.copytree(data, crashed, ignore=shutil.ignore_patterns("proxy.lock"))   # kill -9 of the second now
+    rows = [json.loads(x) for p in (data / "sessions").glob("*.jsonl")
+            for x in p.read_bytes().splitlines() if x.startswith(b'{"type":"request"')]
+    assert len(rows) == 2
+    spent_both = sum(r["input_tokens"] + r["output_tokens"] for r in rows)
+    assert spent_both > spent_first
+    second[0].ledger.close()
+    restarted = _proxy(crashed, monkeypatch)
+    asyncio.run(restarted.stop())
+    assert charged(crashed) == spent_both, "the second proxy's charge was lost"
