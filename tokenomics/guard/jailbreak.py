@@ -152,21 +152,6 @@ class _View:
             m = rx.search(v, m.start() + 1)
         return out
 
-    def finditer(self, rx: re.Pattern, v: str, k: int) -> Iterator[re.Match]:
-        """rx.finditer(v), for pattern k (whose matches, where it has starts, are not empty)."""
-        if not self.live >> k & 1:
-            return
-        if not self.started >> k & 1:
-            yield from rx.finditer(v)
-            return
-        end = 0
-        for p in self.places.get(1 << k, ()):
-            if p >= end:
-                m = rx.match(v, p)
-                if m:
-                    yield m
-                    end = m.end()
-
 
 _PLAIN = _View(None)
 
@@ -183,11 +168,23 @@ class _JbPositions(dict):
         self.v, self.starts, self.view = v, starts, view
 
     def __missing__(self, name: str) -> list[tuple[int, int]]:
-        starts, spans = self.starts, []
-        for m in self.view.finditer(_JB_CONCEPTS[name], self.v, _CONCEPT_NEED[name]):
-            a = bisect.bisect_right(starts, m.start()) - 1
-            b = bisect.bisect_right(starts, max(m.start(), m.end() - 1)) - 1
-            spans.append((a, b))
+        starts, spans, view, k = self.starts, [], self.view, _CONCEPT_NEED[name]
+        if view.live >> k & 1:
+            rx, v = _JB_CONCEPTS[name], self.v
+            if view.started >> k & 1:                # rx.finditer(v), tried where k may start
+                found, end, match = [], 0, rx.match
+                for p in view.places.get(1 << k, ()):
+                    if p >= end:
+                        m = match(v, p)
+                        if m:
+                            found.append(m)
+                            end = m.end()
+            else:
+                found = rx.finditer(v)
+            for m in found:
+                a = bisect.bisect_right(starts, m.start()) - 1
+                b = bisect.bisect_right(starts, max(m.start(), m.end() - 1)) - 1
+                spans.append((a, b))
         self[name] = spans
         return spans
 
@@ -367,8 +364,14 @@ def _jb_phrase_hits(v: str, groups: tuple, view: _View, hits: set) -> None:
                 hits.add(hit)
             continue
         taken: set[int] = set()                  # where a stronger signal of the family matched
+        started, places = view.started, view.places
         for hit, rx, k in live[:last + 1]:
-            for p in view.places_of(rx, v, k):
+            if started >> k & 1:                 # view.places_of, inline
+                match = rx.match
+                found = [p for p in places.get(1 << k, ()) if match(v, p)]
+            else:
+                found = view.places_of(rx, v, k)
+            for p in found:
                 if p not in taken:
                     hits.add(hit)
                     taken.add(p)
