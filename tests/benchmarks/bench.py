@@ -837,8 +837,10 @@ def machine_info(python: str, script: str, nginx: str, wrk: str, env: dict, cwd:
                 mem = f"{int(line.split()[1]) / 1048576:.1f} GiB"
     except OSError:
         pass
-    probe = subprocess.run([python, "-c", "import sys, importlib.util as u; print(sys.version.split()[0]); "
-                            "print(bool(u.find_spec('uvloop'))); print(sys.executable)"],
+    # uvloop as the proxy (proxy.HAVE_UVLOOP) and the bare forwarder take it: importable, not just found
+    probe = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])\n"
+                            "try:\n import uvloop; print(True)\nexcept ImportError:\n print(False)\n"
+                            "print(sys.executable)"],
                            capture_output=True, text=True, timeout=30, env=env, cwd=cwd).stdout.split("\n")
     ver = subprocess.run([*cli_cmd(python, script), "version"], capture_output=True, text=True, timeout=30, env=env,
                          cwd=cwd).stdout.strip()
