@@ -42,8 +42,19 @@ _SCAN_CACHE: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
 _SCAN_CACHE_LOCK = threading.Lock()
 
 
+_KEY_MEMO_MAX = 65536             # chars: a longer text is not kept alive for the memo below
+_LAST_KEY: tuple = (object(), b"")  # (text, its key): the detectors of one scan key the same text in turn
+
+
 def _text_key(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    global _LAST_KEY
+    last = _LAST_KEY                # one read: a worker thread may replace it meanwhile
+    if last[0] is text:             # the very object (the tuple keeps it alive): the same text
+        return last[1]
+    key = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    if len(text) <= _KEY_MEMO_MAX:
+        _LAST_KEY = (text, key)
+    return key
 
 
 def _cache_get(key: tuple) -> Any:
