@@ -661,7 +661,8 @@ def test_a_kill_around_the_ledger_write_keeps_the_answered_request_exactly_once(
 def test_the_journal_forgets_carried_ledger_lines_only_once_the_ledger_has_fsynced_them(tmp_path, monkeypatch):
     """Compaction truncates the usage journal's log, and the ledger lines it carried with it:
     the ledger file is fsync'ed first. While the ledger cannot write, the log keeps them (no
-    compaction), and they are carried again until written; a restart then finds each once."""
+    compaction), and each is carried once, not again with every commit until written (the log
+    would grow with the square of the answers); a restart then finds each once."""
     pipeline, journal, ledger, req = _in_process_setup(tmp_path)
     journal.compact_bytes = 1   # compact after every commit that may
     synced = _count_syncs(monkeypatch)
@@ -684,7 +685,7 @@ def test_the_journal_forgets_carried_ledger_lines_only_once_the_ledger_has_fsync
         os.close(full)
     carried = [json.loads(x).get("x") for x in _log_lines(tmp_path / "usage.journal")]
     assert [[json.loads(x)["request_id"] for x in c[2].splitlines()] for c in carried if c] == \
-        [ids[1:2], ids[1:3]]   # kept, and the first carried again
+        [ids[1:2], ids[2:3]]   # kept, each carried once
     assert _ledger_ids(ledger.journal_path) == ids[:1]
     ids.append(asyncio.run(one()))   # the ledger writes again: all three lines, then compaction
     assert _ledger_ids(ledger.journal_path) == ids

@@ -259,6 +259,8 @@ class Ledger:
         self.dropped = 0                        # journal lines lost to a disk that kept failing
         self._rollups = _Rollups()
         self._pending: list[bytes] = []
+        self._carried: list[bytes] = []         # carried by the usage journal, their write here failed
+        self._carried_dropped = False           # some of those left memory: the usage journal keeps them
         self._lock = threading.Lock()           # guards _pending (record on the loop, flush in a thread)
         self._write_lock = threading.Lock()     # one flush at a time, so batches land in order
         self._failing = False
@@ -328,6 +330,8 @@ class Ledger:
 
     def _flush(self) -> None:
         """flush(), holding _write_lock."""
+        if self._carried and self._fd >= 0 and not self._write_carried():
+            return   # earlier lines first; the disk still refuses them
         with self._lock:
             if self._fd < 0:
                 return
@@ -359,7 +363,8 @@ class Ledger:
         """Hand the pending batch to the usage journal: the block gets [file name, offset, lines]
         to carry in its commit (None when nothing is pending), and when it ends without an error
         the lines are written here with no fsync: the journal's fsync made them durable, and
-        restore_carried() puts them back after a crash. When the block fails the batch stays
+        restore_carried() puts them back after a crash (a write that fails keeps them for the next
+        commit or flush to write, not to carry again). When the block fails the batch stays
         queued for the next commit or flush. After a write that failed part-way (the batch then
         starts inside a line) the batch is flushed here instead. Blocking: holds the file
         through the block, so the lines land at the offset named."""
@@ -380,24 +385,44 @@ class Ledger:
             except BaseException:
                 self._requeue(batch)
                 raise
-            at = self._written
-            try:
-                self._write(data)
-            except OSError as exc:
-                self._failed(exc)
-                written = self._written - at
-                if written:
-                    try:
-                        os.ftruncate(self._fd, at)  # whole lines only, so they can be carried again
-                    except OSError:
-                        self._requeue([data[written:]])
-                        self._torn = True
-                        return
-                    self._written = at
-                self._requeue(batch)
-                return
-            self._unsynced = True
-            self._recovered()
+            # Carried now: never carried again, only written here (after what was carried before).
+            self._carried += batch
+            self._write_carried()
+
+    def _write_carried(self) -> bool:
+        """Write the lines the usage journal carries and this file lacks, without an fsync (call
+        holding _write_lock). False when the disk refused them: they stay queued here, once, and
+        sync() keeps the usage journal from forgetting them. At most _LEDGER_MAX_PENDING are
+        kept; the usage journal still holds any beyond, and the next start restores them."""
+        excess = len(self._carried) - _LEDGER_MAX_PENDING
+        if excess > 0:
+            del self._carried[:excess]
+            if not self._carried_dropped:
+                self._carried_dropped = True
+                log.error("ledger: the session journal %s has not been writable for a while; the usage journal "
+                          "keeps the oldest answered requests until the next start restores them",
+                          self.journal_path)
+        data = b"".join(self._carried)
+        at = self._written
+        try:
+            self._write(data)
+        except OSError as exc:
+            self._failed(exc)
+            written = self._written - at
+            if written:
+                try:
+                    os.ftruncate(self._fd, at)  # whole lines only, so they can be written again
+                except OSError:
+                    self._carried = []
+                    self._requeue([data[written:]])
+                    self._torn = True
+                    return False
+                self._written = at
+            return False
+        self._carried = []
+        self._unsynced = True
+        self._recovered()
+        return True
 
     def sync(self) -> bool:
         """fsync the lines handed over and written since the last fsync. True when every line
@@ -410,7 +435,7 @@ class Ledger:
                     self._failed(exc)
                     return False
                 self._unsynced = False
-            return not self._failing and not self._unsynced
+            return not (self._failing or self._unsynced or self._carried or self._carried_dropped)
 
     def _write(self, data: bytes) -> None:
         try:
