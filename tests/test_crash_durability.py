@@ -650,6 +650,29 @@ def test_a_graceful_stop_keeps_the_carried_lines_its_ledger_could_not_write(tmp_
     assert ledger_ids(tmp_path)[name] == ids, "answered requests lost by the graceful stop"
 
 
+def test_a_failing_session_journal_does_not_make_the_usage_journal_grow_quadratically(tmp_path, monkeypatch):
+    """Each commit carries every line the ledger still holds, and compaction waits until the
+    ledger has written them: with a session journal that refuses writes, N answers leave
+    N(N+1)/2 carried copies in the usage journal's log (each line ~0.9 KB; at the ledger's
+    cap of 100,000 held lines every commit would append ~90 MB), a log that only grows and that
+    the next start reads whole. Carried lines should stay linear in the answers."""
+    proxy = _proxy(tmp_path, monkeypatch)
+    req = _request(proxy, {"budget": {"tokens": {"total": 10_000_000}}})
+    ledger = proxy.ledger
+    real_fd, full = ledger._fd, os.open("/dev/full", os.O_WRONLY)
+    ledger._fd = full
+    answers = 40
+    try:
+        ids = [_answer_in_process(proxy, req) for _ in range(answers)]
+        log = (tmp_path / "usage.journal").read_bytes()
+    finally:
+        ledger._fd = real_fd
+        os.close(full)
+    copies = sum(log.count(rid.encode()) for rid in ids)
+    asyncio.run(proxy.stop())
+    assert copies <= 2 * answers, f"{answers} answers carried {copies} times ({len(log):,} bytes of log)"
+
+
 # --- a proxy that starts while the last one is stopping --------------------------------------------
 
 def test_a_proxy_started_while_the_last_one_stops_keeps_its_charges(tmp_path, monkeypatch):
