@@ -357,6 +357,11 @@ class Needs:
                     self.starts[piece] = self.starts.get(piece, 0) | 1 << k
                 self.started |= 1 << k
         self._longest = max((len(p.strip("^$")) for p in (*self.bits, *self.starts)), default=0)
+        inside = [p for p in (*self.bits, *self.starts) if p[0] != "^" and p[-1] != "$"]
+        # The first two letters of the pieces found anywhere in a run (None: one is shorter),
+        # so that a long run (a word without spaces, text in a script written without them)
+        # is not cut into all its substrings.
+        self._heads = None if any(len(p) < 2 for p in inside) else frozenset(p[:2] for p in inside)
         self._runs: dict[str, tuple[int, tuple[tuple[int, int], ...]]] = {}
 
     def _run_info(self, run: str) -> tuple[int, tuple[tuple[int, int], ...]]:
@@ -373,9 +378,11 @@ class Needs:
         mask = look("^" + run + "$", 0)
         for j in range(1, min(n, longest) + 1):
             mask |= look("^" + run[:j], 0) | look(run[n - j:] + "$", n - j)
+        heads = self._heads
         for i in range(n):
-            for j in range(i + 1, min(n, i + longest) + 1):
-                mask |= look(run[i:j], i)
+            if heads is None or run[i:i + 2] in heads:   # pieces inside the run start with a head
+                for j in range(i + 1, min(n, i + longest) + 1):
+                    mask |= look(run[i:j], i)
         return mask, tuple(sorted(at.items()))
 
     def scan(self, text: str) -> tuple[int, list[tuple[int, int]]]:
