@@ -405,6 +405,43 @@ def test_load_sessions_mixes_summaries_and_journals(tmp_path, repo):
     assert [s["totals"]["request_count"] for s in sessions] == [2, 1, 1]
 
 
+def test_load_sessions_reads_in_the_carried_lines_a_crash_kept_from_the_files_once(tmp_path):
+    """After a crash some answered requests' lines may be only in the usage journal, which
+    carried them: the readers add those a journal or a summary lacks, each once (the log may
+    carry a line again, or carry lines the file holds), with the totals recomputed."""
+    data = str(tmp_path)
+    closed = Ledger(data, "0000000a", cwd=data, clock=Clock())
+    closed.record(rec(T0 + 1))
+    closed.record(rec(T0 + 2, model="m2", inp=7))
+    with closed.handing_over() as item_a:
+        pass
+    closed.close()
+    summary = json.loads(Path(closed.summary_path).read_text())
+    summary["requests"] = summary["requests"][:1]   # built from a file the last line never reached
+    summary["totals"].update(request_count=1, input_tokens=100)
+    Path(closed.summary_path).write_text(json.dumps(summary))
+    crashed = Ledger(data, "0000000b", cwd=data, clock=Clock(T0 + 10))
+    crashed.record(rec(T0 + 11))
+    crashed.record(rec(T0 + 12, inp=5))
+    with crashed.handing_over() as item_b:
+        pass
+    lines = Path(crashed.journal_path).read_bytes().splitlines(keepends=True)
+    Path(crashed.journal_path).write_bytes(b"".join(lines[:2]))   # killed before the last line's write
+    assert [s["totals"]["request_count"] for s in load_sessions(data)] == [1, 1]
+    sessions = load_sessions(data, [item_a, item_b, item_b, ["../x.jsonl", 0, "{}"], "junk"])
+    by_id = {s["session_id"]: s for s in sessions}
+    assert [r["request_id"] for r in by_id["0000000a"]["requests"]] == [rec(T0 + 1).request_id,
+                                                                       rec(T0 + 2, model="m2").request_id]
+    assert by_id["0000000a"]["closed"] is True and by_id["0000000a"]["ended_at"] == summary["ended_at"]
+    assert by_id["0000000a"]["totals"]["request_count"] == 2
+    assert by_id["0000000a"]["totals"]["input_tokens"] == 107
+    assert set(by_id["0000000a"]["by_model"]) == {"gpt-4o-mini", "m2"}
+    assert [r["request_id"] for r in by_id["0000000b"]["requests"]] == [rec(T0 + 11).request_id,
+                                                                       rec(T0 + 12).request_id]
+    assert by_id["0000000b"]["totals"]["input_tokens"] == 105 and by_id["0000000b"]["closed"] is False
+    crashed.close()
+
+
 def test_summarize_with_filters(tmp_path, repo):
     data = tmp_path / "data"
     make_sessions(data, repo)

@@ -1,5 +1,6 @@
 """`tokenomics ledger`: the session ledger's summary, sessions and one session's requests."""
 
+import os
 import sys
 import time
 
@@ -10,10 +11,11 @@ from . import load, print_json
 def cmd_ledger(args) -> int:
     from ..records.ledger import (filter_session, find_session, load_sessions, parse_when, render_session,
                                   render_sessions, render_summary, summarize, token_filter, token_names)
+    from ..limits.journal import read_carried
     from ..store import stored_labels
     config = load(args)
     now = time.time()
-    sessions = load_sessions(config.dir)
+    sessions = load_sessions(config.dir, read_carried(os.path.join(config.dir, "usage.journal")))
     since = parse_when(args.since, now, flag="--since") if getattr(args, "since", None) else None
     until = parse_when(args.until, now, flag="--until", end_of_day=True) if getattr(args, "until", None) else None
     branch = getattr(args, "branch", None)

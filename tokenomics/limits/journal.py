@@ -243,6 +243,29 @@ class UsageJournal:
         self._size = self._synced = self._allocated = 0
 
 
+def read_carried(path: str) -> list:
+    """What the log at `path` carries (see UsageJournal), in order, read only: for the readers
+    of the files it is carried for, since after a crash some of it may be nowhere else until a
+    proxy replays the log. A torn or damaged line, or a log that cannot be read, gives nothing."""
+    try:
+        data = _read_optional(path) or b""
+    except OSError:
+        return []
+    nul = data.find(b"\0")
+    end = (data if nul < 0 else data[:nul]).rfind(b"\n") + 1
+    carried = []
+    for line in data[:end].split(b"\n"):
+        if b'"x":' not in line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and "x" in rec:
+            carried.append(rec["x"])
+    return carried
+
+
 class Handed(Protocol):
     """A file that commits with the usage journal (the session ledger): lines queued in memory,
     handed over to be carried in the journal's line, flushed (written and fsync'ed) by itself

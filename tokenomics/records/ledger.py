@@ -514,7 +514,20 @@ def restore_carried(data_dir: str, carried: list) -> int:
     (Ledger.handing_over) where a crash kept them from the file, each exactly once: a line whose
     request id the file already holds is not written again. Call it at start, before the usage
     journal forgets them (its compaction). Returns how many lines were written."""
-    files: dict[str, list] = {}   # file name -> [lowest offset named, lines in order]
+    restored = 0
+    for name, (at, lines) in _carried_by_file(carried).items():
+        try:
+            restored += _restore_lines(os.path.join(data_dir, "sessions", name), at, lines)
+        except OSError as exc:
+            raise RuntimeFailure(f"cannot restore answered requests into the session journal {name}: "
+                                 f"{exc.strerror or exc}; check that {data_dir} is writable") from None
+    return restored
+
+
+def _carried_by_file(carried: list) -> dict[str, list]:
+    """{session journal's file name: [lowest offset named, lines in order]} from what the usage
+    journal carried; items of another shape, or naming another file, are skipped."""
+    files: dict[str, list] = {}
     for item in carried:
         if not (isinstance(item, list) and len(item) == 3):
             continue
@@ -525,14 +538,7 @@ def restore_carried(data_dir: str, carried: list) -> int:
         entry = files.setdefault(name, [at, []])
         entry[0] = min(entry[0], at)
         entry[1] += [line for line in text.encode("utf-8").split(b"\n") if line]
-    restored = 0
-    for name, (at, lines) in files.items():
-        try:
-            restored += _restore_lines(os.path.join(data_dir, "sessions", name), at, lines)
-        except OSError as exc:
-            raise RuntimeFailure(f"cannot restore answered requests into the session journal {name}: "
-                                 f"{exc.strerror or exc}; check that {data_dir} is writable") from None
-    return restored
+    return files
 
 
 def _line_request_id(line: bytes) -> str | None:
@@ -659,9 +665,36 @@ def _rebuild_session(path: str, date: str, session_id: str) -> dict:
     }
 
 
-def load_sessions(data_dir: str) -> list[dict]:
+def _with_carried(session: dict, lines: list[bytes]) -> dict:
+    """`session` with the request rows of `lines` (carried by the usage journal) it lacks,
+    matched by request id, and its totals and rollups recomputed when any was added."""
+    requests = list(session.get("requests") or ())
+    seen = {row.get("request_id") for row in requests}
+    for line in lines:
+        rid = _line_request_id(line)
+        if rid is None or rid in seen:
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        row.pop("type", None)
+        seen.add(rid)
+        requests.append(row)
+    if len(requests) == len(session.get("requests") or ()):
+        return session
+    rollups = _Rollups()
+    for row in requests:
+        rollups.add(row, _when(row.get("timestamp")))
+    return {**session, **rollups.as_dict(), "requests": requests}
+
+
+def load_sessions(data_dir: str, carried: list = ()) -> list[dict]:
     """Every session under {data_dir}/sessions, oldest first: the summary JSON where a graceful
-    shutdown wrote one, else rebuilt from the journal (see _rebuild_session)."""
+    shutdown wrote one, else rebuilt from the journal (see _rebuild_session). `carried`: what
+    the usage journal carries (limits.journal.read_carried); after a crash its request lines
+    may be missing from their session journals until a proxy restores them, so they are read
+    in too (never written: a live proxy may own the files)."""
     directory = os.path.join(data_dir, "sessions")
     try:
         names = os.listdir(directory)
@@ -674,6 +707,11 @@ def load_sessions(data_dir: str) -> list[dict]:
         m = _SESSION_FILE_RE.match(name)
         if m:
             found.setdefault((m.group(1), m.group(2)), set()).add(m.group(3))
+    extra = {}
+    for name, (_, lines) in _carried_by_file(list(carried)).items():
+        m = _SESSION_FILE_RE.match(name)
+        extra[(m.group(1), m.group(2))] = lines
+        found.setdefault((m.group(1), m.group(2)), set()).add("jsonl")   # even if its file is gone
     sessions = []
     for (date, sid), kinds in found.items():
         stem = os.path.join(directory, f"{date}_{sid}")
@@ -689,6 +727,8 @@ def load_sessions(data_dir: str) -> list[dict]:
         if session is None and "jsonl" in kinds:
             session = _rebuild_session(stem + ".jsonl", date, sid)
         if session is not None:
+            if (date, sid) in extra:
+                session = _with_carried(session, extra[(date, sid)])
             session.setdefault("closed", True)
             sessions.append(session)
     sessions.sort(key=lambda s: (_when(s.get("started_at")) or 0.0, s.get("session_id", "")))
