@@ -673,6 +673,25 @@ def test_a_failing_session_journal_does_not_make_the_usage_journal_grow_quadrati
     assert copies <= 2 * answers, f"{answers} answers carried {copies} times ({len(log):,} bytes of log)"
 
 
+@pytest.mark.subprocess_proxy
+def test_ledger_commands_after_a_kill_before_any_restart_show_every_answered_request(cli, stub, start_proxy, data_dir):
+    """SPEC §9: after a crash the journal alone is enough, the `ledger` commands read journals
+    without summaries. A kill -9 between the usage journal's fdatasync and the session
+    journal's write leaves the last answered request in the usage journal only, and only a
+    restarted proxy with the in-process backend puts it back (restore_carried at replay);
+    `ledger show` before that restart (or if the proxy never starts again on that backend)
+    does not list it."""
+    token = cli.token({"budget": {"tokens": {"total": 1_000_000}}})
+    ids = answered_then_killed(cli, stub, start_proxy, data_dir, token)
+    (name,) = ledger_ids(data_dir)
+    path = data_dir / "sessions" / name
+    data = path.read_bytes()
+    path.write_bytes(data[:data.rstrip(b"\n").rfind(b"\n") + 1])   # the last write never happened
+    shown = cli("ledger", "show", name.split("_")[1][:8], "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert [r["request_id"] for r in json.loads(shown.stdout)["requests"]] == ids
+
+
 # --- a proxy that starts while the last one is stopping --------------------------------------------
 
 def test_a_proxy_started_while_the_last_one_stops_keeps_its_charges(tmp_path, monkeypatch):
