@@ -171,32 +171,6 @@ async def _tap(chunks: AsyncIterator[bytes], ex: "Exchange") -> AsyncIterator[by
         ex.response_body = b"".join(kept)
 
 
-class _Prepended:
-    """`first`, then the rest of a stream whose first chunk was pulled early. A class rather
-    than an async generator: closing one that never started must still close (and so settle)
-    the stream behind it."""
-
-    def __init__(self, first: bytes, rest: AsyncIterator[bytes]):
-        self._first, self._rest = first, rest
-
-    def __aiter__(self) -> "_Prepended":
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._first is not None:
-            first, self._first = self._first, None
-            return first
-        return await self._rest.__anext__()
-
-    async def aclose(self) -> None:
-        self._first = None
-        await self._rest.aclose()
-
-
-def _prepend(first: bytes, rest: AsyncIterator[bytes]) -> _Prepended:
-    return _Prepended(first, rest)
-
-
 class Admission:
     """What a request holds while it runs (a parallel slot, a budget reservation); `close`
     settles to the reported usage, or releases when there is none, exactly once."""
@@ -640,7 +614,7 @@ class Pipeline:
                 first = await stream.__anext__()
             except StopAsyncIteration:
                 return Response(200, headers, b"")
-            return Response(200, headers, stream=_prepend(first, stream))
+            return Response(200, headers, first, stream=stream)   # `first` leaves with the status line
         data = await upstream.read()
         if self.log_bodies[1]:
             ex.response_body = data

@@ -60,6 +60,8 @@ class Request:
 
 @dataclass(slots=True)
 class Response:
+    """An answer: `body` whole, or `stream` chunk by chunk; with a stream, `body` holds what of
+    it is already at hand, sent in one write with the status line and headers."""
     status: int
     headers: list = field(default_factory=list)     # [(str, str)]
     body: bytes = b""
@@ -466,8 +468,11 @@ class HTTPServer:
             return
         stream = response.stream
         try:
-            writer.write(conn.send(h11.Response(status_code=response.status, headers=headers,
-                                                reason=_REASONS.get(response.status, b""))))
+            out = conn.send(h11.Response(status_code=response.status, headers=headers,
+                                         reason=_REASONS.get(response.status, b"")))
+            if response.body and not head_only:   # the first bytes leave with the head: one write
+                out += conn.send(h11.Data(data=response.body))
+            writer.write(out)
             await self._drain(writer)
             try:
                 async for chunk in stream:
