@@ -360,6 +360,25 @@ def test_requests_in_flight_at_kill_9_are_charged_in_full_after_restart(cli, stu
 
 
 @pytest.mark.subprocess_proxy
+def test_answered_requests_are_in_the_ledger_exactly_once_after_kill_9_and_restarts(cli, stub, start_proxy, data_dir):
+    """Every answered request's ledger line survives a kill -9 (its usage journal line carried it),
+    and restarting, twice, writes none of them again."""
+    token = cli.token({"budget": {"tokens": {"total": 1_000_000}}})
+    proxy = start_proxy(upstream_url=stub.url)
+    ids = []
+    for _ in range(5):
+        status, headers, answer = raw(proxy, "POST", "/v1/chat/completions", BODY, {"Authorization": f"Bearer {token}"})
+        assert status == 200, answer
+        ids.append(headers["x-tokenomics-request-id"])
+    proxy.stop(signal.SIGKILL)
+    for _ in range(2):
+        proxy = start_proxy(upstream_url=stub.url)
+        proxy.stop(signal.SIGKILL)
+        logged = [r["request_id"] for s in tokenomics.records.ledger.load_sessions(str(data_dir)) for r in s["requests"]]
+        assert sorted(logged) == sorted(ids)
+
+
+@pytest.mark.subprocess_proxy
 def test_streams_cut_by_kill_9_leave_nothing_unbilled(cli, stub, start_proxy, data_dir):
     token = cli.token({"budget": {"tokens": {"total": 1_000_000}}})
     proxy = start_proxy(upstream_url=stub.url)
