@@ -737,3 +737,35 @@ def test_a_proxy_started_while_the_last_one_stops_keeps_its_charges(tmp_path, mo
     restarted = _proxy(crashed, monkeypatch)
     asyncio.run(restarted.stop())
     assert charged(crashed) == spent_both, "the second proxy's charge was lost"
+
+
+def test_a_session_journal_that_cannot_be_restored_into_does_not_block_the_start_and_loses_nothing(tmp_path, monkeypatch):
+    """A restart that cannot put a crashed session's lines back into its file (here a directory
+    stands where the file was) still starts, logs it, and keeps the usage journal's log, which
+    holds the only copies, uncompacted (through its own compactions and its graceful stop), so
+    that a later start restores them once the file can be written."""
+    data, crashed = tmp_path / "data", tmp_path / "crashed"
+    data.mkdir()
+    first = _proxy(data, monkeypatch)
+    req = _request(first, {"budget": {"tokens": {"total": 100000}}})
+    ids = [_answer_in_process(first, req) for _ in range(2)]
+    name = os.path.basename(first.ledger.journal_path)
+    shutil.copytree(data, crashed, ignore=shutil.ignore_patterns("proxy.lock"))   # a kill -9 now
+    asyncio.run(first.stop())
+    session = crashed / "sessions" / name
+    session.unlink()
+    session.mkdir()   # no file can be opened there
+    second = _proxy(crashed, monkeypatch)
+    assert second.journal.keeps_carried
+    second.journal.compact_bytes = 1   # it would compact after every commit
+    req = _request(second, {"budget": {"tokens": {"total": 100000}}})
+    later = _answer_in_process(second, req)
+    asyncio.run(second.stop())
+    log = (crashed / "usage.journal").read_bytes()
+    assert all(rid.encode() in log for rid in ids), "the only copies of answered requests were compacted away"
+    session.rmdir()
+    third = _proxy(crashed, monkeypatch)
+    assert not third.journal.keeps_carried
+    asyncio.run(third.stop())
+    assert ledger_ids(crashed)[name] == ids
+    assert later in [i for v in ledger_ids(crashed).values() for i in v]

@@ -123,11 +123,17 @@ def build_state(config: Config) -> "tuple[State, UsageJournal | None]":
     state = MemoryState()
     journal = UsageJournal(os.path.join(config.dir, "usage.journal"))
 
-    def restore(carried: list) -> None:
-        restored = restore_carried(config.dir, carried)
+    def restore(carried: list) -> bool:
+        try:
+            restored = restore_carried(config.dir, carried)
+        except RuntimeFailure as exc:   # nothing is lost: the usage journal keeps them (no compaction)
+            log.error("ledger: %s; the usage journal keeps those requests, and is not compacted until a "
+                      "start can restore them", exc)
+            return False
         if restored:
             log.warning("ledger: %d answered requests were missing from their session journal after the "
                         "proxy last stopped; restored them from the usage journal", restored)
+        return True
     journal.replay(state, restore)
     return state, journal
 

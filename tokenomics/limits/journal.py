@@ -60,6 +60,8 @@ class UsageJournal:
         self.snapshot_path = self.path + ".snapshot"
         self.compact_bytes = compact_bytes
         self.charged_in_flight: tuple[int, int] = (0, 0)  # (requests, tokens) charged in full at replay
+        self.keeps_carried = False   # replay's restore could not put back what the log carries: the log
+                                     # is never compacted (truncated) until a start can
         self._fd: int | None = None
         self._seq = 0
         self._size = 0             # bytes in the log
@@ -71,7 +73,8 @@ class UsageJournal:
     def replay(self, state: MemoryState, restore: "Callable[[list], object] | None" = None) -> None:
         """Load the snapshot and the log into `state`; call once at start, before commits.
         `restore` gets what the log's lines carried (in order), before any compaction: the
-        owner of those records puts back what a crash kept from its own file."""
+        owner of those records puts back what a crash kept from its own file, and returns False
+        when it could not (then the log keeps them: see keeps_carried)."""
         with self._lock:
             snap_seq = 0
             orphans: dict = {}  # reservation id -> rows, opened and not (yet) closed
@@ -125,7 +128,7 @@ class UsageJournal:
             self._allocated = end
             state.write_ahead = True
             if carried and restore is not None:
-                restore(carried)
+                self.keeps_carried = restore(carried) is False
             if orphans:
                 state.skip_ids(max(orphans))
                 tokens = 0
@@ -178,8 +181,8 @@ class UsageJournal:
                     self._compact(state)
 
     def wants_compaction(self) -> bool:
-        """Whether the log has grown past compact_bytes."""
-        return self._size > self.compact_bytes
+        """Whether the log has grown past compact_bytes (and may be compacted)."""
+        return self._size > self.compact_bytes and not self.keeps_carried
 
     def _sync(self) -> None:
         """Make what was written so far durable (call holding _sync_lock, not _lock). fdatasync
@@ -232,6 +235,8 @@ class UsageJournal:
     def _compact(self, state: MemoryState) -> None:
         if self._fd is None:
             raise RuntimeFailure("usage journal compacted before replay(); call replay() at start")
+        if self.keeps_carried:
+            return   # the log holds the only copies of records its restore could not put back
         snap = state.export(drain=True)  # pending deltas are inside the snapshot now
         snap["seq"] = self._seq
         data = json.dumps(snap, separators=(",", ":")).encode()

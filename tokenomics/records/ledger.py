@@ -513,14 +513,17 @@ def restore_carried(data_dir: str, carried: list) -> int:
     """Put back into their session journals the request lines the usage journal carried
     (Ledger.handing_over) where a crash kept them from the file, each exactly once: a line whose
     request id the file already holds is not written again. Call it at start, before the usage
-    journal forgets them (its compaction). Returns how many lines were written."""
-    restored = 0
+    journal forgets them (its compaction). Returns how many lines were written; raises
+    RuntimeFailure naming a file it could not restore into, after restoring the others."""
+    restored, failed = 0, None
     for name, (at, lines) in _carried_by_file(carried).items():
         try:
             restored += _restore_lines(os.path.join(data_dir, "sessions", name), at, lines)
         except OSError as exc:
-            raise RuntimeFailure(f"cannot restore answered requests into the session journal {name}: "
-                                 f"{exc.strerror or exc}; check that {data_dir} is writable") from None
+            failed = failed or RuntimeFailure(f"cannot restore answered requests into the session journal "
+                                              f"{name}: {exc.strerror or exc}; check that {data_dir} is writable")
+    if failed is not None:
+        raise failed
     return restored
 
 
