@@ -769,3 +769,4 @@ def test_a_session_journal_that_cannot_be_restored_into_does_not_block_the_start
     asyncio.run(third.stop())
     assert ledger_ids(crashed)[name] == ids
     assert later in [i for v in ledger_ids(crashed).values() for i in v]
+    assert json.loads(session.read_bytes().splitlines()[0])["type"] == "session"   # a journal like any other

@@ -582,6 +582,11 @@ def _restore_lines(path: str, at: int, lines: list[bytes]) -> int:
             if rid is not None and rid not in seen:
                 seen.add(rid)
                 missing.append(line + b"\n")
+        if missing and not start + end:   # the file is gone (or empty): begin it as a journal
+            head = {"type": "session", "session_id": _SESSION_FILE_RE.match(os.path.basename(path)).group(2)}
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                head["started_at"] = json.loads(missing[0])["timestamp"]   # as near as is known
+            missing.insert(0, _json_bytes(head) + b"\n")
         if missing:
             os.ftruncate(fd, start + end)   # the restored lines must not glue onto a torn one
             os.lseek(fd, 0, os.SEEK_END)
@@ -594,7 +599,7 @@ def _restore_lines(path: str, at: int, lines: list[bytes]) -> int:
         os.close(fd)
     if created:
         _fsync_dir(os.path.dirname(path))
-    return len(missing)
+    return sum(line.startswith(_REQUEST_LINE_HEAD) for line in missing)
 
 
 def _write_summary(path: str, head: dict, journal_path: str) -> None:
