@@ -42,8 +42,10 @@ What it does:
            uncounted ones);
            a fourth, streamed-only target, "guard" (a policy with nothing but the typical policy's
            output rule: PII `mask` on all types, scope output), gives "output guard per chunk" =
-           (total of guard - total of minimal) / 20 chunks, an upper bound of what the output guard
-           costs per streamed chunk (it includes the guard's fixed per-request cost).
+           (proxy CPU per streamed request of guard - of minimal) / 20 chunks, an upper bound of
+           what the output guard costs per streamed chunk (it includes the guard's fixed
+           per-request cost); the same from the total times is shown beside it, which the durable
+           write at each stream's end blurs on a busy disk.
      The request is a realistic ~1.2 KB chat request (a system message and a user paragraph).
   4. RSS of the proxy process (VmRSS from /proc/PID/status) after the measurements and after a
      soak of --soak requests (default 200,000) sent by wrk -t2 -c64 in chunks that rotate over
@@ -59,7 +61,7 @@ What it does:
      at 64 connections, writes the folded stacks to PATH.1conn and PATH.64conn and prints the
      top 20 functions by self time of each.
 
-Each plain load run also records the CPU time (user + system, from /proc) that the serving
+Each load run also records the CPU time (user + system, all threads) that the serving
 process spent per request: "CPU per request" rows, and bare's CPU over the target's as the share of
 bare's rate the target would reach on a core of its own. On a machine whose cores other work shares,
 req/s and latency move with that work; CPU per request hardly does, so compare changes on it.
@@ -80,6 +82,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime
 import hashlib
 import json
@@ -274,11 +277,28 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU time (user + system, all threads) of a process, to the nanosecond from its CPU-time
+    clock (clock_getcpuclockid), else in clock ticks from /proc/PID/stat."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        clock, ts = ctypes.c_int(), _Timespec()
+        if libc.clock_getcpuclockid(pid, ctypes.byref(clock)) == 0 \
+                and libc.clock_gettime(clock.value, ctypes.byref(ts)) == 0:
+            return ts.tv_sec + ts.tv_nsec / 1e9
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return 0.0
+
+
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, all threads) of a process and its direct children (nginx's
-    worker), from /proc; 0.0 where /proc cannot tell."""
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    total = 0.0
+    """CPU time of a process and its direct children (nginx's worker); 0.0 where it cannot
+    be told."""
     pids = [pid]
     with contextlib.suppress(OSError):
         for entry in os.listdir("/proc"):
@@ -287,11 +307,7 @@ def cpu_seconds(pid: int) -> float:
                     stat = Path(f"/proc/{entry}/stat").read_text()
                     if int(stat.rpartition(")")[2].split()[1]) == pid:
                         pids.append(int(entry))
-    for p in pids:
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+    return sum(_process_cpu(p) for p in pids)
 
 
 def dir_size_mb(path: Path) -> float:
@@ -950,7 +966,9 @@ class Bench:
                     if not events or events[-1].strip() != b"data: [DONE]" or len(events) < STREAM_CHUNKS - 1:
                         raise BenchError(f"{kind} {t}: unexpected stream ({len(events)} events): {out[:300]!r}")
 
-    def stream_once(self, t: str, n: int) -> tuple[list[float], list[float]]:
+    def stream_once(self, t: str, n: int) -> tuple[list[float], list[float], float]:
+        """n streamed requests to target t: (first-byte ms, total ms, serving process's CPU us
+        per request)."""
         port, path, token, body = self.streamed[t]
         hdrs = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         if token:
@@ -959,6 +977,8 @@ class Bench:
         ttfb, total = [], []
         for _ in range(STREAM_DISCARD):  # the first requests after an idle spell are slower everywhere
             c.request("POST", path, body, hdrs)
+        pid = self.pids.get(t, self.proxy.pid)
+        c0 = cpu_seconds(pid)
         for _ in range(n):
             status, _, out, tf, te = c.request("POST", path, body, hdrs)
             if status != 200 or not out.rstrip().endswith(b"data: [DONE]"):
@@ -966,7 +986,7 @@ class Bench:
                 continue
             ttfb.append(tf * 1000)
             total.append(te * 1000)
-        return ttfb, total
+        return ttfb, total, (cpu_seconds(pid) - c0) / n * 1e6 if n else float("nan")
 
     def warmup(self):
         a = self.args
@@ -1014,12 +1034,12 @@ class Bench:
                 self.results["conc64"][t].append(d)
             n = len(STREAM_TARGETS)
             for t in STREAM_TARGETS[r % n:] + STREAM_TARGETS[:r % n]:
-                ttfb, total = self.stream_once(t, a.stream_requests)
+                ttfb, total, cpu_us = self.stream_once(t, a.stream_requests)
                 s = self.results["stream"][t]
                 s["ttfb"] += ttfb
                 s["total"] += total
                 s["rounds"].append({"ttfb_p50": med(ttfb), "total_p50": med(total), "n": len(ttfb),
-                                    "slowest_total": sorted(total)[-5:]})
+                                    "cpu_us": cpu_us, "slowest_total": sorted(total)[-5:]})
             lat = {t: self.results["lat1"][t][-1]["p50"] for t in TARGETS}
             c64 = {t: self.results["conc64"][t][-1]["rps"] for t in TARGETS}
             cpu = {t: self.results["conc64"][t][-1]["cpu_us"] for t in TARGETS}
@@ -1231,9 +1251,13 @@ class Bench:
         stream = {t: {"ttfb_p50": med(S[t]["ttfb"]), "ttfb_p99": pct(S[t]["ttfb"], 99),
                       "total_p50": med(S[t]["total"]), "total_p99": pct(S[t]["total"], 99), "n": len(S[t]["ttfb"])}
                   for t in STREAM_TARGETS}
-        # output guard per chunk: (total of the output-rule-only policy - total of minimal) / chunks; an upper
-        # bound, as it includes the guard's fixed per-request cost
-        guard_chunk_us = (stream["guard"]["total_p50"] - stream["minimal"]["total_p50"]) * 1000 / STREAM_CHUNKS
+        # output guard per chunk: (output-rule-only policy - minimal) / chunks; an upper bound, as it
+        # includes the guard's fixed per-request cost
+        guard_wall_us = (stream["guard"]["total_p50"] - stream["minimal"]["total_p50"]) * 1000 / STREAM_CHUNKS
+        # the same from the proxy's CPU per streamed request (median over rounds), which the durable
+        # write's wait at each stream's end does not blur as it does the total time on a busy disk
+        cpu_stream = {t: med([x["cpu_us"] for x in S[t]["rounds"]]) for t in STREAM_TARGETS}
+        guard_chunk_us = (cpu_stream["guard"] - cpu_stream["minimal"]) / STREAM_CHUNKS
 
         rows = []
 
@@ -1272,8 +1296,14 @@ class Bench:
                 {t: {"added": stream[t][key] - b, "ratio": stream[t][key] / b if b else float("nan"),
                      "text": f"{stream[t][key] - b:+.3f} ms (x{stream[t][key] / b if b else float('nan'):.2f})"}
                  for t in PROXIED})
+        row("stream CPU per request", "us", {t: cpu_stream[t] for t in TARGETS},
+            {t: {"ratio": cpu_stream[t] / cpu_stream["bare"] if cpu_stream["bare"] else float("nan"),
+                 "text": f"x{cpu_stream[t] / cpu_stream['bare'] if cpu_stream['bare'] else float('nan'):.2f}"}
+             for t in PROXIED})
         row("stream output guard per chunk (est.)", "us", {"typical": guard_chunk_us},
-            {"typical": {"text": f"output PII mask only vs minimal, /{STREAM_CHUNKS}"}})
+            {"typical": {"text": f"output PII mask only vs minimal, CPU per request /{STREAM_CHUNKS}"}})
+        row("stream output guard per chunk, from total time", "us", {"typical": guard_wall_us},
+            {"typical": {"text": f"(total p50 of guard - minimal) /{STREAM_CHUNKS}"}})
         same = {"text": "one process serves both policies"}
         row("proxy RSS after the run", "MB", {"minimal": rss_run, "typical": rss_run}, {"typical": same})
         if soak:
@@ -1321,6 +1351,7 @@ class Bench:
             "raw": {"lat1": R["lat1"], "conc64": R["conc64"],
                     "stream": {t: {"summary": stream[t], "rounds": S[t]["rounds"]} for t in STREAM_TARGETS},
                     "stream_output_guard_per_chunk_us": guard_chunk_us,
+                    "stream_output_guard_per_chunk_wall_us": guard_wall_us, "stream_cpu_us": cpu_stream,
                     "rss_after_run_mb": rss_run, "rss_after_soak_mb": rss_soak if soak else None,
                     "soak": soak, "startup": starts, "data_dir_mb_after": data_mb,
                     "jailbreak": jb},
