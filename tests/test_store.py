@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import stat
@@ -99,6 +100,31 @@ def test_lookup_finds_the_token_and_nothing_else(new_store):
     # a store opened later (another process) finds it too
     again = new_store(TOKENOMICS_HASH_KEY="k").lookup(token)
     assert again is not None and again.policy.raw == {"model": "gpt-4o", "max_tokens": 1000}
+
+
+def test_a_token_created_elsewhere_a_moment_ago_is_found_on_its_first_use(new_store):
+    serving = new_store(TOKENOMICS_HASH_KEY="k")
+    now = time.time()
+    serving.refresh(now)                                  # the proxy looked a moment ago
+    token, _ = new_store(TOKENOMICS_HASH_KEY="k").create({"max_tokens": 130})   # `token create`
+    serving.refresh(now + 0.01)                           # within the reload interval: not looked at
+    assert serving.lookup(token) is None
+    found = serving.authenticate(token, now + 0.01)
+    assert found is not None and found.policy.max_tokens == 130
+
+
+def test_unknown_tokens_do_not_make_a_broken_tokens_file_be_read_again_and_again(new_store, data_dir, caplog):
+    serving = new_store(TOKENOMICS_HASH_KEY="k")
+    token, _ = serving.create({})
+    now = time.time()
+    serving.refresh(now)
+    (data_dir / "tokens.json").write_text("{not json")
+    with caplog.at_level(logging.ERROR, logger="tokenomics"):
+        for i in range(20):
+            assert serving.authenticate("tkn_" + "1" * 32, now + i * 0.001) is None
+    failures = [r for r in caplog.records if "token store reload failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert serving.authenticate(token, now + 0.1) is not None     # the tokens it had are kept
 
 
 def test_hash_key_from_env_creates_no_key_file(new_store, data_dir):

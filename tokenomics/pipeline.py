@@ -365,8 +365,7 @@ class Pipeline:
             raise ProxyError(401, "missing_token", "no API key was sent; pass your tkn_ token as the API key "
                                                    "(Authorization: Bearer or x-api-key)")
         now = self.clock()
-        self.store.refresh(now)
-        record = self.store.lookup(token)
+        record = self.store.authenticate(token, now)
         if record is None:
             raise ProxyError(401, "invalid_token", "the API key is not a valid tokenomics token; it may have "
                                                    "been deleted; ask for a new one")

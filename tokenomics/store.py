@@ -255,6 +255,7 @@ class TokenStore:
         self._records: dict[str, TokenRecord] = {}
         self._stamp = None
         self._checked = 0.0
+        self._unreadable = None          # the stamp of a tokens.json that failed to load: not retried
         self.reload()
 
     # -- reading -----------------------------------------------------------------------------
@@ -325,15 +326,18 @@ class TokenStore:
         self._records = self._decode(doc, self._cipher(doc))
         self._stamp = stamp
 
-    def refresh(self, now: float) -> None:
-        """Pick up changes other processes made; cheap enough to call on every request."""
-        if now - self._checked < STORE_RELOAD_INTERVAL:
+    def refresh(self, now: float, at_once: bool = False) -> None:
+        """Pick up changes other processes made; cheap enough to call on every request. `at_once`
+        looks at tokens.json whatever the reload interval (one stat when it did not change)."""
+        if not at_once and now - self._checked < STORE_RELOAD_INTERVAL:
             return
         self._checked = now
-        if self._file_stamp() != self._stamp:
+        stamp = self._file_stamp()
+        if stamp != self._stamp and stamp != self._unreadable:
             try:
                 self.reload()
             except TokenomicsError as exc:
+                self._unreadable = stamp
                 log.error("token store reload failed, keeping the previous tokens: %s", exc)
 
     @property
@@ -347,6 +351,17 @@ class TokenStore:
         if record is not None and hmac.compare_digest(record.hash, token_hash):
             return record
         return None
+
+    def authenticate(self, token: str, now: float) -> TokenRecord | None:
+        """The token's record as tokens.json holds it now. A miss looks at the file again at once:
+        a token `token create` wrote a moment ago in another process is found on its first use,
+        not after the reload interval (a stream of unknown tokens costs a stat each, no reload)."""
+        self.refresh(now)
+        record = self.lookup(token)
+        if record is None:
+            self.refresh(now, at_once=True)
+            record = self.lookup(token)
+        return record
 
     def records(self) -> list[TokenRecord]:
         return sorted(self._records.values(), key=lambda r: (r.created_at, r.hash))
