@@ -770,3 +770,32 @@ def test_a_session_journal_that_cannot_be_restored_into_does_not_block_the_start
     assert ledger_ids(crashed)[name] == ids
     assert later in [i for v in ledger_ids(crashed).values() for i in v]
     assert json.loads(session.read_bytes().splitlines()[0])["type"] == "session"   # a journal like any other
+
+
+def test_lines_restored_after_a_graceful_stop_are_in_its_summary_too(tmp_path, monkeypatch):
+    """A graceful stop whose ledger could not write its last lines writes the session summary
+    from the journal without them; the next start restores them into the journal, and then the
+    summary (which the ledger commands read first) must count them as well, once the usage
+    journal has forgotten them."""
+    proxy = _proxy(tmp_path, monkeypatch)
+    req = _request(proxy, {"budget": {"tokens": {"total": 100000}}})
+    ledger = proxy.ledger
+    ids = [_answer_in_process(proxy, req)]
+    real_fd, full = ledger._fd, os.open("/dev/full", os.O_WRONLY)
+    ledger._fd = full   # every write of the session journal fails with ENOSPC from now on
+    try:
+        ids += [_answer_in_process(proxy, req) for _ in range(2)]
+        asyncio.run(proxy.stop())
+    finally:
+        os.close(real_fd)
+    assert len(json.loads(Path(ledger.summary_path).read_bytes())["requests"]) == 1
+    restarted = _proxy(tmp_path, monkeypatch)
+    restarted.journal.compact_bytes = 1   # its stop compacts: the usage journal forgets the lines
+    asyncio.run(restarted.stop())
+    assert (tmp_path / "usage.journal").stat().st_size == 0
+    summary = json.loads(Path(ledger.summary_path).read_bytes())
+    assert [r["request_id"] for r in summary["requests"]] == ids
+    assert summary["totals"]["request_count"] == 3 and summary["session_id"] == ledger.session_id
+    (session,) = [s for s in tokenomics.records.ledger.load_sessions(str(tmp_path))
+                  if s["session_id"] == ledger.session_id]
+    assert [r["request_id"] for r in session["requests"]] == ids and session["closed"] is True

@@ -599,7 +599,30 @@ def _restore_lines(path: str, at: int, lines: list[bytes]) -> int:
         os.close(fd)
     if created:
         _fsync_dir(os.path.dirname(path))
+    if missing and os.path.exists(path[:-1]):
+        _recount_summary(path[:-1], path)
     return sum(line.startswith(_REQUEST_LINE_HEAD) for line in missing)
+
+
+def _recount_summary(summary_path: str, journal_path: str) -> None:
+    """A graceful stop wrote this summary from a journal that lacked lines restored since: keep
+    its head, take its totals, rollups and requests[] from the journal now. A summary that cannot
+    be rewritten is removed, so that the readers rebuild the session from the journal."""
+    try:
+        with open(summary_path, "rb") as fh:
+            head = json.load(fh)
+        if not (isinstance(head, dict) and "session_id" in head):
+            raise ValueError("not a summary")
+        m = _SESSION_FILE_RE.match(os.path.basename(journal_path))
+        rebuilt = _rebuild_session(journal_path, m.group(1), m.group(2))
+        head = {k: v for k, v in head.items() if k != "requests"}
+        head.update({k: rebuilt[k] for k in ("totals", "by_model", "by_provider", "by_token")})
+        _write_summary(summary_path, head, journal_path)
+    except (OSError, ValueError):
+        log.warning("ledger: the session summary %s misses requests restored into its journal; removing it, "
+                    "the journal %s holds them all", summary_path, journal_path)
+        with contextlib.suppress(OSError):
+            os.unlink(summary_path)
 
 
 def _write_summary(path: str, head: dict, journal_path: str) -> None:
