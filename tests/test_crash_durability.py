@@ -799,3 +799,24 @@ def test_lines_restored_after_a_graceful_stop_are_in_its_summary_too(tmp_path, m
     (session,) = [s for s in tokenomics.records.ledger.load_sessions(str(tmp_path))
                   if s["session_id"] == ledger.session_id]
     assert [r["request_id"] for r in session["requests"]] == ids and session["closed"] is True
+
+
+def test_a_stop_whose_last_journal_write_fails_still_frees_the_data_dir(tmp_path, monkeypatch):
+    """The usage journal's final commit at stop can fail (ENOSPC here, from /dev/full): the
+    stop reports it, and the data dir's lock is released all the same, so the next proxy can
+    start on what the journal holds instead of being refused until this process exits."""
+    proxy = _proxy(tmp_path, monkeypatch)
+    req = _request(proxy, {"budget": {"tokens": {"total": 100000}}})
+    _answer_in_process(proxy, req)
+    journal = proxy.journal
+    real_fd, full = journal._fd, os.open("/dev/full", os.O_WRONLY)
+    journal._fd = full
+    _answer_in_process(proxy, req)                   # its commit fails too; the stop tries again
+    try:
+        with pytest.raises(OSError):
+            asyncio.run(proxy.stop())
+    finally:
+        journal._fd = real_fd
+        os.close(full)
+    restarted = _proxy(tmp_path, monkeypatch)        # raised RuntimeFailure: the dir was still locked
+    asyncio.run(restarted.stop())

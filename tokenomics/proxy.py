@@ -249,19 +249,22 @@ class Proxy:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self.ledger is not None:
-            self.ledger.close()
-        if self.journal is not None:
-            self.journal.commit(self.state, compact=False)
-            # The log may carry answered requests' ledger lines the ledger could not write (a
-            # full disk): then it keeps them for the next start to restore.
-            if self.ledger is None or self.ledger.sync():
-                self.journal.compact(self.state)
-            self.journal.close()
-        self.state.close()
-        # Last: a proxy that takes the data dir then must find the journal as this one leaves it,
-        # not have its own lines truncated by this one's compaction.
-        os.close(self._lock_fd)
+        try:
+            if self.ledger is not None:
+                self.ledger.close()
+            if self.journal is not None:
+                self.journal.commit(self.state, compact=False)
+                # The log may carry answered requests' ledger lines the ledger could not write (a
+                # full disk): then it keeps them for the next start to restore.
+                if self.ledger is None or self.ledger.sync():
+                    self.journal.compact(self.state)
+                self.journal.close()
+            self.state.close()
+        finally:
+            # Last, and even when a final write failed (this process writes nothing more): a proxy
+            # that takes the data dir then must find the journal as this one leaves it, not have its
+            # own lines truncated by this one's compaction.
+            os.close(self._lock_fd)
 
 
 async def _serve_until_signal(proxy: Proxy, ready: Callable[[list[str]], None] | None = None) -> None:
