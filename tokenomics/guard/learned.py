@@ -39,9 +39,56 @@ _IMPERATIVES = ("ignore forget disregard pretend act imagine respond reply answe
                 "write stop do don never always must obey comply bypass override").split()
 _AI_WORDS = "ai llm chatgpt gpt assistant model chatbot claude bot dan gemini copilot agent".split()
 _YOU_WORDS = "you your yours yourself".split()
-# What each counted token is, so that one C-level pass (Counter over a map) counts them all.
+# The extended signals (a model of format 2 and up): word classes whose co-occurrence marks an instruction addressed to the model: dismissing a
+# prior instruction, claiming authority, switching mode, extracting or sending out what is
+# hidden, hiding it from the user. In several languages; the weights are learned, the classes
+# only pool words that play one part. Texts *about* attacks (classifiers, tests) have words of
+# their own ("meta"), so that quoting an attack is not the same as making one.
+_CUES = {
+    "override": "ignore ignoring disregard forget bypass override overrule skip abandon drop discard nullify void "
+                "ignoriere ignorieren vergiss missachte ignora ignorar olvida olvide ignorez ignorer oublie oubliez "
+                "dimentica ignorare esqueça esqueca desconsidere unut игнорируй игнорировать забудь تجاهل انس "
+                "نادیده".split(),
+    "rules": "instructions instruction rules rule guidelines directives directive prompt policies policy restrictions "
+             "filters constraints safeguards guardrails programming orders anweisungen regeln richtlinien "
+             "instrucciones reglas consignes règles regles istruzioni regole instruções instrucoes regras "
+             "talimatları talimatlar kuralları kurallar инструкции правила ограничения تعليمات القواعد دستورالعمل".split(),
+    "prior": "previous prior above earlier preceding initial original former vorherigen vorherige obigen anteriores "
+             "anterior précédentes precedentes précédent precedenti önceki yukarıdaki предыдущие прежние السابقة "
+             "قبلی".split(),
+    "authority": "developer developers administrator admin operator root sudo openai anthropic maintainer owner "
+                 "superuser moderator creator engineer staff ceo entwickler administrador desarrollador "
+                 "développeur développeurs administrateur sviluppatore geliştirici yönetici разработчик "
+                 "администратор".split(),
+    "mode": "mode jailbreak jailbroken unrestricted uncensored unfiltered unlimited unbound limitless dan debug "
+            "maintenance god evil rogue amoral modus modo режим".split(),
+    "secret": "system hidden secret confidential initial internal password passwords credentials key keys token "
+              "tokens verbatim sistem системный системные".split(),
+    "reveal": "reveal print repeat output show display disclose leak share dump recite echo paste list "
+              "zeige wiederhole muestra repite révèle affiche répète mostra ripeti göster yaz покажи повтори выведи".split(),
+    "exfil": "send forward email post upload http https url link webhook curl fetch transfer wire exfiltrate "
+             "markdown image".split(),
+    "conceal": "secretly silently quietly covertly unnoticed without mention hide conceal".split(),
+    "you": "du dein deine tu tus usted vous votre ton ta sen senin ты твой вы ваш".split(),
+    "meta": "classify classifier detect detection detector label labels dataset example examples benchmark evaluate "
+            "evaluation judge grader score scoring research defend defense defence test tests testing red-team "
+            "attacker attack attacks injection injections vulnerability".split(),
+}
+# What each counted token is, so that C-level passes (Counter over a map) count them all.
 _TOKEN_KIND = {**dict.fromkeys(_PUNCT, "punct"), **dict.fromkeys(_IMPERATIVES, "imperative"),
                **dict.fromkeys(_AI_WORDS, "ai"), **dict.fromkeys(_YOU_WORDS, "you")}
+_CUE_KIND = {w: c for c, ws in _CUES.items() for w in ws}
+# Cue words of scripts written without spaces, counted as substrings.
+_CJK_CUES = {"override": ("忽略", "无视", "忘记", "無視", "忘れ", "무시"), "rules": ("指令", "指示", "规则", "規則", "命令", "지시"),
+             "prior": ("之前", "以前", "上面", "先前", "以前の", "이전"), "reveal": ("输出", "显示", "告诉", "表示", "출력"),
+             "secret": ("系统", "系統", "システム", "秘密", "시스템")}
+# Pairs of cue classes (and AI/you words) whose joint presence is a feature of its own.
+_CUE_PAIRS = (("override", "rules"), ("override", "prior"), ("rules", "prior"), ("reveal", "secret"),
+              ("authority", "override"), ("authority", "mode"), ("authority", "rules"), ("you", "mode"),
+              ("ai", "conceal"), ("ai", "exfil"), ("exfil", "conceal"), ("you", "override"), ("ai", "override"),
+              ("meta", "override"), ("meta", "rules"), ("reveal", "rules"))
+_RARE_PUNCT = "\\[]{}()*|^~`<>"
+_TAIL = 24                         # tokens at a text's end (where adversarial suffixes sit)
 _CAMEL_RE = re.compile(r"[a-z][A-Z][a-z]")
 _UPPER_RE = re.compile(r"[A-Z]")
 _SCRIPTS = (("latin_ext", re.compile(r"[\u00c0-\u024f]")), ("cyrillic", re.compile(r"[\u0400-\u04ff]")),
@@ -61,9 +108,10 @@ def char_ngrams(word: str) -> list[str]:
     return [w[i:i + n] for n in CHAR_NGRAMS for i in range(len(w) - n + 1)]
 
 
-def structure(text: str, lower: str, toks: list[str]) -> dict[str, float]:
+def structure(text: str, lower: str, toks: list[str], extended: bool = False) -> dict[str, float]:
     """Structural signals of a whole text: role markers, imperative density, address to an AI
-    reader, character statistics of adversarial suffixes, and script mix."""
+    reader, character statistics of adversarial suffixes, and script mix; `extended` adds the
+    cue classes and their pairs, and quote, bracket, line and tail statistics."""
     n = max(1, len(toks))
     chars = max(1, len(text))
     kinds = collections.Counter(map(_TOKEN_KIND.get, toks))
@@ -81,6 +129,8 @@ def structure(text: str, lower: str, toks: list[str]) -> dict[str, float]:
         "word_length": min(1.0, max(0, len(lower) - spaces - punct) / nw / 12),
         "length": min(1.0, math.log1p(len(text)) / 10),
     }
+    if extended:
+        out.update(_extended(text, lower, toks, kinds, n, nw, chars))
     if not text.isascii():
         letters = max(1, len(text) - text.count(" "))
         present = 0
@@ -89,6 +139,32 @@ def structure(text: str, lower: str, toks: list[str]) -> dict[str, float]:
             out["script_" + name] = min(1.0, share)
             present += share > 0.02
         out["script_mix"] = min(1.0, present / 2)
+    return out
+
+
+def _extended(text: str, lower: str, toks: list[str], kinds: collections.Counter, n: int, nw: int,
+              chars: int) -> dict[str, float]:
+    tail = toks[-_TAIL:]
+    tail_punct = sum(t in _PUNCT for t in tail) / len(tail)
+    out = {
+        "rare_punct": min(1.0, sum(map(text.count, _RARE_PUNCT)) * 10 / chars),
+        "newlines": min(1.0, lower.count("\n") * 4 / n),
+        "quotes": min(1.0, sum(map(text.count, "\"\u201c\u201d\u00ab\u00bb'")) * 10 / n),
+        "tail_punct": tail_punct,
+        "tail_excess": max(0.0, tail_punct - kinds["punct"] / n),
+    }
+    present = collections.Counter(map(_CUE_KIND.get, toks))
+    present["ai"] = kinds["ai"]
+    present["you"] += kinds["you"]
+    if not text.isascii() and any(map(lower.__contains__, ("的", "の", "는", "指", "令", "系"))):
+        for c, words in _CJK_CUES.items():
+            present[c] += sum(map(lower.count, words))
+    for c in _CUES:
+        if present[c]:
+            out["cue_" + c] = min(1.0, present[c] * 6 / nw)
+    for a, b in _CUE_PAIRS:
+        if present[a] and present[b]:
+            out["pair_" + a + "_" + b] = 1.0
     return out
 
 
@@ -120,20 +196,43 @@ def windows(n: int) -> list[tuple[int, int]]:
 class Calibration:
     """Where the learned probability starts adding to the heuristic score (`low`) and where it
     flags a text on its own (`high`), both chosen on the training data's leave-one-source-out
-    predictions."""
+    predictions; the same two points for the structure-only model (`struct_low`,
+    `struct_high`; 1.0 when there is none), whose part is at most `struct_weight` (below 1.0, it
+    never flags a text alone: it needs a heuristic signal too). The larger part counts."""
     low: float
     high: float
+    struct_low: float = 1.0
+    struct_high: float = 1.0
+    struct_weight: float = 1.0
 
-    def component(self, p: float) -> float:
-        """The learned part of the jailbreak score: 0 below `low`, 1.0 (a flag) from `high`."""
-        if p <= self.low:
+    @staticmethod
+    def _ramp(p: float, low: float, high: float) -> float:
+        if p <= low:
             return 0.0
-        return min(1.0, (p - self.low) / max(1e-9, self.high - self.low))
+        return min(1.0, (p - low) / max(1e-9, high - low))
+
+    def component(self, p: float, p_struct: float = 0.0) -> float:
+        """The learned part of the jailbreak score: 0 below `low`, 1.0 (a flag) from `high`, and
+        likewise, up to `struct_weight`, for the structure-only probability."""
+        part = self._ramp(p, self.low, self.high)
+        if p_struct > self.struct_low:
+            part = max(part, self.struct_weight * self._ramp(p_struct, self.struct_low, self.struct_high))
+        return part
+
+    def flags(self, p: float, p_struct: float = 0.0) -> bool:
+        """Whether the learned part alone flags a text."""
+        return p >= self.high or (self.struct_weight >= 1.0 and p_struct >= self.struct_high)
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
 
 
 class LearnedScorer:
     """The learned model, read from package data on first use and kept: weights, calibration and
-    a bounded cache of per-word weight sums (the cost of a text is mostly its new words)."""
+    a bounded cache of per-word weight sums (the cost of a text is mostly its new words). Beside
+    the full model sits a second one over the structural signals alone: fewer, coarser features
+    that carry over better to phrasings unlike the training sources."""
 
     def __init__(self, model: dict | None = None):
         self._model = model
@@ -144,6 +243,9 @@ class LearnedScorer:
         self._words: dict[str, float] = {}
         self._bigrams: dict[str, float] = {}
         self._struct: dict[str, float] = {}
+        self._struct_only: dict[str, float] = {}
+        self._struct_bias = 0.0
+        self._extended = False
 
     def _load(self) -> dict[str, float]:
         with self._lock:
@@ -153,10 +255,17 @@ class LearnedScorer:
                     raw = importlib.resources.files(__package__).joinpath("data").joinpath(MODEL_RESOURCE).read_text("utf-8")
                     model = json.loads(raw)
                 self._bias = float(model["bias"])
-                self._calibration = Calibration(float(model["calibration"]["low"]), float(model["calibration"]["high"]))
+                self._extended = int(model.get("format", 1)) >= 2
+                cal = model["calibration"]
+                self._calibration = Calibration(float(cal["low"]), float(cal["high"]), float(cal.get("struct_low", 1.0)),
+                                                float(cal.get("struct_high", 1.0)), float(cal.get("struct_weight", 1.0)))
                 weights = {k: float(v) for k, v in model["weights"].items()}
                 self._bigrams = {k[2:]: v for k, v in weights.items() if k.startswith("b:")}
                 self._struct = {k[2:]: v for k, v in weights.items() if k.startswith("s:")}
+                second = model.get("struct_model")
+                if second:
+                    self._struct_bias = float(second["bias"])
+                    self._struct_only = {k[2:]: float(v) for k, v in second["weights"].items()}
                 self._weights = weights
             return self._weights
 
@@ -170,14 +279,20 @@ class LearnedScorer:
         """The summed weights of a word and of its character n-grams."""
         return w.get("w:" + t, 0.0) + sum(w.get("c:" + g, 0.0) for g in char_ngrams(t))
 
-    def probability(self, text: str, lower: str) -> float:
-        """The model's probability that a (normalised) text is a prompt injection."""
+    def probabilities(self, text: str, lower: str) -> tuple[float, float]:
+        """The full model's and the structure-only model's probabilities that a (normalised)
+        text is a prompt injection (the second is 0.0 without that model)."""
         w = self._load()
         toks = tokens(lower)
         if not toks:
-            return 0.0
+            return 0.0, 0.0
+        signals = structure(text, lower, toks, self._extended)
         struct = self._struct
-        base = self._bias + sum(struct.get(k, 0.0) * v for k, v in structure(text, lower, toks).items())
+        base = self._bias + sum(struct.get(k, 0.0) * v for k, v in signals.items())
+        p_struct = 0.0
+        if self._struct_only:
+            only = self._struct_only
+            p_struct = _sigmoid(self._struct_bias + sum(only.get(k, 0.0) * v for k, v in signals.items()))
         words = self._words
         missing = set(toks).difference(words)
         if len(words) + len(missing) > _WORD_CACHE_SIZE:
@@ -194,8 +309,12 @@ class LearnedScorer:
         else:
             prefix = list(itertools.accumulate(map(operator.add, unigrams, bigrams), initial=0.0))
             best = max(base + (prefix[hi] - prefix[lo]) / math.sqrt(hi - lo) for lo, hi in windows(n))
-        return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, best))))
+        return _sigmoid(best), p_struct
+
+    def probability(self, text: str, lower: str) -> float:
+        """The full model's probability that a (normalised) text is a prompt injection."""
+        return self.probabilities(text, lower)[0]
 
     def component(self, text: str, lower: str) -> float:
         """The learned part of the jailbreak score (see Calibration)."""
-        return self.calibration.component(self.probability(text, lower))
+        return self.calibration.component(*self.probabilities(text, lower))
