@@ -695,7 +695,9 @@ def model_json(bias: float, weights: dict[str, float], low: float, high: float, 
 
 
 def scorer(bias: float, weights: dict[str, float]) -> learned.LearnedScorer:
-    return learned.LearnedScorer({"bias": bias, "weights": weights, "calibration": {"low": 1.0, "high": 1.0}})
+    """A scorer of one trained model (the wide recipe's reads the extended signals: format 2)."""
+    return learned.LearnedScorer({"format": 2 if WIDE else 1, "bias": bias, "weights": weights,
+                                  "calibration": {"low": 1.0, "high": 1.0}})
 
 
 def quantile_threshold(benign_p: list[float], fpr: float) -> float:
