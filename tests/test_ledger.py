@@ -22,7 +22,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import tokenomics
 import tokenomics.records.ledger
 from tokenomics.errors import RuntimeFailure, UsageError
-from tokenomics.records.ledger import Ledger, RequestRecord, find_session, git_context, load_sessions, parse_when, render_session, render_sessions, render_summary, summarize
+from tokenomics.records.ledger import Ledger, RequestRecord, git_context, load_sessions
+from tokenomics.records.ledger_report import find_session, parse_when, render_session, render_sessions, render_summary, summarize
 from tokenomics.records.memory import MemoryWriter
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import base_env
 from test_proxy import raw
-from tokenomics.records.ledger import format_usd
+from tokenomics.records.ledger_report import format_usd
 
 OTHER_KEY = "a-different-hash-key-5f1c9e"
 MISMATCH = "hash key does not match the one the stored tokens were made with"

@@ -18,7 +18,8 @@ from .. import __version__
 from ..errors import ProxyError, RuntimeFailure, TokenomicsError, UsageError
 from ..http.server import Request, Response, error_response, json_response
 from ..limits.usage import budget_windows
-from ..records.ledger import _when, find_session, load_sessions, parse_when, row_figures, summarize
+from ..records.ledger import _when, load_sessions, row_figures
+from ..records.ledger_report import find_session, parse_when, summarize
 from ..records.rollup import Rollup
 from ..router import ADMIN_PREFIX, basic_auth_ok, is_loopback_client
 from ..util import HASH_PREFIX, TOKEN_PREFIX, log, parse_duration, parse_rfc3339, rfc3339_ms, utc_iso

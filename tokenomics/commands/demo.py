@@ -32,7 +32,8 @@ def cmd_demo(args) -> int:
 
     from ..config import load_config
     from ..proxy import BackgroundProxy, Proxy
-    from ..records.ledger import load_sessions, render_summary, summarize, token_names
+    from ..records.ledger import load_sessions
+    from ..records.ledger_report import render_summary, summarize, token_names
     from ..store import ensure_data_dir, stored_labels
     environ = {k: v for k, v in os.environ.items() if not k.startswith("TOKENOMICS_")}
     keep = getattr(args, "dir", None)  # --dir: run the demo there and leave its token and ledger behind

@@ -9,8 +9,9 @@ from . import load, print_json
 
 
 def cmd_ledger(args) -> int:
-    from ..records.ledger import (filter_session, find_session, load_sessions, parse_when, render_session,
-                                  render_sessions, render_summary, summarize, token_filter, token_names)
+    from ..records.ledger import load_sessions
+    from ..records.ledger_report import (filter_session, find_session, parse_when, render_session, render_sessions,
+                                         render_summary, summarize, token_filter, token_names)
     from ..limits.journal import read_carried
     from ..store import stored_labels
     config = load(args)

@@ -88,7 +88,7 @@ def _amount(unit: str, value: Any, cap: bool = False) -> str:
         return f"{int(value):,}"
     if cap or value == 0:
         return "$" + (f"{value:f}".rstrip("0").rstrip(".") or "0")
-    from ..records.ledger import format_usd
+    from ..records.ledger_report import format_usd
     return "$" + format_usd(value)
 
 
