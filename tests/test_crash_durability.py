@@ -623,14 +623,10 @@ def _answer_in_process(proxy, req) -> str:
     return dict(response.headers)["x-tokenomics-request-id"]
 
 
-def test_a_graceful_stop_keeps_the_carried_lines_its_ledger_could_not_write(tmp_path, monkeypatch):
-    """While the session journal refuses writes (ENOSPC here, from /dev/full), answered
-    requests' lines are durable only in the usage journal's lines that carry them (and carry
-    them again with every commit until written). A graceful stop then fails to write them at
-    the ledger's close, and must leave the usage journal's log holding them so the next start
-    restores them; Proxy.stop() compacts the journal regardless (proxy.py: journal.commit() and
-    journal.compact() after ledger.close(), without GroupCommit's `ledger.sync()` check), so
-    the next start finds nothing to restore and the two answers are gone from the ledger."""
+def _stop_with_a_full_session_journal(tmp_path, monkeypatch):
+    """One answer, then two more while the session journal refuses writes (ENOSPC, from
+    /dev/full), then a graceful stop: the ledger and the three request ids, in order. The two
+    last lines are in the usage journal only, carried."""
     proxy = _proxy(tmp_path, monkeypatch)
     req = _request(proxy, {"budget": {"tokens": {"total": 100000}}})
     ledger = proxy.ledger
@@ -643,6 +639,18 @@ def test_a_graceful_stop_keeps_the_carried_lines_its_ledger_could_not_write(tmp_
         asyncio.run(proxy.stop())   # its close() closes /dev/full
     finally:
         os.close(real_fd)
+    return ledger, ids
+
+
+def test_a_graceful_stop_keeps_the_carried_lines_its_ledger_could_not_write(tmp_path, monkeypatch):
+    """While the session journal refuses writes (ENOSPC here, from /dev/full), answered
+    requests' lines are durable only in the usage journal's lines that carry them (and carry
+    them again with every commit until written). A graceful stop then fails to write them at
+    the ledger's close, and must leave the usage journal's log holding them so the next start
+    restores them; Proxy.stop() compacts the journal regardless (proxy.py: journal.commit() and
+    journal.compact() after ledger.close(), without GroupCommit's `ledger.sync()` check), so
+    the next start finds nothing to restore and the two answers are gone from the ledger."""
+    ledger, ids = _stop_with_a_full_session_journal(tmp_path, monkeypatch)
     name = os.path.basename(ledger.journal_path)
     assert ledger_ids(tmp_path)[name] == ids[:1]
     restarted = _proxy(tmp_path, monkeypatch)
@@ -777,17 +785,7 @@ def test_lines_restored_after_a_graceful_stop_are_in_its_summary_too(tmp_path, m
     from the journal without them; the next start restores them into the journal, and then the
     summary (which the ledger commands read first) must count them as well, once the usage
     journal has forgotten them."""
-    proxy = _proxy(tmp_path, monkeypatch)
-    req = _request(proxy, {"budget": {"tokens": {"total": 100000}}})
-    ledger = proxy.ledger
-    ids = [_answer_in_process(proxy, req)]
-    real_fd, full = ledger._fd, os.open("/dev/full", os.O_WRONLY)
-    ledger._fd = full   # every write of the session journal fails with ENOSPC from now on
-    try:
-        ids += [_answer_in_process(proxy, req) for _ in range(2)]
-        asyncio.run(proxy.stop())
-    finally:
-        os.close(real_fd)
+    ledger, ids = _stop_with_a_full_session_journal(tmp_path, monkeypatch)
     assert len(json.loads(Path(ledger.summary_path).read_bytes())["requests"]) == 1
     restarted = _proxy(tmp_path, monkeypatch)
     restarted.journal.compact_bytes = 1   # its stop compacts: the usage journal forgets the lines
