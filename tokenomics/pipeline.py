@@ -159,6 +159,11 @@ class Attempt:
     anonymizer: "Anonymizer"
     guard_out: "Guard"
 
+    def quiet_output(self) -> "Guard":
+        """The output rules once more, their matches not counted again: for a text the answer
+        repeats (Responses *.done events) and for what the conversation log keeps of it."""
+        return self.route.guard("output", self.anonymizer, [])   # the route's plan: no sorting again
+
 
 async def _tap(chunks: AsyncIterator[bytes], ex: "Exchange") -> AsyncIterator[bytes]:
     """Keep a copy of a streamed upstream body for the request log (only when it logs bodies)."""
@@ -538,7 +543,7 @@ class Pipeline:
         """What the conversation log keeps of an answer: output rules applied, placeholders kept."""
         if not attempt.guard_out.active:
             return lambda text: text
-        quiet = attempt.route.guard("output", attempt.anonymizer, [])   # the route's plan: no sorting again
+        quiet = attempt.quiet_output()
 
         def mask(text: str) -> str:
             try:
@@ -572,7 +577,7 @@ class Pipeline:
         holdback = self.config.guardrails.stream_holdback
         # Events that repeat a whole text (Responses *.done) are rewritten the same way, with
         # their matches not counted twice.
-        quiet = attempt.route.guard("output", attempt.anonymizer, []) if guard is not None else None
+        quiet = attempt.quiet_output() if guard is not None else None
 
         def whole(text: str) -> str:
             text = quiet.scan(text) if quiet is not None else text
