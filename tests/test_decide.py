@@ -1,13 +1,15 @@
 """limits.decide: budget grants and rate waits as pure functions of data (no State involved)."""
+import bisect
 import calendar
 import math
 from datetime import datetime, timezone
 
 from hypothesis import given, settings, strategies as st
 
-from tokenomics.limits.decide import (BudgetLine, Counter, Grant, RateRule, Refusal, bucket_wait, counter_cap,
-                                      decide_grant, fixed_wait, parallel_refusal, rate_refusal, rate_weight,
-                                      sliding_wait, tightest_lines, unavailable)
+from tokenomics.limits.decide import (SLIDING_EXACT_ENTRIES, SLIDING_SLOTS, BudgetLine, Counter, Grant, RateRule,
+                                      Refusal, _Sliding, bucket_wait, counter_cap, decide_grant, fixed_wait,
+                                      parallel_refusal, rate_refusal, rate_weight, sliding_wait, tightest_lines,
+                                      unavailable)
 from tokenomics.pipeline import refusal_error
 
 T0 = float(calendar.timegm(datetime(2026, 11, 27, 12, tzinfo=timezone.utc).timetuple()))
@@ -142,3 +144,79 @@ def test_n_concurrent_reservations_never_overrun_the_cap_beyond_the_input_error(
             used += real_in + real_out
     assert reserved == 0
     assert used <= cap + slack
+
+
+# -- the sliding log's bound ----------------------------------------------------------------------
+
+class _ExactLog:
+    """The reference: every admission kept, to the microsecond, with running sums."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self.sums: list[int] = [0]  # sums[i]: the weight of the first i admissions
+
+    def add(self, t, w):
+        self.times.append(t)
+        self.sums.append(self.sums[-1] + w)
+
+    def _first_inside(self, window, now):
+        return bisect.bisect_right(self.times, now, key=lambda t: t + window)  # t + window > now: inside
+
+    def held(self, window, now):
+        return self.sums[-1] - self.sums[self._first_inside(window, now)]
+
+    def wait(self, rule, w, now):
+        first = self._first_inside(rule.window, now)
+        excess = self.sums[-1] - self.sums[first] + w - rule.limit
+        last = bisect.bisect_left(self.sums, self.sums[first] + excess) - 1  # the admission that frees enough
+        return sliding_wait(self.times[last] + rule.window, now)
+
+
+@settings(max_examples=80, deadline=None)
+@given(kind=st.sampled_from(["requests", "tokens"]), limit=st.integers(1, 1000), window=st.sampled_from([1.0, 60.0]),
+       entries=st.integers(1, 40), gap=st.sampled_from([3, 50]), rng=st.randoms(use_true_random=False))
+def test_a_bounded_sliding_log_never_admits_more_than_the_exact_log(kind, limit, window, entries, gap, rng):
+    # gaps in thousandths of the window: up to 3 keeps every admission inside one slot of the last;
+    # a run long enough (800-1,500 requests) to go past `entries` and through several windows
+    steps = [(rng.randint(0, gap) / 1000, rng.randint(1, 40)) for _ in range(rng.randint(800, 1500))]
+    # `entries` stands for SLIDING_EXACT_ENTRIES, small so that a short run goes past it
+    rule, exact, now = RateRule(kind, limit, window, "sliding"), _ExactLog(), T0
+    bounded = _Sliding(rule, entries)
+    for gap, tokens in steps:
+        now += gap * window
+        w = rate_weight(rule, tokens)
+        r = bounded.retry_after(rule, w, now)
+        free = rule.limit - exact.held(window, now) >= w
+        if r == 0:
+            assert free, "the bounded log admitted what the exact log refuses"
+            bounded.take(w, now)
+            exact.add(now, w)
+        else:
+            assert 0 < r <= math.ceil(window), r
+            if not free:
+                assert r >= exact.wait(rule, w, now)  # never sends a client back before the exact log would
+        assert len(bounded.times) <= entries + SLIDING_SLOTS + 1
+        assert bounded.total == sum(bounded.weights)
+        # and it holds admissions at most one slot longer than the exact log: it refuses no more
+        # than a log whose window were window / SLIDING_SLOTS longer would
+        bounded.retry_after(rule, 0, now)
+        assert bounded.total <= exact.held(window * (1 + 1 / SLIDING_SLOTS), now)
+
+
+def test_up_to_the_exact_entries_the_sliding_log_is_exact_and_past_them_it_stays_small():
+    exact_rule = RateRule("requests", SLIDING_EXACT_ENTRIES, 60.0, "sliding")
+    log = _Sliding(exact_rule)
+    for i in range(SLIDING_EXACT_ENTRIES):
+        assert log.retry_after(exact_rule, 1, T0 + i * 1e-6) == 0
+        log.take(1, T0 + i * 1e-6)
+    assert log.retry_after(exact_rule, 1, T0 + 60) == 0  # the first admission left exactly a minute on
+    huge = RateRule("requests", 10 ** 9, 60.0, "sliding")
+    log = _Sliding(huge)
+    for i in range(200_000):  # 2,000 req/s for 100 s
+        now = T0 + i / 2000
+        assert log.retry_after(huge, 1, now) == 0
+        log.take(1, now)
+    assert len(log.times) <= SLIDING_EXACT_ENTRIES + SLIDING_SLOTS + 1
+    # the last minute's 120,000 admissions, each counted, plus at most the one joined entry that
+    # straddles the window's start (held up to window / SLIDING_SLOTS longer: 2,000 * 60 / 256)
+    assert 120_000 <= log.total <= 120_000 + math.ceil(2000 * 60 / SLIDING_SLOTS)

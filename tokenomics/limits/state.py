@@ -133,7 +133,7 @@ class MemoryState(State):
                 st = self._rates.get(sk)
                 if st is None:
                     if rule.strategy == "sliding":
-                        st = _Sliding(rule.kind == "tokens")
+                        st = _Sliding(rule)
                     elif rule.strategy == "fixed":
                         st = _Fixed()
                     else:
