@@ -5,7 +5,6 @@ Analytics (live feed) and Sessions, revoke the key and see 401; screenshots at 1
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import openai

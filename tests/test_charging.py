@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import openai
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 

@@ -4,7 +4,6 @@ and keeps its last good copy when the server is down — also across a restart."
 import json
 import os
 import stat
-import time
 
 import pytest
 import yaml

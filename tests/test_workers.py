@@ -16,7 +16,7 @@ import openai
 import pytest
 import yaml
 
-from conftest import ROOT, TOKENOMICS, base_env, free_port
+from conftest import ROOT, base_env, free_port
 from test_proxy import oa, raw
 from tokenomics import workers
 
