@@ -25,6 +25,13 @@ OPENAI_KEY = "sk-upstream-openai-0123456789abcdef"
 ANTHROPIC_KEY = "sk-ant-upstream-0123456789abcdef"
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (the default addopts): two workers per core. Much of the suite waits (leases
+    running out, grace periods, sync intervals, proxies starting), so a worker per core leaves
+    the cores idle; on 2 cores 4 workers take the suite from ~107 s to ~83 s."""
+    return 2 * (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
 # One TLS context for every SDK client the tests build: an SDK client otherwise loads the CA
 # bundle afresh (30-50 ms, more than most requests it sends); each client keeps its own pool.
 _SDK_TLS = None
