@@ -13,6 +13,7 @@ from ..guard.lexicon import _B64_RUN_RE, _JB_AI_OWNER_RE, _JB_CONCEPTS, _JB_CORE
 from ..guard.learned import LearnedScorer
 from ..guard.needs import Needs, read_table, starting_places
 from ..guard.needs_table import TABLE
+from ..guard.suffix import TAIL_CHARS, suffix_score
 from ..guard.scan import _SCAN_CACHE_MIN, _cache_get, _cache_put, _text_key
 
 
@@ -20,6 +21,12 @@ _B64_MAX_RUNS = 32                 # runs decoded per text (bounds the work on h
 
 
 _B64_MAX_CHARS = 8192              # chars of one run decoded
+
+
+_SUFFIX_ALONE = 0.5                # suffix_score at which an adversarial suffix flags a text alone
+
+
+_SUFFIX_WEAK = 0.35                # ... and at which it counts beside another signal
 
 
                                    # 5 ms: the event loop needs the GIL a dozen times to answer
@@ -378,7 +385,7 @@ def _jb_phrase_hits(v: str, groups: tuple, view: _View, hits: set) -> None:
 
 
 _JB_FAMILY_ORDER = ("override", "persona", "developer_mode", "prompt_extraction", "filter_bypass",
-                    "role_injection", "harmful_intent", "obfuscation", "learned")
+                    "role_injection", "harmful_intent", "obfuscation", "adversarial_suffix", "learned")
 
 
 # The learned scorer: its weights are read on first use and kept by this object.
@@ -582,13 +589,24 @@ def _jb_hits(text: str) -> frozenset:
             hits |= _jb_hits(text[lo:hi])
         return frozenset(hits)
     if len(text) < _SCAN_CACHE_MIN:
-        return frozenset(_jb_scan(text))
+        return frozenset(_jb_scan(text)) | _jb_suffix(text)
     key = ("jb", _text_key(text))
     hits = _cache_get(key)
     if hits is None:
-        hits = frozenset(_jb_scan(text))
+        hits = frozenset(_jb_scan(text)) | _jb_suffix(text)
         _cache_put(key, hits)
     return hits
+
+
+_SUFFIX_HITS = (frozenset(), frozenset({("suffix", "adversarial_suffix", 0.6)}),
+                frozenset({("suffix", "adversarial_suffix", 1.0)}))
+
+
+def _jb_suffix(text: str) -> frozenset:
+    """The adversarial-suffix signal of a text's tail: strong enough to flag alone, or a weak
+    one that needs another signal, or none."""
+    odd = suffix_score(_jb_normalize(text[-2 * TAIL_CHARS:]))
+    return _SUFFIX_HITS[2 if odd >= _SUFFIX_ALONE else 1 if odd >= _SUFFIX_WEAK else 0]
 
 
 def _b64_text(run: str) -> str | None:
