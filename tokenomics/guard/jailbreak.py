@@ -13,6 +13,7 @@ from ..guard.lexicon import _B64_RUN_RE, _JB_AI_OWNER_RE, _JB_CONCEPTS, _JB_CORE
 from ..guard.learned import LearnedScorer
 from ..guard.needs import Needs, read_table, starting_places
 from ..guard.needs_table import TABLE
+from ..guard.multilingual import multilingual_hits
 from ..guard.suffix import TAIL_CHARS, suffix_score
 from ..guard.scan import _SCAN_CACHE_MIN, _cache_get, _cache_put, _text_key
 
@@ -589,13 +590,21 @@ def _jb_hits(text: str) -> frozenset:
             hits |= _jb_hits(text[lo:hi])
         return frozenset(hits)
     if len(text) < _SCAN_CACHE_MIN:
-        return frozenset(_jb_scan(text)) | _jb_suffix(text)
+        return _jb_scan_all(text)
     key = ("jb", _text_key(text))
     hits = _cache_get(key)
     if hits is None:
-        hits = frozenset(_jb_scan(text)) | _jb_suffix(text)
+        hits = _jb_scan_all(text)
         _cache_put(key, hits)
     return hits
+
+
+def _jb_scan_all(text: str) -> frozenset:
+    """The lexicon's signals, the adversarial-suffix signal and the other languages' intents."""
+    hits = frozenset(_jb_scan(text)) | _jb_suffix(text)
+    if text.isascii():
+        return hits | multilingual_hits(text)
+    return hits | multilingual_hits(text.translate(_INVISIBLE))
 
 
 _SUFFIX_HITS = (frozenset(), frozenset({("suffix", "adversarial_suffix", 0.6)}),

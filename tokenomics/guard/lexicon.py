@@ -448,10 +448,16 @@ _JB_META_RE = re.compile(
     r"\bprompt[\s-]*injections?\b|\bjailbreak(?:s|ing)?\s*(?:attacks?|attempts?|prompts?|families)\b"
     r"|\b(?:defend|protect|guard|secure|harden|detect|prevent|mitigate|block|resistant)\w*\s*(?:\w+\s*){0,4}?(?:against|to\s*users)"
     r"|\bred\s*team(?:ing)?\b|\bfor\s*my\s*(?:security|research|class|paper|thesis)\b|\bclassifier\b|\bguardrails?\b"
-    r"|\b(?:unit\s*)?tests?\b|\bexample\s*of\s*(?:a\s*)?(?:prompt|jailbreak|attack)")
+    r"|\b(?:unit\s*)?tests?\b|\bexample\s*of\s*(?:a\s*)?(?:prompt|jailbreak|attack)"
+    # ... and in other languages: prompt injection, classifier
+    r"|\b(?:injection|inyecci[oó]n|inje[cç][aã]o|iniezione)\s*d[eio]\s*(?:prompts?|instrucciones)\b"
+    r"|\b(?:classificateur|clasificador|classificador|classificatore|klassifikator|s[ıi]n[ıi]fland[ıi]r[ıi]c[ıi])\b"
+    r"|\u5206\u7c7b\u5668|\u5206\u985e\u5668|\u63d0\u793a\u6ce8\u5165|\u30d7\u30ed\u30f3\u30d7\u30c8\u30a4\u30f3\u30b8\u30a7\u30af\u30b7\u30e7\u30f3")
 
 
-_JB_QUOTED_RE = re.compile(r"(?<!\w)'[^'\n]{3,200}'(?!\w)|\"[^\"\n]{3,200}\"|\u201c[^\u201d\n]{3,200}\u201d|`[^`\n]{1,200}`")
+_JB_QUOTED_RE = re.compile(r"(?<!\w)'[^'\n]{3,200}'(?!\w)|\"[^\"\n]{3,200}\"|\u201c[^\u201d\n]{3,200}\u201d|`[^`\n]{1,200}`"
+                           r"|\u00ab[^\u00bb\n]{3,200}\u00bb|\u201e[^\u201c\u201d\n]{3,200}[\u201c\u201d]|\u300c[^\u300d\n]{1,200}\u300d"
+                           r"|\u300e[^\u300f\n]{1,200}\u300f")
 
 
 _JB_FAMILY_CAP = 1.5
