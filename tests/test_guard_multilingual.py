@@ -1,6 +1,9 @@
 """Prompt injection in other languages: the intents the English lexicon knows, said in eighteen
 other languages, are caught; one concept alone (an ignored typo, a question about system
 prompts, a program's "is ignored" message) is ordinary language and is not."""
+import json
+from pathlib import Path
+
 import pytest
 
 from tokenomics.guard.jailbreak import jailbreak_score
@@ -87,3 +90,27 @@ def test_an_intent_must_be_said_in_one_sentence():
     # "Forget it" in one sentence, "the rules of chess" in another: not an override.
     text = "Olvídate de eso. Ahora háblame de las reglas del ajedrez, por favor."
     assert not any(sid == "ml_override" for sid, _, _ in multilingual_hits(text))
+
+
+MULTILINGUAL = Path(__file__).parent / "data" / "jailbreak_multilingual.jsonl"
+
+
+def test_a_multilingual_set_written_apart_from_the_lexicon():
+    """288 texts, 8 attacks and 8 benign look-alikes per language, written by someone who had not
+    seen the detector. The `dev` half was read while the lexicon was written; the `held` half
+    never was, so it measures how the lexicon carries over to wordings it was not written from."""
+    rows = [json.loads(line) for line in MULTILINGUAL.read_text("utf-8").splitlines() if line.strip()]
+    assert len({r["lang"] for r in rows}) == 18 and len(rows) == 288
+
+    def flagged(r):
+        return jailbreak_score(r["text"])[0] >= JAILBREAK_THRESHOLD
+
+    figures = {}
+    for split in ("dev", "held"):
+        attacks = [r for r in rows if r["split"] == split and r["label"] == "attack"]
+        benign = [r for r in rows if r["split"] == split and r["label"] == "benign"]
+        figures[split] = (sum(map(flagged, attacks)) / len(attacks), sum(map(flagged, benign)) / len(benign))
+    print("\nmultilingual set: " + ", ".join(f"{s} recall {r:.3f} FPR {f:.3f}" for s, (r, f) in figures.items()))
+    # Floors at the measured level (held: 0.653 at 0.028; before these intents 0.292 at 0.028).
+    assert figures["held"][0] >= 0.60 and figures["held"][1] <= 0.05
+    assert figures["dev"][0] >= 0.90 and figures["dev"][1] <= 0.05
