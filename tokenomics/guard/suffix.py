@@ -8,6 +8,7 @@ Code, links, paths, hashes, tables and log lines are odd too, in their own regul
 recognised and not counted (a line of code is not a suffix), so ordinary technical text passes.
 Pure and bounded: at most the last _TAIL_TOKENS tokens of a text are read."""
 
+import functools
 import re
 
 TAIL_CHARS = 4096                  # chars of a text's end that are read at most
@@ -25,7 +26,7 @@ _INNER_OK = frozenset("'-/.&\u2019:+,_@\u2192\u00d7=")
 # A token that is a known odd-but-regular thing: a URL, an e-mail, a path, a number or version, a
 # hex/base64 run, a hashtag, a mention, an emoticon, a file name, a markdown or table marker.
 _REGULAR_RE = re.compile(
-    r"(?:[a-z][a-z0-9+.-]*://\S+|www\.\S+|\S+@\S+\.\w+|[~.]?/[\w./-]+|[a-z]:\\\S*|\\\\\S+"
+    r"(?:\S*[a-z][a-z0-9+.-]*://\S+|www\.\S+|\S+@\S+\.\w+|[~.]?/[\w./-]+|[a-z]:\\\S*|\\\\\S+"
     r"|[#@][\w-]+|v?\d[\d.,:/x-]*%?|[$\u20ac\u00a3\u00a5]?[-+]?\d[\d.,]*[%km]?[.,;:)]*|[0-9a-f]{7,}|[A-Za-z0-9+/=_-]{24,}"
     r"|[:;=8][-']?[()\[\]dpo3/\\|]|<3|\^_\^|-_-|[-=_*#~]{3,}|\|[-:| ]*\|?|`+[^`]+`+[.,;:)]*"
     r"|[\w-]+\.(?:py|js|ts|md|txt|json|yaml|yml|toml|csv|pdf|docx?|xlsx?|png|jpe?g|gif|html?|css|sh|go|rs|c|h|cpp|java|rb|log|zip|gz)[.,;:)]?"
@@ -63,12 +64,13 @@ _CODE_LINE_RE = re.compile(
     r"|^\s*[\"'][^\"'\n]*[\"'],?\s*$|^\s*\"?[\w-]+\"?\s*:\s*\S|^\s*[-*]\s|^\s*\||^\s*#\s|\{['\"]\w|['\"]\s*:\s*['\"\d\[{]|``", re.M)
 
 
+@functools.lru_cache(maxsize=8192)
 def _odd(token: str) -> float:
-    """How unlike prose one whitespace-delimited token is: 0 (a word, a number, a link) to 1."""
+    """How unlike prose one whitespace-delimited token is: 0 (a word, a number, a link) to 1.
+    Kept per token (code and conversations repeat theirs)."""
     if _REGULAR_RE.match(token):
         return 0.0
-    letters = len(_LETTERS_RE.findall(token))
-    if not letters:
+    if not any(c.isalpha() for c in token):
         if token in _PROSE_MARKS or len(token) == 1:
             return 0.25
         if _OPERATOR_RE.match(token):
@@ -97,7 +99,8 @@ def _odd(token: str) -> float:
 def _oddness(tokens: list[str]) -> list[float]:
     """_odd of each token (plain words by one regex), lone marks repeated counted in full."""
     plain = _PLAIN_RE.match
-    odd = [0.0 if plain(t) else _odd(t[:_TOKEN_CHARS]) for t in tokens]
+    odd = [0.0 if (t.isalpha() and (t.islower() or t.istitle() or t.isupper())) or plain(t) else _odd(t[:_TOKEN_CHARS])
+           for t in tokens]
     for i in range(1, len(tokens)):
         # The same lone mark again and again ("[ [ [", "! ! !"): no prose repeats punctuation so.
         if odd[i] and tokens[i] in _REPEATED and tokens[i] in tokens[max(0, i - 2):i]:
@@ -136,18 +139,17 @@ def suffix_score(text: str) -> float:
     share, at = _worst(tokens, _oddness(tokens))
     if share < _FLOOR:
         return 0.0                                                    # prose: the common case, decided here
+    # The tail's lines: code or data lines among them make it technical text, not a suffix.
+    tail_text = text[-min(len(text), sum(len(t) + 1 for t in tokens[max(0, at - _CONTEXT):]) + 64):]
+    lines = [line[:_LINE_CHARS] for line in tail_text.splitlines()]
+    if sum(len(_CODE_LINE_RE.findall(line)) + bool(_INDENTED_RE.match(line)) for line in lines) >= 2:
+        return 0.0                                                    # (a code block's line counts twice)
     if len(_MARKUP_RE.findall(text)) >= 2:
         text = _MARKUP_RE.sub(" ", text)                              # code spans, links, tags: not suffixes
         tokens = text.split()[-(_TAIL_TOKENS + _CONTEXT):]
     odd = _oddness(tokens)
     share, at = _worst(tokens, odd)
     if share < _FLOOR:
-        return 0.0
-    # The tail's lines: code or data lines among them make it technical text, not a suffix.
-    tail_text = text[-min(len(text), sum(len(t) + 1 for t in tokens[max(0, at - _CONTEXT):]) + 64):]
-    lines = [line[:_LINE_CHARS] for line in tail_text.splitlines()]
-    if sum(len(_CODE_LINE_RE.findall(line)) + bool(_INDENTED_RE.match(line)) for line in lines) >= 2:
-        return 0.0                                                    # (a code block's line counts twice)
         return 0.0
     # What comes before the worst window must read as prose: a request in words.
     before = odd[max(0, at - _CONTEXT):at]
