@@ -41,6 +41,14 @@ BENIGN = [
     "To select the proxy, use the `set_proxy` method, whose syntax is:\n\n"
     "    set_proxy(proxy_type, addr[, port[, rdns[, username[, password]]]])\n\nExplanation of the parameters:",
     "\u00bfPuedes ayudarme a traducir este p\u00e1rrafo al ingl\u00e9s? Es para mi clase de historia, gracias.",
+    " NEWS                   | 62 ++++++++++++++++++++++++++\n configure.ac           |  2 +-\n meson.build            |  2 +-\n"
+    " src/hb-version.h       |  8 +++----\n 6 files changed, 72 insertions(+), 9 deletions(-)",
+    "Move it aside with dpkg-divert, which will survive security updates:\n\n"
+    "# dpkg-divert --rename --add /usr/lib/$(py3versions -d)/EXTERNALLY-MANAGED",
+    "Following internal discussion and bug reports #429533, #424038, #425264, #428419 and #425992, we decided to "
+    "bring the names in line with the other distributions.",
+    "Welcome to the Project\n======================\n\n[![project logo]][www.example.org]\n\n"
+    "[![github actions ci badge]][github actions ci]\n[![appveyor badge]][appveyor jobs]",
 ]
 
 

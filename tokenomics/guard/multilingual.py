@@ -265,7 +265,7 @@ _ENGLISH_RE = re.compile(r"\b(?:the|and|you|your|all|any|to|of|previous|prior|ab
 # Indonesian written without accents.
 _FOREIGN_WORDS = frozenset(
     "las los el del todas todos tus tu les toutes tous tes vos votre der das alle deine dein und di tutte tutti tue "
-    "tuoi os seu sua suas seus het een jouw je wszystkie twoje tum butun onceki semua sebelumnya kamu yang ve bir oder "
+    "tuoi seu sua suas seus het een jouw je wszystkie twoje tum butun onceki semua sebelumnya kamu yang ve bir oder "
     "et ou sans ohne senza sem".split())
 _LATIN_WORD_RE = re.compile(r"[a-z]+")
 _MARKS_RE = re.compile("[\u0307\u064b-\u065f\u0670\u200c\u200d]")

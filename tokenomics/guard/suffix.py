@@ -27,7 +27,7 @@ _INNER_OK = frozenset("'-/.&\u2019:+,_@\u2192\u00d7=")
 # hex/base64 run, a hashtag, a mention, an emoticon, a file name, a markdown or table marker.
 _REGULAR_RE = re.compile(
     r"(?:\S*[a-z][a-z0-9+.-]*://\S+|www\.\S+|\S+@\S+\.\w+|[~.]?/[\w./-]+|[a-z]:\\\S*|\\\\\S+"
-    r"|[#@][\w-]+|v?\d[\d.,:/x-]*%?|[$\u20ac\u00a3\u00a5]?[-+]?\d[\d.,]*[%km]?[.,;:)]*|[0-9a-f]{7,}|[A-Za-z0-9+/=_-]{24,}"
+    r"|[#@][\w-]+[.,;:)]*|--?[a-z][\w-]*(?:=\S*)?|v?\d[\d.,:/x-]*%?|[$\u20ac\u00a3\u00a5]?[-+]?\d[\d.,]*[%km]?[.,;:)]*|[0-9a-f]{7,}|[A-Za-z0-9+/=_-]{24,}"
     r"|[:;=8][-']?[()\[\]dpo3/\\|]|<3|\^_\^|-_-|[-=_*#~]{3,}|\|[-:| ]*\|?|`+[^`]+`+[.,;:)]*"
     r"|[\w-]+\.(?:py|js|ts|md|txt|json|yaml|yml|toml|csv|pdf|docx?|xlsx?|png|jpe?g|gif|html?|css|sh|go|rs|c|h|cpp|java|rb|log|zip|gz)[.,;:)]?"
     r"|[\w.]+(?:\(\w*\)|\[\w*\])[.,;:)]*|\(?[a-z]\)|\d+[.)]|[ivx]+[.)]|.*\\(?:[nrt]|u[0-9a-f]{4}).*)$", re.I)
@@ -37,6 +37,7 @@ _PROSE_MARKS = frozenset(["-", "\u2013", "\u2014", "&", "+", "=", "*", "/", "|",
 # Markup that pairs up its marks: `code` and ``code`` spans, [links](...), <tags>, &entities;,
 # reST targets. Where a text has two or more, they are taken out before its tokens are judged.
 _MARKUP_RE = re.compile(r"``[^`]{1,200}``|`[^`\n]{1,200}`|`[^`\n]{1,200}'|!?\[[^\]\n]{0,200}\]\([^)\s]{0,400}\)"
+                        r"|\[!\[[^\]\n]{0,200}\]\]\[[^\]\n]{0,200}\]|!?\[[^\]\n]{0,200}\]\[[^\]\n]{0,200}\]|^\s*\[[^\]\n]{1,200}\]:\s*\S.*$"
                         r"|</?[a-zA-Z][^<>\n]{0,300}>|&#?\w{2,8};|^\s*\.\. .*$|^\s*:\w+:.*$", re.M)
 _INDENTED_RE = re.compile(r"^(?: {4,}|\t)\S", re.M)
 _RUN_RE = re.compile(r"[^\w\s.]{2,}|[^\w\s]{3,}")
@@ -61,6 +62,7 @@ _CODE_LINE_RE = re.compile(
     r"|function\b|const |let |var |public |private |static |#include|package |func |fn |impl |struct |use \w"
     r"|@\w|//|/\*|\*/|#!|\$ |>>> |\.\.\. |SELECT |INSERT |UPDATE |CREATE |<\w[^>]*>|</\w)"
     r"|[;{}]\s*$|^\s*[}\])]|=>|->\s*\w+\s*[:{]|\w\(.*\)\s*[;{:]?\s*$|^\s*[\w.\[\]\"']+\s*[-+*/]?=\s*\S"
+    r"|^\s*\S+\s+\|\s+\d+|\b\d+\s+files?\s+changed\b|^\s*[#$]\s+[\w./-]+\s+-"
     r"|^\s*[\"'][^\"'\n]*[\"'],?\s*$|^\s*\"?[\w-]+\"?\s*:\s*\S|^\s*[-*]\s|^\s*\||^\s*#\s|\{['\"]\w|['\"]\s*:\s*['\"\d\[{]|``", re.M)
 
 
