@@ -111,6 +111,6 @@ def test_a_multilingual_set_written_apart_from_the_lexicon():
         benign = [r for r in rows if r["split"] == split and r["label"] == "benign"]
         figures[split] = (sum(map(flagged, attacks)) / len(attacks), sum(map(flagged, benign)) / len(benign))
     print("\nmultilingual set: " + ", ".join(f"{s} recall {r:.3f} FPR {f:.3f}" for s, (r, f) in figures.items()))
-    # Floors at the measured level (held: 0.653 at 0.028; before these intents 0.292 at 0.028).
+    # Floors at the measured level (held: recall 0.653 at FPR 0.028; before these intents 0.056 at 0.000).
     assert figures["held"][0] >= 0.60 and figures["held"][1] <= 0.05
     assert figures["dev"][0] >= 0.90 and figures["dev"][1] <= 0.05
