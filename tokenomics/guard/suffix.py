@@ -66,10 +66,8 @@ _CODE_LINE_RE = re.compile(
     r"|^\s*[\"'][^\"'\n]*[\"'],?\s*$|^\s*\"?[\w-]+\"?\s*:\s*\S|^\s*[-*]\s|^\s*\||^\s*#\s|\{['\"]\w|['\"]\s*:\s*['\"\d\[{]|``", re.M)
 
 
-@functools.lru_cache(maxsize=8192)
 def _odd(token: str) -> float:
-    """How unlike prose one whitespace-delimited token is: 0 (a word, a number, a link) to 1.
-    Kept per token (code and conversations repeat theirs)."""
+    """How unlike prose one whitespace-delimited token is: 0 (a word, a number, a link) to 1."""
     if _REGULAR_RE.match(token):
         return 0.0
     if not any(c.isalpha() for c in token):
@@ -98,19 +96,31 @@ def _odd(token: str) -> float:
     return score
 
 
+@functools.lru_cache(maxsize=16384)
+def _token_odd(token: str) -> float:
+    """_odd of a token, with plain words decided by str methods and a regex first; kept per
+    token (prose repeats its words, code and resent conversations their tokens)."""
+    if (token.isalpha() and (token.islower() or token.istitle() or token.isupper())) or _PLAIN_RE.match(token):
+        return 0.0
+    return _odd(token[:_TOKEN_CHARS])
+
+
 def _oddness(tokens: list[str]) -> list[float]:
-    """_odd of each token (plain words by one regex), lone marks repeated counted in full."""
-    plain = _PLAIN_RE.match
-    odd = [0.0 if (t.isalpha() and (t.islower() or t.istitle() or t.isupper())) or plain(t) else _odd(t[:_TOKEN_CHARS])
-           for t in tokens]
-    for i in range(1, len(tokens)):
-        # The same lone mark again and again ("[ [ [", "! ! !"): no prose repeats punctuation so.
-        if odd[i] and tokens[i] in _REPEATED and tokens[i] in tokens[max(0, i - 2):i]:
-            odd[i] = 1.0
-    for i, t in enumerate(tokens):
+    """_odd of each token, lone marks repeated and brackets left open counted in full."""
+    odd = [_token_odd(t) for t in tokens]
+    if not _REPEATED.isdisjoint(tokens):
+        for i in range(1, len(tokens)):
+            # The same lone mark again and again ("[ [ [", "! ! !"): no prose repeats punctuation so.
+            if odd[i] and tokens[i] in _REPEATED and tokens[i] in tokens[max(0, i - 2):i]:
+                odd[i] = 1.0
+    joined = " ".join(tokens)
+    openers = [] if "(" not in joined and "[" not in joined and "{" not in joined else \
+        [i for i, t in enumerate(tokens) if t[:1] in _OPENERS or t[-1:] in _OPENERS]
+    for i in openers:
         # A bracket opened at a word and never closed within a few words ("[binom", "[ und").
-        opener = t[:1] if t[:1] in _OPENERS else t[-1:] if t[-1:] in _OPENERS else ""
-        if opener and odd[i] < 0.75 and not any(_OPENERS[opener] in u for u in tokens[i:i + _CLOSE_WITHIN]):
+        t = tokens[i]
+        opener = t[:1] if t[:1] in _OPENERS else t[-1:]
+        if odd[i] < 0.75 and not any(_OPENERS[opener] in u for u in tokens[i:i + _CLOSE_WITHIN]):
             odd[i] = 0.75
     return odd
 
