@@ -96,7 +96,7 @@ def _odd(token: str) -> float:
     return score
 
 
-@functools.lru_cache(maxsize=16384)
+@functools.lru_cache(maxsize=4096)
 def _token_odd(token: str) -> float:
     """_odd of a token, with plain words decided by str methods and a regex first; kept per
     token (prose repeats its words, code and resent conversations their tokens)."""
