@@ -356,10 +356,11 @@ def multilingual_hits(text: str) -> frozenset:
         hi = min(ends) if ends else min(len(lower), at + _SENTENCE_CHARS)
         sentence = lower[lo:hi]
         near = lower[max(0, at - _NEAR_CHARS):at + _NEAR_CHARS]
-        if (sentence, near) in seen:                                   # a repeated stretch is read once
+        key = hash((sentence, near))                                   # a repeated stretch is read once
+        if key in seen:
             at = _ANCHOR.search(lower, hi + 1)
             continue
-        seen.add((sentence, near))
+        seen.add(key)
         if not (near.isascii() and len(_ENGLISH_RE.findall(sentence)) >= 2
                 and _FOREIGN_WORDS.isdisjoint(_LATIN_WORD_RE.findall(sentence))):
             in_sentence = {name for name, stems in _CONCEPT_STEMS.items() if stems.search(sentence) >= 0}
