@@ -28,7 +28,7 @@ _CONCEPTS: dict[str, tuple[str, ...]] = {
         "negeer", "vergeet", "zignoruj", "ignoruj", "zapomnij", "pomiń",
         # ru, uk
         "игнорир", "проигнорир", "забудь", "забудьте", "забыть", "не обращай внимания", "отбрось", "отмени", "ігнор",
-        "проігнор", "забудь", "не зважай",
+        "проігнор", "не зважай",
         # tr
         "unut", "iptal", "yok say", "görmezden gel", "geçersiz kıl", "geçersiz say", "dikkate alma", "umursama",
         # id, vi, hi, ko
@@ -38,7 +38,7 @@ _CONCEPTS: dict[str, tuple[str, ...]] = {
         "=تجاهل", "=انس ", "=اتجاهل", "=نادیده بگیر", "=فراموش کن",
         # zh and ja: the imperative forms ("is ignored" in a program's message is not a command)
         "=请忽略", "=請忽略", "=忽略之前", "=忽略以上", "=忽略所有", "=忽略上面", "=忽略前面", "=忽略先前", "=忽略此前",
-        "=忽略你", "=忽略系统", "=忽略系統", "=忽略所有", "=忽视之前", "=忽视所有", "=请忽视", "=无视之前", "=无视所有",
+        "=忽略你", "=忽略系统", "=忽略系統", "=忽视之前", "=忽视所有", "=请忽视", "=无视之前", "=无视所有",
         "=无视以上", "=请无视", "=忘记之前", "=忘记所有", "=忘记你", "=忘掉", "=不要理会", "=别管", "=無視して", "=無視しろ",
         "=無視せよ", "=無視しなさい", "=無視してください", "=忘れて", "=忘れろ",
         # bypassing verbs ("get around your rules") count as dismissing
@@ -86,14 +86,14 @@ _CONCEPTS: dict[str, tuple[str, ...]] = {
         "gizli yönerge", "gizli talimat", "başta verilen", "instruksi tersembunyi", "instruksi awal", "hướng dẫn ẩn",
         "छिपे निर्देश", "숨겨진 지시", "=التعليمات المخفية", "=دستورالعمل‌های پنهان", "=隐藏的指令", "=隐藏指令", "=隠された指示",
         "=最初の指示",
-        "prompt de sistema", "system prompt", "systemprompt", "छिपे हुए निर्देश", "=پرامپت سیستمی",
+        "prompt de sistema", "system prompt", "छिपे हुए निर्देश", "=پرامپت سیستمی",
     ),
     "reveal": (
         "muestra", "muéstrame", "revela", "repite", "imprime", "mostra", "mostre", "revele", "repita", "rivela",
         "ripeti", "stampa", "révèle", "révélez", "affiche", "montre", "répète", "répétez", "donne-moi", "zeig", "gib deine",
         "gib dein", "gib mir deine", "gib mir dein",
         "wiederhol", "verrat", "offenbar", "toon", "herhaal", "pokaż", "ujawnij", "powtórz", "покажи", "выведи", "раскрой",
-        "повтори", "покажи", "виведи", "göster", "tekrarla", "açıkla", "sızdır", "tampilkan", "tunjukkan",
+        "повтори", "виведи", "göster", "tekrarla", "açıkla", "sızdır", "tampilkan", "tunjukkan",
         "ungkapkan", "hiển thị", "tiết lộ", "in ra", "दिखाओ", "बताओ", "보여", "출력", "알려",
         "=أظهر", "=اعرض", "=اكشف", "=اطبع", "=كرر", "=نشان بده", "=输出", "=显示", "=告诉我", "=透露", "=重复",
         "=打印", "=表示して", "=教えて", "=出力", "=繰り返",
@@ -108,7 +108,7 @@ _CONCEPTS: dict[str, tuple[str, ...]] = {
         "senza limiti", "sans restriction", "sans filtre", "sans censure", "sans limite", "sans aucune restriction",
         "ohne einschränkung", "ohne jede einschränkung", "ohne filter", "ohne zensur", "keine regeln", "keine einschränkung",
         "unzensiert", "zonder beperking", "zonder filter", "zonder censuur", "bez ograniczeń", "bez cenzury", "bez filtrów",
-        "без ограничени", "без цензур", "без фильтр", "без обмежень", "без цензур", "sansürsüz", "kısıtlamasız", "filtresiz",
+        "без ограничени", "без цензур", "без фильтр", "без обмежень", "sansürsüz", "kısıtlamasız", "filtresiz",
         "kural tanımayan", "kısıtlamaları kaldır", "kısıtlamalarını kaldır", "tanpa batasan", "tanpa sensor",
         "tanpa filter", "không giới hạn", "không kiểm duyệt", "बिना किसी प्रतिबंध", "बिना प्रतिबंध", "제한 없이", "제한이 없는",
         "검열 없이", "=بلا قيود", "=بدون قيود", "=دون قيود", "=بدون رقابة", "=بدون محدودیت", "=بدون سانسور",
@@ -178,7 +178,7 @@ _CONCEPTS: dict[str, tuple[str, ...]] = {
         "se moque de toute morale", "ohne moral", "ohne ethik", "ohne regeln", "senza etica", "senza alcuna etica",
         "senza regole", "sem ética", "sem regras", "sem moral", "zonder regels", "zonder geweten", "zonder ethiek",
         "bez zasad", "bez etyki", "bez moralności", "нет ни морали", "без морали", "без правил", "без этики",
-        "без совісті", "без правил", "ahlak kuralı olmayan", "etik kuralı olmayan", "kuralsız", "tanpa etika",
+        "без совісті", "ahlak kuralı olmayan", "etik kuralı olmayan", "kuralsız", "tanpa etika",
         "tanpa aturan", "không có đạo đức", "không có quy tắc", "बिना नैतिकता", "बिना नियमों", "윤리 없는", "규칙 없는",
         "=بلا أخلاق", "=بدون أخلاق", "=بدون قوانین", "=没有道德", "=无视道德", "=没有规则", "=倫理観のない", "=ルールのない",
         "कोई नियम या नैतिकता नहीं", "नैतिकता नहीं", "=بدون قانون", "=没有任何规则", "=道德约束", "=倫理もルールも",
@@ -206,7 +206,7 @@ _CONCEPTS: dict[str, tuple[str, ...]] = {
         "classificateur", "klassifikator", "classificatore", "classificador", "classifier", "классификатор",
         "класифікатор", "sınıflandırıcı", "pengklasifikasi", "bộ phân loại", "क्लासिफ़ायर", "분류기", "rilevatore",
         "détecteur", "detector", "=تزريق", "=طبقه‌بند", "=مصنف", "=分类器", "=分類器", "=提示注入", "=提示词注入",
-        "=プロンプトインジェクション", "=分類器",
+        "=プロンプトインジェクション",
     ),
     "data": (
         # the defence's own words: instructions found inside documents, pages, emails are data
@@ -228,7 +228,6 @@ _CONCEPTS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-# Intents: (signal id, family, weight, concepts that must all be in one sentence).
 # Intents: (signal id, family, weight, concepts that must all be found, where): "sentence" pairs
 # must be in one sentence, "near" ones within _NEAR_CHARS of the anchor (a persona or a "no
 # limits" declaration is often spread over two or three short sentences).
@@ -357,11 +356,7 @@ def multilingual_hits(text: str) -> frozenset:
         sentence = lower[lo:hi]
         near = lower[max(0, at - _NEAR_CHARS):at + _NEAR_CHARS]
         key = hash((sentence, near))                                   # a repeated stretch is read once
-        if key in seen:
-            at = _ANCHOR.search(lower, hi + 1)
-            continue
-        seen.add(key)
-        if not (near.isascii() and len(_ENGLISH_RE.findall(sentence)) >= 2
+        if key not in seen and not (near.isascii() and len(_ENGLISH_RE.findall(sentence)) >= 2
                 and _FOREIGN_WORDS.isdisjoint(_LATIN_WORD_RE.findall(sentence))):
             in_sentence = {name for name, stems in _CONCEPT_STEMS.items() if stems.search(sentence) >= 0}
             in_near = {name for name, stems in _CONCEPT_STEMS.items() if stems.search(near) >= 0}
@@ -370,5 +365,6 @@ def multilingual_hits(text: str) -> frozenset:
                     found = in_sentence if where == "sentence" else in_near
                     if all(c in found for c in needs) and not (sid in _DEFENCE_SKIPS and "data" in in_sentence):
                         hits.add((sid, family, weight))
+        seen.add(key)
         at = _ANCHOR.search(lower, hi + 1)
     return frozenset(hits)

@@ -52,7 +52,6 @@ _OPEN_BONUS = 0.15                 # added to a window's share when it leaves th
 _REPEATED = frozenset(["[", "]", "{", "}", "(", ")", "!", "?", "<", ">", "`", "^", "[[", "]]", "!!", "{{", "}}"])
 _CAMEL_RE = re.compile(r"[a-z]{2,}[A-Z][a-z]|[A-Z]{2,}[a-z]{3,}")
 _PASCAL_RE = re.compile(r"[A-Z][a-z]{3,}[A-Z][a-z]+[A-Z]|[A-Z][a-z]{4,}[A-Z][a-z]{5,}|[a-z][A-Z]{2}")
-_LETTERS_RE = re.compile(r"[^\W\d_]")
 _WORDISH_RE = re.compile(r"[^\W\d_]{2,}")
 
 # Lines that are code, markup or data: a text with several is technical, and its tail is judged
