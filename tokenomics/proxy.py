@@ -15,6 +15,7 @@ from .http.client import UpstreamClient
 from .http.server import HTTPServer, default_max_connections
 from .limits.journal import UsageJournal
 from .limits.redis_state import HAVE_REDIS, MISSING_REDIS, RedisState
+from .guard.rules import defer_detector, load_deferred_detector
 from .limits.state import MemoryState, State
 from .pipeline import Pipeline
 from .providers import Catalog
@@ -147,6 +148,7 @@ class Proxy:
         `data_dir_lock`: an fd already holding the data dir's lock (a worker serves under its
         supervisor's); `reuse_port`: listen with SO_REUSEPORT beside the other workers."""
         check_available(config)
+        defer_detector()   # the detector loads once the listeners are open (start), not before
         self.config = config
         self.environ = os.environ if environ is None else environ
         self._lock_fd = _lock_data_dir(config.dir) if data_dir_lock is None else data_dir_lock
@@ -216,6 +218,7 @@ class Proxy:
             if ephemeral_tls and context is None:
                 raise UsageError("--tls: HTTPS needs the TLS extra: pip install 'tokenomics[tls]'")
             self.urls.append(await self._listen("127.0.0.1", 0, context))
+            load_deferred_detector()
             return self.urls
         if not cfg.http_port and (not cfg.https_port or not cfg.tls.enabled):
             raise UsageError("--port: both listeners are disabled; give --port or --https-port a port number")
@@ -225,6 +228,7 @@ class Proxy:
             context = server_tls_context(self.config)
             if context is not None:
                 self.urls.append(await self._listen(cfg.host, cfg.https_port, context))
+        load_deferred_detector()
         return self.urls
 
     async def _listen(self, host: str, port: int, context) -> str:
