@@ -148,3 +148,20 @@ def test_stats_metrics_and_totals_agree_on_every_list_of_exchanges(rows):
     assert snap["errors"] == sum(is_error(s, e) for (s, e), *_ in rows)
     if rows:
         assert metrics._by_model["gpt-x"] == totals
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(_OUTCOMES, st.integers(0, 10 ** 6), st.integers(0, 10 ** 5),
+                          st.floats(0, 50, allow_nan=False)), max_size=300), st.sets(st.integers(0, 300)))
+def test_queued_figures_sum_to_the_same_rollup_whenever_it_is_read(rows, reads_at):
+    """A rollup queues what it is given and sums it later (when read, or every so many): the
+    sums read at any moment are the column sums of everything added up to then."""
+    roll, added = Rollup(), []
+    for i, ((status, error), inp, out, cost) in enumerate(rows):
+        deltas = figures(status, error, inp, out, cost)
+        roll.add(deltas)
+        added.append(deltas)
+        if i in reads_at:
+            assert roll.sums == [sum(column) for column in zip(*added)]
+    assert roll.sums == ([sum(column) for column in zip(*added)] if added else [0] * (len(COUNTS) + 1))
+    assert roll.requests == len(rows)

@@ -63,26 +63,47 @@ def figures(status_code: int, error: str, input_tokens: int, output_tokens: int,
 NONE_KEY = "(none)"             # rollup key for an empty model, provider, token or branch
 
 
+_FOLD_AT = 64    # exchanges a rollup holds unsummed: adding is an append, summing is done in C
+
+
 class Rollup:
     """Sums over exchanges: requests, tokens, errors (see `is_error`), retries, refusals by kind
     and cost. A per-token rollup (`per_token`) also keeps the models used and the first and
-    last request's time. `merge` adds another rollup in; merging is exact and commutative."""
-    __slots__ = ("sums", "models", "first", "last")
+    last request's time. `merge` adds another rollup in; merging is exact and commutative.
+    Every exchange is added to about ten rollups and they are read rarely (a summary, a
+    scrape), so `add` queues the exchange's figures and `sums` adds them up, column by column,
+    when read or when _FOLD_AT are queued."""
+    __slots__ = ("_sums", "_queued", "models", "first", "last")
 
     def __init__(self, per_token: bool = False):
-        self.sums = [0] * (len(COUNTS) + 1)
+        self._sums = [0] * (len(COUNTS) + 1)
+        self._queued: list = []
         self.models: set | None = set() if per_token else None
         self.first: float | None = None
         self.last: float | None = None
 
+    @property
+    def sums(self) -> list:
+        if self._queued:
+            self._fold()
+        return self._sums
+
+    def _fold(self) -> None:
+        self._sums = [sum(column) for column in zip(self._sums, *self._queued)]
+        self._queued = []
+
     def add(self, deltas: Figures, model: str = "", ts: float | None = None) -> None:
-        self.sums = [a + b for a, b in zip(self.sums, deltas)]
+        queued = self._queued
+        queued.append(deltas)
+        if len(queued) >= _FOLD_AT:
+            self._fold()
         if self.models is not None:
             self.models.add(model or NONE_KEY)
             self._seen(ts, ts)
 
     def merge(self, other: "Rollup") -> None:
-        self.sums = [a + b for a, b in zip(self.sums, other.sums)]
+        self._queued.append(other.sums)
+        self._fold()
         if self.models is not None and other.models is not None:
             self.models |= other.models
             self._seen(other.first, other.last)
