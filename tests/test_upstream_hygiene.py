@@ -464,3 +464,48 @@ def test_key_redaction_holds_for_any_chunking():
         out = b"".join(redactor.feed(wire[a:b]) for a, b in zip(bounds, bounds[1:])) + redactor.flush()
         assert out == wire.replace(key, b"[REDACTED]")
     check()
+
+
+# --- JSON that repeats a key ---------------------------------------------------------------
+# A parser keeps the last copy of a repeated key; a client's parser may keep the first. Under an
+# output rule, what the client gets is written from what the proxy parsed and scanned.
+
+_HIDDEN = "hidden.person@example.com"
+_OUTPUT_PII = {"rules": [{"type": "pii", "action": "mask", "scope": "output", "detect": ["email"]}]}
+
+
+def _post_raw(proxy, token, body: dict) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=20)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(),
+                 headers={"authorization": f"Bearer {token}", "content-type": "application/json"})
+    resp = conn.getresponse()
+    out = resp.status, resp.read()
+    conn.close()
+    return out
+
+
+def test_an_answer_repeating_a_key_reaches_the_client_as_scanned(cli, stub, start_proxy):
+    token = cli.token(_OUTPUT_PII)
+    proxy = start_proxy(upstream_url=stub.url)
+    body = ('{"id":"chatcmpl-x","object":"chat.completion","created":1,"model":"gpt-4o","choices":[{"index":0,'
+            f'"message":{{"role":"assistant","content":"write to {_HIDDEN}"}},'
+            '"message":{"role":"assistant","content":"all clear"},"finish_reason":"stop"}],'
+            '"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":5}}')
+    stub.script(body=body.encode(), headers={"content-type": "application/json"})
+    status, data = _post_raw(proxy, token, CHAT)
+    assert status == 200
+    assert _HIDDEN.encode() not in data
+    assert json.loads(data)["choices"][0]["message"]["content"] == "all clear"
+
+
+def test_a_stream_event_repeating_a_key_reaches_the_client_as_scanned(cli, stub, start_proxy):
+    token = cli.token(_OUTPUT_PII)
+    proxy = start_proxy(upstream_url=stub.url)
+    smuggled = ('data: {"id":"chatcmpl-x","object":"chat.completion.chunk","created":1,"model":"gpt-4o",'
+                f'"choices":[{{"index":0,"delta":{{"content":"mail {_HIDDEN}"}},"delta":{{}},'
+                '"finish_reason":"stop"}]}\n\n').encode()
+    stub.script(stream_events=[chat_chunk("hello "), smuggled, b"data: [DONE]\n\n"])
+    status, data = _post_raw(proxy, token, dict(CHAT, stream=True))
+    assert status == 200
+    assert _HIDDEN.encode() not in data
+    assert b"hello " in data

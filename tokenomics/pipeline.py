@@ -650,7 +650,9 @@ class Pipeline:
                 changed, said = self.guard_output(attempt, dialect, answer)
             if ex.memory is not None:
                 ex.memory_entries.append(("assistant", "".join(said)))
-            if changed:
+            if changed or whole is not None:
+                # Guarded, the answer goes out as parsed and scanned, never as received: JSON
+                # that repeats a key parses to its last copy, while the client might read the first.
                 data = json.dumps(answer, ensure_ascii=False).encode("utf-8")
         return Response(200, headers, data)
 

@@ -34,9 +34,12 @@ def wire(chunk: bytes) -> SSEEvent:
     return SSEEvent(chunk)
 
 
+_COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))   # json.dumps builds an encoder per call
+
+
 def sse_bytes(data: dict | str, event: str | None = None) -> bytes:
     """One event in SSE framing, its JSON compact."""
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    payload = data if isinstance(data, str) else _COMPACT_JSON.encode(data)
     return (f"event: {event}\n" if event else "").encode() + b"data: " + payload.encode("utf-8") + b"\n\n"
 
 

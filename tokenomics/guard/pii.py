@@ -543,11 +543,12 @@ def _pii_map_back(spans: Iterable[tuple[int, int, str]], segs: list) -> list[tup
     return out
 
 
-def _pii_candidates(text: str, types: tuple[str, ...]) -> tuple[tuple[int, int, str], ...]:
+def _pii_candidates(text: str, types: tuple[str, ...], cache: bool = True) -> tuple[tuple[int, int, str], ...]:
     """(start, end, type) of every validated candidate of the given types (may overlap), found
-    on the normalised text and given in positions of the original one."""
+    on the normalised text and given in positions of the original one. `cache` false: the text
+    is not worth remembering (a stream's window, never seen again)."""
     key = None
-    if len(text) >= _SCAN_CACHE_MIN:
+    if cache and len(text) >= _SCAN_CACHE_MIN:
         key = ("pii", types, _text_key(text))
         cached = _cache_get(key)
         if cached is not None:

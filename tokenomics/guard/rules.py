@@ -589,22 +589,22 @@ class Guard:
 
     # -- shared with StreamGuard
 
-    def _spans(self, text: str) -> list[list[tuple[int, int, str]]]:
+    def _spans(self, text: str, cache: bool = True) -> list[list[tuple[int, int, str]]]:
         """Per rule (same order as self._rules): the (start, end, label) of each match on the
         unmodified text. Jailbreak rules get an empty list (they score the text as a whole).
         A long text is scanned in overlapping segments, so that no single regex call holds the
         GIL for long (see _SCAN_SEGMENT); each match is taken from the segment it starts in."""
         if len(text) <= _SCAN_SEGMENT + 2 * _SCAN_OVERLAP:
-            return self._segment_spans(text)
+            return self._segment_spans(text, cache)
         from ..guard.jailbreak import _segments
         out: list[list[tuple[int, int, str]]] = [[] for _ in self._rules]
         for lo, hi, core in _segments(len(text), _SCAN_SEGMENT, _SCAN_OVERLAP):
-            for i, per_rule in enumerate(self._segment_spans(text[lo:hi])):
+            for i, per_rule in enumerate(self._segment_spans(text[lo:hi], cache)):
                 out[i].extend((s + lo, e + lo, label) for s, e, label in per_rule
                               if core <= s + lo < core + _SCAN_SEGMENT)
         return out
 
-    def _segment_spans(self, text: str) -> list[list[tuple[int, int, str]]]:
+    def _segment_spans(self, text: str, cache: bool = True) -> list[list[tuple[int, int, str]]]:
         pii = None
         lower = None
         ascii_text = text.isascii()
@@ -626,7 +626,7 @@ class Guard:
                     out.append([(m.start(), m.end(), label) for m in rule.matcher.finditer(text) if m.end() > m.start()])
                 elif rule.type == "pii":
                     if pii is None:
-                        pii = _pii_candidates(text, self._pii_types)
+                        pii = _pii_candidates(text, self._pii_types, cache)
                     wanted = rule.detect
                     out.append([(s.start, s.end, s.label.upper())
                                 for s in _resolve_overlaps([c for c in pii if c[2] in wanted])])

@@ -71,7 +71,7 @@ class StreamGuard:
         rule = None
         try:
             buf, done = self._buf, self._done
-            spans = guard._spans(buf)
+            spans = guard._spans(buf, cache=False)   # a window is never scanned twice
             if not final:
                 # Never release part of a match that may still be completed by the next chunks:
                 # move the cut back to its start, unless the match is already longer than the
@@ -196,24 +196,28 @@ class GuardStage:
             out.append(ev)
             return
         dialect = self.dialect
-        changed = False
+        guarded = self.channel is not None or self.full_text is not None
+        # Guarded, every event is written anew from what was parsed and scanned, never relayed
+        # as received: JSON that repeats a key (a second "delta" after one holding text) parses
+        # to the last copy, while the client might read the first.
+        changed = guarded
+        deltas = dialect.stream_deltas(name, payload) if guarded or self.collected is not None else ()
         if self.collected is not None:
-            self.collected.extend(holder[key] for _, holder, key in dialect.stream_deltas(name, payload))
-        if self.channel is not None or self.full_text is not None:
+            self.collected.extend(holder[key] for _, holder, key in deltas)
+        if guarded:
             ends = dialect.stream_ends(name, payload)
             if ends:
                 out += self._flush(self._closed_channels(ends), payload, name)
-            for ch, holder, key in dialect.stream_deltas(name, payload):
+            for ch, holder, key in deltas:
                 guard = self._channels.get(ch)
                 if guard is None:
                     guard = self._channels[ch] = self.channel()
                 holder[key] = released = guard.feed(holder[key])
-                self.released_text = self.released_text or bool(released)
-                changed = True
+                if released:
+                    self.released_text = True
             if self.full_text is not None:
                 for holder, key in dialect.stream_full_texts(name, payload):
                     holder[key] = self.full_text(holder[key])
-                    changed = True
         seq = dialect.sequence_field
         if self._seq_shift and seq is not None and seq in payload:
             payload[seq] += self._seq_shift
