@@ -16,7 +16,9 @@ What it does:
      `daemon off`, one worker, logs in the temp dir):
        POST /v1/chat/completions         -> a fixed chat.completion JSON with usage;
        POST /stream/v1/chat/completions  -> a fixed SSE stream of 20 chat.completion.chunk
-                                            events (the last one carries usage) + `data: [DONE]`.
+                                            events (the last one carries usage) + `data: [DONE]`;
+     the answer's text ends with nginx's $request_id, so that no two answers are alike and the
+     proxy's scan cache cannot answer for its output rules (real answers never repeat either).
      nginx cannot branch on the body's "stream" field, so streamed traffic goes to its own
      location, reached through the policy's `upstream_url` (an OpenAI-style base with a path,
      http://127.0.0.1:P/stream/v1, replaces the client's leading /v1).
@@ -89,6 +91,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -122,6 +125,15 @@ REPLY_TEXT = ("The storage team wants to replace the four-hour nightly export wi
               "retry. The costs are extra bookkeeping, slightly higher compute and two dashboards to update, "
               "so a two-week trial on staging is proposed first.")
 USAGE = {"prompt_tokens": 268, "completion_tokens": 62, "total_tokens": 330}
+
+# The upstream's answers end with nginx's $request_id (32 hex digits, new for every request), so
+# that an answer is never the one before it: the scan cache cannot answer for the output rules
+# of a whole answer, as it cannot in real traffic. (A stream's scan windows skip that cache.)
+REQUEST_ID_MARK = "REQIDMARK"
+ANSWER_TEXT = f"{REPLY_TEXT} (ref {REQUEST_ID_MARK})"
+
+
+_ANSWER_RE = re.compile(re.escape(ANSWER_TEXT).replace(REQUEST_ID_MARK, "[0-9a-f]{32}"))
 
 
 # Texts the jailbreak row times: benign prompts of the kinds agents send, and two injections.
@@ -181,7 +193,7 @@ def completion_json() -> str:
     return json.dumps({
         "id": "chatcmpl-bench0001", "object": "chat.completion", "created": 1700000000,
         "model": "gpt-4o-mini-2024-07-18", "system_fingerprint": "fp_bench",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": REPLY_TEXT, "refusal": None},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER_TEXT, "refusal": None},
                      "logprobs": None, "finish_reason": "stop"}],
         "usage": dict(USAGE, prompt_tokens_details={"cached_tokens": 0},
                       completion_tokens_details={"reasoning_tokens": 0})}, separators=(",", ":"))
@@ -189,7 +201,7 @@ def completion_json() -> str:
 
 def sse_events() -> list[str]:
     """20 chat.completion.chunk events: role, 17 content deltas, finish, usage; then [DONE]."""
-    words = REPLY_TEXT.split(" ")
+    words = ANSWER_TEXT.split(" ")
     n_content = STREAM_CHUNKS - 3
     per = math.ceil(len(words) / n_content)
     pieces = [" ".join(words[i:i + per]) for i in range(0, len(words), per)]
@@ -481,7 +493,8 @@ def nginx_return(name: str, text: str, piece: int = 1500) -> str:
             cur = ""
         cur += ev
     parts.append(cur)
-    sets = "".join(f"            set ${name}_{i} {nginx_quote(p)};\n" for i, p in enumerate(parts))
+    sets = "".join(f"            set ${name}_{i} {nginx_quote(p).replace(REQUEST_ID_MARK, '$request_id')};\n"
+                   for i, p in enumerate(parts))
     return sets + "            return 200 \"" + "".join(f"${name}_{i}" for i in range(len(parts))) + "\";\n"
 
 
@@ -959,7 +972,7 @@ class Bench:
                     raise BenchError(f"{kind} {t}: HTTP {status}: {out[:500]!r}")
                 if kind == "plain":
                     doc = json.loads(out)
-                    if doc["choices"][0]["message"]["content"] != REPLY_TEXT:
+                    if not _ANSWER_RE.fullmatch(doc["choices"][0]["message"]["content"]):
                         raise BenchError(f"{kind} {t}: unexpected reply {out[:300]!r}")
                 else:
                     events = [e for e in out.split(b"\n\n") if e.startswith(b"data:")]
