@@ -644,10 +644,29 @@ end
 """
 
 
+FRESH_MARK = "FRESHMARK"
+
+
+def fresh_body(body: bytes) -> bytes:
+    """`body` with a place for a request number at the end of its user message (FRESH_MARK)."""
+    text = body.decode()
+    assert text.count(USER_TEXT) == 1
+    return text.replace(USER_TEXT, f"{USER_TEXT} (ticket {FRESH_MARK})").encode()
+
+
 def write_lua(path: Path, body: bytes, token: str | None) -> None:
+    """A wrk script that sends `body`; a body holding FRESH_MARK gets a number there that no
+    other request of the run has (wrk thread, request count), so that no scan cache answers."""
     text = body.decode()
     assert "]==]" not in text
-    lines = ['wrk.method = "POST"', f"wrk.body = [==[{text}]==]", 'wrk.headers["Content-Type"] = "application/json"']
+    lines = ['wrk.method = "POST"', 'wrk.headers["Content-Type"] = "application/json"']
+    if FRESH_MARK in text:
+        head, tail = text.split(FRESH_MARK)
+        lines += ["local threads = 0", "function setup(thread) threads = threads + 1; thread:set('tid', threads) end",
+                  "local n = 0", f"local head, tail = [==[{head}]==], [==[{tail}]==]",
+                  "request = function() n = n + 1; return wrk.format(nil, nil, nil, head .. tid .. '-' .. n .. tail) end"]
+    else:
+        lines.append(f"wrk.body = [==[{text}]==]")
     if token:
         lines.append(f'wrk.headers["Authorization"] = "Bearer {token}"')
     path.write_text("\n".join(lines) + "\n" + WRK_DONE)
@@ -905,6 +924,7 @@ class Bench:
         self.args = args
         self.procs: list[subprocess.Popen] = []
         self.results: dict = {"lat1": {t: [] for t in TARGETS}, "conc64": {t: [] for t in TARGETS},
+                              "fresh1": [], "fresh64": [],
                               "stream": {t: {"ttfb": [], "total": [], "rounds": []} for t in STREAM_TARGETS}}
         self.errors: list[str] = []
 
@@ -954,6 +974,10 @@ class Bench:
                 p = self.tmp / f"{kind}-{t}.lua"
                 write_lua(p, b, token)
                 self.lua[(kind, t)] = (p, f"http://{HOST}:{port}{path}", b, token)
+        # the typical policy on a new user message every request (its input scans cannot be cached)
+        port, path, token, b = self.plain["typical"]
+        write_lua(self.tmp / "fresh-typical.lua", fresh_body(b), token)
+        self.lua[("fresh", "typical")] = (self.tmp / "fresh-typical.lua", f"http://{HOST}:{port}{path}", b, token)
         self.conns = {t: HttpConn(self.streamed[t][0]) for t in STREAM_TARGETS}
 
     def sanity(self):
@@ -1016,13 +1040,13 @@ class Bench:
             return run_wrk(self.wrk, url, lua, 1 if conns == 1 else 2, conns, seconds)
         return run_asyncio_load(url, body, token, conns, seconds)
 
-    def measured_load(self, t: str, conns: int) -> dict:
+    def measured_load(self, t: str, conns: int, kind: str = "plain") -> dict:
         """A plain load run with the CPU time its target's process spent per request ("cpu_us"),
         the settling second after it included (the answers still in flight): unlike req/s and
         latency, hardly moved by other load on the machine's cores."""
         pid = self.pids[t]
         c0 = cpu_seconds(pid)
-        d = self.load("plain", t, conns, self.args.duration)
+        d = self.load(kind, t, conns, self.args.duration)
         time.sleep(SETTLE)
         d["cpu_us"] = (cpu_seconds(pid) - c0) / d["requests"] * 1e6 if d["requests"] else float("nan")
         return d
@@ -1045,6 +1069,11 @@ class Bench:
                 d = self.measured_load(t, 64)
                 self.note_errors(f"64 conn {t}", d)
                 self.results["conc64"][t].append(d)
+            if self.wrk:   # the asyncio client sends one body: only wrk makes each one new
+                for conns, key in ((1, "fresh1"), (64, "fresh64")):
+                    d = self.measured_load("typical", conns, kind="fresh")
+                    self.note_errors(f"{conns} conn typical, new prompts", d)
+                    self.results[key].append(d)
             n = len(STREAM_TARGETS)
             for t in STREAM_TARGETS[r % n:] + STREAM_TARGETS[:r % n]:
                 ttfb, total, cpu_us = self.stream_once(t, a.stream_requests)
@@ -1302,6 +1331,21 @@ class Bench:
             # bare's CPU over the target's: the req/s share the target would reach on a core of its own
             row(label, "us", {t: med(vals[t]) for t in TARGETS},
                 {t: {"ratio": r[t], "text": f"x{r[t]:.2f} ({100 / r[t]:.1f}% of bare's rate)"} for t in PROXIED})
+        if R["fresh64"]:
+            rounds = len(R["fresh64"])
+            f50 = [d["p50"] for d in R["fresh1"]]
+            f_rps = [d["rps"] for d in R["fresh64"]]
+            f_cpu = [d["cpu_us"] for d in R["fresh64"]]
+            add50 = med([(v - b) / 1000 for v, b in zip(f50, lat50["bare"])])
+            share = med([v / b for v, b in zip(f_rps, rps64["bare"]) if b])
+            cpu_x = med([v / b for v, b in zip(f_cpu, cpu64["bare"]) if b])
+            row("typical, a new prompt each request: 1 conn p50", "ms", {"typical": ms(f50)},
+                {"typical": {"added": add50, "text": f"{add50:+.3f} ms over bare"}})
+            row("typical, a new prompt each request: 64 conn", "req/s", {"typical": med(f_rps)},
+                {"typical": {"ratio": share, "text": f"{share * 100:.1f}% of bare"}})
+            row("typical, a new prompt each request: 64 conn CPU", "us", {"typical": med(f_cpu)},
+                {"typical": {"ratio": cpu_x, "text": f"x{cpu_x:.2f} ({100 / cpu_x:.1f}% of bare's rate), "
+                                                   f"{rounds} rounds"}})
         for key, label in (("ttfb_p50", "stream first byte p50"), ("ttfb_p99", "stream first byte p99"),
                            ("total_p50", "stream total p50"), ("total_p99", "stream total p99")):
             b = stream["bare"][key]
