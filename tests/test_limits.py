@@ -904,6 +904,23 @@ def test_atomic_file_replaces_whole_or_not_at_all(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.parametrize("durable", [True, False])
+def test_a_write_for_files_that_need_no_durability_is_atomic_private_and_skips_the_fsyncs(tmp_path, monkeypatch,
+                                                                                          durable):
+    """A running proxy's pid and state files are written without fsyncs (they mean nothing
+    once the machine is down); they are still private and replaced whole."""
+    from tokenomics import util
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(util.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    path = tmp_path / "tokenomics.pid"
+    path.write_bytes(b"123\n")
+    util.write_private(str(path), b"456\n", durable=durable)
+    assert path.read_bytes() == b"456\n" and os.listdir(tmp_path) == [path.name]
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (len(synced) == 2) if durable else (synced == [])   # the file and its directory, or neither
+
+
 def test_write_all_reports_how_much_a_failed_write_wrote(tmp_path, monkeypatch):
     from tokenomics import util
     fd = os.open(tmp_path / "log", os.O_WRONLY | os.O_CREAT, 0o600)

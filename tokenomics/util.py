@@ -137,11 +137,13 @@ def _type_name(tp) -> str:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str) -> Iterator[BinaryIO]:
+def atomic_file(path: str, durable: bool = True) -> Iterator[BinaryIO]:
     """A binary file, mode 0600, that replaces `path` when the block ends without an error: a
     temp file in the same directory, fsync'ed, renamed over `path`, then the directory fsync'ed
     so that the rename survives a crash too. On an error the temp file goes and `path` is left
-    as it was. The one atomic write of the package: everything durable goes through it."""
+    as it was. The one atomic write of the package: everything durable goes through it.
+    `durable` false: no fsyncs, for a file that means nothing after the machine went down (a
+    running proxy's pid file): readers still see the old file or the new one, never half."""
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
@@ -149,18 +151,20 @@ def atomic_file(path: str) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(directory)
+    if durable:
+        _fsync_dir(directory)
 
 
-def write_private(path: str, data: bytes) -> None:
+def write_private(path: str, data: bytes, durable: bool = True) -> None:
     """Atomically replace `path` with `data`, mode 0600 (see atomic_file)."""
-    with atomic_file(path) as fh:
+    with atomic_file(path, durable) as fh:
         fh.write(data)
 
 
