@@ -509,3 +509,29 @@ def test_a_stream_event_repeating_a_key_reaches_the_client_as_scanned(cli, stub,
     assert status == 200
     assert _HIDDEN.encode() not in data
     assert b"hello " in data
+
+
+def test_an_answer_that_is_not_a_json_object_is_not_relayed_past_output_rules(cli, stub, start_proxy):
+    token = cli.token(_OUTPUT_PII)
+    proxy = start_proxy(upstream_url=stub.url)
+    stub.script(body=f"write to {_HIDDEN}".encode(), headers={"content-type": "text/plain"})
+    status, data = _post_raw(proxy, token, CHAT)
+    assert status == 500 and json.loads(data)["error"]["code"] == "guardrail_error"
+    assert _HIDDEN.encode() not in data
+
+
+def test_a_stream_event_that_is_not_a_json_object_is_refused_under_output_rules(cli, stub, start_proxy):
+    token = cli.token(_OUTPUT_PII)
+    proxy = start_proxy(upstream_url=stub.url)
+    stub.script(stream_events=[chat_chunk("hello "), f'data: ["mail {_HIDDEN}"]\n\n'.encode(), b"data: [DONE]\n\n"])
+    status, data = _post_raw(proxy, token, dict(CHAT, stream=True))
+    assert _HIDDEN.encode() not in data
+    # "hello " is still held back when the event arrives: nothing reached the client, a plain error
+    assert status == 500 and json.loads(data)["error"]["code"] == "guardrail_error"
+
+
+def test_a_stream_event_that_is_not_a_json_object_passes_without_output_rules(setup, stub):
+    proxy, token = setup                      # no output rule: the proxy relays what it cannot read
+    stub.script(stream_events=[chat_chunk("hello "), b'data: ["x"]\n\n', b"data: [DONE]\n\n"])
+    status, data = _post_raw(proxy, token, dict(CHAT, stream=True))
+    assert status == 200 and b'data: ["x"]' in data

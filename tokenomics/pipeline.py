@@ -641,6 +641,11 @@ class Pipeline:
                                  estimate_tokens(answer_output_bytes(answer) if isinstance(answer, dict)
                                                  else len(data)), complete=True)
         admission.close(ex.usage, self.clock())  # the tokens were spent, whatever the output rules say
+        if whole is not None and not isinstance(answer, dict):
+            # Fail closed: the output rules read JSON documents; an answer that is not one would
+            # reach the client unchecked.
+            raise ProxyError(500, "guardrail_error", "the upstream's answer is not a JSON object, so the output "
+                                                     "rules could not check it; it was not relayed")
         if isinstance(answer, dict) and attempt.guard_out.classifiers:
             await self.classifier.check(attempt.guard_out, output_texts(dialect, answer))
         if isinstance(answer, dict) and (whole is not None or ex.memory is not None):

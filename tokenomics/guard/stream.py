@@ -13,6 +13,9 @@ from ..stages import SSEEvent
 _STREAM_HOLDBACK = 128             # chars; default of config `guardrails.stream_holdback`
 
 
+_NOT_JSON_OK = ("[DONE]", "")       # event data that is not a JSON object and carries no text
+
+
 _STREAM_CONTEXT_EXTRA = 64         # chars of released text kept (beyond the hold-back) as left
 
 
@@ -192,6 +195,10 @@ class GuardStage:
     def _event(self, ev: SSEEvent, out: list) -> None:
         payload, name = ev.payload, ev.event
         if not isinstance(payload, dict):   # [DONE] and the like: every channel is complete
+            if (self.channel is not None or self.full_text is not None) and payload not in _NOT_JSON_OK:
+                # Fail closed: the output rules read JSON objects; other data would pass unchecked.
+                raise ProxyError(500, "guardrail_error", "the upstream sent a stream event that is not a JSON "
+                                                         "object, so the output rules could not check it")
             out += self._flush(list(self._channels), None, None)
             out.append(ev)
             return
