@@ -622,7 +622,7 @@ class Pipeline:
         data = await upstream.read()
         if self.log_bodies[1]:
             ex.response_body = data
-        answer = None
+        answer, rewrite = None, False   # rewrite: `data` is written anew from `answer`, once, at the end
         if "json" in upstream.header_map.get("content-type", "application/json"):
             with contextlib.suppress(ValueError):
                 answer = json.loads(data)
@@ -632,8 +632,7 @@ class Pipeline:
             ex.provider_meta.update(upstream_dialect.response_meta(answer))
             translated = dialect.translate_response(answer, upstream_dialect, model)
             if translated is not None:
-                answer = translated
-                data = json.dumps(answer, ensure_ascii=False).encode("utf-8")
+                answer, rewrite = translated, True
         if ex.usage is not None:
             ex.provider_meta.update(usage_meta(ex.usage))
         # An answer without usage is charged the proxy's own count of the text in and out.
@@ -655,10 +654,11 @@ class Pipeline:
                 changed, said = self.guard_output(attempt, dialect, answer)
             if ex.memory is not None:
                 ex.memory_entries.append(("assistant", "".join(said)))
-            if changed or whole is not None:
-                # Guarded, the answer goes out as parsed and scanned, never as received: JSON
-                # that repeats a key parses to its last copy, while the client might read the first.
-                data = json.dumps(answer, ensure_ascii=False).encode("utf-8")
+            # Guarded, the answer goes out as parsed and scanned, never as received: JSON that
+            # repeats a key parses to its last copy, while the client might read the first.
+            rewrite = rewrite or changed or whole is not None
+        if rewrite:
+            data = json.dumps(answer, ensure_ascii=False).encode("utf-8")
         return Response(200, headers, data)
 
     def upstream_dialect(self, dialect: Dialect, route: ResolvedPolicy) -> Dialect:

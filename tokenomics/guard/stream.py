@@ -194,8 +194,9 @@ class GuardStage:
 
     def _event(self, ev: SSEEvent, out: list) -> None:
         payload, name = ev.payload, ev.event
+        guarded = self.channel is not None or self.full_text is not None
         if not isinstance(payload, dict):   # [DONE] and the like: every channel is complete
-            if (self.channel is not None or self.full_text is not None) and payload not in _NOT_JSON_OK:
+            if guarded and payload not in _NOT_JSON_OK:
                 # Fail closed: the output rules read JSON objects; other data would pass unchecked.
                 raise ProxyError(500, "guardrail_error", "the upstream sent a stream event that is not a JSON "
                                                          "object, so the output rules could not check it")
@@ -203,7 +204,6 @@ class GuardStage:
             out.append(ev)
             return
         dialect = self.dialect
-        guarded = self.channel is not None or self.full_text is not None
         # Guarded, every event is written anew from what was parsed and scanned, never relayed
         # as received: JSON that repeats a key (a second "delta" after one holding text) parses
         # to the last copy, while the client might read the first.
