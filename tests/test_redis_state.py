@@ -121,6 +121,28 @@ def test_scripts_come_back_after_script_flush(state):
     assert state.admit("k", (rule,), T0).code == "rate_limited"
 
 
+def test_a_flush_between_reload_and_retry_is_not_an_outage(state):
+    """Redis forgets the scripts again right after they were reloaded (a flush racing the retry):
+    every verb still gets its answer, and Redis is never taken for down."""
+    raw, evalsha = raw_client(state.config), state.client.evalsha
+
+    def forgetful_evalsha(*args):
+        raw.script_flush()
+        return evalsha(*args)
+
+    state.client.evalsha = forgetful_evalsha
+    rule = RateRule("requests", 1, 60.0, "sliding")
+    line = BudgetLine("f1", "tokens", "total", 1000)
+    assert state.admit("k", (rule,), T0) is None
+    assert state.admit("k", (rule,), T0).code == "rate_limited"
+    assert state.enter("p", 1) is None
+    res, grant = state.reserve([line], 100, 0.0, T0)
+    state.settle(res, 40, 0.0, T0)
+    assert state.usage(line, T0) == (40, 0)
+    assert state.available
+    raw.close()
+
+
 def test_two_states_share_one_parallel_limit_and_a_dead_holders_slot_expires(rcfg):
     a, b = RedisState(rcfg, lease_seconds=1.0), RedisState(rcfg, lease_seconds=1.0)
     try:

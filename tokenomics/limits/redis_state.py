@@ -18,6 +18,7 @@ Retry-After. Redis unreachable: admission verbs answer state_unavailable at once
 while the thread reconnects with backoff; settlements wait in a bounded queue until it is back."""
 
 import collections
+import hashlib
 import importlib.util
 import itertools
 import math
@@ -64,6 +65,24 @@ def redis_client(config):
     host, _, port = addr.rpartition(":")
     return _redis.Redis(host=host or "127.0.0.1", port=int(port or 6379), db=config.db,
                         password=config.password or None, **opts)
+
+
+class _Script:
+    """A Lua script run by EVALSHA. When Redis has forgotten it (a restart, SCRIPT FLUSH) it runs
+    by EVAL, which caches it again in the same round trip. redis-py's own register_script loads
+    it and retries EVALSHA instead, which fails again when the flush lands between the two, and
+    any failure here reads as Redis being down."""
+
+    def __init__(self, client, text: str):
+        from redis.exceptions import NoScriptError
+        self._client, self._text, self._missing = client, text, NoScriptError
+        self._sha = hashlib.sha1(text.encode()).hexdigest()
+
+    def __call__(self, keys: list, args: list):
+        try:
+            return self._client.evalsha(self._sha, len(keys), *keys, *args)
+        except self._missing:
+            return self._client.eval(self._text, len(keys), *keys, *args)
 
 
 def _expire_ms(ws: float, end: float, now: float) -> int:
@@ -302,12 +321,8 @@ class RedisState(State):
         self._addr = shown_addr(config.addr)
         self.lease_ms = int(lease_seconds * 1000)
         self.client = redis_client(config)
-        self._admit = self.client.register_script(_ADMIT)     # EVALSHA, loading on NOSCRIPT
-        self._enter = self.client.register_script(_ENTER)
-        self._reserve = self.client.register_script(_RESERVE)
-        self._settle = self.client.register_script(_SETTLE)
-        self._reap = self.client.register_script(_REAP)
-        self._renew = self.client.register_script(_RENEW)
+        self._admit, self._enter, self._reserve, self._settle, self._reap, self._renew = (
+            _Script(self.client, text) for text in (_ADMIT, _ENTER, _RESERVE, _SETTLE, _REAP, _RENEW))
         self._origin = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
