@@ -195,3 +195,24 @@ def test_every_hit_a_concept_block_adds_is_listed_for_its_skip():
     assert added == listed and len(added) == 16
     blocks = set(re.findall(r'for a, b in spans\("([a-z_]+)"\)', body))
     assert blocks == set(jailbreak._JB_CONCEPT_BLOCK_HITS)
+
+
+_OBFUSCATED = st.lists(st.one_of(
+    st.sampled_from(["1gn0r3", "pr3v10us", "s y s t e m", "i.g.n.o.r.e", "r-e-v-e-a-l", "@ll", "$y$t3m", "a|b", "x!1",
+                     "b-y-p", "2024", "v1.2.3", "ignroe", "prevous", "instrctions", "systme", "don't", "a", "!",
+                     "|", "_", " ", "  ", "\n", "\t", "é", "日本"]),
+    st.text(alphabet="ab19@$|!._*/- \n", max_size=6)), max_size=60).map("".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_OBFUSCATED)
+def test_the_obfuscation_searches_find_what_their_patterns_find(text):
+    """Letter-spaced runs and leetspeak candidates, searched only where they can be, are the
+    matches of the patterns run over the whole text; the spelling fix skips only texts it
+    would not change."""
+    assert [m.span() for m in jailbreak._spaced_runs(text)] == [m.span() for m in jailbreak._SPACED_RE.finditer(text)]
+    assert [m.span() for m in jailbreak._leet_candidates(text)] == \
+        [m.span() for m in jailbreak._LEET_CAND_RE.finditer(text)]
+    assert jailbreak._jb_spellfixed(text) == lexicon._JB_WORD_RE.sub(jailbreak._jb_spellfix, text)
+    jailbreak._SPELL_CLEAN.clear()
+    assert jailbreak._jb_spellfixed(text) == lexicon._JB_WORD_RE.sub(jailbreak._jb_spellfix, text)

@@ -75,6 +75,19 @@ _SPACED_SEP_RE = re.compile(r"[ ._*/-]")
 _SPACED_PRE_RE = re.compile(r"[a-z0-9@$][ ._*/-][a-z0-9@$][ ._*/-][a-z0-9@$][ ._*/-][a-z0-9@$]")
 
 
+def _spaced_runs(lower: str) -> Iterator[re.Match]:
+    """_SPACED_RE.finditer(lower), tried only where _SPACED_PRE_RE (a class first, so re skips
+    to it) finds what every match starts with: the look-behind first made re try every place."""
+    pos = 0
+    while (pre := _SPACED_PRE_RE.search(lower, pos)) is not None:
+        m = _SPACED_RE.match(lower, pre.start())       # (the look-behind still sees what precedes)
+        if m is None:
+            pos = pre.start() + 1
+        else:
+            yield m
+            pos = m.end()
+
+
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"})
 
 
@@ -114,6 +127,27 @@ _JB_MAX_WINDOW = 4096              # chars; overlapping trigger windows merge up
 # The look-aheads are bounded: unbounded, "|a|a|a..." made every position rescan the whole run.
 _LEET_CAND_RE = re.compile(
     r"(?<![a-z0-9@$])(?=[a-z0-9@$|!]{0,64}[a-z])(?=[a-z0-9@$|!]{0,64}[0-9@$])[a-z0-9@$|!]{3,}")
+
+
+_LEET_MARK_RE = re.compile(r"[0-9@$]")
+_LEET_RUN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789@$|!")
+_LEET_RUN_END_RE = re.compile(r"[a-z0-9@$|!]*")
+
+
+def _leet_candidates(lower: str) -> Iterator[re.Match]:
+    """_LEET_CAND_RE.finditer(lower), searched only in the runs of its characters that hold a
+    digit, @ or $ (each match lies in one run and needs one): its look-behind first made re try
+    every place of the text, and its look-aheads every word."""
+    end = 0
+    for mark in _LEET_MARK_RE.finditer(lower):
+        at = mark.start()
+        if at < end:
+            continue                                   # (in the run just searched)
+        start = at
+        while start and lower[start - 1] in _LEET_RUN_CHARS:
+            start -= 1
+        end = _LEET_RUN_END_RE.match(lower, at).end()
+        yield from _LEET_CAND_RE.finditer(lower, start, end)
 
 
 # Words that, written in leetspeak, mark a place worth analysing (their plain forms may be too
@@ -460,9 +494,32 @@ _SPELL_MEMO_WORD = 40              # chars; longer words are fixed, not kept
 _JB_WORD_SPLIT_RE = re.compile(f"({_JB_WORD_RE.pattern})")    # between, word, between, ..., between
 
 
+_SPELL_CLEAN: set[str] = set()     # white-space-delimited pieces none of whose words a fix changes
+
+
+def _spelling_changes(text: str) -> bool:
+    """Whether a word of `text` has a spelling fix. A word never holds white space, so the
+    text's words are its pieces' words: most pieces are known to have none, and only the others
+    are split into words."""
+    pieces = text.split()
+    if _SPELL_CLEAN.issuperset(pieces):
+        return False
+    changes = False
+    for piece in set(pieces).difference(_SPELL_CLEAN):
+        if any(_spell_word(w) != w for w in _JB_WORD_RE.findall(piece)):
+            changes = True
+        elif len(piece) <= _SPELL_MEMO_WORD:
+            if len(_SPELL_CLEAN) >= _SPELL_MEMO_SIZE:
+                _SPELL_CLEAN.clear()
+            _SPELL_CLEAN.add(piece)
+    return changes
+
+
 def _jb_spellfixed(text: str) -> str:
     """_JB_WORD_RE.sub(_jb_spellfix, text), its words looked up (mostly) rather than matched
     one by one, and no rewrite where none changes."""
+    if not _spelling_changes(text):
+        return text
     parts = _JB_WORD_SPLIT_RE.split(text)
     words = parts[1::2]
     fixed = list(map(_SPELL_MEMO.get, words))
@@ -478,10 +535,10 @@ def _jb_windows(lower: str) -> list[tuple[int, int]]:
     """Where to look: every signal contains a trigger word, so only the text around trigger
     words (plainly written, letter-spaced, leetspeak or, in short texts, misspelt) is analysed."""
     pos = [m.start() for m in _JB_TRIGGER_RE.finditer(lower)]
-    for m in _SPACED_RE.finditer(lower) if _SPACED_PRE_RE.search(lower) else ():
+    for m in _spaced_runs(lower):
         if _JB_TRIGGER_RE.search(_SPACED_SEP_RE.sub("", m.group())):
             pos.append(m.start())
-    for m in _LEET_CAND_RE.finditer(lower) if _LEET_CHAR_RE.search(lower) else ():
+    for m in _leet_candidates(lower):
         word = m.group().translate(_LEET)
         if word in _LEET_WORDS or _JB_TRIGGER_RE.search(word):
             pos.append(m.start())

@@ -28,13 +28,18 @@ _WORD_CACHE_SIZE = 65536           # distinct words whose summed weights are kep
 
 # Tokens: runs of anything but white space and ASCII punctuation, and each ASCII punctuation mark.
 _TOKEN_RE = re.compile(r"[^\s!-/:-@\[-`{-~]+|[!-/:-@\[-`{-~]")
+_PUNCT_SPLIT_RE = re.compile(r"([!-/:-@\[-`{-~])")
 _PUNCT = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
 
 # Structural signals, each scaled to about [0, 1]; counted with C-level passes (str.count,
 # set membership over the tokens) so that they cost little next to the n-grams.
 _ROLE_MARKERS = ("<|", "|>", "[inst]", "[/inst]", "<<sys>>", "[system]", "system:", "assistant:", "user:", "human:",
                  "###", "developer:", "admin:")
-_ROLE_RE = re.compile("|".join(map(re.escape, _ROLE_MARKERS)))
+# Counted as one findall of them all would count them: the word markers end at their only ":"
+# and none ends another, so they never overlap each other or a mark marker and str.count finds
+# each; the mark markers keep their regex (they can overlap: "<|>").
+_ROLE_WORDS = tuple(m for m in _ROLE_MARKERS if m.endswith(":") and m[:-1].isalpha())
+_ROLE_MARKS_RE = re.compile("|".join(re.escape(m) for m in _ROLE_MARKERS if m not in _ROLE_WORDS))
 _IMPERATIVES = ("ignore forget disregard pretend act imagine respond reply answer print say output repeat reveal tell "
                 "write stop do don never always must obey comply bypass override").split()
 _AI_WORDS = "ai llm chatgpt gpt assistant model chatbot claude bot dan gemini copilot agent".split()
@@ -78,6 +83,8 @@ _CUES = {
 _TOKEN_KIND = {**dict.fromkeys(_PUNCT, "punct"), **dict.fromkeys(_IMPERATIVES, "imperative"),
                **dict.fromkeys(_AI_WORDS, "ai"), **dict.fromkeys(_YOU_WORDS, "you")}
 _CUE_KIND = {w: c for c, ws in _CUES.items() for w in ws}
+# Both at once, (kind, cue class), for the extended signals' one counting pass.
+_TOKEN_CLASSES = {t: (_TOKEN_KIND.get(t), _CUE_KIND.get(t)) for t in {*_TOKEN_KIND, *_CUE_KIND}}
 # Cue words of scripts written without spaces, counted as substrings.
 _CJK_CUES = {"override": ("忽略", "无视", "忘记", "無視", "忘れ", "무시"), "rules": ("指令", "指示", "规则", "規則", "命令", "지시"),
              "prior": ("之前", "以前", "上面", "先前", "以前の", "이전"), "reveal": ("输出", "显示", "告诉", "表示", "출력"),
@@ -87,10 +94,13 @@ _CUE_PAIRS = (("override", "rules"), ("override", "prior"), ("rules", "prior"), 
               ("authority", "override"), ("authority", "mode"), ("authority", "rules"), ("you", "mode"),
               ("ai", "conceal"), ("ai", "exfil"), ("exfil", "conceal"), ("you", "override"), ("ai", "override"),
               ("meta", "override"), ("meta", "rules"), ("reveal", "rules"))
-_RARE_PUNCT = "\\[]{}()*|^~`<>"
+_RARE_PUNCT = b"\\[]{}()*|^~`<>"
+_ASCII_QUOTES, _QUOTES = b"\"'", ("\u201c", "\u201d", "\u00ab", "\u00bb")
 _TAIL = 24                         # tokens at a text's end (where adversarial suffixes sit)
-_CAMEL_RE = re.compile(r"[a-z][A-Z][a-z]")
-_UPPER_RE = re.compile(r"[A-Z]")
+# ASCII characters counted in a text's UTF-8 bytes (multi-byte sequences hold no ASCII byte): the
+# length a deleting bytes.translate takes away is their count, in one C pass.
+_UPPER = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_CAMEL_AT_RE = re.compile(r"(?<=[a-z])[A-Z](?=[a-z])")
 _SCRIPTS = (("latin_ext", re.compile(r"[\u00c0-\u024f]")), ("cyrillic", re.compile(r"[\u0400-\u04ff]")),
             ("cjk", re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")), ("arabic", re.compile(r"[\u0600-\u06ff]")),
             ("indic", re.compile(r"[\u0900-\u0dff]")), ("greek", re.compile(r"[\u0370-\u03ff]")))
@@ -98,8 +108,25 @@ _SCRIPTS = (("latin_ext", re.compile(r"[\u00c0-\u024f]")), ("cyrillic", re.compi
 
 def tokens(lower: str) -> list[str]:
     """Word tokens (with any non-ASCII punctuation they carry) and single ASCII punctuation
-    marks of lower-cased normalised text."""
-    return _TOKEN_RE.findall(lower)[:MAX_TOKENS]
+    marks of lower-cased normalised text: _TOKEN_RE.findall, by a split at the marks and one at
+    white space (str.split's white space is the same as the pattern's \\s)."""
+    return " ".join(_PUNCT_SPLIT_RE.split(lower)).split()[:MAX_TOKENS]
+
+
+def _ascii_count(raw: bytes, chars: bytes) -> int:
+    """How many of the ASCII `chars` the UTF-8 bytes `raw` hold."""
+    return len(raw) - len(raw.translate(None, chars))
+
+
+def _camel_count(text: str) -> int:
+    """len(re.findall(r"[a-z][A-Z][a-z]", text)), from the places of the capital (rare) rather
+    than trying every lower-case letter: matches do not overlap, so one that starts within the
+    last one's three characters is skipped."""
+    count, free = 0, 0
+    for m in _CAMEL_AT_RE.finditer(text):
+        if m.start() - 1 >= free:
+            count, free = count + 1, m.start() + 2
+    return count
 
 
 def char_ngrams(word: str) -> list[str]:
@@ -108,29 +135,37 @@ def char_ngrams(word: str) -> list[str]:
     return [w[i:i + n] for n in CHAR_NGRAMS for i in range(len(w) - n + 1)]
 
 
-def structure(text: str, lower: str, toks: list[str], extended: bool = False) -> dict[str, float]:
+def structure(text: str, lower: str, toks: list[str], extended: bool = False,
+              counts: collections.Counter | None = None) -> dict[str, float]:
     """Structural signals of a whole text: role markers, imperative density, address to an AI
     reader, character statistics of adversarial suffixes, and script mix; `extended` adds the
-    cue classes and their pairs, and quote, bracket, line and tail statistics."""
+    cue classes and their pairs, and quote, bracket, line and tail statistics. `counts`:
+    Counter(toks), when the caller has it."""
     n = max(1, len(toks))
     chars = max(1, len(text))
-    kinds = collections.Counter(map(_TOKEN_KIND.get, toks))
+    counts = collections.Counter(toks) if counts is None else counts
+    kinds, cues = collections.Counter(), collections.Counter()
+    for t in counts.keys() & _TOKEN_CLASSES.keys():
+        kind, cue = _TOKEN_CLASSES[t]
+        kinds[kind] += counts[t]
+        cues[cue] += counts[t]
+    raw = text.encode("utf-8", "surrogatepass")
     punct = kinds["punct"]
     nw = max(1, n - punct)
     spaces = lower.count(" ") + lower.count("\n")
     out = {
-        "roles": min(1.0, len(_ROLE_RE.findall(lower)) / 3),
+        "roles": min(1.0, (sum(map(lower.count, _ROLE_WORDS)) + len(_ROLE_MARKS_RE.findall(lower))) / 3),
         "imperative": min(1.0, kinds["imperative"] * 8 / nw),
         "ai": min(1.0, kinds["ai"] * 10 / nw),
         "you": min(1.0, kinds["you"] * 8 / nw),
         "punct_tokens": punct / n,
-        "camel": min(1.0, len(_CAMEL_RE.findall(text)) * 20 / n),
-        "upper": len(_UPPER_RE.findall(text)) / chars,
+        "camel": min(1.0, _camel_count(text) * 20 / n),
+        "upper": _ascii_count(raw, _UPPER) / chars,
         "word_length": min(1.0, max(0, len(lower) - spaces - punct) / nw / 12),
         "length": min(1.0, math.log1p(len(text)) / 10),
     }
     if extended:
-        out.update(_extended(text, lower, toks, kinds, n, nw, chars))
+        out.update(_extended(text, raw, lower, toks, kinds, cues, n, nw, chars))
     if not text.isascii():
         letters = max(1, len(text) - text.count(" "))
         present = 0
@@ -142,18 +177,18 @@ def structure(text: str, lower: str, toks: list[str], extended: bool = False) ->
     return out
 
 
-def _extended(text: str, lower: str, toks: list[str], kinds: collections.Counter, n: int, nw: int,
-              chars: int) -> dict[str, float]:
+def _extended(text: str, raw: bytes, lower: str, toks: list[str], kinds: collections.Counter,
+              present: collections.Counter, n: int, nw: int, chars: int) -> dict[str, float]:
     tail = toks[-_TAIL:]
     tail_punct = sum(t in _PUNCT for t in tail) / len(tail)
     out = {
-        "rare_punct": min(1.0, sum(map(text.count, _RARE_PUNCT)) * 10 / chars),
+        "rare_punct": min(1.0, _ascii_count(raw, _RARE_PUNCT) * 10 / chars),
         "newlines": min(1.0, lower.count("\n") * 4 / n),
-        "quotes": min(1.0, sum(map(text.count, "\"\u201c\u201d\u00ab\u00bb'")) * 10 / n),
+        "quotes": min(1.0, (_ascii_count(raw, _ASCII_QUOTES)
+                            + (0 if text.isascii() else sum(map(text.count, _QUOTES)))) * 10 / n),
         "tail_punct": tail_punct,
         "tail_excess": max(0.0, tail_punct - kinds["punct"] / n),
     }
-    present = collections.Counter(map(_CUE_KIND.get, toks))
     present["ai"] = kinds["ai"]
     present["you"] += kinds["you"]
     if not text.isascii() and any(map(lower.__contains__, ("的", "の", "는", "指", "令", "系"))):
@@ -224,6 +259,9 @@ class Calibration:
         return p >= self.high or (self.struct_weight >= 1.0 and p_struct >= self.struct_high)
 
 
+_NOTHING_AFTER: dict[str, float] = {}
+
+
 def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
 
@@ -241,7 +279,7 @@ class LearnedScorer:
         self._bias = 0.0
         self._calibration = Calibration(1.0, 1.0)
         self._words: dict[str, float] = {}
-        self._bigrams: dict[str, float] = {}
+        self._after: dict[str, dict[str, float]] = {}   # bigram weights: previous token -> token -> weight
         self._struct: dict[str, float] = {}
         self._struct_only: dict[str, float] = {}
         self._struct_bias = 0.0
@@ -260,7 +298,12 @@ class LearnedScorer:
                 self._calibration = Calibration(float(cal["low"]), float(cal["high"]), float(cal.get("struct_low", 1.0)),
                                                 float(cal.get("struct_high", 1.0)), float(cal.get("struct_weight", 1.0)))
                 weights = {k: float(v) for k, v in model["weights"].items()}
-                self._bigrams = {k[2:]: v for k, v in weights.items() if k.startswith("b:")}
+                after: dict[str, dict[str, float]] = {}
+                for k, v in weights.items():
+                    if k.startswith("b:"):
+                        prev, _, tok = k[2:].partition(" ")
+                        after.setdefault(prev, {})[tok] = v
+                self._after = after
                 self._struct = {k[2:]: v for k, v in weights.items() if k.startswith("s:")}
                 second = model.get("struct_model")
                 if second:
@@ -286,7 +329,8 @@ class LearnedScorer:
         toks = tokens(lower)
         if not toks:
             return 0.0, 0.0
-        signals = structure(text, lower, toks, self._extended)
+        counts = collections.Counter(toks)
+        signals = structure(text, lower, toks, self._extended, counts)
         struct = self._struct
         base = self._bias + sum(struct.get(k, 0.0) * v for k, v in signals.items())
         p_struct = 0.0
@@ -294,15 +338,19 @@ class LearnedScorer:
             only = self._struct_only
             p_struct = _sigmoid(self._struct_bias + sum(only.get(k, 0.0) * v for k, v in signals.items()))
         words = self._words
-        missing = set(toks).difference(words)
+        missing = set(counts).difference(words)   # (keys() - keys() would walk the whole cache)
         if len(words) + len(missing) > _WORD_CACHE_SIZE:
             words.clear()
-            missing = set(toks)
+            missing = counts.keys()
         for t in missing:
             words[t] = self._word(w, t)
         # Per token: its word's weights plus the bigram it closes, summed in C-level passes.
-        unigrams = map(words.__getitem__, toks)
-        bigrams = map(self._bigrams.get, map(" ".join, zip(itertools.chain(("^",), toks), toks)), itertools.repeat(0.0))
+        try:
+            unigrams = list(map(words.__getitem__, toks))
+        except KeyError:               # a scan in another thread emptied the shared cache meanwhile
+            unigrams = [self._word(w, t) for t in toks]
+        follows = map(self._after.get, itertools.chain(("^",), toks), itertools.repeat(_NOTHING_AFTER))
+        bigrams = map(dict.get, follows, toks, itertools.repeat(0.0))
         n = len(toks)
         if n <= WINDOW:
             best = base + sum(map(operator.add, unigrams, bigrams)) / math.sqrt(n)
