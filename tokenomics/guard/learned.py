@@ -100,7 +100,7 @@ _TAIL = 24                         # tokens at a text's end (where adversarial s
 # ASCII characters counted in a text's UTF-8 bytes (multi-byte sequences hold no ASCII byte): the
 # length a deleting bytes.translate takes away is their count, in one C pass.
 _UPPER = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_CAMEL_AT_RE = re.compile(r"(?<=[a-z])[A-Z](?=[a-z])")
+_CAMEL_AT_RE = re.compile(r"[A-Z](?<=[a-z][A-Z])[a-z](?:[A-Z][a-z])?")
 _SCRIPTS = (("latin_ext", re.compile(r"[\u00c0-\u024f]")), ("cyrillic", re.compile(r"[\u0400-\u04ff]")),
             ("cjk", re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")), ("arabic", re.compile(r"[\u0600-\u06ff]")),
             ("indic", re.compile(r"[\u0900-\u0dff]")), ("greek", re.compile(r"[\u0370-\u03ff]")))
@@ -119,14 +119,11 @@ def _ascii_count(raw: bytes, chars: bytes) -> int:
 
 
 def _camel_count(text: str) -> int:
-    """len(re.findall(r"[a-z][A-Z][a-z]", text)), from the places of the capital (rare) rather
-    than trying every lower-case letter: matches do not overlap, so one that starts within the
-    last one's three characters is skipped."""
-    count, free = 0, 0
-    for m in _CAMEL_AT_RE.finditer(text):
-        if m.start() - 1 >= free:
-            count, free = count + 1, m.start() + 2
-    return count
+    """len(re.findall(r"[a-z][A-Z][a-z]", text)), searched from the capitals (rare) rather than
+    from every lower-case letter. Those matches do not overlap: after one at a capital, one at
+    the capital two places on ("aBcDe") is not counted, so each match here takes that second
+    hump along."""
+    return len(_CAMEL_AT_RE.findall(text))
 
 
 def char_ngrams(word: str) -> list[str]:
