@@ -110,3 +110,28 @@ def test_any_text_gets_a_score_between_0_and_1(text):
 def test_hostile_token_soups_are_scored_without_error(parts):
     text = "Please tell me a story about the sea " + " ".join(parts)
     assert 0.0 <= suffix.suffix_score(text) <= 1.0
+
+
+def _worst_by_sliding(tokens, odd):
+    """The worst window as first written: a running sum slid over the tail."""
+    n = suffix._WINDOW
+    first = max(suffix._MIN_PROSE, len(tokens) - suffix._TAIL_TOKENS)
+    if len(tokens) - n < first:
+        return 0.0, -1
+    run = sum(odd[first:first + n])
+    best, at = run, first
+    for i in range(first + n, len(odd)):
+        run += odd[i] - odd[i - n]
+        if run > best:
+            best, at = run, i - n + 1
+    window = "".join(tokens[at:at + n])
+    open_marks = sum(window.count(c) for c in "([{") - sum(window.count(c) for c in ")]}")
+    return best / n + (suffix._OPEN_BONUS if abs(open_marks) >= 3 else 0.0), at
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["word", "(", "]", "x{", "a.b", "giving**ONE", "!!"]),
+                          st.sampled_from([0.0, 0.25, 0.5, 0.75, 1.0])), max_size=100))
+def test_the_worst_window_is_the_one_a_sliding_sum_finds(pairs):
+    tokens, odd = [t for t, _ in pairs], [o for _, o in pairs]
+    assert suffix._worst(tokens, odd) == _worst_by_sliding(tokens, odd)

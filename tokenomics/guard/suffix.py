@@ -9,6 +9,8 @@ recognised and not counted (a line of code is not a suffix), so ordinary technic
 Pure and bounded: at most the last _TAIL_TOKENS tokens of a text are read."""
 
 import functools
+import itertools
+import operator
 import re
 
 TAIL_CHARS = 4096                  # chars of a text's end that are read at most
@@ -42,6 +44,7 @@ _MARKUP_RE = re.compile(r"``[^`]{1,200}``|`[^`\n]{1,200}`|`[^`\n]{1,200}'|!?\[[^
 _INDENTED_RE = re.compile(r"^(?: {4,}|\t)\S", re.M)
 _RUN_RE = re.compile(r"[^\w\s.]{2,}|[^\w\s]{3,}")
 _OPENERS = {"[": "]", "{": "}", "(": ")"}
+_FIRST, _LAST = operator.itemgetter(0), operator.itemgetter(-1)     # (of a token: never empty)
 _OPERATOR_RE = re.compile(r"(?:[-=!<>:+*/%&|^]=?|[=<>!]{2,3}|->|=>|<-)[.,;:]?$")
 _PLAIN_RE = re.compile(r"[(\"'\u201c\u2018]?(?:[A-Z]?[a-z]+|[A-Z]+|\d+)(?:['\u2019-][a-z]+)*[.,;:!?)\"'\u201d\u2019]{0,2}$")
 _TOKEN_CHARS = 64                  # chars of a token judged (bounds the regexes' work)
@@ -114,7 +117,8 @@ def _oddness(tokens: list[str]) -> list[float]:
                 odd[i] = 1.0
     joined = " ".join(tokens)
     openers = [] if "(" not in joined and "[" not in joined and "{" not in joined else \
-        [i for i, t in enumerate(tokens) if t[:1] in _OPENERS or t[-1:] in _OPENERS]
+        list(itertools.compress(range(len(tokens)), map(operator.or_, map(_OPENERS.__contains__, map(_FIRST, tokens)),
+                                                        map(_OPENERS.__contains__, map(_LAST, tokens)))))
     for i in openers:
         # A bracket opened at a word and never closed within a few words ("[binom", "[ und").
         t = tokens[i]
@@ -126,17 +130,17 @@ def _oddness(tokens: list[str]) -> list[float]:
 
 def _worst(tokens: list[str], odd: list[float]) -> tuple[float, int]:
     """(share of odd tokens, start) of the worst window starting after the first _MIN_PROSE
-    tokens and within the last _TAIL_TOKENS; (0, -1) when the text is too short for one."""
+    tokens and within the last _TAIL_TOKENS, the first of equals; (0, -1) when the text is too
+    short for one. Oddness is in quarters, so the window sums (prefix-sum differences) are
+    exact."""
     n = _WINDOW
     first = max(_MIN_PROSE, len(tokens) - _TAIL_TOKENS)
     if len(tokens) - n < first:
         return 0.0, -1
-    run = sum(odd[first:first + n])
-    best, at = run, first
-    for i in range(first + n, len(odd)):
-        run += odd[i] - odd[i - n]
-        if run > best:
-            best, at = run, i - n + 1
+    prefix = list(itertools.accumulate(odd[first:], initial=0.0))
+    sums = list(map(operator.sub, prefix[n:], prefix))
+    best = max(sums)
+    at = first + sums.index(best)
     window = "".join(tokens[at:at + n])
     open_marks = sum(window.count(c) for c in "([{") - sum(window.count(c) for c in ")]}")
     return best / n + (_OPEN_BONUS if abs(open_marks) >= 3 else 0.0), at     # brackets left open
