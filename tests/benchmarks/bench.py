@@ -41,7 +41,11 @@ What it does:
        (b) 64 connections (wrk -t2 -c64, --duration s): req/s and p99, non-streamed;
        (c) streamed, 1 connection: time to the first body byte and total time per request, from
            a raw-socket keep-alive client (--stream-requests per target per round, after 2
-           uncounted ones);
+           uncounted ones); the proxy's targets take turns request by request, so that this
+           machine's slow and fast spells fall on them alike, and each request's CPU is read
+           from just before it to just before the next one; direct and bare (each alone in its
+           process, which would be measured cold if idle between its requests) get their series
+           in a row;
            a fourth, streamed-only target, "guard" (a policy with nothing but the typical policy's
            output rule: PII `mask` on all types, scope output), gives "output guard per chunk" =
            (proxy CPU per streamed request of guard - of minimal) / 20 chunks, an upper bound of
@@ -311,6 +315,11 @@ def _process_cpu(pid: int) -> float:
 def cpu_seconds(pid: int) -> float:
     """CPU time of a process and its direct children (nginx's worker); 0.0 where it cannot
     be told."""
+    return sum(_process_cpu(p) for p in serving_pids(pid))
+
+
+def serving_pids(pid: int) -> list[int]:
+    """A process and its direct children (nginx's worker)."""
     pids = [pid]
     with contextlib.suppress(OSError):
         for entry in os.listdir("/proc"):
@@ -319,7 +328,7 @@ def cpu_seconds(pid: int) -> float:
                     stat = Path(f"/proc/{entry}/stat").read_text()
                     if int(stat.rpartition(")")[2].split()[1]) == pid:
                         pids.append(int(entry))
-    return sum(_process_cpu(p) for p in pids)
+    return pids
 
 
 def dir_size_mb(path: Path) -> float:
@@ -916,6 +925,20 @@ STREAM_TARGETS = TARGETS + ("guard",)
 # seconds to wait after each wrk run: when wrk stops, the proxy is still answering the requests that
 # were in flight (up to 64, each up to the p99), and the next measurement must not queue behind them
 SETTLE = 1.0
+def stream_groups(order) -> list[list[str]]:
+    """The streamed targets in measuring order: the proxy's (minimal, typical, guard) as one
+    group that takes turns, the others each alone."""
+    proxied = [t for t in order if t not in ("direct", "bare")]
+    groups, placed = [], False
+    for t in order:
+        if t in ("direct", "bare"):
+            groups.append([t])
+        elif not placed:
+            groups.append(proxied)
+            placed = True
+    return groups
+
+
 STREAM_DISCARD = 2   # streamed requests sent and not counted before each target's series
 
 
@@ -1006,24 +1029,51 @@ class Bench:
     def stream_once(self, t: str, n: int) -> tuple[list[float], list[float], float]:
         """n streamed requests to target t: (first-byte ms, total ms, serving process's CPU us
         per request)."""
-        port, path, token, body = self.streamed[t]
+        out = self.stream_interleaved([t], n)[t]
+        return out["ttfb"], out["total"], out["cpu_us"]
+
+    def stream_interleaved(self, targets: list[str], n: int) -> dict[str, dict]:
+        """n streamed requests to each target, taking turns one request at a time, so that a
+        slow or fast spell of this machine falls on all of them alike: per target the first-byte
+        and total times (ms) and the serving process's CPU per request (us, the sum of each
+        request's own CPU time, read before and after it)."""
         hdrs = {"Content-Type": "application/json", "Accept": "text/event-stream"}
-        if token:
-            hdrs["Authorization"] = f"Bearer {token}"
-        c = self.conns[t]
-        ttfb, total = [], []
-        for _ in range(STREAM_DISCARD):  # the first requests after an idle spell are slower everywhere
-            c.request("POST", path, body, hdrs)
-        pid = self.pids.get(t, self.proxy.pid)
-        c0 = cpu_seconds(pid)
+        plan = {}
+        for t in targets:
+            port, path, token, body = self.streamed[t]
+            h = dict(hdrs, Authorization=f"Bearer {token}") if token else hdrs
+            pid = self.pids.get(t, self.proxy.pid)
+            plan[t] = (self.conns[t], path, body, h, serving_pids(pid))
+            for _ in range(STREAM_DISCARD):  # the first requests after an idle spell are slower everywhere
+                self.conns[t].request("POST", path, body, h)
+        out = {t: {"ttfb": [], "total": [], "cpu": 0.0, "n": 0} for t in targets}
+        # A request's CPU runs from just before it to just before the next one, so that what its
+        # server does after the last byte (settling, the ledger line) is counted too.
+        last = None
         for _ in range(n):
-            status, _, out, tf, te = c.request("POST", path, body, hdrs)
-            if status != 200 or not out.rstrip().endswith(b"data: [DONE]"):
-                self.errors.append(f"stream {t}: HTTP {status}")
-                continue
-            ttfb.append(tf * 1000)
-            total.append(te * 1000)
-        return ttfb, total, (cpu_seconds(pid) - c0) / n * 1e6 if n else float("nan")
+            for t in targets:
+                c, path, body, h, pids = plan[t]
+                now = sum(map(_process_cpu, pids))
+                if last is not None:
+                    prev, prev_pids, c0 = last
+                    out[prev]["cpu"] += (now if prev_pids == pids else sum(map(_process_cpu, prev_pids))) - c0
+                status, _, data, tf, te = c.request("POST", path, body, h)
+                o = out[t]
+                if status != 200 or not data.rstrip().endswith(b"data: [DONE]"):
+                    self.errors.append(f"stream {t}: HTTP {status}")
+                    last = None
+                    continue
+                last = (t, pids, now)
+                o["ttfb"].append(tf * 1000)
+                o["total"].append(te * 1000)
+                o["n"] += 1
+        if last is not None:
+            time.sleep(0.05)                 # (the last request's server finishes its work)
+            prev, prev_pids, c0 = last
+            out[prev]["cpu"] += sum(map(_process_cpu, prev_pids)) - c0
+        for o in out.values():
+            o["cpu_us"] = o["cpu"] / o["n"] * 1e6 if o["n"] else float("nan")
+        return out
 
     def warmup(self):
         a = self.args
@@ -1074,9 +1124,16 @@ class Bench:
                     d = self.measured_load("typical", conns, kind="fresh")
                     self.note_errors(f"{conns} conn typical, new prompts", d)
                     self.results[key].append(d)
+            # The proxy's own targets take turns request by request (they share its process, so
+            # each is as warm as the others); the upstream and the bare forwarder, each alone in
+            # its process, get their series in a row, as a process idle between every request
+            # of its own would be measured cold.
             n = len(STREAM_TARGETS)
-            for t in STREAM_TARGETS[r % n:] + STREAM_TARGETS[:r % n]:
-                ttfb, total, cpu_us = self.stream_once(t, a.stream_requests)
+            turns = {}
+            for group in stream_groups(STREAM_TARGETS[r % n:] + STREAM_TARGETS[:r % n]):
+                turns.update(self.stream_interleaved(group, a.stream_requests))
+            for t, o in turns.items():
+                ttfb, total, cpu_us = o["ttfb"], o["total"], o["cpu_us"]
                 s = self.results["stream"][t]
                 s["ttfb"] += ttfb
                 s["total"] += total
