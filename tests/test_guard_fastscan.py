@@ -208,11 +208,17 @@ _OBFUSCATED = st.lists(st.one_of(
 @given(_OBFUSCATED)
 def test_the_obfuscation_searches_find_what_their_patterns_find(text):
     """Letter-spaced runs and leetspeak candidates, searched only where they can be, are the
-    matches of the patterns run over the whole text; the spelling fix skips only texts it
-    would not change."""
-    assert [m.span() for m in jailbreak._spaced_runs(text)] == [m.span() for m in jailbreak._SPACED_RE.finditer(text)]
-    assert [m.span() for m in jailbreak._leet_candidates(text)] == \
-        [m.span() for m in jailbreak._LEET_CAND_RE.finditer(text)]
+    matches of the patterns run over the whole text, also where the plain search takes over
+    (turns used up); the spelling fix skips only texts it would not change."""
+    turns = jailbreak._SEARCH_TURNS
+    try:
+        for jailbreak._SEARCH_TURNS in (turns, 1, 0):   # the place-by-place search, and the plain one taking over
+            assert [m.span() for m in jailbreak._spaced_runs(text)] == \
+                [m.span() for m in jailbreak._SPACED_RE.finditer(text)]
+            assert [m.span() for m in jailbreak._leet_candidates(text)] == \
+                [m.span() for m in jailbreak._LEET_CAND_RE.finditer(text)]
+    finally:
+        jailbreak._SEARCH_TURNS = turns
     assert jailbreak._jb_spellfixed(text) == lexicon._JB_WORD_RE.sub(jailbreak._jb_spellfix, text)
     jailbreak._SPELL_CLEAN.clear()
     assert jailbreak._jb_spellfixed(text) == lexicon._JB_WORD_RE.sub(jailbreak._jb_spellfix, text)

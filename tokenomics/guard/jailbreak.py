@@ -75,17 +75,26 @@ _SPACED_SEP_RE = re.compile(r"[ ._*/-]")
 _SPACED_PRE_RE = re.compile(r"[a-z0-9@$][ ._*/-][a-z0-9@$][ ._*/-][a-z0-9@$][ ._*/-][a-z0-9@$]")
 
 
+_SEARCH_TURNS = 64                 # places tried one by one in Python before the plain search takes over
+
+
 def _spaced_runs(lower: str) -> Iterator[re.Match]:
     """_SPACED_RE.finditer(lower), tried only where _SPACED_PRE_RE (a class first, so re skips
-    to it) finds what every match starts with: the look-behind first made re try every place."""
+    to it) finds what every match starts with: the look-behind first made re try every place.
+    A text with many such places (letter-spaced tables, hostile input) is searched the plain
+    way from there on, all in C."""
     pos = 0
-    while (pre := _SPACED_PRE_RE.search(lower, pos)) is not None:
+    for _ in range(_SEARCH_TURNS):
+        pre = _SPACED_PRE_RE.search(lower, pos)
+        if pre is None:
+            return
         m = _SPACED_RE.match(lower, pre.start())       # (the look-behind still sees what precedes)
         if m is None:
             pos = pre.start() + 1
         else:
             yield m
             pos = m.end()
+    yield from _SPACED_RE.finditer(lower, pos)
 
 
 _LEET = str.maketrans({"0": "o", "1": "i", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a", "$": "s"})
@@ -137,12 +146,19 @@ _LEET_RUN_END_RE = re.compile(r"[a-z0-9@$|!]*")
 def _leet_candidates(lower: str) -> Iterator[re.Match]:
     """_LEET_CAND_RE.finditer(lower), searched only in the runs of its characters that hold a
     digit, @ or $ (each match lies in one run and needs one): its look-behind first made re try
-    every place of the text, and its look-aheads every word."""
-    end = 0
+    every place of the text, and its look-aheads every word. Past _SEARCH_TURNS runs (numbers
+    everywhere, hostile input) the rest is searched the plain way, all in C."""
+    if not _LEET_CHAR_RE.search(lower):
+        return                                         # no mark beside a letter: no candidate
+    end, turns = 0, 0
     for mark in _LEET_MARK_RE.finditer(lower):
         at = mark.start()
         if at < end:
             continue                                   # (in the run just searched)
+        turns += 1
+        if turns > _SEARCH_TURNS:                      # marks everywhere: the plain search, in C
+            yield from _LEET_CAND_RE.finditer(lower, end)
+            return
         start = at
         while start and lower[start - 1] in _LEET_RUN_CHARS:
             start -= 1
