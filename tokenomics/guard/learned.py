@@ -26,7 +26,8 @@ CHAR_NGRAMS = (3, 4)               # character n-gram sizes, taken inside "<word
 MAX_TOKENS = 8192                  # tokens scored per text (bounded work on hostile input)
 _WORD_CACHE_SIZE = 65536           # distinct words whose summed weights are kept
 
-# Tokens: runs of anything but white space and ASCII punctuation, and each ASCII punctuation mark.
+# Tokens: runs of anything but white space and ASCII punctuation, and each ASCII punctuation mark
+# (the definition; tokens() finds the same faster, at the marks).
 _TOKEN_RE = re.compile(r"[^\s!-/:-@\[-`{-~]+|[!-/:-@\[-`{-~]")
 _PUNCT_SPLIT_RE = re.compile(r"([!-/:-@\[-`{-~])")
 _PUNCT = frozenset("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~")
@@ -83,7 +84,7 @@ _CUES = {
 _TOKEN_KIND = {**dict.fromkeys(_PUNCT, "punct"), **dict.fromkeys(_IMPERATIVES, "imperative"),
                **dict.fromkeys(_AI_WORDS, "ai"), **dict.fromkeys(_YOU_WORDS, "you")}
 _CUE_KIND = {w: c for c, ws in _CUES.items() for w in ws}
-# Both at once, (kind, cue class), for the extended signals' one counting pass.
+# Both at once, (kind, cue class), for one counting pass over a text's distinct tokens.
 _TOKEN_CLASSES = {t: (_TOKEN_KIND.get(t), _CUE_KIND.get(t)) for t in {*_TOKEN_KIND, *_CUE_KIND}}
 # Cue words of scripts written without spaces, counted as substrings.
 _CJK_CUES = {"override": ("忽略", "无视", "忘记", "無視", "忘れ", "무시"), "rules": ("指令", "指示", "规则", "規則", "命令", "지시"),
@@ -256,7 +257,7 @@ class Calibration:
         return p >= self.high or (self.struct_weight >= 1.0 and p_struct >= self.struct_high)
 
 
-_NOTHING_AFTER: dict[str, float] = {}
+_NOTHING_AFTER: dict[str, float] = {}   # the bigram weights after a token that starts none
 
 
 def _sigmoid(z: float) -> float:
