@@ -925,17 +925,21 @@ STREAM_TARGETS = TARGETS + ("guard",)
 # seconds to wait after each wrk run: when wrk stops, the proxy is still answering the requests that
 # were in flight (up to 64, each up to the p99), and the next measurement must not queue behind them
 SETTLE = 1.0
+# streamed targets alone in their own process (the upstream, the bare forwarder); the others share
+# the proxy's
+OWN_PROCESS = ("direct", "bare")
+
+
 def stream_groups(order) -> list[list[str]]:
-    """The streamed targets in measuring order: the proxy's (minimal, typical, guard) as one
-    group that takes turns, the others each alone."""
-    proxied = [t for t in order if t not in ("direct", "bare")]
-    groups, placed = [], False
+    """The streamed targets in measuring order: the proxy's as one group that takes turns
+    (where the first of them comes), the others each alone."""
+    shared = [t for t in order if t not in OWN_PROCESS]
+    groups = []
     for t in order:
-        if t in ("direct", "bare"):
+        if t in OWN_PROCESS:
             groups.append([t])
-        elif not placed:
-            groups.append(proxied)
-            placed = True
+        elif t == shared[0]:
+            groups.append(shared)
     return groups
 
 
@@ -1035,8 +1039,8 @@ class Bench:
     def stream_interleaved(self, targets: list[str], n: int) -> dict[str, dict]:
         """n streamed requests to each target, taking turns one request at a time, so that a
         slow or fast spell of this machine falls on all of them alike: per target the first-byte
-        and total times (ms) and the serving process's CPU per request (us, the sum of each
-        request's own CPU time, read before and after it)."""
+        and total times (ms) and the serving process's CPU per request (us: each request's CPU
+        is read from just before it to just before the next one)."""
         hdrs = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         plan = {}
         for t in targets:
